@@ -1,0 +1,96 @@
+"""The mobile app's REST API. Build it with `create_app(settings)`; run it with
+`uvicorn api.main:create_app --factory`. Nothing here touches the event loop at import time: the engine,
+Redis client and Kafka producer are made in the lifespan and live on `app.state.services`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import RequestIdMiddleware, install_error_handlers
+from api.routes import auth, broker, health, notifications, strategies
+from api.security import PasswordService, TokenService
+from api.services import EventBus, Services
+from api.status import StatusReader
+from core.clock import get_clock
+from core.crypto import SecretBox
+from core.market import MarketCalendar
+from core.settings import Settings, get_settings
+from manager.strategy_manager import StrategyManager
+from storage.db import create_engine, session_factory
+from storage.runtime import RuntimeStore, connect_redis
+
+log = logging.getLogger("api")
+
+TAGS = [
+    {"name": "auth", "description": "Register and log in (sequence 1)."},
+    {"name": "broker", "description": "Connect a Zerodha Kite account (sequence 2)."},
+    {"name": "strategies", "description": "Create, start, stop and poll strategies (sequences 3, 4, 8, 12)."},
+    {"name": "notifications", "description": "Messages for the trader."},
+    {"name": "health", "description": "Dependency reachability for operators."},
+]
+
+
+def build_services(settings: Settings) -> Services:
+    """The API's collaborators; no I/O happens until they are used."""
+    clock = get_clock()
+    calendar = MarketCalendar(settings)
+    engine = create_engine(settings.database_url)
+    sessions = session_factory(engine)
+    # A bounded pool: under load, requests wait for a connection instead of opening thousands.
+    redis = connect_redis(settings.redis_url, max_connections=256)
+    runtime = RuntimeStore(redis)
+    events = EventBus(settings)
+    return Services(
+        settings=settings,
+        clock=clock,
+        calendar=calendar,
+        engine=engine,
+        session_factory=sessions,
+        redis=redis,
+        runtime=runtime,
+        events=events,
+        manager=StrategyManager(sessions, runtime, events, clock, calendar),
+        tokens=TokenService(settings, clock),
+        status=StatusReader(redis, sessions),
+        secrets=SecretBox(settings),
+        passwords=PasswordService(settings),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        try:
+            # Topics and the producer up front when Kafka answers; if it does not, the API still serves
+            # (reads, /health says why) and the producer starts on first use.
+            await services.events.producer()
+        except Exception as exc:  # noqa: BLE001 - any failure here is "Kafka down", reported on /health
+            log.warning("Kafka not available at startup (%s); will retry on first publish", exc)
+        try:
+            yield
+        finally:
+            await services.events.close()
+            await services.redis.aclose()
+            await services.engine.dispose()
+
+    app = FastAPI(
+        title="Algo trading API",
+        version="0.1.0",
+        summary="Time-based BUY/SELL strategies with a mandatory stop-loss, on Zerodha Kite Connect",
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    # Strategies first: routes match in order, and the status poll is the hot path.
+    for module in (strategies, auth, broker, notifications, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,80 @@
+"""The crash matrix over many seeds: `python -m benchmarks.crash_matrix --seeds 20 [--first 1] [--strategies 200]`.
+
+Each seed runs `tests.crash.harness.run_matrix` on a stack of its own (Tansu, redis-server, SQLite, the
+simulator, `algo api|worker|scheduler|ticker`), killing and restarting every part at moments drawn from the
+seed. One line per seed, then a summary; every violation of a failing seed is printed under its line.
+Exit code 1 if any seed failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from tests.crash.harness import KILLS, MatrixConfig, MatrixResult, run_matrix
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seeds", type=int, default=20, help="how many seeds (consecutive from --first)")
+    parser.add_argument("--first", type=int, default=1, help="the first seed")
+    parser.add_argument("--seed", type=int, action="append", default=[], help="run exactly this seed (repeatable)")
+    parser.add_argument("--strategies", type=int, default=200)
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--speed", type=float, default=30.0)
+    parser.add_argument("--day-seconds", type=float, default=45.0)
+    parser.add_argument("--fault-rate", type=float, default=0.02)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep each seed's logs under this directory")
+    parser.add_argument("--quiet", action="store_true", help="no per-incident progress lines")
+    return parser.parse_args(argv)
+
+
+async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
+    seeds = args.seed or list(range(args.first, args.first + args.seeds))
+    results: list[MatrixResult] = []
+    for seed in seeds:
+        config = MatrixConfig(
+            seed=seed,
+            strategies=args.strategies,
+            users=args.users,
+            speed=args.speed,
+            day_seconds=args.day_seconds,
+            fault_rate=args.fault_rate,
+            kills=KILLS,
+            workdir=args.workdir / f"seed-{seed}" if args.workdir else None,
+            verbose=not args.quiet,
+        )
+        try:
+            result = await run_matrix(config)
+        except Exception as exc:  # a harness error is a failed seed, and the run goes on
+            result = MatrixResult(seed, violations=[f"harness error: {type(exc).__name__}: {exc}"])
+        results.append(result)
+        print(result.line(), flush=True)
+        for violation in result.violations:
+            print(f"    {violation}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    began = time.monotonic()
+    results = asyncio.run(run_seeds(args))
+    failed = [r.seed for r in results if not r.passed]
+    delays = [d for r in results for d in r.stop_exit_delays]
+    print(
+        f"summary: {len(results) - len(failed)}/{len(results)} seeds passed"
+        f"{' (failed: ' + ', '.join(map(str, failed)) + ')' if failed else ''}; "
+        f"{sum(r.strategies for r in results)} strategies, {sum(r.bought for r in results)} bought, "
+        f"{sum(r.broker_orders for r in results)} broker orders, {sum(r.faulted_requests for r in results)} "
+        f"faulted requests, {sum(len(r.incidents) for r in results)} incidents; worst stop exit after the "
+        f"system was up: {max(delays, default=0.0):.2f}s; {time.monotonic() - began:.0f}s",
+        flush=True,
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

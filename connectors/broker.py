@@ -1,0 +1,307 @@
+"""The broker connector: Kite Connect through the official `kiteconnect` client.
+
+The client is synchronous (requests); every call runs in a worker thread so the event loop never blocks on
+the broker. Its exceptions are mapped to three project exceptions, which is all callers need to decide:
+
+- `BrokerRejected`     permanent: the broker understood and refused (bad input, bad credentials, rejected order)
+- `BrokerTokenExpired` permanent until the trader logs in again (403 TokenException)
+- `BrokerUnavailable`  transient: timeout, network, 5xx, 429, unparseable answer; worth retrying
+
+The execution engine adds order calls to `KiteBroker` the same way: a sync client method wrapped by `_call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
+from typing import Any, TypeVar
+
+import requests
+from kiteconnect import KiteConnect
+from kiteconnect import exceptions as kite_exceptions
+
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Kite access tokens die at 06:00 exchange time the next morning, whenever they were issued.
+KITE_TOKEN_EXPIRY_TIME = clock_time(6, 0)
+
+
+class BrokerError(Exception):
+    """Base of the project's broker exceptions. `message` is safe to show the trader (no secrets)."""
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+
+
+class BrokerRejected(BrokerError):
+    """Permanent refusal (input, permission, order rejected, bad credentials): do not retry."""
+
+
+class BrokerTokenExpired(BrokerRejected):
+    """The access token is expired or revoked: the trader must reconnect. Never retried."""
+
+
+class BrokerUnavailable(BrokerError):
+    """Transient: timeout, network failure, 5xx, rate limit. Safe to retry (reads) or to look up (orders)."""
+
+
+def map_kite_exception(exc: BaseException) -> BrokerError:
+    """Translate whatever the kiteconnect client (or requests under it) raised into a project exception."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, kite_exceptions.KiteException):
+        code = getattr(exc, "code", None)
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, kite_exceptions.TokenException):
+            return BrokerTokenExpired(message, http_status=code)
+        if code == 429 or isinstance(exc, kite_exceptions.NetworkException | kite_exceptions.DataException):
+            return BrokerUnavailable(message, http_status=code)
+        if isinstance(exc, kite_exceptions.GeneralException) and (code is None or code >= 500):
+            return BrokerUnavailable(message, http_status=code)
+        if code is not None and code >= 500 and not isinstance(exc, kite_exceptions.OrderException):
+            return BrokerUnavailable(message, http_status=code)
+        return BrokerRejected(message, http_status=code)
+    if isinstance(exc, requests.Timeout):
+        return BrokerUnavailable("broker did not answer in time")
+    if isinstance(exc, requests.ConnectionError):
+        return BrokerUnavailable("broker is unreachable (connection failed)")
+    if isinstance(exc, requests.RequestException):
+        return BrokerUnavailable(f"broker request failed ({type(exc).__name__})")
+    # The client indexes response headers and bodies without defaults (KeyError, TypeError, ValueError):
+    # a malformed answer is the broker's fault and may be temporary.
+    return BrokerUnavailable(f"broker sent an unexpected response ({type(exc).__name__})")
+
+
+def token_expiry(issued_at: datetime, settings: Settings) -> datetime:
+    """The 06:00 exchange-time instant after `issued_at` (issued at 05:00, it dies at 06:00 that day), in UTC.
+
+    UTC because SQLite drops the offset of what it stores: the project stores every instant in UTC.
+    """
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(settings.market_timezone)
+    local = issued_at.astimezone(tz)
+    expiry = datetime.combine(local.date(), KITE_TOKEN_EXPIRY_TIME, tzinfo=tz)
+    if local >= expiry:
+        expiry = datetime.combine(local.date() + timedelta(days=1), KITE_TOKEN_EXPIRY_TIME, tzinfo=tz)
+    return expiry.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    instrument_token: int
+    exchange: str
+    tradingsymbol: str
+    name: str
+    tick_size: float
+    lot_size: int
+    instrument_type: str
+    segment: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.exchange}:{self.tradingsymbol}"
+
+
+class InstrumentMaster:
+    """The broker's instrument list indexed by "EXCHANGE:TRADINGSYMBOL"."""
+
+    def __init__(self, instruments: Iterable[Instrument], fetched_at: float) -> None:
+        self.by_key: dict[str, Instrument] = {i.key: i for i in instruments}
+        self.fetched_at = fetched_at
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def get(self, exchange: str, tradingsymbol: str) -> Instrument | None:
+        return self.by_key.get(f"{exchange.upper()}:{tradingsymbol.upper()}")
+
+    def token_for(self, instrument: str) -> int | None:
+        found = self.by_key.get(instrument.upper())
+        return found.instrument_token if found is not None else None
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]], fetched_at: float) -> InstrumentMaster:
+        parsed: list[Instrument] = []
+        for row in rows:
+            try:
+                parsed.append(
+                    Instrument(
+                        instrument_token=int(row["instrument_token"]),
+                        exchange=str(row["exchange"]),
+                        tradingsymbol=str(row["tradingsymbol"]),
+                        name=str(row.get("name") or ""),
+                        tick_size=float(row.get("tick_size") or 0.05),
+                        lot_size=int(row.get("lot_size") or 1),
+                        instrument_type=str(row.get("instrument_type") or ""),
+                        segment=str(row.get("segment") or ""),
+                    )
+                )
+            except (KeyError, TypeError, ValueError):
+                continue  # one malformed row must not make every symbol unknown
+        return cls(parsed, fetched_at)
+
+    @classmethod
+    def from_csv(cls, content: bytes | str, fetched_at: float) -> InstrumentMaster:
+        text = content.decode() if isinstance(content, bytes) else content
+        return cls.from_rows(csv.DictReader(io.StringIO(text)), fetched_at)
+
+
+class _InstrumentCache:
+    """One instrument master per (api root, exchange) per process, refreshed after `ttl` seconds.
+
+    The list is the same for every trader and is several MB on the real Kite, so it is fetched once and
+    shared; the lock makes concurrent first requests wait for one download instead of starting many.
+    """
+
+    def __init__(self, ttl: float = 6 * 3600) -> None:
+        self.ttl = ttl
+        self._masters: dict[tuple[str, str], InstrumentMaster] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def fresh(self, key: tuple[str, str]) -> InstrumentMaster | None:
+        master = self._masters.get(key)
+        if master is not None and time.monotonic() - master.fetched_at < self.ttl:
+            return master
+        return None
+
+    def lock(self, key: tuple[str, str]) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def put(self, key: tuple[str, str], master: InstrumentMaster) -> None:
+        self._masters[key] = master
+
+    def clear(self) -> None:
+        self._masters.clear()
+        self._locks.clear()
+
+
+INSTRUMENT_CACHE = _InstrumentCache()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSession:
+    """What `generate_session` returns that the project keeps (the token is a secret: never log it)."""
+
+    access_token: str
+    broker_user_id: str
+    user_name: str | None
+    login_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerProfile:
+    broker_user_id: str
+    user_name: str | None
+    email: str | None
+    broker: str | None
+
+
+class KiteBroker:
+    """One trader's Kite Connect session. Cheap to build: one per request or per strategy is fine."""
+
+    def __init__(self, settings: Settings, api_key: str, access_token: str | None = None) -> None:
+        self.settings = settings
+        self._kite = KiteConnect(
+            api_key,
+            access_token=access_token,
+            root=settings.kite_api_root,
+            timeout=settings.broker_timeout_seconds,
+        )
+
+    @property
+    def client(self) -> KiteConnect:
+        """The underlying official client, for calls not wrapped here yet (wrap them with `call`)."""
+        return self._kite
+
+    async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a sync client method in a thread and map its failures to BrokerError subclasses."""
+        try:
+            return await asyncio.to_thread(method, *args, **kwargs)
+        except Exception as exc:
+            mapped = map_kite_exception(exc)
+            # Type and broker message only: the client's exceptions never carry credentials.
+            log.info("broker call %s failed: %s: %s", getattr(method, "__name__", method), type(mapped).__name__,
+                     mapped.message)  # fmt: skip
+            raise mapped from exc
+
+    async def profile(self) -> BrokerProfile:
+        data = await self.call(self._kite.profile)
+        if not isinstance(data, dict) or not data.get("user_id"):
+            raise BrokerUnavailable("broker profile response has no user_id")
+        return BrokerProfile(
+            broker_user_id=str(data["user_id"]),
+            user_name=_opt_str(data.get("user_name")),
+            email=_opt_str(data.get("email")),
+            broker=_opt_str(data.get("broker")),
+        )
+
+    async def generate_session(self, request_token: str, api_secret: str) -> BrokerSession:
+        """Exchange a one-time request token for an access token (checksum computed by the client)."""
+        data = await self.call(self._kite.generate_session, request_token, api_secret)
+        if not isinstance(data, dict) or not data.get("access_token"):
+            raise BrokerUnavailable("broker session response has no access_token")
+        login_time = data.get("login_time")
+        return BrokerSession(
+            access_token=str(data["access_token"]),
+            broker_user_id=str(data.get("user_id") or ""),
+            user_name=_opt_str(data.get("user_name")),
+            login_time=login_time if isinstance(login_time, datetime) else None,
+        )
+
+    async def instruments(self, exchange: str | None = None) -> InstrumentMaster:
+        """The cached instrument master (all exchanges, or one); downloaded on first use and after the TTL."""
+        key = (self.settings.kite_api_root, exchange or "*")
+        if (master := INSTRUMENT_CACHE.fresh(key)) is not None:
+            return master
+        async with INSTRUMENT_CACHE.lock(key):
+            if (master := INSTRUMENT_CACHE.fresh(key)) is not None:
+                return master
+            rows = (
+                await self.call(self._kite.instruments, exchange)
+                if exchange
+                else await self.call(self._kite.instruments)
+            )
+            master = InstrumentMaster.from_rows(rows, time.monotonic())
+            if not master:
+                raise BrokerUnavailable("broker returned an empty instrument list")
+            INSTRUMENT_CACHE.put(key, master)
+            log.info("instrument master loaded: %d instruments (%s)", len(master), exchange or "all")
+            return master
+
+    async def lookup(self, exchange: str, tradingsymbol: str) -> Instrument | None:
+        master = await self.instruments()
+        return master.get(exchange, tradingsymbol)
+
+
+def _opt_str(value: object) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+__all__ = [
+    "BrokerError",
+    "BrokerProfile",
+    "BrokerRejected",
+    "BrokerSession",
+    "BrokerTokenExpired",
+    "BrokerUnavailable",
+    "INSTRUMENT_CACHE",
+    "Instrument",
+    "InstrumentMaster",
+    "KiteBroker",
+    "map_kite_exception",
+    "token_expiry",
+]

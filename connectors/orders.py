@@ -1,0 +1,119 @@
+"""Order calls on a trader's Kite session, for the execution engine.
+
+Kept apart from `connectors.broker` (session and instrument calls used by the API) but built on the same
+`KiteBroker.call`, so every order call runs in a thread and fails with the same three exceptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from connectors.broker import BrokerRejected, BrokerUnavailable, KiteBroker
+
+TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerOrder:
+    order_id: str
+    status: str
+    tag: str | None
+    average_price: float | None
+    filled_quantity: int
+    status_message: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_ORDER_STATUSES
+
+    @classmethod
+    def from_kite(cls, row: dict[str, Any]) -> BrokerOrder:
+        average = row.get("average_price")
+        return cls(
+            order_id=str(row["order_id"]),
+            status=str(row.get("status") or ""),
+            tag=row.get("tag"),
+            average_price=float(average) if average not in (None, "", 0, 0.0) else None,
+            filled_quantity=int(row.get("filled_quantity") or 0),
+            status_message=row.get("status_message"),
+        )
+
+
+class OrderGateway(Protocol):
+    async def place_market_order(
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
+    ) -> str: ...
+
+    async def place_stop_order(
+        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
+    ) -> str: ...
+
+    async def cancel_order(self, order_id: str) -> BrokerOrder: ...
+
+    async def order_status(self, order_id: str) -> BrokerOrder: ...
+
+    async def find_by_tag(self, tag: str) -> BrokerOrder | None: ...
+
+
+class KiteOrderGateway:
+    def __init__(self, broker: KiteBroker) -> None:
+        self.broker = broker
+
+    async def place_market_order(
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
+    ) -> str:
+        order_id = await self.broker.call(
+            self.broker.client.place_order,
+            variety="regular",
+            exchange=exchange,
+            tradingsymbol=tradingsymbol,
+            transaction_type=side,
+            quantity=quantity,
+            product=product,
+            order_type="MARKET",
+            tag=tag,
+        )
+        return str(order_id)
+
+    async def place_stop_order(
+        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
+    ) -> str:
+        """A SELL SL-M resting at the broker: it becomes a market order when the price trades at the trigger."""
+        order_id = await self.broker.call(
+            self.broker.client.place_order,
+            variety="regular",
+            exchange=exchange,
+            tradingsymbol=tradingsymbol,
+            transaction_type="SELL",
+            quantity=quantity,
+            product=product,
+            order_type="SL-M",
+            trigger_price=trigger_price,
+            tag=tag,
+        )
+        return str(order_id)
+
+    async def cancel_order(self, order_id: str) -> BrokerOrder:
+        """Cancel and return the order's final state; an order that executed first comes back COMPLETE."""
+        try:
+            await self.broker.call(self.broker.client.cancel_order, variety="regular", order_id=order_id)
+        except BrokerRejected:
+            pass  # Kite refuses to cancel a completed order: its status below says what happened
+        return await self.order_status(order_id)
+
+    async def order_status(self, order_id: str) -> BrokerOrder:
+        history = await self.broker.call(self.broker.client.order_history, order_id)
+        if not history:
+            raise BrokerUnavailable(f"broker has no history for order {order_id} yet")
+        return BrokerOrder.from_kite(history[-1])
+
+    async def find_by_tag(self, tag: str) -> BrokerOrder | None:
+        """The broker's own record of an order carrying `tag` (the intent), if it ever received one."""
+        orders = await self.broker.call(self.broker.client.orders)
+        matches = [BrokerOrder.from_kite(row) for row in orders if row.get("tag") == tag]
+        if not matches:
+            return None
+        # Should there be several (a broker-side duplicate), the filled one is the position we hold.
+        matches.sort(key=lambda order: (order.status == "COMPLETE", order.filled_quantity), reverse=True)
+        return matches[0]

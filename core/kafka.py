@@ -1,0 +1,106 @@
+"""Kafka plumbing shared by every service: topic creation and a JSON event producer (aiokafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from core.settings import Settings
+from schemas.events import Event
+from streams.topics import topic_specs
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_topics(settings: Settings, wait_seconds: float = 30.0) -> dict[str, int]:
+    """Create every topic with its partition count; returns name -> partitions as the broker reports."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(wait_seconds * 1000))
+    await admin.start()
+    try:
+        specs = topic_specs(settings)
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(s.name, s.partitions, 1) for s in specs if s.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another service created them first
+        described = await admin.describe_topics([s.name for s in specs])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        for spec in specs:
+            if counts.get(spec.name) != spec.partitions:
+                log.warning(
+                    "topic %s has %s partitions, settings say %s",
+                    spec.name,
+                    counts.get(spec.name),
+                    spec.partitions,
+                )
+        return counts
+    finally:
+        await admin.close()
+
+
+async def kafka_reachable(bootstrap: str, wait_seconds: float = 3.0) -> str | None:
+    """None if a broker answers metadata requests, else the reason."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(wait_seconds * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), wait_seconds)
+        await asyncio.wait_for(admin.list_topics(), wait_seconds)
+        return None
+    except (TimeoutError, KafkaConnectionError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        await admin.close()
+
+
+class EventProducer:
+    """Publishes schema'd events as JSON. acks=all: an acknowledged event survives a broker failover."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: AIOKafkaProducer | None = None
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        if self._client is None:
+            raise RuntimeError("EventProducer used before start()")
+        return self._client
+
+    async def start(self) -> None:
+        # Built here, not in __init__: aiokafka binds to the running loop (nothing at import or build time).
+        self._client = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            acks="all",
+            linger_ms=2,
+            # Tansu refuses idempotent producers; at-least-once plus idempotent consumers instead.
+            enable_idempotence=False,
+        )
+        await self._client.start()
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.stop()
+            self._client = None
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def publish(self, topic: str, key: str | int, event: Event) -> None:
+        """Send and wait for the broker's acknowledgement."""
+        await self._producer.send_and_wait(
+            self.settings.topic(topic), value=event.model_dump_json().encode(), key=str(key).encode()
+        )
+
+    async def publish_nowait(self, topic: str, key: str | int, event: Event) -> asyncio.Future[object]:
+        """Queue for sending; await the returned future to know it was acknowledged."""
+        return await self._producer.send(
+            self.settings.topic(topic), value=event.model_dump_json().encode(), key=str(key).encode()
+        )

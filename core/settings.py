@@ -1,0 +1,111 @@
+"""The one settings object. Every process reads it from the environment (and an optional `.env`)."""
+
+from __future__ import annotations
+
+from datetime import time
+from enum import StrEnum
+from functools import lru_cache
+from typing import Literal, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Development defaults that must never reach production: refused there by the validator below.
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789abcdef"  # noqa: S105 - refused outside development
+DEV_ENCRYPTION_KEY = "ZGV2LW9ubHktZmVybmV0LWtleS1jaGFuZ2UtbWUtISE="  # noqa: S105 - refused outside development
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    """Frozen, typed configuration. Names map 1:1 to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    environment: Environment = Environment.DEVELOPMENT
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = Field("", description="Prepended to every topic and consumer group (test isolation).")
+    ticks_partitions: int = Field(8, ge=1, le=1024)
+    orders_partitions: int = Field(8, ge=1, le=1024)
+    events_partitions: int = Field(8, ge=1, le=1024)
+    # Consumer-group session: a dead worker's partitions move after this long. Tansu also holds a group's
+    # first join for half of it, so tests use a short one.
+    kafka_session_timeout_seconds: float = Field(10.0, ge=2, le=300)
+    # How long a consumer's fetch may wait for data. Tansu answers a fetch only when the wait ends, so this is
+    # per-hop latency there; Apache Kafka answers as soon as data arrives, whatever the value.
+    kafka_fetch_max_wait_ms: int = Field(10, ge=1, le=5000)
+    execution_concurrency: int = Field(256, ge=1, le=10_000, description="Intents executed at once per worker.")
+
+    # Runtime layer and database
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "sqlite+aiosqlite:///var/algo.db"
+
+    # Broker (Kite Connect or the simulator)
+    kite_api_root: str = "https://api.kite.trade"
+    kite_ticker_root: str = "wss://ws.kite.trade"
+    kite_login_url: str = "https://kite.zerodha.com/connect/login"
+    broker_mode: Literal["kite", "paper"] = Field(
+        "kite", description="kite: orders go to Kite (or the simulator); paper: filled locally at the live price."
+    )
+    broker_timeout_seconds: float = Field(7.0, gt=0, le=60)
+    broker_orders_per_second: float = Field(10.0, gt=0, description="Kite's per-api_key order rate limit.")
+    order_max_attempts: int = Field(4, ge=1, le=10, description="First try plus three retries.")
+
+    # Market data session for the tick connector; unset: the most recently connected trader's session.
+    ticker_api_key: str | None = None
+    ticker_access_token: SecretStr | None = None
+    ticker_silence_seconds: float = Field(10.0, gt=0, description="No data nor heartbeat this long: reconnect.")
+
+    # Secrets
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    jwt_ttl_minutes: int = Field(60 * 24, ge=1)
+    encryption_keys: SecretStr = Field(
+        SecretStr(DEV_ENCRYPTION_KEY),
+        description="Comma-separated Fernet keys, newest first; older keys still decrypt (rotation).",
+    )
+
+    # Market
+    market_timezone: str = "Asia/Kolkata"
+    market_open: time = time(9, 15)
+    market_close: time = time(15, 30)
+    missed_buy_grace_seconds: float = Field(60.0, ge=0)
+
+    # Clock: production runs on the real clock; tests and demos shift or speed it up for every process alike.
+    clock_start: str | None = Field(
+        None, description="ISO datetime the project clock reads at CLOCK_ANCHOR (unset: real time)."
+    )
+    clock_anchor: float | None = Field(None, description="Unix time at which the clock reads CLOCK_START.")
+    clock_speed: float = Field(1.0, gt=0, le=10_000)
+
+    # Services
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    sim_host: str = "127.0.0.1"
+    sim_port: int = Field(8100, ge=1, le=65535)
+    worker_web_port: int = Field(6066, ge=1, le=65535)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Self:
+        if self.environment is Environment.PRODUCTION:
+            if self.jwt_secret.get_secret_value() == DEV_JWT_SECRET:
+                raise ValueError("JWT_SECRET: set a random secret of 32+ characters for production")
+            if DEV_ENCRYPTION_KEY in self.encryption_keys.get_secret_value().split(","):
+                raise ValueError("ENCRYPTION_KEYS: set your own Fernet key (Fernet.generate_key()) for production")
+        if len(self.jwt_secret.get_secret_value()) < 32:
+            raise ValueError("JWT_SECRET: must be at least 32 characters")
+        return self
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

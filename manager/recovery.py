@@ -1,0 +1,360 @@
+"""Seed sequence 10: after a restart, a Redis flush or a Kafka broker that lost its data, rebuild everything
+from the database (the source of truth) and leave no open position unprotected.
+
+1. Redis: `strategy:{id}`, `runtime:{id}`, `symbol:{sym}:strategies` for every running strategy, the
+   runtime position derived from the order log.
+2. Kafka: STARTED for every running strategy (the scheduler re-registers its jobs; a SELL whose time has
+   passed fires at once) and ARMED for every open position (the stop-loss agent re-arms it).
+3. Broker: every intent with an attempt but no result is published again; the execution engine looks it
+   up by its tag at the broker and adopts what the broker says (never a blind re-send).
+4. Stops crossed while down: the broker's last price of each open position's instrument is checked and a
+   STOPLOSS intent goes out at once where price <= stop.
+The marker key `recovery:epoch` says Redis has been rebuilt; its absence (a flushed or new Redis) or an
+empty lifecycle topic while strategies run (a broker that lost its data) triggers recovery again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from redis.asyncio import Redis
+from sqlalchemy import and_, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
+
+from connectors.broker import BrokerError, BrokerUnavailable, KiteBroker
+from core.crypto import SecretBox
+from core.settings import Settings
+from manager.strategy_manager import LIFECYCLE_TOPIC, ORDERS_TOPIC, StrategyManager, initial_runtime, spec_for
+from schemas.events import (
+    Action,
+    Event,
+    LifecycleKind,
+    OrderIntent,
+    StrategyLifecycle,
+    StrategySpec,
+    Trigger,
+    intent_id_for,
+)
+from storage.locks import kept_alive_lock
+from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus
+from storage.positions import RunPosition, running_positions
+from storage.runtime import RuntimeState, connect_redis
+
+log = logging.getLogger(__name__)
+
+MARKER_KEY = "recovery:epoch"
+LIFECYCLE_END_KEY = "recovery:lifecycle-end"
+LOCK_KEY = "lock:recovery"
+RECOVERY_SECONDS = 60.0
+BATCH = 100  # concurrent Redis/Kafka calls per step: recovery shares the pool with the order lanes
+LTP_ACCOUNTS = 5  # broker sessions tried for last prices (some may have expired)
+LTP_ATTEMPTS = 3
+
+
+class BulkPublisher(Protocol):
+    """`core.kafka.EventProducer`: recovery queues thousands of events and waits for their acks once."""
+
+    async def publish(self, topic: str, key: str | int, event: Event) -> None: ...
+
+    async def publish_nowait(self, topic: str, key: str | int, event: Event) -> Awaitable[object]: ...
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    strategies: int
+    open_positions: int
+    reconciled_intents: int
+    stoploss_exits: int
+    seconds: float
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (they were stored as UTC): put it back.
+
+    Crash matrix seed 1: a recovered intent with a naive `due_at` made the execution engine raise
+    TypeError (naive minus aware) on every try, so a BUY the broker had filled was never adopted.
+    """
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def runtime_fields(position: RunPosition) -> dict[str, str]:
+    if position.exited:
+        state = RuntimeState.EXITED_BY_SL if position.exit_action == Action.STOPLOSS.value else RuntimeState.SOLD
+    elif position.bought:
+        state = RuntimeState.BOUGHT
+    else:
+        state = RuntimeState.IDLE
+    fields = {"state": state.value, "position": "bought" if position.open else state.value}
+    if position.last_action:
+        fields["last_action"] = position.last_action
+    if position.entry_price is not None:
+        fields["entry_price"] = f"{position.entry_price:.2f}"
+    if position.buy_order_id:
+        fields["last_buy_order"] = position.buy_order_id
+    if position.exit_order_id:
+        fields["last_sell_order"] = position.exit_order_id
+    return fields
+
+
+class Recovery:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: async_sessionmaker[AsyncSession],
+        redis: Redis,
+        publisher: BulkPublisher,
+        manager: StrategyManager,
+    ) -> None:
+        self.settings = settings
+        self.sessions = session_factory
+        self.redis = redis
+        self.publisher = publisher
+        self.manager = manager
+        self._offsets: AIOKafkaConsumer | None = None
+
+    async def needed(self) -> str | None:
+        """Why recovery must run now, or None."""
+        if not await self.redis.exists(MARKER_KEY):
+            return "redis has no recovery marker (new, restarted or flushed)"
+        # Offsets only grow in a living topic: a lifecycle topic whose end went backwards was recreated.
+        end = await self._lifecycle_end()
+        seen = int(await self.redis.get(LIFECYCLE_END_KEY) or 0)
+        if end < seen:
+            return f"the lifecycle topic went back from offset {seen} to {end} (the Kafka broker lost its data)"
+        if end == 0 and await self._running_count() > 0:
+            return "the lifecycle topic is empty while strategies run (the Kafka broker lost its data)"
+        if end > seen:
+            await self.redis.set(LIFECYCLE_END_KEY, str(end))
+        return None
+
+    async def ensure(self) -> RecoveryReport | None:
+        """Run recovery if needed, once across every process that asks at the same time."""
+        reason = await self.needed()
+        if reason is None:
+            return None
+        async with kept_alive_lock(self.redis, LOCK_KEY, ttl=10.0, wait=RECOVERY_SECONDS):
+            if (reason := await self.needed()) is None:
+                return None  # another process just did it
+            log.warning("recovery needed: %s", reason)
+            # Bounded: Kafka or Redis going away mid-recovery must not wedge it; the next check retries.
+            return await asyncio.wait_for(self.run(), RECOVERY_SECONDS)
+
+    async def run(self) -> RecoveryReport:
+        started = time.perf_counter()
+        async with self.sessions() as session:
+            strategies = list(
+                (await session.execute(select(Strategy).where(Strategy.status == StrategyStatus.RUNNING.value)))
+                .scalars()
+                .all()
+            )
+            positions = await running_positions(session)
+            unresolved = await self._unresolved_intents(session)
+
+        now = self.manager.clock.now()
+        loads: list[tuple[StrategySpec, int, date, dict[str, str]]] = []
+        events: list[StrategyLifecycle] = []
+        open_positions: list[Strategy] = []
+        for strategy in strategies:
+            spec = spec_for(strategy)
+            day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
+            position = positions.get(strategy.id, RunPosition())
+            runtime = initial_runtime(strategy.run, day, aware(strategy.updated_at)) | runtime_fields(position)
+            loads.append((spec, strategy.run, day, runtime))
+            events.append(StrategyLifecycle(kind=LifecycleKind.STARTED, spec=spec, run=strategy.run, trading_day=day,
+                                            occurred_at=now, reason="recovery"))  # fmt: skip
+            if position.open:
+                open_positions.append(strategy)
+                events.append(StrategyLifecycle(kind=LifecycleKind.ARMED, spec=spec, run=strategy.run, trading_day=day,
+                                                occurred_at=now, entry_price=position.entry_price,
+                                                reason="recovery"))  # fmt: skip
+        # One pipelined round trip per thousand strategies, on one connection: the lanes keep the rest.
+        await self.manager.runtime.load_many(loads)
+        await self._publish_all([(LIFECYCLE_TOPIC, e.spec.instrument, e) for e in events])
+        await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
+        # Only now: a recovery cut short (Kafka away, timeout, crash) leaves no marker and runs again.
+        await self.redis.set(MARKER_KEY, str(time.time()))
+
+        # The republished topic is the new baseline for "went backwards".
+        await self.redis.set(LIFECYCLE_END_KEY, str(await self._lifecycle_end()))
+        exits = await self._exit_crossed_stops(open_positions)
+        report = RecoveryReport(len(strategies), len(open_positions), len(unresolved), exits,
+                                time.perf_counter() - started)  # fmt: skip
+        log.warning(
+            "Recovery Complete: %d running strategies, %d open positions, %d intents reconciled, "
+            "%d stop-loss exits, in %.2fs",
+            report.strategies, report.open_positions, report.reconciled_intents, report.stoploss_exits,
+            report.seconds,
+        )  # fmt: skip
+        return report
+
+    async def exit_crossed_stops(self) -> int:
+        """For a process that restarts while Redis survived: stops crossed while it was down exit now, and
+        intents whose outcome nobody recorded (their messages may be gone) are sent again (idempotent)."""
+        async with self.sessions() as session:
+            unresolved = await self._unresolved_intents(session)
+            strategies = list(
+                (await session.execute(select(Strategy).where(Strategy.status == StrategyStatus.RUNNING.value)))
+                .scalars()
+                .all()
+            )
+            positions = await running_positions(session)
+        await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
+        exits = await self._exit_crossed_stops([s for s in strategies if positions.get(s.id, RunPosition()).open])
+        if exits:
+            log.warning("%d stop-loss crossings found at start: exits sent", exits)
+        return exits
+
+    async def _publish_all(self, items: Sequence[tuple[str, str | int, Event]]) -> None:
+        """Queue everything, then wait for the broker's acknowledgements once (not wave by wave)."""
+        acks = [await self.publisher.publish_nowait(topic, key, event) for topic, key, event in items]
+        await asyncio.gather(*acks)
+
+    async def _unresolved_intents(self, session: AsyncSession) -> list[OrderIntent]:
+        """Intents of running strategies' current runs with an attempt logged and no result: the broker knows.
+
+        A resting protective stop (PROTECT) has no result by design and is not an intent to re-send.
+        """
+        attempt, result = aliased(OrderLog), aliased(OrderLog)
+        rows = await session.execute(
+            select(attempt, Strategy.exchange, Strategy.tradingsymbol)
+            .join(Strategy, and_(Strategy.id == attempt.strategy_id, Strategy.run == attempt.run))
+            .outerjoin(result, and_(result.intent_id == attempt.intent_id, result.kind == OrderLogKind.RESULT.value))
+            .where(
+                # Whatever the strategy's status now: an order sent before it stopped may be at the broker.
+                attempt.kind == OrderLogKind.ATTEMPT.value,
+                attempt.action != Action.PROTECT.value,
+                result.id.is_(None),
+            )
+        )
+        intents: dict[str, OrderIntent] = {}
+        now = self.manager.clock.now()
+        for row, exchange, tradingsymbol in rows.tuples():
+            if row.intent_id in intents:
+                continue
+            day = date.fromisoformat(row.intent_id.split(":")[1])
+            intents[row.intent_id] = OrderIntent(
+                intent_id=row.intent_id, strategy_id=row.strategy_id, user_id=row.user_id, run=row.run,
+                action=Action(row.action), trigger=Trigger.RECOVERY, trading_day=day,
+                instrument=f"{exchange}:{tradingsymbol}", quantity=row.quantity, due_at=aware(row.created_at),
+                created_at=now,
+            )  # fmt: skip
+        return list(intents.values())
+
+    async def _exit_crossed_stops(self, open_positions: list[Strategy]) -> int:
+        if not open_positions:
+            return 0
+        prices = await self._last_prices(sorted({s.instrument for s in open_positions}))
+        now = self.manager.clock.now()
+        intents = []
+        for strategy in open_positions:
+            price = prices.get(strategy.instrument)
+            if price is None or price > float(strategy.stop_loss):
+                continue
+            day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
+            intents.append(
+                OrderIntent(
+                    intent_id=intent_id_for(strategy.id, day, strategy.run, Action.STOPLOSS), strategy_id=strategy.id,
+                    user_id=strategy.user_id, run=strategy.run, action=Action.STOPLOSS, trigger=Trigger.RECOVERY,
+                    trading_day=day, instrument=strategy.instrument, quantity=strategy.quantity, due_at=now,
+                    created_at=now, trigger_price=price,
+                )
+            )  # fmt: skip
+        await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in intents])
+        return len(intents)
+
+    async def _last_prices(self, instruments: list[str]) -> dict[str, float]:
+        """The broker's last traded prices, through any working session (market data is not per user).
+
+        The most recently connected session first; one whose token expired is skipped for the next, and a
+        transient failure (timeout, 5xx, 429) is retried: ticks are sent only when a price changes, so a
+        stop crossed while the system was down and not seen here may not be seen again (crash matrix).
+        """
+        async with self.sessions() as session:
+            accounts = list(
+                (
+                    await session.execute(
+                        select(BrokerAccount).order_by(BrokerAccount.updated_at.desc()).limit(LTP_ACCOUNTS)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        box = SecretBox(self.settings)
+        for account in accounts:
+            broker = KiteBroker(
+                self.settings, box.decrypt(account.api_key_encrypted), box.decrypt(account.access_token_encrypted)
+            )
+            prices: dict[str, float] = {}
+            for attempt in range(1, LTP_ATTEMPTS + 1):
+                try:
+                    for offset in range(0, len(instruments), 500):  # Kite answers up to 1,000 instruments a call
+                        quotes = await broker.call(broker.client.ltp, instruments[offset : offset + 500])
+                        prices.update({key: float(q["last_price"]) for key, q in quotes.items()})
+                    return prices
+                except BrokerUnavailable as exc:
+                    log.warning("recovery: last prices failed (%s), attempt %d/%d", exc.message, attempt, LTP_ATTEMPTS)
+                    await asyncio.sleep(0.2 * attempt)
+                except BrokerError as exc:
+                    log.warning("recovery: broker session of user %s refused last prices (%s): trying another",
+                                account.user_id, exc.message)  # fmt: skip
+                    break
+        log.warning("recovery could not read last prices: stops are checked on the next tick")
+        return {}
+
+    async def _running_count(self) -> int:
+        async with self.sessions() as session:
+            return len((await session.execute(select(Strategy.id).where(Strategy.status == "running").limit(1))).all())
+
+    async def _lifecycle_end(self) -> int:
+        """Sum of the lifecycle topic's end offsets (0 when the topic does not exist)."""
+        if self._offsets is None:
+            self._offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False)
+            await self._offsets.start()
+        topic = self.settings.topic(LIFECYCLE_TOPIC)
+        await self._offsets.topics()  # refreshes the metadata that partitions_for_topic reads
+        partitions = self._offsets.partitions_for_topic(topic) or set()
+        if not partitions:
+            return 0
+        ends = await self._offsets.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return int(sum(ends.values()))
+
+    async def close(self) -> None:
+        if self._offsets is not None:
+            await self._offsets.stop()
+            self._offsets = None
+
+
+async def run_recovery(settings: Settings, *, force: bool) -> RecoveryReport | None:
+    """Recovery as a one-off (`algo recover`): with `force`, even when nothing says it is needed."""
+    from core.clock import get_clock
+    from core.kafka import EventProducer
+    from core.market import MarketCalendar
+    from storage.db import create_engine, session_factory
+    from storage.runtime import RuntimeStore
+
+    engine = create_engine(settings.database_url)
+    redis = connect_redis(settings.redis_url)
+    producer = EventProducer(settings)
+    sessions = session_factory(engine)
+    manager = StrategyManager(sessions, RuntimeStore(redis), producer, get_clock(), MarketCalendar(settings))
+    recovery = Recovery(settings, sessions, redis, producer, manager)
+    await producer.start()
+    try:
+        if force:
+            async with kept_alive_lock(redis, LOCK_KEY, ttl=10.0, wait=RECOVERY_SECONDS):
+                return await recovery.run()
+        return await recovery.ensure()
+    finally:
+        await recovery.close()
+        await producer.stop()
+        await redis.aclose()
+        await engine.dispose()

@@ -1,0 +1,362 @@
+"""The Strategy Manager: sequence 4 (start: load into Redis, announce) and sequence 8 (stop).
+
+Independent of FastAPI: the API, the execution engine's auto-stop and the recovery code all drive it.
+
+Consistency rules, because Redis, Kafka and the database cannot share a transaction:
+
+- START commits the database first (status running, run + 1) with a compare-and-set, so two concurrent
+  STARTs make one run. It then writes Redis and publishes STARTED; if either fails, it undoes the Redis
+  keys and marks the run stopped with the reason, and raises `ManagerUnavailable` (nothing half-started).
+- STOP does its Kafka and Redis side effects first and commits the database last. Every side effect is
+  idempotent (the EXIT intent has a deterministic id, unloading twice is harmless, consumers dedupe
+  STOPPED), so a STOP that failed halfway is simply retried: the database still says running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from typing import Protocol
+
+from redis.exceptions import RedisError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.clock import Clock
+from core.market import MarketCalendar
+from schemas.events import (
+    Action,
+    Event,
+    LifecycleKind,
+    OrderIntent,
+    Product,
+    StrategyLifecycle,
+    StrategySpec,
+    Trigger,
+    intent_id_for,
+)
+from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, StrategyStatusChange
+from storage.positions import positions_of
+from storage.runtime import RuntimeState, RuntimeStore
+
+log = logging.getLogger(__name__)
+
+LIFECYCLE_TOPIC = "strategy-lifecycle"
+ORDERS_TOPIC = "orders"
+
+# Runtime states in which the strategy holds (or is acquiring) shares: a stop squares them off.
+OPEN_POSITION_STATES = frozenset({RuntimeState.BOUGHT.value, RuntimeState.BUYING.value})
+
+
+class EventPublisher(Protocol):
+    """What the manager needs from Kafka: `core.kafka.EventProducer` (or a lazily started wrapper)."""
+
+    async def publish(self, topic: str, key: str | int, event: Event) -> None: ...
+
+
+class StrategyNotFound(LookupError):
+    """No such strategy, or it belongs to another user (deliberately indistinguishable)."""
+
+
+class ManagerUnavailable(RuntimeError):
+    """Redis or Kafka failed; the strategy is left as it was before the call. Safe to retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartOutcome:
+    strategy_id: int
+    status: str
+    run: int
+    trading_day: date
+    trading_day_is_today: bool
+    buy_at: datetime
+    sell_at: datetime
+    already_running: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StopOutcome:
+    strategy_id: int
+    status: str
+    squared_off: bool
+    already_stopped: bool
+
+
+def spec_for(strategy: Strategy) -> StrategySpec:
+    """The spec that travels with every lifecycle event (consumers need no database lookup)."""
+    return StrategySpec(
+        strategy_id=strategy.id,
+        user_id=strategy.user_id,
+        exchange=strategy.exchange,
+        tradingsymbol=strategy.tradingsymbol,
+        instrument_token=strategy.instrument_token,
+        quantity=strategy.quantity,
+        buy_time=strategy.buy_time,
+        sell_time=strategy.sell_time,
+        stop_loss=float(strategy.stop_loss),
+        product=Product(strategy.product),
+        protective_stop=bool(strategy.protective_stop),
+    )
+
+
+def initial_runtime(run: int, trading_day: date, started_at: datetime) -> dict[str, str]:
+    return {
+        "state": RuntimeState.IDLE.value,
+        "strategy_status": StrategyStatus.RUNNING.value,
+        "position": "none",
+        "last_action": "",
+        "run": str(run),
+        "trading_day": trading_day.isoformat(),
+        "started_at": started_at.isoformat(),
+    }
+
+
+class StrategyManager:
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        runtime: RuntimeStore,
+        publisher: EventPublisher,
+        clock: Clock,
+        calendar: MarketCalendar,
+    ) -> None:
+        self.session_factory = session_factory
+        self.runtime = runtime
+        self.publisher = publisher
+        self.clock = clock
+        self.calendar = calendar
+
+    # ------------------------------------------------------------------------------------------ queries
+
+    def trading_day_for(self, sell_time: time, now: datetime | None = None) -> tuple[date, bool]:
+        """Today (exchange time) if it trades and sell_time is still ahead, else the next trading day.
+
+        Returns (day, is_today).
+        """
+        local = self.calendar.local(now or self.clock.now())
+        today = local.date()
+        if self.calendar.is_trading_day(today) and local.time() < sell_time:
+            return today, True
+        return self.calendar.next_trading_day(today + timedelta(days=1)), False
+
+    async def get(self, session: AsyncSession, strategy_id: int, user_id: int | None) -> Strategy:
+        query = select(Strategy).where(Strategy.id == strategy_id)
+        if user_id is not None:
+            query = query.where(Strategy.user_id == user_id)
+        strategy = (await session.execute(query)).scalar_one_or_none()
+        if strategy is None:
+            raise StrategyNotFound(strategy_id)
+        return strategy
+
+    async def position_open(self, strategy: Strategy) -> bool:
+        """Does the current run hold (or is it buying) shares? Redis first, the order log if keys are gone."""
+        runtime = await self.runtime.runtime(strategy.id)
+        if runtime:
+            return runtime.get("state") in OPEN_POSITION_STATES
+        async with self.session_factory() as session:
+            return (await positions_of(session, [(strategy.id, strategy.run)]))[strategy.id].open
+
+    # ------------------------------------------------------------------------------------------- start
+
+    async def start(self, strategy_id: int, *, user_id: int | None = None) -> StartOutcome:
+        """Sequence 4. Idempotent: starting a running strategy changes nothing and reports its state."""
+        now = self.clock.now()
+        async with self.session_factory() as session:
+            strategy = await self.get(session, strategy_id, user_id)
+            if strategy.status == StrategyStatus.RUNNING.value:
+                return self._start_outcome(strategy, already_running=True, now=now)
+            trading_day, _ = self.trading_day_for(strategy.sell_time, now)
+            # Compare-and-set: of two concurrent STARTs exactly one matches `status != running`.
+            new_run = (
+                await session.execute(
+                    update(Strategy)
+                    .where(Strategy.id == strategy.id, Strategy.status != StrategyStatus.RUNNING.value)
+                    .values(
+                        status=StrategyStatus.RUNNING.value,
+                        run=Strategy.run + 1,
+                        trading_day=trading_day,
+                        status_reason=None,
+                        updated_at=now,
+                    )
+                    .returning(Strategy.run)
+                )
+            ).scalar_one_or_none()
+            if new_run is None:
+                await session.rollback()
+                await session.refresh(strategy)
+                return self._start_outcome(strategy, already_running=True, now=now)
+            session.add(
+                StrategyStatusChange(
+                    strategy_id=strategy.id, status=StrategyStatus.RUNNING.value, reason="started", at=now
+                )
+            )
+            await session.commit()
+            await session.refresh(strategy)
+
+        spec = spec_for(strategy)
+        try:
+            await self.runtime.load(spec, new_run, trading_day, initial_runtime(new_run, trading_day, now))
+            await self.publisher.publish(
+                LIFECYCLE_TOPIC,
+                spec.instrument,
+                StrategyLifecycle(
+                    kind=LifecycleKind.STARTED, spec=spec, run=new_run, trading_day=trading_day, occurred_at=now
+                ),
+            )
+        except Exception as exc:
+            await self._undo_start(strategy, spec, new_run, exc)
+            raise ManagerUnavailable(f"could not start strategy {strategy.id}: {_reason(exc)}") from exc
+        log.info("strategy %s started: run %s for %s", strategy.id, new_run, trading_day)
+        return self._start_outcome(strategy, already_running=False, now=now)
+
+    async def _undo_start(self, strategy: Strategy, spec: StrategySpec, run: int, exc: BaseException) -> None:
+        reason = f"start failed: {_reason(exc)}"
+        log.warning("strategy %s run %s: %s; rolling back", strategy.id, run, reason)
+        try:
+            await self.runtime.unload(strategy.id, spec.instrument)
+        except RedisError:
+            log.exception("strategy %s: could not remove runtime keys after a failed start", strategy.id)
+        await self._set_final_status(strategy.id, run, StrategyStatus.STOPPED, reason)
+
+    def _start_outcome(self, strategy: Strategy, *, already_running: bool, now: datetime) -> StartOutcome:
+        trading_day = strategy.trading_day or self.trading_day_for(strategy.sell_time, now)[0]
+        return StartOutcome(
+            strategy_id=strategy.id,
+            status=strategy.status,
+            run=strategy.run,
+            trading_day=trading_day,
+            trading_day_is_today=trading_day == self.calendar.local(now).date(),
+            buy_at=self.calendar.at(trading_day, strategy.buy_time),
+            sell_at=self.calendar.at(trading_day, strategy.sell_time),
+            already_running=already_running,
+        )
+
+    # -------------------------------------------------------------------------------------------- stop
+
+    async def stop(
+        self,
+        strategy_id: int,
+        *,
+        user_id: int | None = None,
+        square_off: bool = True,
+        reason: str = "stopped by user",
+        final_status: StrategyStatus = StrategyStatus.STOPPED,
+        trigger: Trigger = Trigger.USER,
+    ) -> StopOutcome:
+        """Sequence 8, any time. A strategy that is not running is left alone (no side effects).
+
+        `final_status` FAILED (the execution engine's auto-stop) publishes a FAILED lifecycle event instead.
+        """
+        now = self.clock.now()
+        async with self.session_factory() as session:
+            strategy = await self.get(session, strategy_id, user_id)
+        if strategy.status != StrategyStatus.RUNNING.value:
+            return StopOutcome(strategy.id, strategy.status, squared_off=False, already_stopped=True)
+
+        spec = spec_for(strategy)
+        trading_day = strategy.trading_day or self.calendar.trading_day_of(now)
+        squared_off = False
+        try:
+            # The EXIT goes out before the keys are deleted: the engine still finds the runtime it needs.
+            if square_off and await self.position_open(strategy):
+                await self._send_exit(strategy, trading_day, trigger)
+                squared_off = True
+            await self.runtime.unload(strategy.id, spec.instrument)
+            kind = LifecycleKind.FAILED if final_status is StrategyStatus.FAILED else LifecycleKind.STOPPED
+            await self.publisher.publish(
+                LIFECYCLE_TOPIC,
+                spec.instrument,
+                StrategyLifecycle(
+                    kind=kind, spec=spec, run=strategy.run, trading_day=trading_day, occurred_at=now, reason=reason
+                ),
+            )
+        except Exception as exc:
+            raise ManagerUnavailable(f"could not stop strategy {strategy.id}: {_reason(exc)}") from exc
+
+        changed = await self._set_final_status(strategy.id, strategy.run, final_status, reason)
+        log.info("strategy %s run %s %s (squared_off=%s)", strategy.id, strategy.run, final_status, squared_off)
+        return StopOutcome(
+            strategy.id, final_status.value if changed else StrategyStatus.STOPPED.value, squared_off, not changed
+        )
+
+    async def square_off_orphan(self, strategy: Strategy, trading_day: date) -> None:
+        """Exit a position found at the broker after its strategy stopped (the engine adopted a lost BUY)."""
+        log.warning("strategy %s is stopped but holds a position at the broker: squaring it off", strategy.id)
+        await self._send_exit(strategy, trading_day, Trigger.RECOVERY)
+
+    async def _send_exit(self, strategy: Strategy, trading_day: date, trigger: Trigger) -> None:
+        now = self.clock.now()
+        exit_intent = OrderIntent(
+            intent_id=intent_id_for(strategy.id, trading_day, strategy.run, Action.EXIT),
+            strategy_id=strategy.id,
+            user_id=strategy.user_id,
+            run=strategy.run,
+            action=Action.EXIT,
+            trigger=trigger,
+            trading_day=trading_day,
+            instrument=strategy.instrument,
+            quantity=strategy.quantity,
+            due_at=now,
+            created_at=now,
+        )
+        # Recorded before it is sent: should the message be lost with a Kafka broker, recovery finds the
+        # request in the database and sends it again (the strategy is no longer running).
+        await self._record_exit_request(exit_intent)
+        await self.publisher.publish(ORDERS_TOPIC, strategy.id, exit_intent)
+
+    async def _record_exit_request(self, intent: OrderIntent) -> None:
+        """Attempt 0, status "requested": the engine's own attempts count from 1, so nothing looks unclear."""
+        try:
+            async with self.session_factory() as session:
+                session.add(
+                    OrderLog(
+                        intent_id=intent.intent_id, strategy_id=intent.strategy_id, user_id=intent.user_id,
+                        run=intent.run, action=intent.action.value, kind=OrderLogKind.ATTEMPT.value, attempt=0,
+                        status="requested", broker_tag=intent.broker_tag, quantity=intent.quantity,
+                        created_at=intent.created_at,
+                    )
+                )  # fmt: skip
+                await session.commit()
+        except IntegrityError:
+            pass  # a repeated STOP: already requested
+
+    async def _set_final_status(self, strategy_id: int, run: int, status: StrategyStatus, reason: str) -> bool:
+        """Running -> `status` for this run only (a newer START must not be undone). True if it changed."""
+        now = self.clock.now()
+        async with self.session_factory() as session:
+            result = await session.execute(
+                update(Strategy)
+                .where(
+                    Strategy.id == strategy_id,
+                    Strategy.run == run,
+                    Strategy.status == StrategyStatus.RUNNING.value,
+                )
+                .values(status=status.value, status_reason=reason, updated_at=now)
+                .returning(Strategy.id)
+            )
+            if result.scalar_one_or_none() is None:
+                await session.rollback()
+                return False
+            session.add(StrategyStatusChange(strategy_id=strategy_id, status=status.value, reason=reason, at=now))
+            await session.commit()
+            return True
+
+    # ---------------------------------------------------------------------------------------- recovery
+
+    async def load(self, strategy: Strategy, runtime_fields: Mapping[str, str] | None = None) -> None:
+        """Recreate the Redis keys of a running strategy's current run (sequence 10), without a new run.
+
+        `runtime_fields` overrides the initial runtime (e.g. the position rebuilt from the order log).
+        """
+        trading_day = strategy.trading_day or self.calendar.trading_day_of(self.clock.now())
+        runtime = initial_runtime(strategy.run, trading_day, strategy.updated_at)
+        runtime.update(runtime_fields or {})
+        await self.runtime.load(spec_for(strategy), strategy.run, trading_day, runtime)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

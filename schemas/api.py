@@ -1,0 +1,594 @@
+"""Request and response bodies of the mobile app's REST API (the app's contract; see /docs).
+
+Validation messages name the rule, because the app shows them to the trader as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, time
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
+
+from schemas.events import Product
+
+MAX_QUANTITY = 100_000
+MAX_STOP_LOSS = Decimal("1000000")
+TICK = Decimal("0.05")
+# Strategy ids are BIGINT in PostgreSQL: anything larger can never exist and must be a 4xx, not an overflow.
+MAX_ID = 2**63 - 1
+
+PASSWORD_RULE = "password must be 10 to 128 characters and contain at least one letter and one digit"  # noqa: S105
+TIME_RULE = "time must be HH:MM or HH:MM:SS (24-hour, exchange time)"
+
+_TIME_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
+
+
+def parse_clock_time(value: object) -> time:
+    if isinstance(value, time):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(TIME_RULE)
+    match = _TIME_PATTERN.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(TIME_RULE)
+    hours, minutes, seconds = match.groups()
+    return time(int(hours), int(minutes), int(seconds or 0))
+
+
+# Documented as the string the app sends (not JSON Schema's "time" format, which allows offsets and fractions).
+ClockTime = Annotated[
+    time,
+    BeforeValidator(parse_clock_time),
+    WithJsonSchema({"type": "string", "pattern": _TIME_PATTERN.pattern, "examples": ["09:30", "15:15:00"]}),
+]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class FieldProblem(BaseModel):
+    field: str | None = Field(description="Dotted path of the offending field; null when not about a field")
+    message: str
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"field": "stop_loss", "message": "stop_loss must be on a 0.05 tick"}]}
+    )
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[FieldProblem]
+    request_id: str | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": [{"field": "quantity", "message": "Input should be greater than 0"}],
+                    "request_id": "5f0c2b1e9a0d4c7e",
+                }
+            ]
+        }
+    )
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    request_id: str | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "strategy not found", "request_id": "5f0c2b1e9a0d4c7e"}]}
+    )
+
+
+# ------------------------------------------------------------------------------------------------ auth
+
+
+class Credentials(ApiModel):
+    email: EmailStr = Field(max_length=320)
+    password: str = Field(min_length=1, max_length=128)
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"email": "trader@example.com", "password": "correct-horse-42"}]}
+    )
+
+    @field_validator("email")
+    @classmethod
+    def _lower_email(cls, value: str) -> str:
+        # Emails are unique case-insensitively: one canonical form in the database.
+        return value.lower()
+
+
+class RegisterRequest(Credentials):
+    @field_validator("password")
+    @classmethod
+    def _password_policy(cls, value: str) -> str:
+        if not (10 <= len(value) <= 128) or not re.search(r"[A-Za-z]", value) or not re.search(r"\d", value):
+            raise ValueError(PASSWORD_RULE)
+        return value
+
+
+class LoginRequest(Credentials):
+    pass
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
+    expires_at: datetime
+    user_id: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "access_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiJ9.sig",
+                    "token_type": "bearer",
+                    "expires_at": "2025-01-16T04:30:00Z",
+                    "user_id": 42,
+                }
+            ]
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------- broker
+
+_KEY_CHARS = r"^[A-Za-z0-9_\-]+$"
+BrokerKey = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=_KEY_CHARS)]
+
+
+class BrokerConnectRequest(ApiModel):
+    """Kite Connect credentials. Give `access_token`, or `request_token` (from the Kite login redirect)."""
+
+    api_key: BrokerKey
+    api_secret: BrokerKey
+    access_token: BrokerKey | None = None
+    request_token: BrokerKey | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"api_key": "kitefront123", "api_secret": "s3cr3tvalue", "request_token": "Rq7tokenFromRedirect"},
+                {"api_key": "kitefront123", "api_secret": "s3cr3tvalue", "access_token": "AcC3ssTokenValue"},
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
+        if (self.access_token is None) == (self.request_token is None):
+            raise ValueError("give exactly one of access_token or request_token")
+        return self
+
+
+class BrokerStatusResponse(BaseModel):
+    connected: bool
+    broker: Literal["zerodha"] = "zerodha"
+    broker_user_id: str | None = None
+    broker_user_name: str | None = None
+    token_issued_at: datetime | None = None
+    token_expires_at: datetime | None = None
+    token_expired: bool | None = Field(None, description="Kite tokens expire at 06:00 IST the next day")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "connected": True,
+                    "broker": "zerodha",
+                    "broker_user_id": "AB1234",
+                    "broker_user_name": "Asha Trader",
+                    "token_issued_at": "2025-01-15T03:50:00Z",
+                    "token_expires_at": "2025-01-16T00:30:00Z",
+                    "token_expired": False,
+                }
+            ]
+        }
+    )
+
+
+# -------------------------------------------------------------------------------------------- strategy
+
+
+class Exchange(StrEnum):
+    NSE = "NSE"
+    BSE = "BSE"
+
+
+_SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9&_.\-]{0,39}$")
+SYMBOL_RULE = 'symbol must be "EXCHANGE:TRADINGSYMBOL" with exchange NSE or BSE, e.g. "NSE:INFY"'
+
+
+class StrategyCreateRequest(ApiModel):
+    """Give `symbol` ("NSE:INFY"), or `exchange` and `tradingsymbol`."""
+
+    symbol: str | None = Field(None, max_length=48, description='"EXCHANGE:TRADINGSYMBOL", e.g. "NSE:INFY"')
+    exchange: Exchange | None = None
+    tradingsymbol: str | None = Field(None, max_length=40)
+    quantity: int = Field(gt=0, le=MAX_QUANTITY, description="Shares per order")
+    buy_time: ClockTime = Field(description='Exchange time "HH:MM" or "HH:MM:SS", within market hours')
+    sell_time: ClockTime = Field(description="Exchange time, after buy_time, within market hours")
+    stop_loss: Decimal = Field(
+        gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2, description="Price (INR) on a 0.05 tick"
+    )
+    product: Product = Product.MIS
+    protective_stop: bool = Field(
+        False, description="Also keep an SL-M order at the broker at stop_loss while in a position"
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "NSE:INFY",
+                    "quantity": 10,
+                    "buy_time": "09:30",
+                    "sell_time": "15:15",
+                    "stop_loss": 1480.05,
+                    "product": "MIS",
+                },
+                {
+                    "exchange": "NSE",
+                    "tradingsymbol": "TCS",
+                    "quantity": 2,
+                    "buy_time": "10:00:00",
+                    "sell_time": "15:00:00",
+                    "stop_loss": "3900.50",
+                },
+            ]
+        }
+    )
+
+    @field_validator("sell_time")
+    @classmethod
+    def _sell_after_buy(cls, value: time, info: ValidationInfo) -> time:
+        buy_time = info.data.get("buy_time")
+        if buy_time is not None and value <= buy_time:
+            raise ValueError("sell_time must be after buy_time")
+        return value
+
+    @field_validator("symbol")
+    @classmethod
+    def _symbol(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        exchange, sep, tradingsymbol = value.upper().partition(":")
+        if not sep or exchange not in Exchange.__members__ or not _SYMBOL_PATTERN.fullmatch(tradingsymbol):
+            raise ValueError(SYMBOL_RULE)
+        return f"{exchange}:{tradingsymbol}"
+
+    @field_validator("stop_loss")
+    @classmethod
+    def _on_tick(cls, value: Decimal) -> Decimal:
+        if value % TICK != 0:
+            raise ValueError("stop_loss must be a multiple of the 0.05 tick size, e.g. 101.05")
+        return value
+
+    @field_validator("tradingsymbol")
+    @classmethod
+    def _tradingsymbol(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.upper()
+        if not _SYMBOL_PATTERN.fullmatch(value):
+            raise ValueError("tradingsymbol must be 1-40 of A-Z 0-9 & _ . -")
+        return value
+
+    @model_validator(mode="after")
+    def _one_instrument_form(self) -> Self:
+        if self.symbol is not None:
+            if self.exchange is not None or self.tradingsymbol is not None:
+                raise ValueError("symbol: give symbol, or exchange and tradingsymbol, not both")
+            exchange, _, tradingsymbol = self.symbol.partition(":")
+            self.exchange = Exchange(exchange)
+            self.tradingsymbol = tradingsymbol
+        elif self.exchange is None or self.tradingsymbol is None:
+            raise ValueError("symbol: required (or both exchange and tradingsymbol)")
+        return self
+
+    @property
+    def instrument(self) -> str:
+        return f"{self.exchange}:{self.tradingsymbol}"
+
+
+class StrategyIdRequest(ApiModel):
+    strategy_id: int = Field(ge=1, le=MAX_ID)
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"strategy_id": 101}]})
+
+
+class StrategyStopRequest(StrategyIdRequest):
+    square_off: bool = Field(True, description="Sell an open position at market before stopping")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"strategy_id": 101, "square_off": True}]})
+
+
+class StopOptions(ApiModel):
+    """Optional body of `POST /strategy/{id}/stop`."""
+
+    square_off: bool = True
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"square_off": False}]})
+
+
+_STRATEGY_EXAMPLE: JsonDict = {
+    "strategy_id": 101,
+    "symbol": "NSE:INFY",
+    "exchange": "NSE",
+    "tradingsymbol": "INFY",
+    "instrument_token": 5121,
+    "quantity": 10,
+    "buy_time": "09:30:00",
+    "sell_time": "15:15:00",
+    "stop_loss": "1480.05",
+    "product": "MIS",
+    "status": "created",
+    "status_reason": None,
+    "run": 0,
+    "trading_day": None,
+    "created_at": "2025-01-15T04:00:00Z",
+    "updated_at": "2025-01-15T04:00:00Z",
+}
+
+
+class StrategyResponse(BaseModel):
+    strategy_id: int
+    symbol: str
+    exchange: str
+    tradingsymbol: str
+    instrument_token: int
+    quantity: int
+    buy_time: ClockTime
+    sell_time: ClockTime
+    stop_loss: Decimal
+    product: str
+    protective_stop: bool = False
+    status: str
+    status_reason: str | None = None
+    run: int
+    trading_day: date | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_STRATEGY_EXAMPLE]})
+
+
+class StrategyListResponse(BaseModel):
+    strategies: list[StrategyResponse]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"strategies": [_STRATEGY_EXAMPLE]}]})
+
+
+class StartResponse(BaseModel):
+    strategy_id: int
+    status: str
+    run: int
+    trading_day: date
+    trading_day_is_today: bool = Field(description="False: the strategy waits for the next trading day")
+    buy_at: datetime
+    sell_at: datetime
+    already_running: bool = Field(description="True: it was running; nothing changed")
+    message: str
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "strategy_id": 101,
+                    "status": "running",
+                    "run": 1,
+                    "trading_day": "2025-01-15",
+                    "trading_day_is_today": True,
+                    "buy_at": "2025-01-15T04:00:00Z",
+                    "sell_at": "2025-01-15T09:45:00Z",
+                    "already_running": False,
+                    "message": "running for today 2025-01-15: BUY at 09:30:00, SELL at 15:15:00 exchange time",
+                }
+            ]
+        }
+    )
+
+
+class StopResponse(BaseModel):
+    strategy_id: int
+    status: str
+    squared_off: bool = Field(description="True: an EXIT order for the open position was sent")
+    already_stopped: bool
+    message: str
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "strategy_id": 101,
+                    "status": "stopped",
+                    "squared_off": True,
+                    "already_stopped": False,
+                    "message": "stopped; EXIT order sent for the open position",
+                }
+            ]
+        }
+    )
+
+
+class StatusResponse(BaseModel):
+    """Sequence 12: what the app polls. Built from Redis while running, from the database otherwise."""
+
+    strategy_id: int
+    symbol: str
+    strategy_status: str
+    state: str
+    position: str
+    last_action: str
+    last_price: float | None = None
+    quantity: int | None = None
+    stop_loss: float | None = None
+    entry_price: float | None = None
+    entry_at: str | None = None
+    exit_price: float | None = None
+    exit_at: str | None = None
+    unrealised_pnl: float | None = Field(None, description="(last_price - entry_price) * quantity while holding")
+    run: int | None = None
+    trading_day: str | None = None
+    last_order_status: str | None = None
+    last_order_message: str | None = None
+    source: Literal["runtime", "database"]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "strategy_id": 101,
+                    "symbol": "NSE:INFY",
+                    "strategy_status": "running",
+                    "state": "bought",
+                    "position": "bought",
+                    "last_action": "BUY",
+                    "last_price": 1502.35,
+                    "quantity": 10,
+                    "stop_loss": 1480.05,
+                    "entry_price": 1498.1,
+                    "entry_at": "2025-01-15T04:00:00.120000+00:00",
+                    "exit_price": None,
+                    "exit_at": None,
+                    "unrealised_pnl": 42.5,
+                    "run": 1,
+                    "trading_day": "2025-01-15",
+                    "last_order_status": None,
+                    "last_order_message": None,
+                    "source": "runtime",
+                }
+            ]
+        }
+    )
+
+
+class OrderLogResponse(BaseModel):
+    id: int
+    intent_id: str
+    run: int
+    action: str
+    kind: str
+    attempt: int
+    status: str
+    broker_order_id: str | None = None
+    price: Decimal | None = None
+    quantity: int
+    message: str | None = None
+    created_at: datetime
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 7,
+                    "intent_id": "101:2025-01-15:1:BUY",
+                    "run": 1,
+                    "action": "BUY",
+                    "kind": "result",
+                    "attempt": 0,
+                    "status": "filled",
+                    "broker_order_id": "250115000000042",
+                    "price": "1498.10",
+                    "quantity": 10,
+                    "message": None,
+                    "created_at": "2025-01-15T04:00:00.200000Z",
+                }
+            ]
+        }
+    )
+
+
+class OrderListResponse(BaseModel):
+    strategy_id: int
+    orders: list[OrderLogResponse]
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"strategy_id": 101, "orders": []}]},
+    )
+
+
+class NotificationResponse(BaseModel):
+    id: int
+    strategy_id: int | None = None
+    kind: str
+    title: str
+    message: str
+    created_at: datetime
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 3,
+                    "strategy_id": 101,
+                    "kind": "stoploss_triggered",
+                    "title": "STOP-LOSS Triggered",
+                    "message": "NSE:INFY sold at 1479.90",
+                    "created_at": "2025-01-15T06:12:03Z",
+                }
+            ]
+        }
+    )
+
+
+class NotificationListResponse(BaseModel):
+    notifications: list[NotificationResponse]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"notifications": []}]})
+
+
+class ComponentHealthResponse(BaseModel):
+    status: Literal["up", "down"]
+    detail: str
+    latency_ms: float | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"status": "up", "detail": "redis://127.0.0.1:6379/0: PING ok", "latency_ms": 0.4},
+                {"status": "down", "detail": "no Redis answers at redis://127.0.0.1:6379/0", "latency_ms": None},
+            ]
+        }
+    )
+
+
+class HealthResponse(BaseModel):
+    status: Literal["up", "down"]
+    components: dict[str, ComponentHealthResponse]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "up",
+                    "components": {
+                        "kafka": {"status": "up", "detail": "metadata answered", "latency_ms": 3.1},
+                        "redis": {"status": "up", "detail": "PONG", "latency_ms": 0.4},
+                        "database": {"status": "up", "detail": "SELECT 1", "latency_ms": 1.2},
+                        "broker": {"status": "up", "detail": "HTTP 200", "latency_ms": 12.0},
+                    },
+                }
+            ]
+        }
+    )

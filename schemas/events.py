@@ -1,0 +1,200 @@
+"""Every event on every topic. Analysts read these; the JSON Schemas are generated from these models.
+
+Keys are documented per topic in `streams/topics.py`. All instants are timezone-aware (UTC on the wire,
+ISO 8601); `trading_day` is the exchange-local date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date, datetime, time
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Tick(Event):
+    """One last-traded-price update for an instrument. Topic `ticks`, key = instrument."""
+
+    instrument: str = Field(description="EXCHANGE:TRADINGSYMBOL, e.g. NSE:INFY")
+    token: int = Field(description="Kite instrument_token")
+    last_price: float
+    volume: int = 0
+    exchange_time: datetime | None = None
+    received_at: datetime = Field(description="When the connector received it (project clock)")
+
+
+class Product(StrEnum):
+    MIS = "MIS"
+    CNC = "CNC"
+    NRML = "NRML"
+
+
+class StrategySpec(Event):
+    """What the trader configured; travels with every lifecycle event so consumers need no lookup."""
+
+    strategy_id: int
+    user_id: int
+    exchange: str
+    tradingsymbol: str
+    instrument_token: int
+    quantity: int
+    buy_time: time
+    sell_time: time
+    stop_loss: float
+    product: Product = Product.MIS
+    protective_stop: bool = False
+
+    @property
+    def instrument(self) -> str:
+        return f"{self.exchange}:{self.tradingsymbol}"
+
+
+class LifecycleKind(StrEnum):
+    STARTED = "started"  # schedule BUY/SELL jobs
+    ARMED = "armed"  # BUY filled: the stop-loss agent watches the price
+    EXITED = "exited"  # position closed (SELL, STOPLOSS or square-off): disarm, cancel jobs
+    STOPPED = "stopped"  # user stop or auto-stop: disarm, cancel jobs
+    FAILED = "failed"  # order failed after retries: disarm, cancel jobs
+
+
+class StrategyLifecycle(Event):
+    """Topic `strategy-lifecycle`, key = instrument, so the stop-loss table is co-partitioned with ticks."""
+
+    kind: LifecycleKind
+    spec: StrategySpec
+    run: int = Field(description="Start generation; a restart of the strategy is a new run")
+    trading_day: date
+    occurred_at: datetime
+    entry_price: float | None = None
+    reason: str | None = None
+
+
+class Action(StrEnum):
+    BUY = "BUY"
+    SELL = "SELL"  # time exit at sell_time
+    STOPLOSS = "STOPLOSS"  # price exit
+    EXIT = "EXIT"  # square-off on user stop or recovery
+    PROTECT = "PROTECT"  # the optional SL-M at the broker; in the order log and results, never on `orders`
+
+    @property
+    def side(self) -> Literal["BUY", "SELL"]:
+        return "BUY" if self is Action.BUY else "SELL"
+
+    @property
+    def is_exit(self) -> bool:
+        return self is not Action.BUY
+
+
+class TimeEvent(Event):
+    """Topic `time-events`, key = strategy id. The scheduler's BUY/SELL triggers."""
+
+    strategy_id: int
+    user_id: int
+    run: int
+    action: Literal[Action.BUY, Action.SELL]
+    instrument: str
+    quantity: int
+    trading_day: date
+    due_at: datetime
+    fired_at: datetime
+
+
+class Trigger(StrEnum):
+    SCHEDULE = "schedule"
+    PRICE = "price"
+    USER = "user"
+    RECOVERY = "recovery"
+
+
+def intent_id_for(strategy_id: int, trading_day: date, run: int, action: Action) -> str:
+    """Deterministic: the same decision always gets the same id, however often it is redelivered."""
+    return f"{strategy_id}:{trading_day.isoformat()}:{run}:{action.value}"
+
+
+def broker_tag_for(intent_id: str) -> str:
+    """Kite tags are at most 20 alphanumeric characters: a stable digest of the intent id."""
+    return hashlib.blake2b(intent_id.encode(), digest_size=10).hexdigest()
+
+
+class OrderIntent(Event):
+    """Topic `orders`, key = strategy id (one strategy = one partition = strict order)."""
+
+    intent_id: str
+    strategy_id: int
+    user_id: int
+    run: int
+    action: Action
+    trigger: Trigger
+    trading_day: date
+    instrument: str
+    quantity: int
+    due_at: datetime = Field(description="When the decision was due (time) or made (price, user)")
+    created_at: datetime
+    trigger_price: float | None = Field(None, description="The tick price that crossed the stop")
+    source_published_at: datetime | None = Field(None, description="Tick receive time, for latency")
+
+    @property
+    def broker_tag(self) -> str:
+        return broker_tag_for(self.intent_id)
+
+
+class OrderStatus(StrEnum):
+    PLACED = "placed"
+    FILLED = "filled"
+    REJECTED = "rejected"  # the broker refused it (permanent)
+    FAILED = "failed"  # retries exhausted or token expired
+    SKIPPED = "skipped"  # did not fit the runtime state (e.g. SELL with no position)
+
+
+class OrderResult(Event):
+    """Topic `order-results`, key = strategy id. One per intent outcome."""
+
+    intent_id: str
+    strategy_id: int
+    user_id: int
+    action: Action
+    status: OrderStatus
+    broker_order_id: str | None = None
+    broker_tag: str
+    price: float | None = None
+    quantity: int
+    attempts: int
+    message: str | None = None
+    occurred_at: datetime
+
+
+class NotificationKind(StrEnum):
+    ORDER_FILLED = "order_filled"
+    STOPLOSS_TRIGGERED = "stoploss_triggered"
+    ORDER_FAILED = "order_failed"
+    STRATEGY_STOPPED = "strategy_stopped"
+    BUY_SKIPPED = "buy_skipped"
+    BROKER_SESSION_EXPIRED = "broker_session_expired"
+
+
+class UserNotification(Event):
+    """Topic `notifications`, key = user id. What the mobile app shows the trader."""
+
+    notification_id: str
+    user_id: int
+    strategy_id: int | None = None
+    kind: NotificationKind
+    title: str
+    message: str
+    occurred_at: datetime
+
+
+EVENT_MODELS: dict[str, type[Event]] = {
+    "Tick": Tick,
+    "StrategyLifecycle": StrategyLifecycle,
+    "TimeEvent": TimeEvent,
+    "OrderIntent": OrderIntent,
+    "OrderResult": OrderResult,
+    "UserNotification": UserNotification,
+}

@@ -1,0 +1,165 @@
+"""The database: source of truth for users, broker accounts, strategies and the order log."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time
+from decimal import Decimal
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    Numeric,
+    String,
+    Text,
+    Time,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StrategyStatus(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    COMPLETED = "completed"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    broker_account: Mapped[BrokerAccount | None] = relationship(back_populates="user", uselist=False)
+
+
+class BrokerAccount(Base):
+    """One Kite account per user. Every credential is Fernet-encrypted; nothing here is plain text."""
+
+    __tablename__ = "broker_accounts"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    api_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    api_secret_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    access_token_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    broker_user_id: Mapped[str] = mapped_column(String(64))
+    broker_user_name: Mapped[str | None] = mapped_column(String(255))
+    token_issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    token_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="broker_account")
+
+
+class Strategy(Base):
+    __tablename__ = "strategies"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    exchange: Mapped[str] = mapped_column(String(8))
+    tradingsymbol: Mapped[str] = mapped_column(String(64))
+    instrument_token: Mapped[int] = mapped_column(BigInteger)
+    quantity: Mapped[int] = mapped_column(Integer)
+    buy_time: Mapped[time] = mapped_column(Time)
+    sell_time: Mapped[time] = mapped_column(Time)
+    stop_loss: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    product: Mapped[str] = mapped_column(String(8), default="MIS")
+    # Also keep an SL-M order at the broker while in a position: protected even while this system is down.
+    protective_stop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    status: Mapped[str] = mapped_column(String(16), default=StrategyStatus.CREATED.value, index=True)
+    # Each START begins a new run; intent ids include it so a restarted strategy can trade again.
+    run: Mapped[int] = mapped_column(Integer, default=0)
+    trading_day: Mapped[date | None] = mapped_column(Date)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    history: Mapped[list[StrategyStatusChange]] = relationship(
+        back_populates="strategy", order_by="StrategyStatusChange.id", cascade="all, delete-orphan"
+    )
+
+    @property
+    def instrument(self) -> str:
+        return f"{self.exchange}:{self.tradingsymbol}"
+
+
+class StrategyStatusChange(Base):
+    __tablename__ = "strategy_status_history"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    strategy_id: Mapped[int] = mapped_column(ForeignKey("strategies.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    strategy: Mapped[Strategy] = relationship(back_populates="history")
+
+
+class OrderLogKind(StrEnum):
+    ATTEMPT = "attempt"
+    RESULT = "result"
+
+
+class OrderLog(Base):
+    """One row per broker attempt and one per final result of an intent.
+
+    Unique on (intent_id, kind, attempt): a result row has attempt 0, so an intent has at most one result
+    and a redelivered attempt cannot be logged twice.
+    """
+
+    __tablename__ = "order_logs"
+    __table_args__ = (
+        UniqueConstraint("intent_id", "kind", "attempt", name="uq_order_logs_intent"),
+        Index("ix_order_logs_strategy", "strategy_id", "id"),
+        Index("ix_order_logs_tag", "broker_tag"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    intent_id: Mapped[str] = mapped_column(String(96))
+    strategy_id: Mapped[int] = mapped_column(ForeignKey("strategies.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    run: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(8))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    broker_tag: Mapped[str] = mapped_column(String(20))
+    broker_order_id: Mapped[str | None] = mapped_column(String(64))
+    price: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    quantity: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_user", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    notification_id: Mapped[str] = mapped_column(String(96), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    strategy_id: Mapped[int | None] = mapped_column(ForeignKey("strategies.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(32))
+    title: Mapped[str] = mapped_column(String(255))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

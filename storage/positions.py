@@ -1,0 +1,74 @@
+"""A strategy run's position, derived from the order log: the database is the source of truth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import and_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
+
+BUY = "BUY"
+HOLDING_BUY_STATUSES = frozenset({"filled", "placed"})
+
+
+@dataclass(frozen=True)
+class RunPosition:
+    bought: bool = False
+    exited: bool = False
+    entry_price: float | None = None
+    exit_price: float | None = None
+    buy_order_id: str | None = None
+    exit_order_id: str | None = None
+    exit_action: str | None = None
+    last_action: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.bought and not self.exited
+
+
+def fold(rows: Iterable[tuple[str, str, object, str | None]]) -> RunPosition:
+    """(action, status, price, broker_order_id) result rows of one run, oldest first -> its position."""
+    position = RunPosition()
+    for action, status, price, order_id in rows:
+        value = float(price) if price is not None else None  # type: ignore[arg-type]
+        if action == BUY and status in HOLDING_BUY_STATUSES:
+            position = RunPosition(True, False, value, None, order_id, None, None, BUY)
+        elif action != BUY and status == "filled":
+            position = RunPosition(
+                position.bought, True, position.entry_price, value, position.buy_order_id, order_id, action, action
+            )
+    return position
+
+
+async def positions_of(session: AsyncSession, runs: Iterable[tuple[int, int]]) -> dict[int, RunPosition]:
+    """Positions of a few (strategy_id, run) pairs (the execution engine asks for one at a time)."""
+    positions: dict[int, RunPosition] = {}
+    for strategy_id, run in runs:
+        rows = await session.execute(
+            select(OrderLog.action, OrderLog.status, OrderLog.price, OrderLog.broker_order_id)
+            .where(OrderLog.strategy_id == strategy_id, OrderLog.run == run, OrderLog.kind == OrderLogKind.RESULT.value)
+            .order_by(OrderLog.id)
+        )
+        positions[strategy_id] = fold(rows.tuples())
+    return positions
+
+
+async def running_positions(session: AsyncSession) -> dict[int, RunPosition]:
+    """Every running strategy's current-run position in one query (recovery reads thousands at once).
+
+    A join rather than an IN list of (strategy, run) pairs: PostgreSQL refuses ten thousand of those.
+    """
+    rows = await session.execute(
+        select(Strategy.id, OrderLog.action, OrderLog.status, OrderLog.price, OrderLog.broker_order_id)
+        .join(OrderLog, and_(OrderLog.strategy_id == Strategy.id, OrderLog.run == Strategy.run))
+        .where(Strategy.status == StrategyStatus.RUNNING.value, OrderLog.kind == OrderLogKind.RESULT.value)
+        .order_by(OrderLog.id)
+    )
+    grouped: dict[int, list[tuple[str, str, object, str | None]]] = {}
+    for strategy_id, action, status, price, order_id in rows:
+        grouped.setdefault(strategy_id, []).append((action, status, price, order_id))
+    return {sid: fold(history) for sid, history in grouped.items()}

@@ -1,0 +1,144 @@
+"""The runtime layer in Redis, with the seed's key names exactly.
+
+- `strategy:{id}`            hash: static metadata of a running strategy (the StrategySpec + run, day)
+- `runtime:{id}`             hash: runtime state (state, position, last_action, orders, entry price, ...)
+- `symbol:{instrument}:strategies`  set: ids of running strategies on that instrument (e.g. NSE:INFY)
+- `lock:runtime:{id}`        the execution engine's lock on one strategy's runtime
+- `ltp`                      hash instrument -> last price: one write per instrument per tick batch,
+                             never one per strategy per tick
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import date
+from enum import StrEnum
+from typing import Any, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from schemas.events import StrategySpec
+
+
+class RuntimeState(StrEnum):
+    """DESIGN.md section 6: idle -> buying -> bought -> selling -> sold | exited_by_sl; any -> failed | stopped."""
+
+    IDLE = "idle"
+    BUYING = "buying"
+    BOUGHT = "bought"
+    SELLING = "selling"
+    SOLD = "sold"
+    EXITED_BY_SL = "exited_by_sl"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def strategy_key(strategy_id: int) -> str:
+    return f"strategy:{strategy_id}"
+
+
+def runtime_key(strategy_id: int) -> str:
+    return f"runtime:{strategy_id}"
+
+
+def symbol_key(instrument: str) -> str:
+    return f"symbol:{instrument}:strategies"
+
+
+def lock_key(strategy_id: int) -> str:
+    return f"lock:runtime:{strategy_id}"
+
+
+LTP_KEY = "ltp"
+
+
+def spec_to_hash(spec: StrategySpec, run: int, trading_day: date) -> dict[str, str]:
+    return {
+        "strategy_id": str(spec.strategy_id),
+        "user_id": str(spec.user_id),
+        "exchange": spec.exchange,
+        "tradingsymbol": spec.tradingsymbol,
+        "instrument": spec.instrument,
+        "instrument_token": str(spec.instrument_token),
+        "quantity": str(spec.quantity),
+        "buy_time": spec.buy_time.isoformat(),
+        "sell_time": spec.sell_time.isoformat(),
+        "stop_loss": f"{spec.stop_loss:.2f}",
+        "product": spec.product.value,
+        "protective_stop": "true" if spec.protective_stop else "false",
+        "run": str(run),
+        "trading_day": trading_day.isoformat(),
+    }
+
+
+def connect_redis(url: str, max_connections: int = 128) -> Redis:
+    """A client whose pool waits for a free connection rather than failing: redis-py raises at its cap, and a
+    burst of order lanes next to a recovery must queue, not crash."""
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30, decode_responses=True)
+    return Redis(connection_pool=pool)
+
+
+def _wire(fields: Mapping[str, str]) -> dict[Any, Any]:
+    # redis-py types mappings invariantly over bytes|str|int|float keys; ours are all str.
+    return dict(fields)
+
+
+class RuntimeStore:
+    """Typed access to the runtime keys. Values are strings on the wire; callers get them as hashes."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def load(
+        self,
+        spec: StrategySpec,
+        run: int,
+        trading_day: date,
+        runtime: Mapping[str, str],
+    ) -> None:
+        """Sequence 4: static metadata, runtime, and the symbol set, in one round trip."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._queue_load(pipe, spec, run, trading_day, runtime)
+        await pipe.execute()
+
+    async def load_many(
+        self, entries: Iterable[tuple[StrategySpec, int, date, Mapping[str, str]]], chunk: int = 1000
+    ) -> int:
+        """Recovery's bulk load: one pipelined round trip per `chunk` strategies on one connection."""
+        loaded = 0
+        pipe = self.redis.pipeline(transaction=False)
+        for spec, run, trading_day, runtime in entries:
+            self._queue_load(pipe, spec, run, trading_day, runtime)
+            loaded += 1
+            if loaded % chunk == 0:
+                await pipe.execute()
+        await pipe.execute()
+        return loaded
+
+    @staticmethod
+    def _queue_load(pipe: Any, spec: StrategySpec, run: int, trading_day: date, runtime: Mapping[str, str]) -> None:
+        pipe.delete(strategy_key(spec.strategy_id), runtime_key(spec.strategy_id))
+        pipe.hset(strategy_key(spec.strategy_id), mapping=_wire(spec_to_hash(spec, run, trading_day)))
+        pipe.hset(runtime_key(spec.strategy_id), mapping=_wire(runtime))
+        pipe.sadd(symbol_key(spec.instrument), str(spec.strategy_id))
+
+    async def unload(self, strategy_id: int, instrument: str) -> None:
+        """Sequence 8: delete the keys and the set membership."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(strategy_key(strategy_id), runtime_key(strategy_id))
+        pipe.srem(symbol_key(instrument), str(strategy_id))
+        await pipe.execute()
+
+    async def strategy(self, strategy_id: int) -> dict[str, str]:
+        return cast(dict[str, str], await self.redis.hgetall(strategy_key(strategy_id)))
+
+    async def runtime(self, strategy_id: int) -> dict[str, str]:
+        return cast(dict[str, str], await self.redis.hgetall(runtime_key(strategy_id)))
+
+    async def last_price(self, instrument: str) -> float | None:
+        value = await self.redis.hget(LTP_KEY, instrument)
+        return float(value) if value is not None else None
+
+    async def set_last_prices(self, prices: Mapping[str, float]) -> None:
+        if prices:
+            await self.redis.hset(LTP_KEY, mapping={k: repr(v) for k, v in prices.items()})

@@ -1,0 +1,714 @@
+"""The execution engine (seed sequences 5, 6, 7, 9): one order intent -> at most one broker order.
+
+Integrity rules (DESIGN.md section 6), and where each is enforced:
+- Deterministic intent ids and broker tags (schemas.events); the order log is unique per (intent, attempt)
+  and has one result row per intent: an intent that already has a result is never executed again.
+- Each attempt is logged *before* the broker call; when an attempt exists whose outcome is unclear
+  (timeout, crash, redelivery), the broker's order book is searched for the tag before anything is sent.
+- The position comes from the order log (the database is the source of truth), so an EXIT still finds it
+  after STOP removed the Redis keys; an intent that does not fit the state is logged and skipped.
+- Transient failures retry (tenacity, exponential backoff with jitter) up to `order_max_attempts`;
+  permanent ones do not. Then: "order failed" logged, runtime failed, strategy auto-stopped, timers
+  cancelled (FAILED lifecycle event), "Order Failed – Strategy Stopped" sent to the trader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Protocol
+
+from redis.asyncio import Redis
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
+from connectors.orders import BrokerOrder, OrderGateway
+from core.clock import Clock
+from core.settings import Settings
+from manager.strategy_manager import StrategyManager, spec_for
+from schemas.events import (
+    Action,
+    Event,
+    LifecycleKind,
+    NotificationKind,
+    OrderIntent,
+    OrderResult,
+    OrderStatus,
+    StrategyLifecycle,
+    UserNotification,
+    intent_id_for,
+)
+from storage.locks import kept_alive_lock
+from storage.models import (
+    Notification,
+    OrderLog,
+    OrderLogKind,
+    Strategy,
+    StrategyStatus,
+    StrategyStatusChange,
+)
+from storage.positions import RunPosition, positions_of
+from storage.runtime import RuntimeState, lock_key, runtime_key, symbol_key
+from streams.limits import PRIORITY, BrokerRateLimiter
+
+log = logging.getLogger(__name__)
+
+ORDER_RESULTS_TOPIC = "order-results"
+NOTIFICATIONS_TOPIC = "notifications"
+LIFECYCLE_TOPIC = "strategy-lifecycle"
+
+# Update runtime:{id} only while it exists: a stopped strategy's keys must not be resurrected.
+_HSET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV))
+  return 1
+end
+return 0
+"""
+
+_EXIT_STATE = {
+    Action.SELL: RuntimeState.SOLD,
+    Action.STOPLOSS: RuntimeState.EXITED_BY_SL,
+    Action.EXIT: RuntimeState.SOLD,
+}
+
+
+LOCK_SECONDS = 10.0
+MISSED_BUY = "BUY time missed"
+LOCK_WAIT_SECONDS = 120.0
+
+
+GatewayFactory = Callable[[int], Awaitable[OrderGateway]]
+
+
+class Publisher(Protocol):
+    """What the engine needs from Kafka (core.kafka.EventProducer satisfies it)."""
+
+    async def publish(self, topic: str, key: str | int, event: Event) -> None: ...
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        session_factory: async_sessionmaker[AsyncSession],
+        redis: Redis,
+        publisher: Publisher,
+        gateways: GatewayFactory,
+        manager: StrategyManager,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.sessions = session_factory
+        self.redis = redis
+        self.publisher = publisher
+        self.gateways = gateways
+        self.manager = manager
+        self.rate_limiter = BrokerRateLimiter(redis, settings.broker_orders_per_second)
+        self._hset_if_exists = redis.register_script(_HSET_IF_EXISTS)
+        self.confirm_timeout = max(settings.broker_timeout_seconds, 5.0)
+        self.protection = ProtectiveStops(self)
+
+    # --------------------------------------------------------------------------------------------- entry
+
+    async def execute(self, intent: OrderIntent) -> OrderResult | None:
+        """Handle one intent under the strategy's runtime lock. Returns the result, None if a duplicate.
+
+        The lock is short-lived and kept alive while we work: a worker killed mid-order leaves it behind
+        for at most LOCK_SECONDS, while a slow order (retries, backoff) never outlives its own lock.
+        """
+        async with kept_alive_lock(self.redis, lock_key(intent.strategy_id), LOCK_SECONDS, LOCK_WAIT_SECONDS):
+            return await self._execute_locked(intent)
+
+    async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
+        async with self.sessions() as session:
+            strategy = await session.get(Strategy, intent.strategy_id)
+            if strategy is None:
+                log.warning("intent %s for unknown strategy dropped", intent.intent_id)
+                return None
+            existing = await self._result_row(session, intent.intent_id)
+            position = await self._position(session, intent.strategy_id, intent.run)
+            attempts_so_far = await self._attempt_count(session, intent.intent_id)
+        if existing is not None:
+            log.info("intent %s already has a result (%s): duplicate dropped", intent.intent_id, existing.status)
+            await self._repair_followups(intent, strategy, existing, position)
+            return None
+
+        if intent.action.is_exit and not position.open and intent.run == strategy.run:
+            # "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY): ask
+            # the broker about that BUY before deciding there is nothing to exit.
+            if await self._adopt_unrecorded_buy(intent):
+                async with self.sessions() as session:
+                    position = await self._position(session, intent.strategy_id, intent.run)
+        skip_reason = self._does_not_fit(intent, strategy, position)
+        if skip_reason is not None and attempts_so_far > 0 and intent.run == strategy.run:
+            # An earlier delivery sent this order before a crash: the broker may hold it, whatever has
+            # happened to the strategy since (stopped, late). Adopt it if so; skip only if it never arrived.
+            # (If the broker cannot be asked now, the lane retries the intent later.)
+            try:
+                gateway = await self.gateways(intent.user_id)
+                found = await self._lookup(gateway, intent.broker_tag)
+            except BrokerRejected as exc:  # e.g. the session expired meanwhile: fail cleanly, never loop
+                return await self._fail(intent, strategy, exc, attempts_so_far)
+            if found is not None:
+                try:
+                    order = await self._confirm(gateway, found.order_id, found)
+                except BrokerError as exc:
+                    return await self._fail(intent, strategy, exc, attempts_so_far)
+                result = await self._complete(intent, strategy, order, attempts_so_far, position)
+                if intent.action is Action.BUY and strategy.status != StrategyStatus.RUNNING.value:
+                    # Bought for a strategy that was stopped meanwhile, believing it flat: nobody manages
+                    # this position any more, so it is squared off at once.
+                    await self.manager.square_off_orphan(strategy, intent.trading_day)
+                return result
+        if skip_reason is not None:
+            log.info("intent %s skipped: %s", intent.intent_id, skip_reason)
+            result = self._result(intent, OrderStatus.SKIPPED, attempts_so_far, message=skip_reason)
+            await self._record_result(result, intent)
+            if skip_reason.startswith(MISSED_BUY):
+                await self._notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", skip_reason)
+                # Nothing is left to do in this run: stop it (its SELL job is cancelled) rather than leave it
+                # "running" all day with no position.
+                await self.manager.stop(strategy.id, square_off=False, reason=skip_reason)
+            return result
+
+        await self._set_runtime(
+            intent.strategy_id,
+            state=(RuntimeState.BUYING if intent.action is Action.BUY else RuntimeState.SELLING).value,
+        )
+        try:
+            gateway = await self.gateways(intent.user_id)
+            # An exit first takes the protective SL-M off the book; if the broker already executed it, that
+            # order *is* this exit and nothing more is sent (the two never both execute).
+            executed = await self.protection.release(gateway, intent, strategy) if intent.action.is_exit else None
+            if executed is not None:
+                order, attempts = executed, attempts_so_far
+            else:
+                order, attempts = await self._place_with_retries(gateway, intent, strategy, attempts_so_far)
+        except BrokerError as exc:
+            attempts = await self._attempts_after_failure(intent.intent_id)
+            return await self._fail(intent, strategy, exc, attempts)
+        return await self._complete(intent, strategy, order, attempts, position)
+
+    async def _adopt_unrecorded_buy(self, intent: OrderIntent) -> bool:
+        """If this run's BUY was attempted but has no result, record what the broker says of it."""
+        buy = intent.model_copy(
+            update={
+                "intent_id": intent_id_for(intent.strategy_id, intent.trading_day, intent.run, Action.BUY),
+                "action": Action.BUY,
+            }
+        )
+        async with self.sessions() as session:
+            attempts = await self._attempt_count(session, buy.intent_id)
+            recorded = await self._result_row(session, buy.intent_id)
+        if attempts == 0 or recorded is not None:
+            return False
+        # A transient failure propagates (the lane retries the exit shortly); a refusal means no BUY to adopt.
+        try:
+            gateway = await self.gateways(intent.user_id)
+            found = await self._lookup(gateway, buy.broker_tag)
+            if found is None:
+                return False
+            order = await self._confirm(gateway, found.order_id, found)
+        except BrokerRejected:
+            return False
+        log.warning("intent %s: adopting BUY order %s that was never recorded", intent.intent_id, order.order_id)
+        status = OrderStatus.FILLED if order.status == "COMPLETE" else OrderStatus.PLACED
+        await self._record_result(
+            self._result(buy, status, attempts, broker_order_id=order.order_id, price=order.average_price), buy
+        )
+        return True
+
+    async def _repair_followups(
+        self, intent: OrderIntent, strategy: Strategy, existing: OrderLog, position: RunPosition
+    ) -> None:
+        """A fill is recorded before its lifecycle event goes out: if the worker died in between, the
+        redelivered intent re-announces it (idempotent), or a bought position would stay without its stop."""
+        if intent.run != strategy.run or existing.status != OrderStatus.FILLED.value:
+            return
+        spec = spec_for(strategy)
+        now = self.clock.now()
+        if intent.action is Action.BUY and position.open and strategy.status == StrategyStatus.RUNNING.value:
+            kind, reason = LifecycleKind.ARMED, None
+        elif intent.action.is_exit and position.exited:
+            kind, reason = LifecycleKind.EXITED, intent.action.value
+        else:
+            return
+        await self.publisher.publish(
+            LIFECYCLE_TOPIC,
+            spec.instrument,
+            StrategyLifecycle(kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day, occurred_at=now,
+                              entry_price=position.entry_price, reason=reason),
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------- the state
+
+    def _does_not_fit(self, intent: OrderIntent, strategy: Strategy, position: RunPosition) -> str | None:
+        if intent.run != strategy.run:
+            return f"intent is for run {intent.run}, the strategy is on run {strategy.run}"
+        if intent.action is Action.BUY:
+            if strategy.status != StrategyStatus.RUNNING.value:
+                return f"strategy is {strategy.status}"
+            if position.bought:
+                return "already bought in this run"
+            late = (self.clock.now() - intent.due_at).total_seconds()
+            if late > self.settings.missed_buy_grace_seconds:
+                return f"{MISSED_BUY} by {late:.0f}s (grace {self.settings.missed_buy_grace_seconds:.0f}s)"
+            return None
+        if not position.open:
+            return "no open position to exit"
+        return None
+
+    async def _position(self, session: AsyncSession, strategy_id: int, run: int) -> RunPosition:
+        return (await positions_of(session, [(strategy_id, run)]))[strategy_id]
+
+    async def _result_row(self, session: AsyncSession, intent_id: str) -> OrderLog | None:
+        return (
+            await session.execute(
+                select(OrderLog).where(OrderLog.intent_id == intent_id, OrderLog.kind == OrderLogKind.RESULT.value)
+            )
+        ).scalar_one_or_none()
+
+    async def _attempt_count(self, session: AsyncSession, intent_id: str) -> int:
+        rows = (
+            await session.execute(
+                select(OrderLog.attempt).where(
+                    OrderLog.intent_id == intent_id, OrderLog.kind == OrderLogKind.ATTEMPT.value
+                )
+            )
+        ).scalars()
+        return max(rows, default=0)
+
+    async def _attempts_after_failure(self, intent_id: str) -> int:
+        async with self.sessions() as session:
+            return await self._attempt_count(session, intent_id)
+
+    # ----------------------------------------------------------------------------------------- the broker
+
+    async def _place_with_retries(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, attempts_so_far: int
+    ) -> tuple[BrokerOrder, int]:
+        attempt = attempts_so_far
+        # A previous delivery got as far as an attempt: its outcome is unknown to us, not to the broker.
+        unclear = attempts_so_far > 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(BrokerUnavailable),
+            stop=stop_after_attempt(self.settings.order_max_attempts),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.1),
+            reraise=True,
+        )
+        try:
+            async for try_ in retrying:
+                with try_:
+                    if unclear:
+                        found = await gateway.find_by_tag(intent.broker_tag)
+                        if found is not None:
+                            log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
+                            return await self._confirm(gateway, found.order_id, found), attempt
+                    attempt += 1
+                    await self._log_attempt(intent, attempt, "sending")
+                    try:
+                        async with self.rate_limiter.permit(intent.user_id, PRIORITY[intent.action]):
+                            order_id = await gateway.place_market_order(
+                                exchange=strategy.exchange,
+                                tradingsymbol=strategy.tradingsymbol,
+                                side=intent.action.side,
+                                quantity=strategy.quantity,
+                                product=strategy.product,
+                                tag=intent.broker_tag,
+                            )
+                    except BrokerUnavailable as exc:
+                        unclear = True
+                        await self._log_attempt(intent, attempt, "unclear", message=exc.message, update_only=True)
+                        raise
+                    except BrokerError as exc:
+                        await self._log_attempt(intent, attempt, "refused", message=exc.message, update_only=True)
+                        raise
+                    await self._log_attempt(intent, attempt, "placed", order_id=order_id, update_only=True)
+                    # The broker has it now: should confirming fail, a retry must find it, never place again.
+                    unclear = True
+                    return await self._confirm(gateway, order_id), attempt
+        except BrokerUnavailable:
+            if not unclear:
+                raise
+            # The last attempt's answer was lost: the broker may hold the order. Ask once more before
+            # declaring failure, or a filled order would be left as an untracked open position.
+            found = await self._find_after_retries(gateway, intent.broker_tag)
+            if found is None:
+                raise
+            log.warning("intent %s: the last attempt did reach the broker (order %s)", intent.intent_id, found.order_id)
+            return await self._confirm(gateway, found.order_id, found), attempt
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _lookup(self, gateway: OrderGateway, tag: str) -> BrokerOrder | None:
+        """The broker's order for `tag`, retrying transient failures briefly (a STOPLOSS may queue behind)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(BrokerUnavailable),
+            stop=stop_after_attempt(4),
+            wait=wait_exponential_jitter(initial=0.1, max=1.0, jitter=0.05),
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                return await gateway.find_by_tag(tag)
+        return None  # pragma: no cover - tenacity either returns or reraises
+
+    async def _find_after_retries(self, gateway: OrderGateway, tag: str) -> BrokerOrder | None:
+        try:
+            return await self._lookup(gateway, tag)
+        except BrokerUnavailable:
+            return None
+
+    async def _confirm(self, gateway: OrderGateway, order_id: str, known: BrokerOrder | None = None) -> BrokerOrder:
+        """Follow the order to a terminal status (MARKET orders fill in milliseconds)."""
+        order = known
+        delay = 0.02
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.confirm_timeout
+        while order is None or not order.terminal:
+            if order is not None:
+                if loop.time() > deadline:
+                    return order  # still open: recorded as placed, reconciled later
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            try:
+                order = await gateway.order_status(order_id)
+            except BrokerUnavailable:
+                if loop.time() > deadline:
+                    raise
+                order = None
+                await asyncio.sleep(delay)
+        if order.status in ("REJECTED", "CANCELLED"):
+            raise BrokerRejected(order.status_message or f"order {order.status.lower()} by the broker")
+        return order
+
+    # -------------------------------------------------------------------------------------------- outcomes
+
+    async def _complete(
+        self,
+        intent: OrderIntent,
+        strategy: Strategy,
+        order: BrokerOrder,
+        attempts: int,
+        position: RunPosition,
+    ) -> OrderResult:
+        filled = order.status == "COMPLETE"
+        status = OrderStatus.FILLED if filled else OrderStatus.PLACED
+        result = self._result(
+            intent, status, attempts, broker_order_id=order.order_id, price=order.average_price,
+        )  # fmt: skip
+        now = self.clock.now()
+        spec = spec_for(strategy)
+        if intent.action is Action.BUY:
+            await self._set_runtime(
+                intent.strategy_id,
+                state=RuntimeState.BOUGHT.value,
+                position="bought",
+                quantity=str(strategy.quantity),
+                last_action=Action.BUY.value,
+                last_buy_order=order.order_id,
+                last_order_status=status.value,
+                last_order_message="",
+                entry_price=f"{order.average_price or 0:.2f}",
+                entry_at=now.isoformat(),
+            )
+            await self._record_result(result, intent)
+            if strategy.protective_stop and filled:
+                await self.protection.place(await self.gateways(intent.user_id), intent, strategy)
+            await self.publisher.publish(
+                LIFECYCLE_TOPIC,
+                spec.instrument,
+                StrategyLifecycle(
+                    kind=LifecycleKind.ARMED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+                    occurred_at=now, entry_price=order.average_price,
+                ),
+            )  # fmt: skip
+            await self._notify(
+                intent, NotificationKind.ORDER_FILLED, "BUY filled",
+                f"Bought {strategy.quantity} {spec.instrument} at {order.average_price}",
+            )  # fmt: skip
+            return result
+
+        exit_state = _EXIT_STATE[intent.action]
+        await self._set_runtime(
+            intent.strategy_id,
+            state=exit_state.value,
+            position=exit_state.value,
+            last_action=intent.action.value,
+            last_sell_order=order.order_id,
+            last_order_status=status.value,
+            last_order_message="",
+            exit_price=f"{order.average_price or 0:.2f}",
+            exit_at=now.isoformat(),
+        )
+        await self._record_result(result, intent)
+        await self.publisher.publish(
+            LIFECYCLE_TOPIC,
+            spec.instrument,
+            StrategyLifecycle(
+                kind=LifecycleKind.EXITED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+                occurred_at=now, entry_price=position.entry_price, reason=intent.action.value,
+            ),
+        )  # fmt: skip
+        if intent.action is Action.STOPLOSS:
+            await self._notify(
+                intent, NotificationKind.STOPLOSS_TRIGGERED, "STOP-LOSS Triggered",
+                f"Sold {strategy.quantity} {spec.instrument} at {order.average_price} (stop {spec.stop_loss})",
+            )  # fmt: skip
+        else:
+            await self._notify(
+                intent, NotificationKind.ORDER_FILLED, f"{intent.action.value} filled",
+                f"Sold {strategy.quantity} {spec.instrument} at {order.average_price}",
+            )  # fmt: skip
+        if intent.action is not Action.EXIT:
+            await self._finish_strategy(strategy, StrategyStatus.COMPLETED, f"exited by {intent.action.value}")
+        return result
+
+    async def _fail(self, intent: OrderIntent, strategy: Strategy, exc: BrokerError, attempts: int) -> OrderResult:
+        expired = isinstance(exc, BrokerTokenExpired)
+        status = OrderStatus.FAILED if isinstance(exc, BrokerUnavailable) or expired else OrderStatus.REJECTED
+        message = "broker session expired, reconnect" if expired else exc.message
+        log.warning("order failed: intent %s after %d attempt(s): %s", intent.intent_id, attempts, message)
+        result = self._result(intent, status, attempts, message=message)
+        await self._set_runtime(
+            intent.strategy_id,
+            state=RuntimeState.FAILED.value,
+            strategy_status=StrategyStatus.FAILED.value,
+            last_order_status=status.value,
+            last_order_message=message,
+        )
+        # Every follow-up is idempotent and comes before the result row: a crash in between is repaired by
+        # the redelivery, which finds no result yet and fails the intent again.
+        kind = NotificationKind.BROKER_SESSION_EXPIRED if expired else NotificationKind.ORDER_FAILED
+        await self._notify(intent, kind, "Order Failed – Strategy Stopped", f"{intent.action.value}: {message}")
+        if strategy.status == StrategyStatus.RUNNING.value and strategy.run == intent.run:
+            await self.manager.stop(
+                strategy.id,
+                square_off=False,
+                reason=f"order failed: {message}",
+                final_status=StrategyStatus.FAILED,
+            )
+        await self._record_result(result, intent)
+        return result
+
+    async def _finish_strategy(self, strategy: Strategy, status: StrategyStatus, reason: str) -> None:
+        now = self.clock.now()
+        async with self.sessions() as session:
+            changed = await session.execute(
+                update(Strategy)
+                .where(
+                    Strategy.id == strategy.id,
+                    Strategy.run == strategy.run,
+                    Strategy.status == StrategyStatus.RUNNING.value,
+                )
+                .values(status=status.value, status_reason=reason, updated_at=now)
+                .returning(Strategy.id)
+            )
+            if changed.scalar_one_or_none() is not None:
+                session.add(StrategyStatusChange(strategy_id=strategy.id, status=status.value, reason=reason, at=now))
+            await session.commit()
+        # The strategy is done for the day: it leaves the symbol set (no more ticks needed for it).
+        await self.redis.srem(symbol_key(strategy.instrument), str(strategy.id))
+        await self._set_runtime(strategy.id, strategy_status=status.value)
+
+    # ------------------------------------------------------------------------------------------- records
+
+    def _result(
+        self,
+        intent: OrderIntent,
+        status: OrderStatus,
+        attempts: int,
+        *,
+        broker_order_id: str | None = None,
+        price: float | None = None,
+        message: str | None = None,
+    ) -> OrderResult:
+        return OrderResult(
+            intent_id=intent.intent_id,
+            strategy_id=intent.strategy_id,
+            user_id=intent.user_id,
+            action=intent.action,
+            status=status,
+            broker_order_id=broker_order_id,
+            broker_tag=intent.broker_tag,
+            price=price,
+            quantity=intent.quantity,
+            attempts=attempts,
+            message=message,
+            occurred_at=self.clock.now(),
+        )
+
+    async def _log_attempt(
+        self,
+        intent: OrderIntent,
+        attempt: int,
+        status: str,
+        *,
+        order_id: str | None = None,
+        message: str | None = None,
+        update_only: bool = False,
+    ) -> None:
+        async with self.sessions() as session:
+            if update_only:
+                await session.execute(
+                    update(OrderLog)
+                    .where(
+                        OrderLog.intent_id == intent.intent_id,
+                        OrderLog.kind == OrderLogKind.ATTEMPT.value,
+                        OrderLog.attempt == attempt,
+                    )
+                    .values(status=status, broker_order_id=order_id, message=message)
+                )
+            else:
+                session.add(self._log_row(intent, OrderLogKind.ATTEMPT, attempt, status, order_id, None, message))
+            await session.commit()
+
+    def _log_row(
+        self,
+        intent: OrderIntent,
+        kind: OrderLogKind,
+        attempt: int,
+        status: str,
+        order_id: str | None,
+        price: float | None,
+        message: str | None,
+    ) -> OrderLog:
+        return OrderLog(
+            intent_id=intent.intent_id,
+            strategy_id=intent.strategy_id,
+            user_id=intent.user_id,
+            run=intent.run,
+            action=intent.action.value,
+            kind=kind.value,
+            attempt=attempt,
+            status=status,
+            broker_tag=intent.broker_tag,
+            broker_order_id=order_id,
+            price=Decimal(f"{price:.2f}") if price is not None else None,
+            quantity=intent.quantity,
+            message=message,
+            created_at=self.clock.now(),
+        )
+
+    async def _record_result(self, result: OrderResult, intent: OrderIntent) -> None:
+        """The result row (at most one per intent), then the event analysts and the app consume."""
+        try:
+            async with self.sessions() as session:
+                session.add(
+                    self._log_row(
+                        intent, OrderLogKind.RESULT, 0, result.status.value, result.broker_order_id, result.price,
+                        result.message,
+                    )
+                )  # fmt: skip
+                await session.commit()
+        except IntegrityError:
+            log.info("intent %s result already recorded", intent.intent_id)
+            return
+        await self.publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, result)
+
+    async def _notify(self, intent: OrderIntent, kind: NotificationKind, title: str, message: str) -> None:
+        notification = UserNotification(
+            notification_id=f"{intent.intent_id}:{kind.value}",
+            user_id=intent.user_id,
+            strategy_id=intent.strategy_id,
+            kind=kind,
+            title=title,
+            message=message,
+            occurred_at=self.clock.now(),
+        )
+        try:
+            async with self.sessions() as session:
+                session.add(
+                    Notification(
+                        notification_id=notification.notification_id, user_id=intent.user_id,
+                        strategy_id=intent.strategy_id, kind=kind.value, title=title, message=message,
+                        created_at=notification.occurred_at,
+                    )
+                )  # fmt: skip
+                await session.commit()
+        except IntegrityError:
+            return  # already told
+        await self.publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, notification)
+
+    async def _set_runtime(self, strategy_id: int, **fields: str) -> None:
+        flat: list[str] = []
+        for key, value in {**fields, "updated_at": self.clock.now().isoformat()}.items():
+            flat.extend((key, value))
+        await self._hset_if_exists(keys=[runtime_key(strategy_id)], args=flat)
+
+
+class ProtectiveStops:
+    """The optional SL-M order at the broker that guards a position while this system is down.
+
+    Placed after the BUY fills (intent id `{strategy}:{day}:{run}:PROTECT`, logged like any order); released
+    before any other exit: cancelled, or, if the broker already executed it, adopted as that exit.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    def intent_id(self, intent: OrderIntent) -> str:
+        return intent_id_for(intent.strategy_id, intent.trading_day, intent.run, Action.PROTECT)
+
+    def _protect_intent(self, intent: OrderIntent) -> OrderIntent:
+        return intent.model_copy(update={"intent_id": self.intent_id(intent), "action": Action.PROTECT})
+
+    async def place(self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy) -> None:
+        protect = self._protect_intent(intent)
+        await self.executor._log_attempt(protect, 1, "sending")
+        try:
+            order_id = await gateway.place_stop_order(
+                exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
+                product=strategy.product, trigger_price=float(strategy.stop_loss), tag=protect.broker_tag,
+            )  # fmt: skip
+        except BrokerError as exc:
+            # The pipeline's own stop still guards the position; the trader is told the broker-side one is off.
+            await self.executor._log_attempt(protect, 1, "refused", message=exc.message, update_only=True)
+            log.warning("protective stop for strategy %s not placed: %s", strategy.id, exc.message)
+            return
+        await self.executor._log_attempt(protect, 1, "placed", order_id=order_id, update_only=True)
+        await self.executor._set_runtime(strategy.id, protective_order=order_id)
+
+    async def release(self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy) -> BrokerOrder | None:
+        """Cancel the protective order; returns it if the broker had already executed it."""
+        if not strategy.protective_stop:
+            return None
+        protect = self._protect_intent(intent)
+        async with self.executor.sessions() as session:
+            attempt = (
+                await session.execute(
+                    select(OrderLog).where(
+                        OrderLog.intent_id == protect.intent_id, OrderLog.kind == OrderLogKind.ATTEMPT.value
+                    )
+                )
+            ).scalar_one_or_none()
+            done = await self.executor._result_row(session, protect.intent_id)
+        if done is not None:
+            if done.status == OrderStatus.FILLED.value and done.broker_order_id:
+                return await gateway.order_status(done.broker_order_id)
+            return None
+        found = await gateway.find_by_tag(protect.broker_tag)
+        if found is None:
+            if attempt is not None and attempt.status == "sending":
+                log.warning("protective stop of strategy %s was never received by the broker", strategy.id)
+            return None
+        order = found
+        if not order.terminal:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(BrokerUnavailable), stop=stop_after_attempt(4),
+                wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.1), reraise=True,
+            )  # fmt: skip
+            async for try_ in retrying:
+                with try_:
+                    order = await gateway.cancel_order(order.order_id)
+        status = OrderStatus.FILLED if order.status == "COMPLETE" else OrderStatus.SKIPPED
+        result = self.executor._result(protect, status, 1, broker_order_id=order.order_id, price=order.average_price,
+                                       message=f"protective stop {order.status.lower()}")  # fmt: skip
+        await self.executor._record_result(result, protect)
+        return order if status is OrderStatus.FILLED else None

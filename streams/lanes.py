@@ -1,0 +1,75 @@
+"""Per-strategy lanes: one strategy's intents strictly in order, different strategies concurrently.
+
+Each strategy with work gets a lane (an asyncio task draining its queue); a priority gate bounds how many
+lanes execute at once, admitting STOPLOSS first. A lane that fails unexpectedly (database or Redis down)
+retries the same intent with backoff rather than acknowledging it: the offset must not pass an intent that
+was not carried out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from schemas.events import OrderIntent
+from streams.execution import Executor
+from streams.limits import PRIORITY, PriorityGate
+
+log = logging.getLogger(__name__)
+
+IDLE_LANE_SECONDS = 30.0
+MAX_BACKLOG = 20_000
+
+
+class StrategyLanes:
+    def __init__(self, executor: Executor, concurrency: int) -> None:
+        self.executor = executor
+        self.gate = PriorityGate(concurrency)
+        self._queues: dict[int, asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._backlog = asyncio.Semaphore(MAX_BACKLOG)
+
+    async def submit(self, intent: OrderIntent, done: Callable[[], Any]) -> None:
+        await self._backlog.acquire()  # back-pressure on the consumer when far behind
+        queue = self._queues.get(intent.strategy_id)
+        if queue is None:
+            queue = self._queues[intent.strategy_id] = asyncio.Queue()
+            self._tasks[intent.strategy_id] = asyncio.create_task(self._drain(intent.strategy_id, queue))
+        queue.put_nowait((intent, done))
+
+    async def _drain(self, strategy_id: int, queue: asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]) -> None:
+        try:
+            while True:
+                try:
+                    intent, done = await asyncio.wait_for(queue.get(), IDLE_LANE_SECONDS)
+                except TimeoutError:
+                    if queue.empty():
+                        return
+                    continue
+                await self._run(intent)
+                done()
+                self._backlog.release()
+        finally:
+            self._queues.pop(strategy_id, None)
+            self._tasks.pop(strategy_id, None)
+
+    async def _run(self, intent: OrderIntent) -> None:
+        delay = 0.2  # short: a STOPLOSS of the same strategy may be queued behind this intent
+        while True:
+            try:
+                async with self.gate.slot(PRIORITY[intent.action]):
+                    await self.executor.execute(intent)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("intent %s could not be executed; retrying in %.1fs", intent.intent_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)

@@ -1,0 +1,295 @@
+"""The Faust worker: the stop-loss agent (seed sequence 7), the time-event agent and the execution agent.
+
+Run one or several (`algo worker`); partitions spread over them. Agents:
+- `lifecycle`  (strategy-lifecycle, key instrument): arms/disarms stops in the `armed-stops` table
+- `ticks`      (ticks, key instrument, co-partitioned with lifecycle): price <= stop -> one STOPLOSS intent
+- `time_events` (time-events, key strategy): the scheduler's BUY/SELL -> order intents
+- `orders`     (orders, key strategy): the execution engine; one lane per strategy, lanes run concurrently
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime
+from typing import Any, cast
+
+import faust
+import mode
+import orjson
+
+from connectors.directory import BrokerDirectory
+from core.clock import Clock, get_clock
+from core.kafka import EventProducer, ensure_topics
+from core.market import MarketCalendar
+from core.settings import Settings
+from manager.recovery import Recovery
+from manager.strategy_manager import StrategyManager
+from schemas.events import (
+    Action,
+    LifecycleKind,
+    OrderIntent,
+    StrategyLifecycle,
+    TimeEvent,
+    Trigger,
+    intent_id_for,
+)
+from storage.db import create_engine, session_factory
+from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
+from streams.execution import Executor
+from streams.faust_app import build_faust_app, raw_topic
+from streams.lanes import StrategyLanes
+from streams.stop_index import StopIndex
+
+log = logging.getLogger(__name__)
+
+LAST_PRICE_FLUSH_SECONDS = 0.25
+RECOVERY_CHECK_SECONDS = 2.0
+
+
+class WorkerServices:
+    """Connections and engines shared by the agents, opened when the worker starts."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.calendar = MarketCalendar(settings)
+        self.ready = asyncio.Event()
+        self.index = StopIndex()
+        self.index_stale = True
+        self.latest: dict[str, float] = {}  # instrument -> last price this worker knows
+        self.unflushed: dict[str, float] = {}  # ... not yet written to Redis
+        self.checked_stops_at_start = False
+        self.recovery_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        # kiteconnect is synchronous: a burst of orders needs more threads than asyncio's default pool.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="broker"))
+        self.engine = create_engine(self.settings.database_url)
+        self.sessions = session_factory(self.engine)
+        self.redis = connect_redis(self.settings.redis_url)
+        self.producer = EventProducer(self.settings)
+        await self.producer.start()
+        self.runtime = RuntimeStore(self.redis)
+        self.manager = StrategyManager(self.sessions, self.runtime, self.producer, self.clock, self.calendar)
+        self.directory = BrokerDirectory(self.settings, self.sessions, self.redis, self.clock)
+        self.executor = Executor(
+            self.settings,
+            self.clock,
+            self.sessions,
+            self.redis,
+            self.producer,
+            self.directory.gateway,
+            self.manager,
+        )
+        self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
+        self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager)
+        self.ready.set()
+
+    async def stop(self) -> None:
+        if not self.ready.is_set():
+            return
+        await self.lanes.close()
+        await self.recovery.close()
+        await self.producer.stop()
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.App, WorkerServices]:
+    app = build_faust_app(settings, "algo-worker")
+    services = WorkerServices(settings, clock or get_clock())
+    ticks_topic = raw_topic(app, settings.topic("ticks"), settings.ticks_partitions)
+    lifecycle_topic = raw_topic(app, settings.topic("strategy-lifecycle"), settings.ticks_partitions)
+    time_events_topic = raw_topic(app, settings.topic("time-events"), settings.orders_partitions)
+    orders_topic = raw_topic(app, settings.topic("orders"), settings.orders_partitions)
+    # strategy id -> the armed stop; changelogged to the partition of the lifecycle event that wrote it,
+    # i.e. the instrument's partition, so it recovers on the worker that gets that instrument's ticks.
+    armed = app.Table("armed-stops", default=None, partitions=settings.ticks_partitions)
+
+    def rebuild_index() -> None:
+        services.index.clear()
+        for key, stop in armed.items():
+            services.index.arm(int(key), stop["instrument"], stop["stop_loss"])
+        services.index_stale = False
+        log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def _index_is_stale(sender: Any = None, **kwargs: Any) -> None:
+        services.index_stale = True
+
+    class _Resources(mode.Service):
+        # Opened with the app and closed when the worker stops.
+        async def on_start(self) -> None:
+            await services.start()
+
+        async def on_stop(self) -> None:
+            await services.stop()
+
+    app.service(_Resources)
+
+    @app.agent(lifecycle_topic)
+    async def lifecycle(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for value in stream:
+            await services.ready.wait()
+            if services.index_stale:
+                rebuild_index()
+            event = StrategyLifecycle.model_validate_json(value)
+            key = str(event.spec.strategy_id)
+            if event.kind is LifecycleKind.ARMED:
+                armed[key] = {
+                    "instrument": event.spec.instrument,
+                    "stop_loss": event.spec.stop_loss,
+                    "user_id": event.spec.user_id,
+                    "run": event.run,
+                    "trading_day": event.trading_day.isoformat(),
+                    "quantity": event.spec.quantity,
+                }
+                services.index.arm(event.spec.strategy_id, event.spec.instrument, event.spec.stop_loss)
+                if event.spec.instrument not in services.latest:
+                    # Armed after a restart, before any tick: the price may already be through the stop, and
+                    # a quiet instrument may not tick again. The sweep below compares it within a moment.
+                    known = await services.runtime.last_price(event.spec.instrument)
+                    if known is not None:
+                        services.latest.setdefault(event.spec.instrument, known)
+            elif event.kind is not LifecycleKind.STARTED or (key in armed and armed[key]["run"] != event.run):
+                # Exit, stop, failure, or a new run of a strategy whose old stop was still armed. (A STARTED of
+                # the same run is recovery re-announcing it: the stop stays armed.)
+                armed.pop(key, None)
+                services.index.disarm(event.spec.strategy_id)
+            yield None
+
+    @app.agent(ticks_topic)
+    async def ticks(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for batch in stream.take(2000, within=0.002):
+            await services.ready.wait()
+            if services.index_stale:
+                rebuild_index()
+            acks = []
+            for value in batch:
+                tick = orjson.loads(value)
+                instrument, price = tick["instrument"], tick["last_price"]
+                services.latest[instrument] = services.unflushed[instrument] = price
+                for strategy_id in services.index.trigger(instrument, price):
+                    acks.append(await _emit_stoploss(strategy_id, tick))
+            # The batch's offsets move on only once every STOPLOSS it produced is acknowledged.
+            await asyncio.gather(*(ack for ack in acks if ack is not None))
+            yield None
+
+    async def _emit_stoploss(strategy_id: int, tick: dict[str, Any]) -> Awaitable[object] | None:
+        """Queue the STOPLOSS intent; returns the broker acknowledgement to await (one price may cross many)."""
+        stop = armed.get(str(strategy_id))
+        if stop is None:
+            return None
+        now = services.clock.now()
+        trading_day = date.fromisoformat(stop["trading_day"])
+        intent = OrderIntent(
+            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], Action.STOPLOSS),
+            strategy_id=strategy_id,
+            user_id=stop["user_id"],
+            run=stop["run"],
+            action=Action.STOPLOSS,
+            trigger=Trigger.PRICE,
+            trading_day=trading_day,
+            instrument=stop["instrument"],
+            quantity=stop["quantity"],
+            due_at=now,
+            created_at=now,
+            trigger_price=tick["last_price"],
+            source_published_at=datetime.fromisoformat(tick["received_at"]) if tick.get("received_at") else None,
+        )
+        log.info("stop-loss hit: strategy %s at %s (stop %s)", strategy_id, tick["last_price"], stop["stop_loss"])
+        return await services.producer.publish_nowait("orders", strategy_id, intent)
+
+    @app.timer(LAST_PRICE_FLUSH_SECONDS)
+    async def _flush_and_sweep() -> None:
+        if not services.ready.is_set():
+            return
+        # One Redis write per instrument per interval, never one per strategy per tick.
+        if services.unflushed:
+            prices, services.unflushed = services.unflushed, {}
+            await services.runtime.set_last_prices(prices)
+        # A stop armed at a price already through it (arming after the crossing tick, or a restart that saw
+        # no tick yet) exits here, within one interval, even if the instrument never ticks again; prices this
+        # worker has not seen come from Redis. O(instruments), not O(stops).
+        unknown = sorted(services.index.instruments() - services.latest.keys())
+        if unknown:
+            for instrument, value in zip(unknown, await services.redis.hmget(LTP_KEY, unknown), strict=True):
+                if value is not None:
+                    services.latest.setdefault(instrument, float(value))
+        acks = [
+            await _emit_stoploss(strategy_id, {"last_price": price})
+            for instrument, price in list(services.latest.items())
+            for strategy_id in services.index.trigger(instrument, price)
+        ]
+        await asyncio.gather(*(ack for ack in acks if ack is not None))
+
+    async def check_recovery() -> None:
+        # Redis flushed or restarted, or the Kafka broker lost its data: rebuild from the database.
+        try:
+            async with services.recovery_lock:  # the start-up check and the timer must not overlap
+                report = await services.recovery.ensure()
+                if report is None and not services.checked_stops_at_start:
+                    # Redis survived, but this worker was down: a stop may have been crossed meanwhile.
+                    await services.recovery.exit_crossed_stops()
+                services.checked_stops_at_start = True
+        except Exception:
+            log.exception("recovery failed; retrying in %ss", RECOVERY_CHECK_SECONDS)
+
+    @app.task
+    async def _recover_at_start() -> None:
+        # At once, not at the first timer tick: a stop crossed while this worker was down must not wait.
+        await services.ready.wait()
+        await check_recovery()
+
+    @app.timer(RECOVERY_CHECK_SECONDS)
+    async def _recover_when_needed() -> None:
+        if services.ready.is_set():
+            await check_recovery()
+
+    @app.agent(time_events_topic)
+    async def time_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        # In batches, sent together and acknowledged together: 1,000 BUYs due in the same second must not
+        # wait for each other's broker acknowledgement one by one.
+        async for batch in stream.take(1000, within=0.005):
+            await services.ready.wait()
+            acks = []
+            for value in batch:
+                event = TimeEvent.model_validate_json(value)
+                intent = OrderIntent(
+                    intent_id=intent_id_for(event.strategy_id, event.trading_day, event.run, event.action),
+                    strategy_id=event.strategy_id,
+                    user_id=event.user_id,
+                    run=event.run,
+                    action=event.action,
+                    trigger=Trigger.SCHEDULE,
+                    trading_day=event.trading_day,
+                    instrument=event.instrument,
+                    quantity=event.quantity,
+                    due_at=event.due_at,
+                    created_at=services.clock.now(),
+                )
+                acks.append(await services.producer.publish_nowait("orders", event.strategy_id, intent))
+            await asyncio.gather(*acks)
+            yield None
+
+    @app.agent(orders_topic)
+    async def orders(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        # Offsets advance only when an intent is done: acked by its lane, not by this loop.
+        async for event in cast(faust.Stream[bytes], stream).noack().events():
+            await services.ready.wait()
+            intent = OrderIntent.model_validate_json(event.value)
+            await services.lanes.submit(intent, event.ack)
+            yield None
+
+    return app, services
+
+
+def run_worker(settings: Settings) -> None:
+    # A broker that restarted empty has no topics: Faust would subscribe to nothing and sit idle.
+    asyncio.run(ensure_topics(settings))
+    app, _ = build_worker(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False)
+    worker.execute_from_commandline()

@@ -1,0 +1,836 @@
+"""The crash matrix harness: a compressed trading day on a stack of real processes, with everything killed.
+
+One run (`run_matrix(MatrixConfig(seed=...))`) owns its whole stack so that it can kill any part of it:
+
+- its own Tansu broker and redis-server (core.embedded, free ports), a SQLite database file;
+- the Kite simulator in-process (`RunningSimulator`), on the same sped-up pinned clock as the services,
+  so its order book and audit are read directly;
+- `algo api`, `algo worker`, `algo scheduler` and `algo ticker` as subprocesses (own process groups).
+
+Hundreds of strategies of several users trade one compressed day (BUY and SELL times spread over
+clock-minutes); each instrument's scripted price path drops once, through the stops of the "hit" group
+and above the stops of the "safe" group. At moments drawn from `random.Random(seed)` the harness kills
+with SIGKILL and restarts the worker (also while the simulator holds an order), the scheduler, the tick
+connector and the API; restarts Redis empty and the Kafka broker empty; drops the ticker socket; squares
+off some positions through the API; and expires one user's broker session. Broker faults (timeouts, 5xx,
+429) run at a set rate throughout.
+
+The verdict comes from the simulator's order book and audit and from the database (`judge`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+from sqlalchemy import select
+
+from connectors.kite_sim import RunningSimulator, SimConfig
+from connectors.kite_sim.state import AccountCredentials
+from core.clock import ScaledClock
+from core.embedded import free_port, redis_command, start_process, tansu_command
+from core.environment import child_environment
+from core.kafka import ensure_topics
+from core.settings import Environment, Settings
+from schemas.events import Action, broker_tag_for, intent_id_for
+from storage.db import create_engine
+from storage.migrate import upgrade_engine
+from storage.models import Notification, OrderLog, Strategy
+
+IST = ZoneInfo("Asia/Kolkata")
+# Wednesday 15 January 2025, 09:40 IST: an NSE trading day, inside market hours.
+DAY_START = datetime(2025, 1, 15, 9, 40, tzinfo=IST)
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE_PRICES = {"NSE:INFY": 1500.0, "NSE:TCS": 4000.0, "NSE:RELIANCE": 2500.0, "NSE:WIPRO": 300.0, "NSE:ITC": 450.0}
+DROP = 0.95  # the price path falls to 95% of base ...
+HIT_STOP = 0.97  # ... through stops at 97% ("hit" group) ...
+SAFE_STOP = 0.80  # ... and stays above stops at 80% ("safe" group)
+
+KILLS = ("worker", "worker_mid_order", "scheduler", "ticker", "api", "redis", "kafka")
+EXIT_WITHIN_SECONDS = 5.0  # a crossed stop exits within this long (real seconds) of the system being up
+SESSION_EXPIRED = "broker session expired, reconnect"
+WORKER_READY = "Worker]: Ready"
+
+
+# ------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    seed: int
+    strategies: int = 200
+    users: int = 4  # healthy users; one more user's broker session expires at the start of the day
+    instruments: tuple[str, ...] = ("NSE:INFY", "NSE:TCS", "NSE:RELIANCE", "NSE:WIPRO")
+    speed: float = 30.0  # clock-seconds per real second
+    day_seconds: float = 45.0  # real seconds over which BUYs and SELLs are spread
+    fault_rate: float = 0.02  # per broker request, for each of 5xx, 429; a third of it for timeouts
+    kills: tuple[str, ...] = KILLS
+    square_offs: int = 3
+    expired_user_strategies: int = 6
+    settle_seconds: float = 60.0  # after the last SELL time: how long the system gets to finish
+    workdir: Path | None = None
+    verbose: bool = True
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+REFUSED_TO_START = 2  # `algo` exits 2 with one line when a setting or dependency is not usable
+
+
+@dataclass
+class Service:
+    """One `algo <command>` subprocess in its own process group; output goes to a log file and a tail."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    cwd: Path
+    ready_line: str
+    process: subprocess.Popen[str] | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=300))
+    ready: threading.Event = field(default_factory=threading.Event)
+    seen: dict[str, int] = field(default_factory=dict)  # interesting line -> count
+    starts: int = 0
+    restarting: bool = False  # killed on purpose: the supervisor leaves it alone
+
+    WATCH = ("Recovery Complete", "recovery needed", "Traceback", "retrying")
+
+    def start(self) -> None:
+        self.ready = threading.Event()
+        self.restarting = False
+        self.starts += 1
+        log = (self.cwd / f"{self.name}.log").open("a", encoding="utf-8")
+        log.write(f"\n===== start #{self.starts} =====\n")
+        self.process = subprocess.Popen(  # noqa: S603 - our own CLI
+            self.command,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, args=(self.process, self.ready, log), daemon=True).start()
+
+    def _pump(self, process: subprocess.Popen[str], ready: threading.Event, log: Any) -> None:
+        assert process.stdout is not None
+        with log:
+            for line in process.stdout:
+                log.write(line)
+                self.tail.append(line.rstrip())
+                if self.ready_line in line:
+                    ready.set()
+                for word in self.WATCH:
+                    if word in line:
+                        self.seen[word] = self.seen.get(word, 0) + 1
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.restarting = True
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+    async def wait_ready(self, within: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not await asyncio.to_thread(self.ready.wait, 0.2):
+            code = self.process.poll() if self.process else None
+            if code == REFUSED_TO_START and loop.time() < deadline:
+                # A dependency (Redis, Kafka) was down: the service said so in one line and exited, as it
+                # should. A restart policy starts it again; so does this supervisor.
+                await asyncio.sleep(0.5)
+                self.start()
+                continue
+            if not self.alive() or loop.time() > deadline:
+                raise RuntimeError(f"{self.name} not ready (exit code {code}):\n" + "\n".join(list(self.tail)[-15:]))
+
+
+@dataclass
+class Binary:
+    """Tansu or redis-server on a fixed port: killed with SIGKILL and started empty on the same port."""
+
+    name: str
+    command: list[str]
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = start_process(self.command, self.port, timeout=30, log=self.log)
+
+    def kill(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Planned:
+    index: int
+    user: int  # index into users; the last user is the one whose session expires
+    instrument: str
+    group: str  # "hit" | "safe"
+    buy_offset: float  # real seconds after the day's start
+    sell_offset: float
+    stop_loss: float
+    strategy_id: int = 0
+    buy_time: str = ""
+    sell_time: str = ""
+
+
+@dataclass
+class Incident:
+    at: float  # real seconds after the day's start
+    kind: str
+    detail: str = ""
+
+
+@dataclass
+class User:
+    email: str
+    token: str = ""
+    creds: AccountCredentials | None = None
+    expired: bool = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def api_key(self) -> str:
+        assert self.creds is not None
+        return self.creds.api_key
+
+
+def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], dict[str, float], list[Incident]]:
+    """Strategies, each instrument's drop time and the incidents, all drawn from the seed."""
+    day = config.day_seconds
+    plans: list[Planned] = []
+    healthy = config.strategies - config.expired_user_strategies
+    for index in range(config.strategies):
+        expired = index >= healthy
+        user = config.users if expired else index % config.users
+        instrument = config.instruments[rng.randrange(len(config.instruments))]
+        group = "hit" if rng.random() < 0.5 else "safe"
+        # The expired user's BUYs come after its session has expired (at 0.5 s).
+        buy = rng.uniform(0.15 * day, 0.3 * day) if expired else rng.uniform(0.03 * day, 0.45 * day)
+        sell = buy + rng.uniform(0.3 * day, 0.95 * day - buy)
+        base = BASE_PRICES[instrument]
+        stop = round(base * (HIT_STOP if group == "hit" else SAFE_STOP), 1)
+        plans.append(Planned(index, user, instrument, group, buy, sell, stop))
+    drops = {instrument: rng.uniform(0.2 * day, 0.75 * day) for instrument in config.instruments}
+    incidents = [Incident(0.5, "expire_token")]
+    for kind in config.kills:
+        if kind == "worker_mid_order":
+            # Just before a BUY is due, while the simulator holds order requests (a latency fault).
+            target = rng.choice([p for p in plans if p.user < config.users and p.buy_offset > 0.1 * day])
+            incidents.append(Incident(target.buy_offset - 0.3, kind, f"BUY of #{target.index} in flight"))
+        else:
+            incidents.append(Incident(rng.uniform(0.1 * day, 0.85 * day), kind, f"down {rng.uniform(0.3, 2.0):.2f}s"))
+    incidents.append(Incident(rng.uniform(0.1 * day, 0.8 * day), "drop_ticker_socket"))
+    candidates = [p for p in plans if p.user < config.users and p.group == "safe" and p.sell_offset - p.buy_offset > 6]
+    for target in rng.sample(candidates, min(config.square_offs, len(candidates))):
+        at = rng.uniform(target.buy_offset + 2, target.sell_offset - 2)
+        incidents.append(Incident(at, "square_off", str(target.index)))
+    incidents.sort(key=lambda i: i.at)
+    return plans, drops, incidents
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class MatrixResult:
+    seed: int
+    strategies: int = 0
+    bought: int = 0
+    exits: dict[str, int] = field(default_factory=dict)
+    broker_orders: int = 0
+    faulted_requests: int = 0
+    incidents: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)  # integrity: lost, doubled or unlogged orders
+    late_exits: list[str] = field(default_factory=list)  # stop exits later than EXIT_WITHIN_SECONDS after up
+    stop_exit_delays: list[float] = field(default_factory=list)  # real seconds past the allowed moment's start
+    recoveries: int = 0
+    wall_seconds: float = 0.0
+    workdir: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    def line(self) -> str:
+        worst = max(self.stop_exit_delays, default=0.0)
+        exits = ",".join(f"{k}={v}" for k, v in sorted(self.exits.items()))
+        return (
+            f"seed={self.seed} {'PASS' if self.passed else 'FAIL'} strategies={self.strategies} "
+            f"bought={self.bought} exits[{exits}] broker_orders={self.broker_orders} "
+            f"faults={self.faulted_requests} recoveries={self.recoveries} worst_stop_exit={worst:.2f}s "
+            f"violations={len(self.violations)} late_stop_exits={len(self.late_exits)} wall={self.wall_seconds:.0f}s"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+class CrashMatrix:
+    def __init__(self, config: MatrixConfig, workdir: Path) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)  # noqa: S311 - reproducible chaos, not crypto
+        self.workdir = workdir
+        self.result = MatrixResult(config.seed, workdir=str(workdir))
+        self.services: dict[str, Service] = {}
+        self.binaries: dict[str, Binary] = {}
+        self.down: list[tuple[str, float, float]] = []  # (component, from, to) in time.monotonic()
+        self.users: list[User] = []
+        self.plans: list[Planned] = []
+        self.sim: RunningSimulator | None = None
+        self.http: httpx.AsyncClient
+        self.day_mono = 0.0  # time.monotonic() at the day's start
+        self.drop_mono: dict[str, float] = {}
+        # Incidents run concurrently at their seeded moments; one restart of a given part at a time.
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    def say(self, text: str) -> None:
+        if self.config.verbose:
+            print(f"[crash-matrix seed={self.config.seed} t={self.now_offset():6.1f}] {text}", flush=True)
+
+    def now_offset(self) -> float:
+        return time.monotonic() - self.day_mono if self.day_mono else 0.0
+
+    # ---------------------------------------------------------------------------------------- the stack
+
+    async def start_stack(self) -> None:
+        kafka_port, redis_port, api_port = free_port(), free_port(), free_port()
+        self.binaries["kafka"] = Binary("kafka", tansu_command(kafka_port), kafka_port, self.workdir / "tansu.log")
+        self.binaries["redis"] = Binary("redis", redis_command(redis_port), redis_port, self.workdir / "redis.log")
+        for binary in self.binaries.values():
+            binary.start()
+        database_url = f"sqlite+aiosqlite:///{self.workdir / 'algo.db'}"
+        engine = create_engine(database_url)
+        await upgrade_engine(engine)
+        await engine.dispose()
+
+        self.clock = ScaledClock(start=DAY_START, speed=self.config.speed)
+        self.sim = RunningSimulator(clock=self.clock, config=SimConfig(tick_interval=0.05), seed=self.config.seed,
+                                    walk=False)  # fmt: skip
+        await asyncio.to_thread(self.sim.start)
+        for instrument in self.config.instruments:
+            self.sim.state.set_price(instrument, BASE_PRICES[instrument])
+
+        self.settings = Settings.model_validate(
+            {
+                "environment": Environment.TEST,
+                "kafka_bootstrap": f"127.0.0.1:{kafka_port}",
+                "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                "database_url": database_url,
+                "topic_prefix": f"cm{self.config.seed}-",
+                "kite_api_root": self.sim.rest_root,
+                "kite_ticker_root": self.sim.ticker_root,
+                "broker_timeout_seconds": 2.0,
+                "ticks_partitions": 2,
+                "orders_partitions": 2,
+                "events_partitions": 2,
+                "kafka_session_timeout_seconds": 3.0,
+                # A BUY delayed by a crash still goes within 20 real seconds of its time.
+                "missed_buy_grace_seconds": 20 * self.config.speed,
+                "api_host": "127.0.0.1",
+                "api_port": api_port,
+                "ticker_silence_seconds": 3.0,
+                "log_level": "INFO",
+            }
+        )
+        await ensure_topics(self.settings)
+        self.env = self._env()
+        self.api_root = f"http://127.0.0.1:{api_port}"
+        for name, ready in (("api", "Application startup complete"), ("worker", WORKER_READY),
+                            ("scheduler", WORKER_READY)):  # fmt: skip
+            self.services[name] = Service(name, [sys.executable, "-m", "cli.main", name], self.env, self.workdir, ready)
+            self.services[name].start()
+        await asyncio.gather(*(s.wait_ready() for s in self.services.values()))
+
+    def _env(self) -> dict[str, str]:
+        env = child_environment(self.settings, self.clock)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def stop_stack(self) -> None:
+        for service in self.services.values():
+            service.kill(signal.SIGKILL)
+        for binary in self.binaries.values():
+            binary.kill()
+        if self.sim is not None:
+            self.sim.stop()
+
+    # --------------------------------------------------------------------------------------------- HTTP
+
+    async def call(self, method: str, path: str, within: float = 30.0, **kwargs: Any) -> httpx.Response:
+        """An API call that rides out an API restart (connection refused, 5xx) until `within` passes."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                response = await self.http.request(method, path, **kwargs)
+                if response.status_code < 500 or time.monotonic() > deadline:
+                    return response
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
+
+    async def make_user(self, expired: bool) -> User:
+        user = User(email=f"cm{self.config.seed}-{len(self.users)}@example.com", expired=expired)
+        body = {"email": user.email, "password": "Tr4ding-passw0rd"}
+        registered = await self.call("POST", "/auth/register", json=body)
+        assert registered.status_code == 201, registered.text
+        login = await self.call("POST", "/auth/login", json=body)
+        assert login.status_code == 200, login.text
+        user.token = login.json()["access_token"]
+        assert self.sim is not None
+        user.creds = self.sim.state.create_account(
+            api_key=f"cmkey{self.config.seed}x{len(self.users)}", user_name=user.email, balance=10_000_000.0
+        )
+        connect = {"api_key": user.creds.api_key, "api_secret": user.creds.api_secret,
+                   "request_token": user.creds.request_token}  # fmt: skip
+        response = await self.call("POST", "/broker/connect", json=connect, headers=user.headers)
+        assert response.status_code == 200, response.text
+        self.users.append(user)
+        return user
+
+    # ------------------------------------------------------------------------------------------ the day
+
+    def clock_at(self, offset: float) -> datetime:
+        """The exchange time `offset` real seconds after the day's start."""
+        return self.day_clock + timedelta(seconds=offset * self.config.speed)
+
+    def mono_of_clock(self, at: datetime) -> float:
+        return self.day_mono + (at - self.day_clock).total_seconds() / self.config.speed
+
+    async def setup_day(self) -> list[Incident]:
+        plans, drops, incidents = plan_day(self.config, self.rng)
+        self.plans = plans
+        # Users first: the one whose session will expire connects last, so it is the "most recent" session.
+        for _ in range(self.config.users):
+            await self.make_user(expired=False)
+        await self.make_user(expired=True)
+        # The day starts once every strategy can be created; creation speed bounds it (~20 ms each).
+        lead = 4.0 + 0.03 * len(plans)
+        self.day_clock = (self.clock.now() + timedelta(seconds=lead * self.config.speed)).replace(microsecond=0)
+        self.day_mono = time.monotonic() + self.clock.seconds_until(self.day_clock)
+        gate = asyncio.Semaphore(16)
+
+        async def create(plan: Planned) -> None:
+            plan.buy_time = self.clock_at(plan.buy_offset).astimezone(IST).strftime("%H:%M:%S")
+            plan.sell_time = self.clock_at(plan.sell_offset).astimezone(IST).strftime("%H:%M:%S")
+            user = self.users[plan.user]
+            body = {"symbol": plan.instrument, "quantity": 1, "buy_time": plan.buy_time,
+                    "sell_time": plan.sell_time, "stop_loss": plan.stop_loss, "product": "MIS"}  # fmt: skip
+            async with gate:
+                created = await self.call("POST", "/strategy/create", json=body, headers=user.headers)
+                assert created.status_code == 201, created.text
+                plan.strategy_id = created.json()["strategy_id"]
+                started = await self.call(
+                    "POST", "/strategy/start", json={"strategy_id": plan.strategy_id}, headers=user.headers
+                )
+                assert started.status_code == 200, started.text
+
+        await asyncio.gather(*(create(p) for p in plans))
+        if time.monotonic() > self.day_mono:
+            self.say(f"WARNING: setup overran the day's start by {time.monotonic() - self.day_mono:.1f}s")
+        assert self.sim is not None
+        for instrument, offset in drops.items():
+            self.drop_mono[instrument] = self.day_mono + offset
+            self.sim.state.script_path(instrument, [(self.clock_at(offset), round(BASE_PRICES[instrument] * DROP, 2))])
+        # The tick connector streams with a healthy user's session.
+        ticker_env = dict(self.env)
+        ticker_env.update(TICKER_API_KEY=self.users[0].api_key, TICKER_ACCESS_TOKEN=self.users[0].creds.access_token)  # type: ignore[union-attr]
+        self.services["ticker"] = Service("ticker", [sys.executable, "-m", "cli.main", "ticker"], ticker_env,
+                                          self.workdir, "ticker connected")  # fmt: skip
+        self.services["ticker"].start()
+        await self.services["ticker"].wait_ready()
+        return incidents
+
+    def inject_faults(self) -> None:
+        assert self.sim is not None
+        rate = self.config.fault_rate
+        if rate <= 0:
+            return
+        state = self.sim.state
+        seed = self.config.seed
+        state.inject_fault("error", status=503, error_type="NetworkException", probability=rate, seed=seed * 3 + 1)
+        state.inject_fault("rate_limit", probability=rate, seed=seed * 3 + 2)
+        state.inject_fault("timeout", probability=rate / 3, seed=seed * 3 + 3,
+                           hold_seconds=self.settings.broker_timeout_seconds + 1)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ incidents
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self.locks.setdefault(name, asyncio.Lock())
+
+    async def restart(self, name: str, down: float) -> None:
+        async with self.lock(name):
+            service = self.services[name]
+            began = time.monotonic()
+            service.kill(signal.SIGKILL)
+            await asyncio.sleep(down)  # the outage itself is what is being simulated
+            service.start()
+            await service.wait_ready()
+            self.down.append((name, began, time.monotonic()))
+
+    async def incident(self, incident: Incident) -> None:
+        assert self.sim is not None
+        state = self.sim.state
+        kind = incident.kind
+        down = float(incident.detail.split()[1].rstrip("s")) if incident.detail.startswith("down") else 0.0
+        began = time.monotonic()
+        if kind == "expire_token":
+            expired = [u for u in self.users if u.expired]
+            for user in expired:
+                state.expire_tokens(user.api_key)
+        elif kind in ("worker", "scheduler", "ticker", "api"):
+            await self.restart(kind, down)
+        elif kind == "worker_mid_order":
+            fault = state.inject_fault("latency", scope="orders", latency_ms=1500)
+            try:
+                held = await self._poll(lambda: any(r.outcome == "pending" for r in state.audit_records()), 8.0)
+                incident.detail += "" if held else " (no order was in flight)"
+                await self.restart("worker", 0.2)
+            finally:
+                state.faults.remove(fault.fault_id)
+        elif kind == "redis":
+            async with self.lock("redis"):
+                binary = self.binaries["redis"]
+                binary.kill()
+                await asyncio.sleep(down)
+                await asyncio.to_thread(binary.start)
+                self.down.append(("redis", began, time.monotonic()))
+        elif kind == "kafka":
+            await self.restart_kafka(down)
+        elif kind == "drop_ticker_socket":
+            incident.detail = f"{state.drop_connections()} connection(s) dropped"
+        elif kind == "square_off":
+            plan = self.plans[int(incident.detail)]
+            user = self.users[plan.user]
+            response = await self.call("POST", "/strategy/stop", json={"strategy_id": plan.strategy_id},
+                                       headers=user.headers)  # fmt: skip
+            incident.detail = f"#{plan.index} -> {response.status_code} {response.text[:120]}"
+        self.result.incidents.append(f"t={incident.at:5.1f}s {kind} {incident.detail}".rstrip())
+        self.say(f"{kind} {incident.detail} ({time.monotonic() - began:.1f}s)")
+
+    async def restart_kafka(self, down: float) -> None:
+        """Kill the broker and start an empty one on the same port: the embedded broker keeps nothing.
+
+        What the system does (found by this matrix): a running worker dies on the empty broker (Faust's
+        ConsistencyError: its changelog offsets are above the new highwater), and a Faust service that kept
+        running writes its changelog into topics the new broker auto-creates undeclared, from which a later
+        restart never finishes restoring. So the procedure is the one an operator (or a supervisor) runs:
+        recreate the topics, then restart the Faust services and the tick connector, whose startup
+        declares their changelogs and whose recovery republishes every running strategy from the database.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            for name in ("kafka", "worker", "scheduler", "ticker"):
+                await stack.enter_async_context(self.lock(name))
+            binary = self.binaries["kafka"]
+            began = time.monotonic()
+            binary.kill()
+            streaming = [self.services[name] for name in ("worker", "scheduler", "ticker") if name in self.services]
+            for service in streaming:
+                service.kill(signal.SIGKILL)
+            await asyncio.sleep(down)
+            await asyncio.to_thread(binary.start)
+            await ensure_topics(self.settings)
+            for service in streaming:
+                service.start()
+            await asyncio.gather(*(service.wait_ready() for service in streaming))
+            self.down.append(("kafka", began, time.monotonic()))
+
+    async def supervise(self) -> None:
+        """Restart a service that exited by itself, as the compose file's `restart: unless-stopped` does."""
+        while True:
+            await asyncio.sleep(0.5)
+            for service in list(self.services.values()):
+                if service.process is not None and not service.alive() and not service.restarting:
+                    code = service.process.returncode
+                    self.result.incidents.append(f"t={self.now_offset():5.1f}s {service.name} exited by itself "
+                                                 f"(code {code}); restarted by the supervisor")  # fmt: skip
+                    self.say(f"{service.name} exited by itself (code {code}): restarting it")
+                    began = time.monotonic()
+                    service.start()
+                    with contextlib.suppress(RuntimeError):
+                        await service.wait_ready()
+                    self.down.append((service.name, began, time.monotonic()))
+
+    async def _poll(self, condition: Callable[[], Any], within: float) -> Any:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            value = condition()
+            if isinstance(value, Awaitable):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(0.02)
+        return None
+
+    async def run_day(self, incidents: list[Incident]) -> None:
+        self.inject_faults()
+        supervisor = asyncio.create_task(self.supervise())
+        try:
+            await self._run_day(incidents)
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+
+    async def _run_day(self, incidents: list[Incident]) -> None:
+        async def at_its_moment(incident: Incident) -> None:
+            wait = self.day_mono + incident.at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the incident's seeded moment (a schedule, not a synchronisation)
+            await self.incident(incident)
+
+        await asyncio.gather(*(at_its_moment(i) for i in incidents))
+        last_sell = max(p.sell_offset for p in self.plans)
+        wait = self.day_mono + last_sell + 1.0 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.sim.state.clear_faults()  # type: ignore[union-attr]
+        self.say("day over; waiting for every position to be closed")
+        settled = await self._poll(self._settled, self.config.settle_seconds)
+        if not settled:
+            self.say("not settled in time")
+
+    async def _settled(self) -> bool:
+        """Every filled BUY has a filled exit at the broker, and the database has caught up with it."""
+        assert self.sim is not None
+        bought = exited = 0
+        for user in self.users:
+            for order in self.sim.state.find_orders(user.api_key):
+                if order.status == "COMPLETE":
+                    if order.transaction_type == "BUY":
+                        bought += 1
+                    else:
+                        exited += 1
+        if bought != exited:
+            return False
+        rows = await self._db_rows()
+        results = sum(1 for r in rows[0] if r.kind == "result" and r.status == "filled")
+        return results == bought + exited
+
+    async def _db_rows(self) -> tuple[list[OrderLog], list[Strategy], list[Notification]]:
+        engine = create_engine(self.settings.database_url)
+        try:
+            async with engine.connect() as conn:
+                logs = list((await conn.execute(select(OrderLog))).all())
+                strategies = list((await conn.execute(select(Strategy))).all())
+                notes = list((await conn.execute(select(Notification))).all())
+        finally:
+            await engine.dispose()
+        return logs, strategies, notes  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------ verdict
+
+    def effective_up(self, moment: float) -> float:
+        """When the system is next up for EXIT_WITHIN_SECONDS in a row, at or after `moment`.
+
+        Outages chain: one that begins within that window after another ended pushes the moment on.
+        """
+        changed = True
+        while changed:
+            changed = False
+            for component, began, ended in self.down:
+                if component in ("worker", "ticker", "kafka", "redis") and began < moment + EXIT_WITHIN_SECONDS:
+                    if moment < ended:
+                        moment, changed = ended, True
+        return moment
+
+    async def judge(self) -> None:
+        assert self.sim is not None
+        state = self.sim.state
+        result = self.result
+        v = result.violations
+        logs, strategies, notes = await self._db_rows()
+        by_id = {s.id: s for s in strategies}
+        day = self.day_clock.astimezone(IST).date()
+        tags: dict[str, tuple[Planned, Action]] = {}
+        for plan in self.plans:
+            run = by_id[plan.strategy_id].run if plan.strategy_id in by_id else 1
+            for action in Action:
+                tags[broker_tag_for(intent_id_for(plan.strategy_id, day, run, action))] = (plan, action)
+        logged_tags = {row.broker_tag for row in logs}
+        logged_orders = {row.broker_order_id for row in logs if row.broker_order_id}
+        audits = state.audit_records()
+        result.faulted_requests = sum(1 for r in audits if r.faults)
+        placed_at: dict[str, float] = {}
+        faulted_by_tag: dict[str, int] = {}
+        for record in audits:
+            if record.action == "place" and record.tag:
+                if record.outcome == "placed":
+                    placed_at.setdefault(record.tag, record.received_monotonic)
+                if record.faults:
+                    faulted_by_tag[record.tag] = faulted_by_tag.get(record.tag, 0) + 1
+
+        broker_ids: set[str] = set()
+        per_strategy: dict[int, dict[str, list[Any]]] = {}
+        for user in self.users:
+            per_tag: dict[str, int] = {}
+            for order in state.find_orders(user.api_key):
+                broker_ids.add(order.order_id)
+                result.broker_orders += 1
+                per_tag[order.tag or ""] = per_tag.get(order.tag or "", 0) + 1
+                if order.tag not in tags:
+                    v.append(f"broker order {order.order_id} has a tag {order.tag!r} of no strategy intent")
+                    continue
+                plan, action = tags[order.tag]
+                if order.tag not in logged_tags or order.order_id not in logged_orders:
+                    v.append(f"broker order {order.order_id} ({action.value} of #{plan.index}) has no order-log row")
+                if order.status != "REJECTED":
+                    side = "BUY" if order.transaction_type == "BUY" else "EXIT"
+                    per_strategy.setdefault(plan.strategy_id, {}).setdefault(side, []).append((order, action))
+            for tag, count in per_tag.items():
+                if count > 1:
+                    v.append(f"{count} broker orders carry tag {tag} ({tags.get(tag, ('?', '?'))[1]})")
+        for row in logs:
+            if row.broker_order_id and row.broker_order_id not in broker_ids:
+                v.append(f"order-log row {row.intent_id}#{row.kind}{row.attempt} claims order "
+                         f"{row.broker_order_id} that the broker does not have")  # fmt: skip
+
+        for plan in self.plans:
+            user = self.users[plan.user]
+            orders = per_strategy.get(plan.strategy_id, {})
+            buys, exits = orders.get("BUY", []), orders.get("EXIT", [])
+            if len(buys) > 1:
+                v.append(f"#{plan.index} (strategy {plan.strategy_id}) has {len(buys)} BUYs at the broker")
+            if len(exits) > 1:
+                v.append(f"#{plan.index} (strategy {plan.strategy_id}) has {len(exits)} exits at the broker: "
+                         f"{[a.value for _, a in exits]}")  # fmt: skip
+            if user.expired:
+                continue
+            filled_buy = [o for o, _ in buys if o.status == "COMPLETE"]
+            if not filled_buy:
+                continue
+            result.bought += 1
+            filled_exit = [(o, a) for o, a in exits if o.status == "COMPLETE"]
+            if len(filled_exit) != 1:
+                v.append(f"#{plan.index} (strategy {plan.strategy_id}) bought but has {len(filled_exit)} filled exits")
+                continue
+            exit_order, exit_action = filled_exit[0]
+            result.exits[exit_action.value] = result.exits.get(exit_action.value, 0) + 1
+            if plan.group != "hit":
+                continue
+            # The stop is crossed when the price has dropped and the position is held, whichever is later.
+            buy_tag = filled_buy[0].tag
+            exit_tag = exit_order.tag
+            crossed = max(self.drop_mono[plan.instrument], placed_at.get(buy_tag, 0.0))
+            if crossed >= self.day_mono + plan.sell_offset:
+                continue  # the SELL was due first
+            allowed = self.effective_up(crossed) + EXIT_WITHIN_SECONDS
+            # Each broker fault on the exit costs a retry (a timeout costs the broker timeout).
+            allowed += faulted_by_tag.get(exit_tag or "", 0) * (self.settings.broker_timeout_seconds + 2.5)
+            exited = placed_at.get(exit_tag or "")
+            if exited is None:
+                continue
+            result.stop_exit_delays.append(exited - self.effective_up(crossed))
+            if exited > allowed:
+                up = self.effective_up(crossed) - self.day_mono
+                # Kept apart from the integrity violations: a late exit is still exactly one exit.
+                result.late_exits.append(
+                    f"#{plan.index} (strategy {plan.strategy_id}, {plan.instrument}) stop crossed at "
+                    f"t={crossed - self.day_mono:.1f}s (system up at t={up:.1f}s)"
+                    f" but exited ({exit_action.value}) only at t={exited - self.day_mono:.1f}s"
+                )
+
+        # The expired session: every strategy of that user stops with the reconnect notice, no retry storm.
+        for user in self.users:
+            if not user.expired:
+                continue
+            attempts = [r for r in audits if r.api_key == user.api_key and r.action == "place"]
+            mine = [p for p in self.plans if self.users[p.user] is user]
+            if len(attempts) > len(mine):
+                v.append(f"expired session: {len(attempts)} order attempts for {len(mine)} strategies (a retry storm)")
+            skipped = {row.strategy_id for row in logs if row.kind == "result" and row.status == "skipped"}
+            for plan in mine:
+                strategy = by_id[plan.strategy_id]
+                if plan.strategy_id in skipped:
+                    continue  # its BUY was skipped (missed while the system was down): no order, nothing to tell
+                if strategy.status not in ("failed", "stopped"):
+                    v.append(f"expired session: #{plan.index} is {strategy.status}, not failed/stopped")
+                if not any(n.strategy_id == plan.strategy_id and SESSION_EXPIRED in n.message for n in notes):
+                    v.append(f"expired session: #{plan.index} has no '{SESSION_EXPIRED}' notification")
+        result.strategies = len(self.plans)
+        result.recoveries = sum(s.seen.get("Recovery Complete", 0) for s in self.services.values())
+
+
+def _new_workdir(config: MatrixConfig) -> Path:
+    if config.workdir is not None:
+        config.workdir.mkdir(parents=True, exist_ok=True)
+        return config.workdir
+    return Path(tempfile.mkdtemp(prefix=f"crash-matrix-{config.seed}-"))
+
+
+async def run_matrix(config: MatrixConfig) -> MatrixResult:
+    """One seed: start the stack, trade the day through every incident, judge, and tear everything down."""
+    began = time.monotonic()
+    workdir = _new_workdir(config)
+    matrix = CrashMatrix(config, workdir)
+    print(f"crash matrix: seed={config.seed} strategies={config.strategies} speed={config.speed} "
+          f"logs in {workdir}", flush=True)  # fmt: skip
+    try:
+        await matrix.start_stack()
+        async with httpx.AsyncClient(base_url=matrix.api_root, timeout=15.0) as http:
+            matrix.http = http
+            incidents = await matrix.setup_day()
+            for incident in incidents:
+                matrix.say(f"planned t={incident.at:5.1f}s {incident.kind} {incident.detail}")
+            await matrix.run_day(incidents)
+        await matrix.judge()
+    except BaseException as exc:
+        matrix.result.violations.append(f"harness error: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        matrix.stop_stack()
+        matrix.result.wall_seconds = time.monotonic() - began
+    return matrix.result
+
+
+def service_tails(result: MatrixResult, lines: int = 40) -> Iterator[str]:
+    for log in sorted(Path(result.workdir).glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        yield f"--- {log.name} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
+
+
+__all__ = ["KILLS", "MatrixConfig", "MatrixResult", "run_matrix", "service_tails"]

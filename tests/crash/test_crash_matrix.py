@@ -1,0 +1,40 @@
+"""The crash matrix in CI: one fixed seed, bounded size (see tests/crash/harness.py for what it does).
+
+Asserted: no order lost, doubled or unlogged (every BUY exactly one exit, broker and order log agree, the
+expired session stops cleanly). Reported only: stop exits later than 5 s after the system is back up.
+
+Not marked `slow` on purpose: the CI runs plain `pytest`, and the matrix must run there. The 20-seed run
+is `python -m benchmarks.crash_matrix --seeds 20` (results in BENCHMARKS.md, "Crash matrix").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.crash.harness import KILLS, MatrixConfig, run_matrix, service_tails
+
+CI_SEED = 1
+
+
+@pytest.mark.timeout(240)
+async def test_crash_matrix_fixed_seed_loses_and_doubles_no_order(tmp_path: Path) -> None:
+    config = MatrixConfig(seed=CI_SEED, strategies=200, kills=KILLS, workdir=tmp_path / "matrix", verbose=True)
+    result = await run_matrix(config)
+    print(result.line())
+    for incident in result.incidents:
+        print(f"  {incident}")
+    assert result.incidents, "no incident happened: the matrix tested nothing"
+    assert result.bought > 0, "no strategy bought: the matrix tested nothing"
+    assert result.passed, (
+        f"crash matrix seed {CI_SEED} failed:\n"
+        + "\n".join(result.violations[:40])
+        + "\n"
+        + "\n".join(service_tails(result))
+    )
+    # The 5-second bound on stop exits after a restart is not met yet under this seed's overlapping outages
+    # (an open finding, reported in BENCHMARKS.md): it is printed, not asserted; every crossing still exits
+    # exactly once, which the integrity checks above assert.
+    for late in result.late_exits:
+        print(f"  late stop exit: {late}")

@@ -1,0 +1,591 @@
+"""The execution engine against a real database and Redis, with a scriptable fake broker.
+
+One intent -> at most one broker order (DESIGN.md section 6): redeliveries are dropped, unclear outcomes are
+looked up by tag, transient failures retry up to `order_max_attempts`, permanent ones do not, and an order
+that finally fails stops the strategy and tells the trader.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import pytest_asyncio
+import tenacity
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
+from connectors.orders import BrokerOrder, OrderGateway
+from core.clock import ManualClock
+from core.market import MarketCalendar
+from manager.strategy_manager import StrategyManager, initial_runtime, spec_for
+from schemas.events import (
+    Action,
+    Event,
+    LifecycleKind,
+    NotificationKind,
+    OrderIntent,
+    OrderResult,
+    OrderStatus,
+    StrategyLifecycle,
+    Trigger,
+    UserNotification,
+    broker_tag_for,
+    intent_id_for,
+)
+from storage.db import session_factory
+from storage.models import Notification, OrderLog, OrderLogKind, Strategy, User
+from storage.runtime import RuntimeStore, symbol_key
+from streams import execution
+from streams.execution import Executor
+from tests.fixtures.services import build_settings
+
+IST = ZoneInfo("Asia/Kolkata")
+DAY = date(2025, 1, 15)  # Wednesday, NSE open
+BUY_AT = datetime(2025, 1, 15, 10, 30, tzinfo=IST)
+FAILED_TITLE = "Order Failed – Strategy Stopped"
+
+# The integrity core (fill, redelivery, adoption, retries) runs on SQLite and PostgreSQL; the rest of the
+# engine's logic does not depend on the database, so it runs on SQLite only to keep the module fast.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same retry policy, millisecond waits: the engine still backs off, the suite does not crawl."""
+    monkeypatch.setattr(
+        execution,
+        "wait_exponential_jitter",
+        lambda **_: tenacity.wait_exponential_jitter(initial=0.001, max=0.01, jitter=0.001),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- fakes
+
+
+class PlacedButLost(Exception):
+    """Script step: the broker takes the order, then the answer is lost (timeout / 5xx)."""
+
+
+@dataclass
+class FakeGateway:
+    """A broker order book. `script` says what each placement does, in order; unscripted calls fill."""
+
+    fill_price: float = 1500.0
+    script: list[BrokerError | str] = field(default_factory=list)
+    orders: dict[str, BrokerOrder] = field(default_factory=dict)
+    placements: list[dict[str, Any]] = field(default_factory=list)
+    lookups: list[str] = field(default_factory=list)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(250_115_000_001))
+
+    def add_order(self, tag: str, status: str = "COMPLETE", message: str | None = None) -> BrokerOrder:
+        order_id = str(next(self._ids))
+        filled = status == "COMPLETE"
+        order = BrokerOrder(
+            order_id=order_id,
+            status=status,
+            tag=tag,
+            average_price=self.fill_price if filled else None,
+            filled_quantity=5 if filled else 0,
+            status_message=message,
+        )
+        self.orders[order_id] = order
+        return order
+
+    async def place_market_order(
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
+    ) -> str:
+        self.placements.append(
+            {"exchange": exchange, "tradingsymbol": tradingsymbol, "side": side, "quantity": quantity,
+             "product": product, "tag": tag}
+        )  # fmt: skip
+        step = self.script.pop(0) if self.script else "fill"
+        if isinstance(step, BrokerError):
+            raise step
+        if step == "placed-but-lost":
+            self.add_order(tag)
+            raise BrokerUnavailable("broker did not answer in time")
+        if step == "rejected":
+            return self.add_order(tag, "REJECTED", "RMS: margin exceeds limit").order_id
+        assert step == "fill", step
+        return self.add_order(tag).order_id
+
+    async def order_status(self, order_id: str) -> BrokerOrder:
+        return self.orders[order_id]
+
+    async def find_by_tag(self, tag: str) -> BrokerOrder | None:
+        self.lookups.append(tag)
+        return next((o for o in self.orders.values() if o.tag == tag), None)
+
+    def orders_tagged(self, tag: str) -> list[BrokerOrder]:
+        return [o for o in self.orders.values() if o.tag == tag]
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Event]] = []
+
+    async def publish(self, topic: str, key: str | int, event: Event) -> None:
+        self.sent.append((topic, str(key), event))
+
+    def lifecycle(self) -> list[StrategyLifecycle]:
+        return [e for _, _, e in self.sent if isinstance(e, StrategyLifecycle)]
+
+    def results(self) -> list[OrderResult]:
+        return [e for _, _, e in self.sent if isinstance(e, OrderResult)]
+
+    def notifications(self) -> list[UserNotification]:
+        return [e for _, _, e in self.sent if isinstance(e, UserNotification)]
+
+
+# -------------------------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Engine:
+    executor: Executor
+    gateway: FakeGateway
+    publisher: RecordingPublisher
+    clock: ManualClock
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    strategy_id: int
+    user_id: int
+
+    def intent(self, action: Action, *, run: int = 1, due_at: datetime | None = None) -> OrderIntent:
+        now = self.clock.now()
+        return OrderIntent(
+            intent_id=intent_id_for(self.strategy_id, DAY, run, action),
+            strategy_id=self.strategy_id,
+            user_id=self.user_id,
+            run=run,
+            action=action,
+            trigger={Action.STOPLOSS: Trigger.PRICE, Action.EXIT: Trigger.USER}.get(action, Trigger.SCHEDULE),
+            trading_day=DAY,
+            instrument="NSE:INFY",
+            quantity=5,
+            due_at=due_at or now,
+            created_at=now,
+            trigger_price=1390.0 if action is Action.STOPLOSS else None,
+        )
+
+    async def log_rows(self, kind: OrderLogKind | None = None) -> list[OrderLog]:
+        async with self.sessions() as session:
+            query = select(OrderLog).where(OrderLog.strategy_id == self.strategy_id).order_by(OrderLog.id)
+            if kind is not None:
+                query = query.where(OrderLog.kind == kind.value)
+            return list((await session.execute(query)).scalars())
+
+    async def attempts(self, intent: OrderIntent) -> list[tuple[int, str]]:
+        return [
+            (r.attempt, r.status) for r in await self.log_rows(OrderLogKind.ATTEMPT) if r.intent_id == intent.intent_id
+        ]
+
+    async def results(self) -> list[tuple[str, str]]:
+        return [(r.action, r.status) for r in await self.log_rows(OrderLogKind.RESULT)]
+
+    async def strategy(self) -> Strategy:
+        async with self.sessions() as session:
+            strategy = await session.get(Strategy, self.strategy_id)
+            assert strategy is not None
+            return strategy
+
+    async def notifications(self) -> list[tuple[str, str, str]]:
+        async with self.sessions() as session:
+            rows = await session.execute(
+                select(Notification.kind, Notification.title, Notification.message).order_by(Notification.id)
+            )
+            return [(k, t, m) for k, t, m in rows]
+
+    async def runtime(self) -> dict[str, str]:
+        return await RuntimeStore(self.redis).runtime(self.strategy_id)
+
+
+async def create_running_strategy(sessions: async_sessionmaker[AsyncSession], now: datetime) -> Strategy:
+    async with sessions() as session:
+        user = User(email=f"exec-{now.timestamp()}@example.com", password_hash="x", created_at=now)
+        session.add(user)
+        await session.flush()
+        strategy = Strategy(
+            user_id=user.id, exchange="NSE", tradingsymbol="INFY", instrument_token=408065, quantity=5,
+            buy_time=time(10, 30), sell_time=time(15, 0), stop_loss=Decimal("1400.05"), product="MIS",
+            status="running", run=1, trading_day=DAY, created_at=now, updated_at=now,
+        )  # fmt: skip
+        session.add(strategy)
+        await session.commit()
+        return strategy
+
+
+@pytest_asyncio.fixture
+async def engine(db_engine: AsyncEngine, redis: Redis) -> AsyncIterator[Engine]:
+    settings = build_settings(order_max_attempts=4, missed_buy_grace_seconds=60)
+    clock = ManualClock(BUY_AT)
+    sessions = session_factory(db_engine)
+    publisher = RecordingPublisher()
+    runtime = RuntimeStore(redis)
+    manager = StrategyManager(sessions, runtime, publisher, clock, MarketCalendar(settings))
+    strategy = await create_running_strategy(sessions, clock.now())
+    await runtime.load(spec_for(strategy), 1, DAY, initial_runtime(1, DAY, clock.now()))
+    gateway = FakeGateway()
+
+    async def gateways(user_id: int) -> OrderGateway:
+        assert user_id == strategy.user_id
+        return gateway
+
+    executor = Executor(settings, clock, sessions, redis, publisher, gateways, manager)
+    yield Engine(executor, gateway, publisher, clock, sessions, redis, strategy.id, strategy.user_id)
+
+
+async def buy_filled(engine: Engine) -> OrderResult:
+    result = await engine.executor.execute(engine.intent(Action.BUY))
+    assert result is not None and result.status is OrderStatus.FILLED
+    engine.publisher.sent.clear()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ happy path
+
+
+async def test_a_filled_buy_is_recorded_armed_and_reflected_in_the_runtime(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.attempts, result.price) == (OrderStatus.FILLED, 1, 1500.0)
+    [placement] = engine.gateway.placements
+    assert placement == {"exchange": "NSE", "tradingsymbol": "INFY", "side": "BUY", "quantity": 5, "product": "MIS",
+                         "tag": broker_tag_for(intent.intent_id)}  # fmt: skip
+    assert result.broker_order_id == engine.gateway.orders_tagged(intent.broker_tag)[0].order_id
+    assert engine.gateway.lookups == []  # nothing was unclear: no lookup needed
+
+    [row] = await engine.log_rows(OrderLogKind.RESULT)
+    assert (row.status, row.price, row.broker_order_id) == ("filled", Decimal("1500.00"), result.broker_order_id)
+    assert await engine.attempts(intent) == [(1, "placed")]
+
+    [armed] = engine.publisher.lifecycle()
+    assert (armed.kind, armed.run, armed.entry_price, armed.spec.strategy_id) == (
+        LifecycleKind.ARMED,
+        1,
+        1500.0,
+        engine.strategy_id,
+    )
+    assert [r.intent_id for r in engine.publisher.results()] == [intent.intent_id]
+    assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.ORDER_FILLED]
+
+    runtime = await engine.runtime()
+    assert runtime["state"] == "bought"
+    assert runtime["position"] == "bought"
+    assert runtime["entry_price"] == "1500.00"
+    assert runtime["last_buy_order"] == result.broker_order_id
+    assert (await engine.strategy()).status == "running"
+
+
+@sqlite_only
+async def test_a_sell_after_the_buy_closes_the_position_and_completes_the_strategy(engine: Engine) -> None:
+    await buy_filled(engine)
+    result = await engine.executor.execute(engine.intent(Action.SELL))
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]
+    [exited] = engine.publisher.lifecycle()
+    assert (exited.kind, exited.reason, exited.entry_price) == (LifecycleKind.EXITED, "SELL", 1500.0)
+    assert (await engine.runtime())["state"] == "sold"
+    assert (await engine.strategy()).status == "completed"
+    assert not await engine.redis.sismember(symbol_key("NSE:INFY"), str(engine.strategy_id))
+
+
+@sqlite_only
+async def test_a_stoploss_exits_and_a_second_stoploss_is_dropped(engine: Engine) -> None:
+    await buy_filled(engine)
+    result = await engine.executor.execute(engine.intent(Action.STOPLOSS))
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert (await engine.runtime())["state"] == "exited_by_sl"
+    assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.STOPLOSS_TRIGGERED]
+    # A SELL arriving after the stop-loss exit finds no position.
+    late_sell = await engine.executor.execute(engine.intent(Action.SELL))
+    assert late_sell is not None and late_sell.status is OrderStatus.SKIPPED
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]
+
+
+# ----------------------------------------------------------------------------------------- idempotence
+
+
+async def test_a_redelivered_intent_that_completed_is_not_placed_again(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    assert await engine.executor.execute(intent) is not None
+    sent = len(engine.publisher.sent)
+
+    assert await engine.executor.execute(intent) is None
+    assert await engine.executor.execute(intent) is None
+    assert len(engine.gateway.placements) == 1
+    assert engine.gateway.lookups == []
+    # No second result or notification. The only repeat is the ARMED re-announcement (idempotent): a worker
+    # that died between recording the fill and arming the stop must not leave the position unguarded.
+    repeats = engine.publisher.sent[sent:]
+    assert [(topic, getattr(event, "kind", None)) for topic, _, event in repeats] == [
+        ("strategy-lifecycle", LifecycleKind.ARMED)
+    ] * 2
+    assert await engine.results() == [("BUY", "filled")]
+
+
+async def test_a_crash_between_the_attempt_log_and_the_answer_adopts_the_brokers_order(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    # The previous worker logged attempt 1 and sent the order, then died before recording anything more.
+    async with engine.sessions() as session:
+        session.add(
+            OrderLog(
+                intent_id=intent.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
+                action="BUY", kind="attempt", attempt=1, status="sending", broker_tag=intent.broker_tag,
+                quantity=5, created_at=engine.clock.now(),
+            )
+        )  # fmt: skip
+        await session.commit()
+    existing = engine.gateway.add_order(intent.broker_tag)
+
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.broker_order_id, result.attempts) == (OrderStatus.FILLED, existing.order_id, 1)
+    assert engine.gateway.placements == []  # adopted, not re-sent
+    assert engine.gateway.lookups == [intent.broker_tag]
+    assert len(engine.gateway.orders_tagged(intent.broker_tag)) == 1
+    assert (await engine.runtime())["state"] == "bought"
+    assert [e.kind for e in engine.publisher.lifecycle()] == [LifecycleKind.ARMED]
+
+
+@sqlite_only
+async def test_an_exit_first_adopts_a_buy_whose_outcome_was_never_recorded(engine: Engine) -> None:
+    """Crash matrix seed 6: the BUY reached the broker but the worker died before recording it; the trader's
+    square-off must not conclude "no position" and leave the shares at the broker."""
+    buy = engine.intent(Action.BUY)
+    async with engine.sessions() as session:
+        session.add(
+            OrderLog(
+                intent_id=buy.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
+                action="BUY", kind="attempt", attempt=1, status="sending", broker_tag=buy.broker_tag,
+                quantity=5, created_at=engine.clock.now(),
+            )
+        )  # fmt: skip
+        await session.commit()
+    bought = engine.gateway.add_order(buy.broker_tag)
+
+    result = await engine.executor.execute(engine.intent(Action.EXIT))
+
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert len(engine.gateway.placements) == 1  # the SELL; the BUY was adopted, not re-sent
+    async with engine.sessions() as session:
+        rows = (
+            await session.execute(select(OrderLog).where(OrderLog.kind == "result").order_by(OrderLog.id))
+        ).scalars()
+        assert [(r.action, r.status, r.broker_order_id) for r in rows][0] == ("BUY", "filled", bought.order_id)
+
+
+@sqlite_only
+async def test_a_crash_before_the_order_reached_the_broker_places_it_as_the_next_attempt(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    async with engine.sessions() as session:
+        session.add(
+            OrderLog(
+                intent_id=intent.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
+                action="BUY", kind="attempt", attempt=1, status="sending", broker_tag=intent.broker_tag,
+                quantity=5, created_at=engine.clock.now(),
+            )
+        )  # fmt: skip
+        await session.commit()
+
+    result = await engine.executor.execute(intent)
+
+    assert result is not None and (result.status, result.attempts) == (OrderStatus.FILLED, 2)
+    assert engine.gateway.lookups == [intent.broker_tag]  # looked first, found nothing, then sent
+    assert len(engine.gateway.placements) == 1
+    assert await engine.attempts(intent) == [(1, "sending"), (2, "placed")]
+
+
+@sqlite_only
+async def test_an_order_placed_but_answered_with_an_error_is_found_by_its_tag(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = ["placed-but-lost"]
+    result = await engine.executor.execute(intent)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert len(engine.gateway.placements) == 1
+    assert len(engine.gateway.orders_tagged(intent.broker_tag)) == 1
+    assert result.broker_order_id == engine.gateway.orders_tagged(intent.broker_tag)[0].order_id
+    assert await engine.attempts(intent) == [(1, "unclear")]
+
+
+# ------------------------------------------------------------------------------------------- failures
+
+
+async def test_three_transient_failures_then_success_make_four_attempts_and_one_order(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = [BrokerUnavailable("503 Service Unavailable", http_status=503) for _ in range(3)]
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.attempts) == (OrderStatus.FILLED, 4)
+    assert len(engine.gateway.placements) == 4
+    assert len(engine.gateway.orders) == 1
+    assert engine.gateway.lookups == [intent.broker_tag] * 3  # looked up before every re-send
+    assert await engine.attempts(intent) == [(1, "unclear"), (2, "unclear"), (3, "unclear"), (4, "placed")]
+    assert await engine.results() == [("BUY", "filled")]
+    assert (await engine.strategy()).status == "running"
+
+
+async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = [BrokerUnavailable("429 Too many requests", http_status=429) for _ in range(4)]
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.attempts) == (OrderStatus.FAILED, 4)
+    assert len(engine.gateway.placements) == 4  # the first try and three retries, no fifth
+    assert engine.gateway.orders == {}
+    assert await engine.attempts(intent) == [(n, "unclear") for n in (1, 2, 3, 4)]
+    assert await engine.results() == [("BUY", "failed")]
+
+    strategy = await engine.strategy()
+    assert strategy.status == "failed"
+    assert "order failed" in (strategy.status_reason or "")
+    assert [e.kind for e in engine.publisher.lifecycle()] == [LifecycleKind.FAILED]  # cancels the timers
+    assert [(n.kind, n.title) for n in engine.publisher.notifications()] == [
+        (NotificationKind.ORDER_FAILED, FAILED_TITLE)
+    ]
+    [(kind, title, message)] = await engine.notifications()
+    assert (kind, title) == ("order_failed", FAILED_TITLE)
+    assert message.startswith("BUY: ")
+    assert await engine.runtime() == {}  # the auto-stop unloaded the runtime keys
+    assert not await engine.redis.sismember(symbol_key("NSE:INFY"), str(engine.strategy_id))
+    # Redelivery of the failed intent changes nothing.
+    assert await engine.executor.execute(intent) is None
+    assert len(engine.gateway.placements) == 4
+
+
+async def test_an_order_accepted_on_the_last_attempt_is_not_declared_failed(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = [*(BrokerUnavailable("503", http_status=503) for _ in range(3)), "placed-but-lost"]
+    result = await engine.executor.execute(intent)
+    [order] = engine.gateway.orders_tagged(intent.broker_tag)
+    assert result is not None
+    assert (result.status, result.broker_order_id) == (OrderStatus.FILLED, order.order_id)
+
+
+@sqlite_only
+async def test_a_rejection_is_not_retried(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = [BrokerRejected("Insufficient funds. Required margin is 7500.00", http_status=400)]
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.attempts) == (OrderStatus.REJECTED, 1)
+    assert "Insufficient funds" in (result.message or "")
+    assert len(engine.gateway.placements) == 1
+    assert engine.gateway.lookups == []
+    assert await engine.attempts(intent) == [(1, "refused")]
+    assert (await engine.strategy()).status == "failed"
+    assert [e.kind for e in engine.publisher.lifecycle()] == [LifecycleKind.FAILED]
+    assert [n.title for n in engine.publisher.notifications()] == [FAILED_TITLE]
+
+
+@sqlite_only
+async def test_an_order_the_exchange_rejects_after_placement_is_not_retried(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = ["rejected"]
+    result = await engine.executor.execute(intent)
+    assert result is not None
+    assert result.status is OrderStatus.REJECTED
+    assert result.message == "RMS: margin exceeds limit"
+    assert len(engine.gateway.placements) == 1
+    assert (await engine.strategy()).status == "failed"
+
+
+@sqlite_only
+async def test_an_expired_token_fails_at_once_and_asks_for_a_reconnect(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = [BrokerTokenExpired("Incorrect `api_key` or `access_token`.", http_status=403)]
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.message) == (OrderStatus.FAILED, "broker session expired, reconnect")
+    assert len(engine.gateway.placements) == 1  # no retry
+    assert (await engine.strategy()).status == "failed"
+    [note] = engine.publisher.notifications()
+    assert (note.kind, note.title) == (NotificationKind.BROKER_SESSION_EXPIRED, FAILED_TITLE)
+    assert "broker session expired, reconnect" in note.message
+
+
+# ------------------------------------------------------------------------------------ state machine
+
+
+@sqlite_only
+async def test_a_sell_with_no_open_position_is_skipped(engine: Engine) -> None:
+    result = await engine.executor.execute(engine.intent(Action.SELL))
+    assert result is not None
+    assert result.status is OrderStatus.SKIPPED
+    assert result.message == "no open position to exit"
+    assert engine.gateway.placements == []
+    assert await engine.results() == [("SELL", "skipped")]
+    assert engine.publisher.lifecycle() == []
+    assert (await engine.strategy()).status == "running"
+
+
+@sqlite_only
+async def test_a_second_buy_in_the_same_run_is_skipped(engine: Engine) -> None:
+    await buy_filled(engine)
+    again = engine.intent(Action.BUY).model_copy(update={"intent_id": "different-id-same-decision"})
+    result = await engine.executor.execute(again)
+    assert result is not None and result.status is OrderStatus.SKIPPED
+    assert len(engine.gateway.placements) == 1
+
+
+@sqlite_only
+async def test_an_intent_of_an_older_run_is_skipped(engine: Engine) -> None:
+    result = await engine.executor.execute(engine.intent(Action.BUY, run=0))
+    assert result is not None and result.status is OrderStatus.SKIPPED
+    assert "run 0" in (result.message or "")
+    assert engine.gateway.placements == []
+
+
+@sqlite_only
+async def test_a_buy_past_its_grace_is_skipped_but_a_late_sell_still_goes(engine: Engine) -> None:
+    on_time = engine.intent(Action.BUY, due_at=engine.clock.now() - timedelta(seconds=60))
+    result = await engine.executor.execute(on_time)
+    assert result is not None and result.status is OrderStatus.FILLED  # exactly at the grace: still bought
+
+    engine.clock.advance(4 * 3600)  # the SELL comes very late (worker down): it must still exit
+    sell = engine.intent(Action.SELL, due_at=engine.clock.now() - timedelta(hours=1))
+    result = await engine.executor.execute(sell)
+    assert result is not None and result.status is OrderStatus.FILLED
+
+
+@sqlite_only
+async def test_a_buy_missed_by_more_than_the_grace_is_skipped_and_the_trader_told(engine: Engine) -> None:
+    late = engine.intent(Action.BUY, due_at=engine.clock.now() - timedelta(seconds=61))
+    result = await engine.executor.execute(late)
+    assert result is not None
+    assert result.status is OrderStatus.SKIPPED
+    assert (result.message or "").startswith("BUY time missed")
+    assert engine.gateway.placements == []
+    assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.BUY_SKIPPED]
+
+
+@sqlite_only
+async def test_an_intent_for_an_unknown_strategy_is_dropped(engine: Engine) -> None:
+    ghost = engine.intent(Action.BUY).model_copy(update={"strategy_id": engine.strategy_id + 1000})
+    assert await engine.executor.execute(ghost) is None
+    assert engine.gateway.placements == []
+
+
+@sqlite_only
+async def test_timestamps_are_the_engines_clock(engine: Engine) -> None:
+    engine.clock.set(datetime(2025, 1, 15, 5, 0, 7, tzinfo=UTC))
+    result = await engine.executor.execute(engine.intent(Action.BUY))
+    assert result is not None
+    assert result.occurred_at == engine.clock.now()
+    assert (await engine.runtime())["entry_at"] == engine.clock.now().isoformat()

@@ -1,0 +1,322 @@
+"""PriorityGate (slots by priority, then arrival) and BrokerRateLimiter (Redis GCRA shared by workers).
+
+The rate limiter's own clock (`time.time`) and its waits (`asyncio.sleep`) are replaced by a virtual clock
+in most tests: Redis still runs the real script, but "waiting 0.1 s" advances the virtual clock instead
+of the wall clock, so the tests assert exact counts and orders rather than timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from schemas.events import Action
+from streams import limits
+from streams.limits import PRIORITY, BrokerRateLimiter, PriorityGate
+
+
+async def settle(rounds: int = 5) -> None:
+    """Let every ready task run until it blocks (the gate involves no I/O, so a few loop turns suffice)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class Holder:
+    """A task that takes a slot, records it, and keeps it until told to let go."""
+
+    def __init__(self, gate: PriorityGate, name: str, priority: int, admitted: list[str], live: list[int]) -> None:
+        self.name = name
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self._gate, self._priority, self._admitted, self._live = gate, priority, admitted, live
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async with self._gate.slot(self._priority):
+            self._admitted.append(self.name)
+            self._live[0] += 1
+            self._live[1] = max(self._live[1], self._live[0])
+            self.entered.set()
+            await self.release.wait()
+            self._live[0] -= 1
+
+
+async def finish(*holders: Holder) -> None:
+    for holder in holders:
+        holder.release.set()
+    await asyncio.wait_for(asyncio.gather(*(h.task for h in holders)), 5)
+
+
+# ------------------------------------------------------------------------------------------ PriorityGate
+
+
+async def test_gate_never_admits_more_than_its_limit() -> None:
+    gate = PriorityGate(3)
+    admitted: list[str] = []
+    live = [0, 0]  # current, peak
+    holders = [Holder(gate, f"h{i}", 2, admitted, live) for i in range(10)]
+    await settle()
+    assert len(admitted) == 3
+    # Let them go one at a time: each release admits exactly one more.
+    for i, holder in enumerate(holders):
+        holder.release.set()
+        await asyncio.wait_for(holder.task, 5)
+        await settle()
+        assert len(admitted) == min(3 + i + 1, 10)
+        assert live[0] <= 3
+    assert live[1] == 3
+    assert admitted == [f"h{i}" for i in range(10)]  # same priority: first come, first served
+
+
+async def test_waiters_are_admitted_by_priority_then_arrival() -> None:
+    gate = PriorityGate(1)
+    admitted: list[str] = []
+    live = [0, 0]
+    first = Holder(gate, "first", PRIORITY[Action.BUY], admitted, live)
+    await settle()
+    waiters = []
+    for name, action in [
+        ("buy-a", Action.BUY),
+        ("buy-b", Action.BUY),
+        ("sl-a", Action.STOPLOSS),
+        ("sell-a", Action.SELL),
+        ("sl-b", Action.STOPLOSS),
+        ("exit-a", Action.EXIT),
+    ]:
+        waiters.append(Holder(gate, name, PRIORITY[action], admitted, live))
+        await settle()  # arrival order is creation order
+    assert admitted == ["first"]
+
+    by_name = {h.name: h for h in [first, *waiters]}
+    expected = ["first", "sl-a", "sl-b", "sell-a", "exit-a", "buy-a", "buy-b"]
+    for current, following in zip(expected, expected[1:], strict=False):
+        by_name[current].release.set()
+        await asyncio.wait_for(by_name[following].entered.wait(), 5)
+    await finish(*by_name.values())
+    assert admitted == expected
+    assert live[1] == 1
+
+
+async def test_a_free_slot_is_taken_without_waiting() -> None:
+    gate = PriorityGate(2)
+    async with gate.slot(2), gate.slot(2):
+        pass  # neither blocks: no task, no timeout needed
+    async with gate.slot(0), gate.slot(0):
+        pass
+
+
+async def test_a_cancelled_waiter_does_not_leak_a_slot() -> None:
+    gate = PriorityGate(1)
+    admitted: list[str] = []
+    live = [0, 0]
+    holder = Holder(gate, "holder", 2, admitted, live)
+    await settle()
+    cancelled = Holder(gate, "cancelled", 0, admitted, live)
+    behind = Holder(gate, "behind", 2, admitted, live)
+    await settle()
+    cancelled.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled.task
+
+    holder.release.set()
+    await asyncio.wait_for(behind.entered.wait(), 5)  # the slot went past the cancelled waiter
+    late = Holder(gate, "late", 0, admitted, live)
+    await settle()
+    assert not late.entered.is_set()  # and it was not duplicated: the limit is still one
+    await finish(behind, late)
+    assert admitted == ["holder", "behind", "late"]
+    await assert_gate_capacity(gate, 1)
+
+
+async def test_a_waiter_cancelled_just_as_it_is_handed_the_slot_gives_it_back() -> None:
+    gate = PriorityGate(1)
+    slot: AbstractAsyncContextManager[None] = gate.slot(2)
+    await slot.__aenter__()
+    entered = asyncio.Event()
+
+    async def waiter() -> None:
+        async with gate.slot(0):
+            entered.set()
+
+    task = asyncio.create_task(waiter())
+    await settle()
+    # Hand the slot over and cancel the receiver in the same loop turn, before it can run.
+    await slot.__aexit__(None, None, None)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not entered.is_set()
+    await assert_gate_capacity(gate, 1)
+
+
+async def test_a_waiter_cancelled_with_others_queued_passes_the_slot_on() -> None:
+    gate = PriorityGate(1)
+    slot: AbstractAsyncContextManager[None] = gate.slot(2)
+    await slot.__aenter__()
+    admitted: list[str] = []
+    live = [0, 0]
+    doomed_entered = asyncio.Event()
+
+    async def doomed() -> None:
+        async with gate.slot(0):
+            doomed_entered.set()
+
+    task = asyncio.create_task(doomed())
+    await settle()
+    next_in_line = Holder(gate, "next", 2, admitted, live)
+    await settle()
+    await slot.__aexit__(None, None, None)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(next_in_line.entered.wait(), 5)
+    await finish(next_in_line)
+    assert not doomed_entered.is_set()
+    await assert_gate_capacity(gate, 1)
+
+
+async def assert_gate_capacity(gate: PriorityGate, limit: int) -> None:
+    """Exactly `limit` holders get in at once, no more and no fewer."""
+    admitted: list[str] = []
+    live = [0, 0]
+    holders = [Holder(gate, f"probe{i}", 1, admitted, live) for i in range(limit + 1)]
+    await settle()
+    assert len(admitted) == limit, f"gate admits {len(admitted)} at once, expected {limit}"
+    await finish(*holders)
+    assert live[1] == limit
+
+
+# ------------------------------------------------------------------------------------ BrokerRateLimiter
+
+
+class VirtualTime:
+    """Stands in for the `time` module and `asyncio` inside streams.limits: waits advance this clock."""
+
+    def __init__(self) -> None:
+        self.now = 1_750_000_000.0
+        self.waits: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+@pytest.fixture
+def virtual(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualTime]:
+    clock = VirtualTime()
+    monkeypatch.setattr(limits, "time", clock)
+    monkeypatch.setattr(limits, "asyncio", clock)
+    yield clock
+
+
+@pytest_asyncio.fixture
+async def second_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """Another worker's connection to the same Redis."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def take(limiter: BrokerRateLimiter, user_id: int, action: Action = Action.BUY) -> None:
+    async with limiter.permit(user_id, PRIORITY[action]):
+        pass
+
+
+async def test_a_user_gets_a_seconds_budget_at_once_then_waits_for_the_window(
+    redis: Redis, virtual: VirtualTime
+) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    assert limiter.limit == 10
+    for _ in range(10):
+        await take(limiter, user_id=1)
+    assert virtual.waits == []
+    await take(limiter, user_id=1)  # the 11th waits until the first grant leaves the one-second window
+    assert virtual.waits == [pytest.approx(1.0, abs=1e-6)]
+    await take(limiter, user_id=1)  # all ten left together: room again at once
+    assert len(virtual.waits) == 1
+
+
+async def test_users_have_budgets_of_their_own(redis: Redis, virtual: VirtualTime) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    for _ in range(10):
+        await take(limiter, user_id=1)
+    for _ in range(10):
+        await take(limiter, user_id=2)
+    assert virtual.waits == []
+
+
+async def test_two_workers_share_one_users_budget(redis: Redis, second_redis: Redis, virtual: VirtualTime) -> None:
+    worker_a = BrokerRateLimiter(redis, per_second=10)
+    worker_b = BrokerRateLimiter(second_redis, per_second=10)
+    for _ in range(5):
+        await take(worker_a, user_id=7)
+        await take(worker_b, user_id=7)
+    assert virtual.waits == []
+    await take(worker_b, user_id=7)  # the 11th permit, whichever worker asks, must wait
+    assert virtual.waits == [pytest.approx(1.0, abs=1e-6)]
+
+
+async def test_no_one_second_window_holds_more_than_the_rate(redis: Redis, virtual: VirtualTime) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    granted: list[float] = []
+    for _ in range(40):
+        await take(limiter, user_id=1)
+        granted.append(virtual.now)
+    busiest = max(sum(1 for t in granted if start <= t < start + 1.0) for start in granted)
+    assert busiest <= 10, f"{busiest} permits within one second at a limit of 10/s"
+
+
+async def test_a_stoploss_queued_behind_buys_of_the_same_user_goes_first(redis: Redis, virtual: VirtualTime) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    for _ in range(10):
+        await take(limiter, user_id=3)  # the budget is spent: every further permit waits an interval
+    order: list[str] = []
+
+    async def ask(name: str, action: Action) -> None:
+        async with limiter.permit(3, PRIORITY[action]):
+            order.append(name)
+
+    # Created in one go, they all start before Redis answers anyone: buy-1 asks Redis, the rest queue.
+    tasks = [
+        asyncio.create_task(ask(name, action))
+        for name, action in [
+            ("buy-1", Action.BUY),
+            ("buy-2", Action.BUY),
+            ("buy-3", Action.BUY),
+            ("stoploss", Action.STOPLOSS),
+            ("buy-4", Action.BUY),
+        ]
+    ]
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert order == ["buy-1", "stoploss", "buy-2", "buy-3", "buy-4"]
+
+
+async def test_real_time_smoke_the_limiter_really_waits(redis: Redis) -> None:
+    """Once on the wall clock: the budget at once, then roughly one permit per interval."""
+    limiter = BrokerRateLimiter(redis, per_second=20)  # interval 50 ms
+    started = time.monotonic()
+    for _ in range(20):
+        await take(limiter, user_id=9)
+    burst_done = time.monotonic()
+    for _ in range(4):
+        await take(limiter, user_id=9)
+    finished = time.monotonic()
+    assert burst_done - started < 1.0  # generous: no waiting at all is expected
+    assert finished - burst_done >= 0.15  # four more permits need ~0.2 s of waiting
+    assert finished - started < 3.0
