@@ -40,8 +40,9 @@ def build_services(settings: Settings) -> Services:
     calendar = MarketCalendar(settings)
     engine = create_engine(settings.database_url)
     sessions = session_factory(engine)
-    # A bounded pool: under load, requests wait for a connection instead of opening thousands.
-    redis = connect_redis(settings.redis_url, max_connections=256)
+    # A bounded pool: under load, requests wait for a connection instead of opening thousands. A request
+    # does not wait out a Redis restart: after a second it gets 503 (or the database's answer for status).
+    redis = connect_redis(settings.redis_url, max_connections=256, ride_out_seconds=1.0)
     runtime = RuntimeStore(redis)
     events = EventBus(settings)
     return Services(

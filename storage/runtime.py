@@ -10,12 +10,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import date
 from enum import StrEnum
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.events import StrategySpec
 
@@ -71,10 +76,30 @@ def spec_to_hash(spec: StrategySpec, run: int, trading_day: date) -> dict[str, s
     }
 
 
-def connect_redis(url: str, max_connections: int = 128) -> Redis:
-    """A client whose pool waits for a free connection rather than failing: redis-py raises at its cap, and a
-    burst of order lanes next to a recovery must queue, not crash."""
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30, decode_responses=True)
+def connect_redis(url: str, max_connections: int = 128, ride_out_seconds: float = 10.0) -> Redis:
+    """A client for the services: it rides out a Redis restart and queues for a connection under load.
+
+    A Redis restart (failover, crash, an operator's restart) lasts seconds; a long-running service that
+    dies on the first refused connection turns that into an outage of its own (the crash matrix found the
+    tick connector doing exactly that). So a refused or dropped connection is retried with backoff for
+    about `ride_out_seconds`; the API passes a short window so a request fails fast with 503 instead.
+    Every command we send is safe to repeat: hash and set writes are idempotent, a lock's SET NX that
+    is repeated after it succeeded only waits for its own TTL, and the rate limiter then counts one
+    slot too many (conservative). The pool waits for a free connection rather than failing at its cap:
+    a burst of order lanes next to a recovery must queue, not crash.
+    """
+    retries, waited = 0, 0.0
+    while waited < ride_out_seconds:  # ExponentialBackoff(cap=0.5, base=0.05) sleeps 0.1, 0.2, 0.4, 0.5, 0.5, ...
+        retries += 1
+        waited += min(0.5, 0.05 * 2**retries)
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=30,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
     return Redis(connection_pool=pool)
 
 

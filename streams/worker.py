@@ -2,7 +2,8 @@
 
 Run one or several (`algo worker`); partitions spread over them. Agents:
 - `lifecycle`  (strategy-lifecycle, key instrument): arms/disarms stops in the `armed-stops` table
-- `ticks`      (ticks, key instrument, co-partitioned with lifecycle): price <= stop -> one STOPLOSS intent
+- the tick feed (ticks, key instrument, co-partitioned with lifecycle): price <= stop -> one STOPLOSS
+  intent; a plain consumer on this worker's tick partitions rather than an agent (streams/tick_feed.py)
 - `time_events` (time-events, key strategy): the scheduler's BUY/SELL -> order intents
 - `orders`     (orders, key strategy): the execution engine; one lane per strategy, lanes run concurrently
 """
@@ -42,6 +43,7 @@ from streams.execution import Executor
 from streams.faust_app import build_faust_app, raw_topic
 from streams.lanes import StrategyLanes
 from streams.stop_index import StopIndex
+from streams.tick_feed import TickFeed
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,6 @@ class WorkerServices:
 def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.App, WorkerServices]:
     app = build_faust_app(settings, "algo-worker")
     services = WorkerServices(settings, clock or get_clock())
-    ticks_topic = raw_topic(app, settings.topic("ticks"), settings.ticks_partitions)
     lifecycle_topic = raw_topic(app, settings.topic("strategy-lifecycle"), settings.ticks_partitions)
     time_events_topic = raw_topic(app, settings.topic("time-events"), settings.orders_partitions)
     orders_topic = raw_topic(app, settings.topic("orders"), settings.orders_partitions)
@@ -116,16 +117,26 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         services.index_stale = False
         log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
 
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _stop_reading_ticks(sender: Any = None, *args: Any, **kwargs: Any) -> None:
+        feed.follow(set())  # until the rebalance says which instruments are ours
+
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
-    async def _index_is_stale(sender: Any = None, **kwargs: Any) -> None:
+    async def _follow_assignment(sender: Any = None, **kwargs: Any) -> None:
+        # Tables are recovered by now: rebuild the index before the first tick, then read the ticks of
+        # exactly the instruments whose lifecycle partitions (and so armed stops) Faust gave this worker.
         services.index_stale = True
+        lifecycle_name = settings.topic("strategy-lifecycle")
+        feed.follow({tp.partition for tp in app.consumer.assignment() if tp.topic == lifecycle_name})
 
     class _Resources(mode.Service):
         # Opened with the app and closed when the worker stops.
         async def on_start(self) -> None:
             await services.start()
+            await feed.start()
 
         async def on_stop(self) -> None:
+            await feed.stop()
             await services.stop()
 
     app.service(_Resources)
@@ -161,25 +172,52 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 services.index.disarm(event.spec.strategy_id)
             yield None
 
-    @app.agent(ticks_topic)
-    async def ticks(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for batch in stream.take(2000, within=0.002):
-            await services.ready.wait()
-            if services.index_stale:
-                rebuild_index()
-            acks = []
-            for value in batch:
+    async def check_ticks(values: list[bytes]) -> None:
+        """The stop-loss join for one batch of this worker's ticks (see streams/tick_feed.py)."""
+        await services.ready.wait()
+        if services.index_stale:
+            rebuild_index()
+        hits: list[tuple[int, dict[str, Any]]] = []
+        for value in values:
+            try:
                 tick = orjson.loads(value)
-                instrument, price = tick["instrument"], tick["last_price"]
-                services.latest[instrument] = services.unflushed[instrument] = price
-                for strategy_id in services.index.trigger(instrument, price):
-                    acks.append(await _emit_stoploss(strategy_id, tick))
-            # The batch's offsets move on only once every STOPLOSS it produced is acknowledged.
-            await asyncio.gather(*(ack for ack in acks if ack is not None))
-            yield None
+                instrument, price = tick["instrument"], float(tick["last_price"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("skipping a malformed tick: %r", value[:200])
+                continue
+            services.latest[instrument] = services.unflushed[instrument] = price
+            hits.extend((strategy_id, tick) for strategy_id in services.index.trigger(instrument, price))
+        await emit_stoplosses(hits)
+
+    async def emit_stoplosses(hits: list[tuple[int, dict[str, Any]]]) -> None:
+        """Publish one STOPLOSS per hit and wait until Kafka has them all.
+
+        The index forgot the hit stops when it returned them (one exit per position, not one per tick); if a
+        publish fails they are armed again and the error propagates, so the ticks are read again and the
+        sweep or the next tick retries. A position is never left unwatched because Kafka blinked.
+        """
+        if not hits:
+            return
+        outcomes = await asyncio.gather(
+            *(_delivered(_emit_stoploss(strategy_id, tick)) for strategy_id, tick in hits), return_exceptions=True
+        )
+        failed = [strategy_id for (strategy_id, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
+        for strategy_id in failed:
+            stop = armed.get(str(strategy_id))
+            if stop is not None:
+                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"])
+        if failed:
+            raise RuntimeError(f"{len(failed)} STOPLOSS intents not acknowledged by Kafka; their stops are re-armed")
+
+    async def _delivered(queued: Awaitable[Awaitable[object] | None]) -> None:
+        acknowledgement = await queued
+        if acknowledgement is not None:
+            await acknowledgement
+
+    feed = TickFeed(settings, check_ticks)
 
     async def _emit_stoploss(strategy_id: int, tick: dict[str, Any]) -> Awaitable[object] | None:
-        """Queue the STOPLOSS intent; returns the broker acknowledgement to await (one price may cross many)."""
+        """Queue the STOPLOSS intent; returns Kafka's acknowledgement to await (one price may cross many)."""
         stop = armed.get(str(strategy_id))
         if stop is None:
             return None
@@ -219,12 +257,11 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             for instrument, value in zip(unknown, await services.redis.hmget(LTP_KEY, unknown), strict=True):
                 if value is not None:
                     services.latest.setdefault(instrument, float(value))
-        acks = [
-            await _emit_stoploss(strategy_id, {"last_price": price})
+        await emit_stoplosses([
+            (strategy_id, {"last_price": price})
             for instrument, price in list(services.latest.items())
             for strategy_id in services.index.trigger(instrument, price)
-        ]
-        await asyncio.gather(*(ack for ack in acks if ack is not None))
+        ])  # fmt: skip
 
     async def check_recovery() -> None:
         # Redis flushed or restarted, or the Kafka broker lost its data: rebuild from the database.
