@@ -20,6 +20,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kiteconnect import KiteTicker
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from core.clock import Clock, get_clock
@@ -29,7 +30,7 @@ from core.settings import Settings
 from schemas.events import LifecycleKind, StrategyLifecycle
 from storage.db import create_engine, session_factory
 from storage.models import BrokerAccount
-from storage.runtime import connect_redis, symbol_key
+from storage.runtime import connect_redis, strategy_key, symbol_key
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,24 @@ class TickConnector:
         return box.decrypt(account.api_key_encrypted), box.decrypt(account.access_token_encrypted)
 
     async def needed_now(self, redis: Redis) -> dict[int, str]:
-        """Instruments of every running strategy, from the runtime layer (recovery rebuilds it first)."""
-        needed: dict[int, str] = {}
-        async for key in redis.scan_iter(match="strategy:*", count=1000):
-            instrument, token = (
-                str(v) if v else "" for v in await redis.hmget(key, ["instrument", "instrument_token"])
-            )
-            if instrument and token and await redis.scard(symbol_key(instrument)):
-                needed[int(token)] = instrument
-        return needed
+        """Instruments of every running strategy, from the runtime layer (recovery rebuilds it first).
+
+        O(instruments) in three pipelined passes, not O(strategies): the symbol sets, one member of each,
+        and that member's instrument token.
+        """
+        symbols = [key async for key in redis.scan_iter(match=symbol_key("*"), count=1000)]
+        if not symbols:
+            return {}
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in symbols:
+                pipe.srandmember(key)
+            members = await pipe.execute()
+        running = [(key, member) for key, member in zip(symbols, members, strict=True) if member]
+        async with redis.pipeline(transaction=False) as pipe:
+            for _, member in running:
+                pipe.hmget(strategy_key(int(member)), ["instrument", "instrument_token"])
+            found = await pipe.execute()
+        return {int(token): instrument for instrument, token in found if instrument and token}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -80,7 +90,9 @@ class TickConnector:
             self.settings.topic("strategy-lifecycle"),
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=self.settings.topic("algo-ticker"),
-            auto_offset_reset="latest",  # what is running now comes from Redis; then follow changes
+            # A new group (first start, or a broker that restarted empty) reads the day's events from the
+            # start: recovery may republish them before this consumer has joined.
+            auto_offset_reset="earliest",
             fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
             session_timeout_ms=int(self.settings.kafka_session_timeout_seconds * 1000),
             heartbeat_interval_ms=int(self.settings.kafka_session_timeout_seconds * 1000 / 6),
@@ -88,6 +100,7 @@ class TickConnector:
         await producer.start()
         await lifecycle.start()
         self.instruments = await self.needed_now(redis)
+        recently_added: dict[int, float] = {}  # token -> when the lifecycle subscribed it (monotonic)
 
         ticker = KiteTicker(api_key, access_token, root=self.settings.kite_ticker_root, reconnect_max_delay=5)
 
@@ -129,15 +142,51 @@ class TickConnector:
                 event = StrategyLifecycle.model_validate_json(record.value)
                 token, instrument = event.spec.instrument_token, event.spec.instrument
                 if event.kind is LifecycleKind.STARTED and token not in self.instruments:
-                    self.instruments[token] = instrument
-                    if ticker.is_connected():
-                        in_reactor(ticker.subscribe, [token])
-                        in_reactor(ticker.set_mode, ticker.MODE_QUOTE, [token])
+                    recently_added[token] = time.monotonic()
+                    subscribe({token: instrument})
                 elif event.kind in (LifecycleKind.EXITED, LifecycleKind.STOPPED, LifecycleKind.FAILED):
-                    if token in self.instruments and not await redis.scard(symbol_key(instrument)):
-                        del self.instruments[token]
-                        if ticker.is_connected():
-                            in_reactor(ticker.unsubscribe, [token])
+                    if token in self.instruments and not await still_needed(instrument):
+                        unsubscribe([token])
+
+        async def still_needed(instrument: str) -> bool:
+            try:
+                return bool(await redis.scard(symbol_key(instrument)))
+            except RedisError:
+                return True  # keep watching; the reconcile drops it once Redis answers
+
+        def subscribe(instruments: dict[int, str]) -> None:
+            self.instruments.update(instruments)
+            if instruments and ticker.is_connected():
+                in_reactor(ticker.subscribe, list(instruments))
+                in_reactor(ticker.set_mode, ticker.MODE_QUOTE, list(instruments))
+
+        def unsubscribe(tokens: list[int]) -> None:
+            for token in tokens:
+                self.instruments.pop(token, None)
+            if tokens and ticker.is_connected():
+                in_reactor(ticker.unsubscribe, tokens)
+
+        async def reconcile() -> None:
+            # The lifecycle topic is the fast path; this is the safety net. Whatever it missed (a broker
+            # that restarted empty, Redis that was empty when this process started and was rebuilt by
+            # recovery since) is subscribed within one interval. An instrument is dropped only if no
+            # running strategy has needed it for a whole interval, so a START racing the snapshot stays.
+            while True:
+                await asyncio.sleep(self.settings.ticker_resync_seconds)
+                try:
+                    needed = await self.needed_now(redis)
+                except RedisError as exc:
+                    log.warning("ticker: cannot read running strategies (%s); keeping %d subscriptions",
+                                exc, len(self.instruments))  # fmt: skip
+                    continue
+                missing = {token: name for token, name in needed.items() if token not in self.instruments}
+                if missing:
+                    log.warning("ticker: subscribing %d instruments the lifecycle stream had not: %s",
+                                len(missing), sorted(missing.values())[:10])  # fmt: skip
+                    subscribe(missing)
+                settled = time.monotonic() - self.settings.ticker_resync_seconds
+                unused = [t for t in self.instruments if t not in needed and recently_added.get(t, 0.0) < settled]
+                unsubscribe(unused)
 
         async def publish_ticks() -> None:
             topic = self.settings.topic("ticks")
@@ -166,7 +215,7 @@ class TickConnector:
                     in_reactor(ticker.close, 4000, "silent")
 
         try:
-            await asyncio.gather(follow_lifecycle(), publish_ticks(), watchdog())
+            await asyncio.gather(follow_lifecycle(), publish_ticks(), watchdog(), reconcile())
         finally:
             in_reactor(ticker.stop_retry)
             in_reactor(ticker.close)

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     ticker_api_key: str | None = None
     ticker_access_token: SecretStr | None = None
     ticker_silence_seconds: float = Field(10.0, gt=0, description="No data nor heartbeat this long: reconnect.")
+    ticker_resync_seconds: float = Field(
+        2.0, gt=0, description="How often the tick connector checks its subscriptions against running strategies."
+    )
 
     # Secrets
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)

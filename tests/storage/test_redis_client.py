@@ -8,8 +8,8 @@ position it fed went unwatched. Each test runs its own redis-server, since it ki
 from __future__ import annotations
 
 import asyncio
-import time
 import subprocess
+import time
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
