@@ -29,8 +29,9 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BATCH_RECORDS = 5000  # one batch is decoded and checked in a few ms; bigger only delays the commit
+BATCH_RECORDS = 5000  # one batch is decoded and checked in a few ms
 IDLE_POLL_MS = 100
+COMMIT_SECONDS = 0.2  # offsets are committed beside the loop, not between two fetches (a broker round trip)
 
 
 class TickFeed:
@@ -41,6 +42,8 @@ class TickFeed:
         self._wanted: set[int] | None = None  # partitions to switch to between two batches
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._done: dict[TopicPartition, int] = {}  # processed and acknowledged, not yet committed
         self.consumer: AIOKafkaConsumer
 
     @property
@@ -64,11 +67,15 @@ class TickFeed:
         )
         await self.consumer.start()
         self._task = asyncio.create_task(self._run(), name="tick-feed")
+        self._committer = asyncio.create_task(self._commit_every_while(), name="tick-feed-commits")
 
     async def stop(self) -> None:
+        for task in (self._task, self._committer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._commit()
         if hasattr(self, "consumer"):
             await self.consumer.stop()
 
@@ -77,6 +84,7 @@ class TickFeed:
         self._changed.clear()
         if wanted is None or wanted == self.partitions:
             return
+        await self._commit()  # what this worker finished, before another one takes the partitions over
         self.consumer.assign([TopicPartition(self.topic, partition) for partition in sorted(wanted)])
         log.info("tick feed reads partitions %s of %s", sorted(wanted) or "none", self.topic)
 
@@ -110,15 +118,24 @@ class TickFeed:
                         self.consumer.seek(tp, records[0].offset)
                 await asyncio.sleep(0.2)
                 continue
-            await self._commit(offsets)
+            self._done.update(offsets)
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+    async def _commit_every_while(self) -> None:
+        while True:
+            await asyncio.sleep(COMMIT_SECONDS)
+            await self._commit()
+
+    async def _commit(self) -> None:
         ours = self.consumer.assignment()
-        offsets = {tp: offset for tp, offset in offsets.items() if tp in ours}
+        offsets = {tp: offset for tp, offset in self._done.items() if tp in ours}
+        self._done.clear()
         if not offsets:
             return
         try:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
-            # Not fatal: the next batch's commit covers this one; a takeover re-reads a little more.
+            # Not fatal: kept for the next round unless a later batch supersedes it; a takeover meanwhile
+            # re-reads a little more.
             log.warning("tick feed: commit failed (%s)", exc)
+            for tp, offset in offsets.items():
+                self._done.setdefault(tp, offset)
