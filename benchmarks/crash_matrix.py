@@ -29,6 +29,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-rate", type=float, default=0.02)
     parser.add_argument("--workdir", type=Path, default=None, help="keep each seed's logs under this directory")
     parser.add_argument("--quiet", action="store_true", help="no per-incident progress lines")
+    parser.add_argument("--show-late", type=int, default=5, help="late stop exits listed per seed")
     return parser.parse_args(argv)
 
 
@@ -55,6 +56,8 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
         print(result.line(), flush=True)
         for violation in result.violations:
             print(f"    {violation}", flush=True)
+        for late in result.late_exits[: args.show_late]:
+            print(f"    late: {late}", flush=True)
     return results
 
 

@@ -161,12 +161,7 @@ class Executor:
                     order = await self._confirm(gateway, found.order_id, found)
                 except BrokerError as exc:
                     return await self._fail(intent, strategy, exc, attempts_so_far)
-                result = await self._complete(intent, strategy, order, attempts_so_far, position)
-                if intent.action is Action.BUY and strategy.status != StrategyStatus.RUNNING.value:
-                    # Bought for a strategy that was stopped meanwhile, believing it flat: nobody manages
-                    # this position any more, so it is squared off at once.
-                    await self.manager.square_off_orphan(strategy, intent.trading_day)
-                return result
+                return await self._complete(intent, strategy, order, attempts_so_far, position)
         if skip_reason is not None:
             log.info("intent %s skipped: %s", intent.intent_id, skip_reason)
             result = self._result(intent, OrderStatus.SKIPPED, attempts_so_far, message=skip_reason)
@@ -264,6 +259,12 @@ class Executor:
         if not position.open:
             return "no open position to exit"
         return None
+
+    async def _still_running(self, intent: OrderIntent) -> bool:
+        """The strategy's status now, read afresh: a STOP may have landed since this intent was picked up."""
+        async with self.sessions() as session:
+            current = await session.get(Strategy, intent.strategy_id, populate_existing=True)
+        return current is not None and current.status == StrategyStatus.RUNNING.value and current.run == intent.run
 
     async def _position(self, session: AsyncSession, strategy_id: int, run: int) -> RunPosition:
         return (await positions_of(session, [(strategy_id, run)]))[strategy_id]
@@ -419,6 +420,12 @@ class Executor:
                 entry_at=now.isoformat(),
             )
             await self._record_result(result, intent)
+            if filled and not await self._still_running(intent):
+                # The trader stopped the strategy while this BUY was in flight (or before a lost BUY was
+                # adopted): the STOP saw no position, so nobody would manage this one. Square it off at
+                # once rather than arm a stop for a stopped strategy (crash matrix seed 9).
+                await self.manager.square_off_orphan(strategy, intent.trading_day)
+                return result
             if strategy.protective_stop and filled:
                 await self.protection.place(await self.gateways(intent.user_id), intent, strategy)
             await self.publisher.publish(

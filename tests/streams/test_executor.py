@@ -8,7 +8,7 @@ that finally fails stops the strategy and tells the trader.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -43,7 +43,7 @@ from schemas.events import (
 )
 from storage.db import session_factory
 from storage.models import Notification, OrderLog, OrderLogKind, Strategy, User
-from storage.runtime import RuntimeStore, symbol_key
+from storage.runtime import RuntimeStore, runtime_key, symbol_key
 from streams import execution
 from streams.execution import Executor
 from tests.fixtures.services import build_settings
@@ -84,6 +84,8 @@ class FakeGateway:
     orders: dict[str, BrokerOrder] = field(default_factory=dict)
     placements: list[dict[str, Any]] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
+    # Runs when the engine takes this user's gateway: after its checks, before its attempt row and the call.
+    on_checkout: Callable[[], Awaitable[object]] | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(250_115_000_001))
 
     def add_order(self, tag: str, status: str = "COMPLETE", message: str | None = None) -> BrokerOrder:
@@ -238,6 +240,8 @@ async def engine(db_engine: AsyncEngine, redis: Redis) -> AsyncIterator[Engine]:
 
     async def gateways(user_id: int) -> OrderGateway:
         assert user_id == strategy.user_id
+        if gateway.on_checkout is not None:
+            await gateway.on_checkout()
         return gateway
 
     executor = Executor(settings, clock, sessions, redis, publisher, gateways, manager)
@@ -385,6 +389,31 @@ async def test_an_exit_first_adopts_a_buy_whose_outcome_was_never_recorded(engin
             await session.execute(select(OrderLog).where(OrderLog.kind == "result").order_by(OrderLog.id))
         ).scalars()
         assert [(r.action, r.status, r.broker_order_id) for r in rows][0] == ("BUY", "filled", bought.order_id)
+
+
+async def test_a_buy_that_fills_after_the_trader_stopped_the_strategy_is_squared_off(engine: Engine) -> None:
+    """Regression for crash-matrix seed 9: the STOP landed after the engine had checked that the strategy
+    was running and before it logged the BUY's attempt. The STOP saw no position (no attempt, no result) and
+    squared nothing off; the BUY then filled, and the shares stayed at the broker with nobody managing them."""
+    outcomes = []
+
+    async def trader_stops() -> None:
+        engine.gateway.on_checkout = None
+        # The STOP read the runtime before the engine marked it "buying": as far as it could see, flat.
+        await engine.redis.hset(runtime_key(engine.strategy_id), "state", "idle")
+        outcomes.append(await engine.executor.manager.stop(engine.strategy_id, square_off=True))
+
+    engine.gateway.on_checkout = trader_stops
+    result = await engine.executor.execute(engine.intent(Action.BUY))
+
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert outcomes and not outcomes[0].squared_off  # the STOP saw no position: the BUY was still in flight
+    exits = [e for _, _, e in engine.publisher.sent if isinstance(e, OrderIntent)]
+    assert [(e.action, e.run) for e in exits] == [(Action.EXIT, 1)]
+    assert not [e for e in engine.publisher.lifecycle() if e.kind is LifecycleKind.ARMED]  # no stop armed
+    exit_result = await engine.executor.execute(exits[0])
+    assert exit_result is not None and exit_result.status is OrderStatus.FILLED
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]  # flat at the broker again
 
 
 @sqlite_only
