@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     market_timezone: str = "Asia/Kolkata"
     market_open: time = time(9, 15)
     market_close: time = time(15, 30)
+    sell_overdue_seconds: float = Field(
+        10.0, gt=0, description="An open position this long past its sell time without a SELL gets one (safety net)."
+    )
     missed_buy_grace_seconds: float = Field(60.0, ge=0)
 
     # Clock: production runs on the real clock; tests and demos shift or speed it up for every process alike.

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer
@@ -46,7 +46,7 @@ from schemas.events import (
 )
 from storage.locks import kept_alive_lock
 from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus
-from storage.positions import RunPosition, running_positions
+from storage.positions import RunPosition, positions_of, running_positions
 from storage.runtime import RuntimeState, connect_redis
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ RECOVERY_SECONDS = 60.0
 BATCH = 100  # concurrent Redis/Kafka calls per step: recovery shares the pool with the order lanes
 LTP_ACCOUNTS = 5  # broker sessions tried for last prices (some may have expired)
 LTP_ATTEMPTS = 3
+OVERDUE_RESEND_SECONDS = 30.0  # an overdue SELL sent by the safety net is not sent again sooner
 
 
 class BulkPublisher(Protocol):
@@ -120,6 +121,7 @@ class Recovery:
         self.publisher = publisher
         self.manager = manager
         self._offsets: AIOKafkaConsumer | None = None
+        self._overdue_sent: dict[tuple[int, int], float] = {}  # (strategy, run) -> not again before (monotonic)
 
     async def needed(self) -> str | None:
         """Why recovery must run now, or None."""
@@ -212,6 +214,55 @@ class Recovery:
         if exits:
             log.warning("%d stop-loss crossings found at start: exits sent", exits)
         return exits
+
+    async def exit_overdue_sells(self) -> int:
+        """Open positions whose SELL is overdue get it now, from the database.
+
+        The scheduler fires each SELL and recovery re-registers the jobs, but a time event can still be lost
+        between the scheduler and the execution engine (crash matrix seed 9: a worker started right after a
+        broker restart never received most of a burst of time events, and positions stayed open past their
+        sell time). A position must not be left naked, so every worker looks every few seconds. The intent
+        id is the SELL's own: if the scheduler's SELL arrives as well, execution carries out only one.
+        """
+        now = self.manager.clock.now()
+        calendar = self.manager.calendar
+        day = calendar.trading_day_of(now)
+        overdue_before = (calendar.local(now) - timedelta(seconds=self.settings.sell_overdue_seconds)).time()
+        async with self.sessions() as session:
+            rows = (
+                (
+                    await session.execute(
+                        select(Strategy).where(
+                            Strategy.status == StrategyStatus.RUNNING.value,
+                            Strategy.trading_day == day,
+                            Strategy.sell_time <= overdue_before,
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            candidates = [s for s in rows if self._overdue_sent.get((s.id, s.run), 0.0) < time.monotonic()]
+            positions = await positions_of(session, [(s.id, s.run) for s in candidates])
+        intents = []
+        for strategy in candidates:
+            if not positions.get(strategy.id, RunPosition()).open:
+                continue
+            # Once sent, not again for a while: the engine may be retrying it (the lane serialises repeats).
+            self._overdue_sent[(strategy.id, strategy.run)] = time.monotonic() + OVERDUE_RESEND_SECONDS
+            intents.append(
+                OrderIntent(
+                    intent_id=intent_id_for(strategy.id, day, strategy.run, Action.SELL), strategy_id=strategy.id,
+                    user_id=strategy.user_id, run=strategy.run, action=Action.SELL, trigger=Trigger.RECOVERY,
+                    trading_day=day, instrument=strategy.instrument, quantity=strategy.quantity,
+                    due_at=calendar.at(day, strategy.sell_time), created_at=now,
+                )
+            )  # fmt: skip
+        await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in intents])
+        if intents:
+            log.warning("%d open positions past their sell time without a SELL: sent (strategies %s)",
+                        len(intents), [i.strategy_id for i in intents][:20])  # fmt: skip
+        return len(intents)
 
     async def _publish_all(self, items: Sequence[tuple[str, str | int, Event]]) -> None:
         """Queue everything, then wait for the broker's acknowledgements once (not wave by wave)."""

@@ -1,0 +1,94 @@
+"""Recovery's safety net for lost SELLs, against a real database and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.clock import ManualClock
+from core.market import MarketCalendar
+from manager.recovery import Recovery
+from manager.strategy_manager import StrategyManager
+from schemas.events import Action, Event, OrderIntent, Trigger, broker_tag_for, intent_id_for
+from storage.db import session_factory
+from storage.models import OrderLog, Strategy, User
+from storage.runtime import RuntimeStore
+from tests.fixtures.api import IST
+from tests.fixtures.services import build_settings
+
+DAY = date(2025, 1, 15)  # a Wednesday the NSE trades
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Event]] = []
+
+    async def publish(self, topic: str, key: str | int, event: Event) -> None:
+        self.sent.append((topic, str(key), event))
+
+    async def publish_nowait(self, topic: str, key: str | int, event: Event) -> asyncio.Future[object]:
+        await self.publish(topic, key, event)
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def running_strategy(engine: AsyncEngine, *, sell_time: time, bought: bool) -> int:
+    now = datetime.now(UTC)
+    sessions = session_factory(engine)
+    async with sessions() as session:
+        user = User(email=f"r{now.timestamp()}@example.com", password_hash="x", created_at=now)
+        session.add(user)
+        await session.flush()
+        strategy = Strategy(
+            user_id=user.id, exchange="NSE", tradingsymbol="INFY", instrument_token=408065, quantity=5,
+            buy_time=time(10, 0), sell_time=sell_time, stop_loss=Decimal("1400.05"), product="MIS",
+            status="running", run=1, trading_day=DAY, created_at=now, updated_at=now,
+        )  # fmt: skip
+        session.add(strategy)
+        await session.flush()
+        if bought:
+            intent_id = intent_id_for(strategy.id, DAY, 1, Action.BUY)
+            session.add(
+                OrderLog(
+                    intent_id=intent_id, strategy_id=strategy.id, user_id=user.id, run=1, action="BUY",
+                    kind="result", attempt=0, status="filled", broker_tag=broker_tag_for(intent_id),
+                    broker_order_id="250115000000001", quantity=5, price=Decimal("1500"), created_at=now,
+                )
+            )  # fmt: skip
+        await session.commit()
+        return strategy.id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+async def test_an_open_position_past_its_sell_time_gets_its_sell_once(db_engine: AsyncEngine, redis: Redis) -> None:
+    """Regression for crash-matrix seed 9: SELL time events lost between the scheduler and a worker that
+    had just restarted after a broker restart left positions open past their sell time."""
+    settings = build_settings(sell_overdue_seconds=10)
+    clock = ManualClock(datetime(2025, 1, 15, 11, 0, 30, tzinfo=IST))
+    publisher = RecordingPublisher()
+    sessions = session_factory(db_engine)
+    manager = StrategyManager(sessions, RuntimeStore(redis), publisher, clock, MarketCalendar(settings))
+    recovery = Recovery(settings, sessions, redis, publisher, manager)  # type: ignore[arg-type]
+
+    overdue = await running_strategy(db_engine, sell_time=time(11, 0), bought=True)
+    await running_strategy(db_engine, sell_time=time(11, 0, 25), bought=True)  # 5 s late: the scheduler's turn
+    await running_strategy(db_engine, sell_time=time(11, 0), bought=False)  # nothing to sell
+    await running_strategy(db_engine, sell_time=time(12, 0), bought=True)  # not due
+
+    assert await recovery.exit_overdue_sells() == 1
+    [(topic, key, intent)] = publisher.sent
+    assert isinstance(intent, OrderIntent) and topic == "orders" and key == str(overdue)
+    assert (intent.action, intent.trigger, intent.run, intent.trading_day) == (Action.SELL, Trigger.RECOVERY, 1, DAY)
+    # The scheduler's own SELL has the same intent id: execution places one order whichever comes first.
+    assert intent.intent_id == intent_id_for(overdue, DAY, 1, Action.SELL)
+    assert intent.due_at == datetime(2025, 1, 15, 11, 0, tzinfo=IST)
+
+    assert await recovery.exit_overdue_sells() == 0  # sent once; the engine is on it
+    clock.advance(20)
+    assert await recovery.exit_overdue_sells() == 1  # the 5-s-late one is overdue now
