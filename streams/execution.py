@@ -143,7 +143,18 @@ class Executor:
         if intent.action.is_exit and not position.open and intent.run == strategy.run:
             # "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY): ask
             # the broker about that BUY before deciding there is nothing to exit.
-            if await self._adopt_unrecorded_buy(intent):
+            if await self._adopt_unrecorded(intent, Action.BUY):
+                async with self.sessions() as session:
+                    position = await self._position(session, intent.strategy_id, intent.run)
+        if intent.action.is_exit and position.open and intent.run == strategy.run:
+            # "Still open" may only mean another exit's outcome was never recorded (a worker died while its
+            # STOPLOSS was at the broker, and now the SELL is due): ask the broker about the other exits of
+            # this run first, or the position would be sold twice (crash matrix seed 16).
+            adopted = False
+            for other in (Action.STOPLOSS, Action.SELL, Action.EXIT):
+                if other is not intent.action:
+                    adopted = await self._adopt_unrecorded(intent, other) or adopted
+            if adopted:
                 async with self.sessions() as session:
                     position = await self._position(session, intent.strategy_id, intent.run)
         skip_reason = self._does_not_fit(intent, strategy, position)
@@ -191,32 +202,33 @@ class Executor:
             return await self._fail(intent, strategy, exc, attempts)
         return await self._complete(intent, strategy, order, attempts, position)
 
-    async def _adopt_unrecorded_buy(self, intent: OrderIntent) -> bool:
-        """If this run's BUY was attempted but has no result, record what the broker says of it."""
-        buy = intent.model_copy(
+    async def _adopt_unrecorded(self, intent: OrderIntent, action: Action) -> bool:
+        """If this run's `action` was attempted but has no result, record what the broker says of it."""
+        other = intent.model_copy(
             update={
-                "intent_id": intent_id_for(intent.strategy_id, intent.trading_day, intent.run, Action.BUY),
-                "action": Action.BUY,
+                "intent_id": intent_id_for(intent.strategy_id, intent.trading_day, intent.run, action),
+                "action": action,
             }
         )
         async with self.sessions() as session:
-            attempts = await self._attempt_count(session, buy.intent_id)
-            recorded = await self._result_row(session, buy.intent_id)
+            attempts = await self._attempt_count(session, other.intent_id)
+            recorded = await self._result_row(session, other.intent_id)
         if attempts == 0 or recorded is not None:
             return False
-        # A transient failure propagates (the lane retries the exit shortly); a refusal means no BUY to adopt.
+        # A transient failure propagates (the lane retries the exit shortly); a refusal means nothing to adopt.
         try:
             gateway = await self.gateways(intent.user_id)
-            found = await self._lookup(gateway, buy.broker_tag)
+            found = await self._lookup(gateway, other.broker_tag)
             if found is None:
                 return False
             order = await self._confirm(gateway, found.order_id, found)
         except BrokerRejected:
             return False
-        log.warning("intent %s: adopting BUY order %s that was never recorded", intent.intent_id, order.order_id)
+        log.warning("intent %s: adopting %s order %s that was never recorded", intent.intent_id, action.value,
+                    order.order_id)  # fmt: skip
         status = OrderStatus.FILLED if order.status == "COMPLETE" else OrderStatus.PLACED
         await self._record_result(
-            self._result(buy, status, attempts, broker_order_id=order.order_id, price=order.average_price), buy
+            self._result(other, status, attempts, broker_order_id=order.order_id, price=order.average_price), other
         )
         return True
 

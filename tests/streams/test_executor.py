@@ -416,6 +416,32 @@ async def test_a_buy_that_fills_after_the_trader_stopped_the_strategy_is_squared
     assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]  # flat at the broker again
 
 
+async def test_a_sell_first_adopts_a_stoploss_whose_outcome_was_never_recorded(engine: Engine) -> None:
+    """Regression for crash-matrix seed 16: the worker died while its STOPLOSS was at the broker; the SELL
+    then fell due, saw the position still open in the order log, and sold a second time."""
+    await buy_filled(engine)
+    stoploss = engine.intent(Action.STOPLOSS)
+    async with engine.sessions() as session:
+        session.add(
+            OrderLog(
+                intent_id=stoploss.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
+                action="STOPLOSS", kind="attempt", attempt=1, status="sending", broker_tag=stoploss.broker_tag,
+                quantity=5, created_at=engine.clock.now(),
+            )
+        )  # fmt: skip
+        await session.commit()
+    sold = engine.gateway.add_order(stoploss.broker_tag)  # the broker executed it; nobody recorded that
+    placements_before = len(engine.gateway.placements)
+
+    result = await engine.executor.execute(engine.intent(Action.SELL))
+
+    assert len(engine.gateway.placements) == placements_before  # no second exit
+    assert result is not None and result.status is OrderStatus.SKIPPED
+    assert ("STOPLOSS", "filled") in await engine.results()
+    [row] = [r for r in await engine.log_rows(OrderLogKind.RESULT) if r.action == "STOPLOSS"]
+    assert row.broker_order_id == sold.order_id
+
+
 @sqlite_only
 async def test_a_crash_before_the_order_reached_the_broker_places_it_as_the_next_attempt(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
