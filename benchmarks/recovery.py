@@ -12,7 +12,7 @@ Each run is a restart: a flushed Redis, fresh topics (a new topic prefix), a new
 (`storage.runtime.connect_redis`, as `algo recover` and `algo worker` build it) and producer.
 `Recovery.run()` is timed from the outside: `running_positions` is wrapped in the module while it runs,
 `RuntimeStore.load_many` and the recovery's own helpers (`_unresolved_intents`, `_publish_all`,
-`_exit_crossed_stops`, `_last_prices`) on the instances; manager/recovery.py is unchanged.
+`_exit_crossed_stops`, `last_prices`) on the instances; manager/recovery.py is unchanged.
 The phases are consecutive and add up to the total. The outcome is checked: every strategy's Redis keys,
 STARTED + ARMED on the lifecycle topic, the intents on `orders`, the report's counts. The table shows the
 median of `--runs` runs per backend.
@@ -380,7 +380,7 @@ async def one_run(stack: Stack, base: Settings, plan: Plan, *, profile: bool = F
     recovery_module.running_positions = marks.wrap("running_positions", original_running_positions)
     setattr(runtime, "load_many", marks.wrap("load_many", runtime.load_many))  # noqa: B010 - instance over method
     for attr, name in (("_unresolved_intents", "unresolved"), ("_publish_all", "publish_all"),
-                       ("_exit_crossed_stops", "exit_crossed_stops"), ("_last_prices", "last_prices")):  # fmt: skip
+                       ("_exit_crossed_stops", "exit_crossed_stops"), ("last_prices", "last_prices")):  # fmt: skip
         setattr(recovery, attr, marks.wrap(name, getattr(recovery, attr)))
     profiler = cProfile.Profile() if profile else None
     try:

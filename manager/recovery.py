@@ -303,7 +303,7 @@ class Recovery:
     async def _exit_crossed_stops(self, open_positions: list[Strategy]) -> int:
         if not open_positions:
             return 0
-        prices = await self._last_prices(sorted({s.instrument for s in open_positions}))
+        prices = await self.last_prices(sorted({s.instrument for s in open_positions}))
         now = self.manager.clock.now()
         intents = []
         for strategy in open_positions:
@@ -322,7 +322,7 @@ class Recovery:
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in intents])
         return len(intents)
 
-    async def _last_prices(self, instruments: list[str]) -> dict[str, float]:
+    async def last_prices(self, instruments: list[str]) -> dict[str, float]:
         """The broker's last traded prices, through any working session (market data is not per user).
 
         The most recently connected session first; one whose token expired is skipped for the next, and a
