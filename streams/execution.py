@@ -21,9 +21,10 @@ from decimal import Decimal
 from typing import Protocol
 
 from redis.asyncio import Redis
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
@@ -135,25 +136,24 @@ class Executor:
             existing = await self._result_row(session, intent.intent_id)
             position = await self._position(session, intent.strategy_id, intent.run)
             attempts_so_far = await self._attempt_count(session, intent.intent_id)
+            # An exit must know which of its run's orders reached the broker unrecorded (one query, and
+            # usually none): a worker that died mid-order leaves its attempt row without a result.
+            unrecorded = await self._unrecorded_actions(session, intent) if intent.action.is_exit else set()
         if existing is not None:
             log.info("intent %s already has a result (%s): duplicate dropped", intent.intent_id, existing.status)
             await self._repair_followups(intent, strategy, existing, position)
             return None
 
-        if intent.action.is_exit and not position.open and intent.run == strategy.run:
-            # "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY): ask
-            # the broker about that BUY before deciding there is nothing to exit.
-            if await self._adopt_unrecorded(intent, Action.BUY):
-                async with self.sessions() as session:
-                    position = await self._position(session, intent.strategy_id, intent.run)
-        if intent.action.is_exit and position.open and intent.run == strategy.run:
-            # "Still open" may only mean another exit's outcome was never recorded (a worker died while its
-            # STOPLOSS was at the broker, and now the SELL is due): ask the broker about the other exits of
-            # this run first, or the position would be sold twice (crash matrix seed 16).
+        if unrecorded and intent.run == strategy.run:
+            # "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY), and
+            # "still open" that another exit's was (its STOPLOSS reached the broker, and now the SELL is
+            # due): ask the broker about those first, or the position is left unsold or sold twice (crash
+            # matrix seeds 4 and 16).
+            # (A resting protective stop, PROTECT, has no result by design: it is released, not adopted.)
+            candidates = {Action.BUY} if not position.open else {Action.STOPLOSS, Action.SELL, Action.EXIT}
             adopted = False
-            for other in (Action.STOPLOSS, Action.SELL, Action.EXIT):
-                if other is not intent.action:
-                    adopted = await self._adopt_unrecorded(intent, other) or adopted
+            for action in sorted(unrecorded & candidates - {intent.action}):
+                adopted = await self._adopt_unrecorded(intent, action) or adopted
             if adopted:
                 async with self.sessions() as session:
                     position = await self._position(session, intent.strategy_id, intent.run)
@@ -202,8 +202,25 @@ class Executor:
             return await self._fail(intent, strategy, exc, attempts)
         return await self._complete(intent, strategy, order, attempts, position)
 
+    async def _unrecorded_actions(self, session: AsyncSession, intent: OrderIntent) -> set[Action]:
+        """Actions of this intent's run sent to the broker (an attempt numbered from 1) with no result row."""
+        attempt, result = aliased(OrderLog), aliased(OrderLog)
+        rows = await session.execute(
+            select(attempt.action)
+            .outerjoin(result, and_(result.intent_id == attempt.intent_id, result.kind == OrderLogKind.RESULT.value))
+            .where(
+                attempt.strategy_id == intent.strategy_id,
+                attempt.run == intent.run,
+                attempt.kind == OrderLogKind.ATTEMPT.value,
+                attempt.attempt > 0,
+                result.id.is_(None),
+            )
+            .distinct()
+        )
+        return {Action(action) for action in rows.scalars()}
+
     async def _adopt_unrecorded(self, intent: OrderIntent, action: Action) -> bool:
-        """If this run's `action` was attempted but has no result, record what the broker says of it."""
+        """Record what the broker says of this run's `action`, attempted with no result; False if it has none."""
         other = intent.model_copy(
             update={
                 "intent_id": intent_id_for(intent.strategy_id, intent.trading_day, intent.run, action),
@@ -212,9 +229,6 @@ class Executor:
         )
         async with self.sessions() as session:
             attempts = await self._attempt_count(session, other.intent_id)
-            recorded = await self._result_row(session, other.intent_id)
-        if attempts == 0 or recorded is not None:
-            return False
         # A transient failure propagates (the lane retries the exit shortly); a refusal means nothing to adopt.
         try:
             gateway = await self.gateways(intent.user_id)

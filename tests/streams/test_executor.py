@@ -179,6 +179,18 @@ class Engine:
             trigger_price=1390.0 if action is Action.STOPLOSS else None,
         )
 
+    async def died_after_logging(self, intent: OrderIntent) -> None:
+        """A worker logged attempt 1 of `intent` ("sending") and died before any answer was recorded."""
+        async with self.sessions() as session:
+            session.add(
+                OrderLog(
+                    intent_id=intent.intent_id, strategy_id=self.strategy_id, user_id=self.user_id, run=intent.run,
+                    action=intent.action.value, kind="attempt", attempt=1, status="sending",
+                    broker_tag=intent.broker_tag, quantity=5, created_at=self.clock.now(),
+                )
+            )  # fmt: skip
+            await session.commit()
+
     async def log_rows(self, kind: OrderLogKind | None = None) -> list[OrderLog]:
         async with self.sessions() as session:
             query = select(OrderLog).where(OrderLog.strategy_id == self.strategy_id).order_by(OrderLog.id)
@@ -342,15 +354,7 @@ async def test_a_redelivered_intent_that_completed_is_not_placed_again(engine: E
 async def test_a_crash_between_the_attempt_log_and_the_answer_adopts_the_brokers_order(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
     # The previous worker logged attempt 1 and sent the order, then died before recording anything more.
-    async with engine.sessions() as session:
-        session.add(
-            OrderLog(
-                intent_id=intent.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
-                action="BUY", kind="attempt", attempt=1, status="sending", broker_tag=intent.broker_tag,
-                quantity=5, created_at=engine.clock.now(),
-            )
-        )  # fmt: skip
-        await session.commit()
+    await engine.died_after_logging(intent)
     existing = engine.gateway.add_order(intent.broker_tag)
 
     result = await engine.executor.execute(intent)
@@ -369,15 +373,7 @@ async def test_an_exit_first_adopts_a_buy_whose_outcome_was_never_recorded(engin
     """Crash matrix seed 6: the BUY reached the broker but the worker died before recording it; the trader's
     square-off must not conclude "no position" and leave the shares at the broker."""
     buy = engine.intent(Action.BUY)
-    async with engine.sessions() as session:
-        session.add(
-            OrderLog(
-                intent_id=buy.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
-                action="BUY", kind="attempt", attempt=1, status="sending", broker_tag=buy.broker_tag,
-                quantity=5, created_at=engine.clock.now(),
-            )
-        )  # fmt: skip
-        await session.commit()
+    await engine.died_after_logging(buy)
     bought = engine.gateway.add_order(buy.broker_tag)
 
     result = await engine.executor.execute(engine.intent(Action.EXIT))
@@ -421,15 +417,7 @@ async def test_a_sell_first_adopts_a_stoploss_whose_outcome_was_never_recorded(e
     then fell due, saw the position still open in the order log, and sold a second time."""
     await buy_filled(engine)
     stoploss = engine.intent(Action.STOPLOSS)
-    async with engine.sessions() as session:
-        session.add(
-            OrderLog(
-                intent_id=stoploss.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
-                action="STOPLOSS", kind="attempt", attempt=1, status="sending", broker_tag=stoploss.broker_tag,
-                quantity=5, created_at=engine.clock.now(),
-            )
-        )  # fmt: skip
-        await session.commit()
+    await engine.died_after_logging(stoploss)
     sold = engine.gateway.add_order(stoploss.broker_tag)  # the broker executed it; nobody recorded that
     placements_before = len(engine.gateway.placements)
 
@@ -445,15 +433,7 @@ async def test_a_sell_first_adopts_a_stoploss_whose_outcome_was_never_recorded(e
 @sqlite_only
 async def test_a_crash_before_the_order_reached_the_broker_places_it_as_the_next_attempt(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
-    async with engine.sessions() as session:
-        session.add(
-            OrderLog(
-                intent_id=intent.intent_id, strategy_id=engine.strategy_id, user_id=engine.user_id, run=1,
-                action="BUY", kind="attempt", attempt=1, status="sending", broker_tag=intent.broker_tag,
-                quantity=5, created_at=engine.clock.now(),
-            )
-        )  # fmt: skip
-        await session.commit()
+    await engine.died_after_logging(intent)
 
     result = await engine.executor.execute(intent)
 
