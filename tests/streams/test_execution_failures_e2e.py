@@ -80,8 +80,12 @@ async def test_four_transient_failures_exhaust_retries_and_stop_the_strategy(
     assert simulator.state.find_orders(creds.api_key) == []
     failure = await eventually(lambda: failure_notice(client, user, sid), 10, "failure notification", pipeline)
     assert failure["message"].startswith("BUY: ")
-    detail = (await client.get(f"/strategy/{sid}", headers=user.headers)).json()
-    assert detail["status"] == "failed"
+
+    async def recorded_failed() -> bool:
+        # The runtime says "failed" first; the auto-stop then writes the database row.
+        return (await client.get(f"/strategy/{sid}", headers=user.headers)).json()["status"] == "failed"
+
+    await eventually(recorded_failed, 10, "the database status failed", pipeline)
 
 
 async def test_a_rejection_is_not_retried_and_stops_the_strategy_with_the_reason(
