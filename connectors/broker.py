@@ -221,6 +221,9 @@ class KiteBroker:
             root=settings.kite_api_root,
             timeout=settings.broker_timeout_seconds,
         )
+        # requests otherwise reads proxy variables and ~/.netrc from the environment on every call: a file
+        # lookup per order in a burst. A deployment behind a proxy gives it to KiteConnect explicitly.
+        self._kite.reqsession.trust_env = False
 
     @property
     def client(self) -> KiteConnect:

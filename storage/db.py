@@ -11,7 +11,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
-def create_engine(database_url: str) -> AsyncEngine:
+def create_engine(database_url: str, *, pre_ping: bool = True) -> AsyncEngine:
+    """`pre_ping=False` skips the round trip that tests a pooled connection before each use: for callers that
+    retry a failed unit of work anyway (the execution engine), a connection lost to a database restart costs
+    one retry instead of a ping on every checkout."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -28,7 +31,7 @@ def create_engine(database_url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=pre_ping)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

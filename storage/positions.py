@@ -57,6 +57,49 @@ async def positions_of(session: AsyncSession, runs: Iterable[tuple[int, int]]) -
     return positions
 
 
+@dataclass(frozen=True)
+class RunHistory:
+    """Every order-log row of one strategy run, oldest first: what the execution engine needs to decide an
+    intent (its result, its attempts, the position, the run's orders with an unknown outcome), read at once."""
+
+    rows: tuple[OrderLog, ...]
+
+    @property
+    def position(self) -> RunPosition:
+        return fold(
+            (row.action, row.status, row.price, row.broker_order_id)
+            for row in self.rows
+            if row.kind == OrderLogKind.RESULT.value
+        )
+
+    def result_of(self, intent_id: str) -> OrderLog | None:
+        return next(
+            (row for row in self.rows if row.intent_id == intent_id and row.kind == OrderLogKind.RESULT.value), None
+        )
+
+    def attempts_of(self, intent_id: str) -> int:
+        return max(
+            (row.attempt for row in self.rows if row.intent_id == intent_id and row.kind == OrderLogKind.ATTEMPT.value),
+            default=0,
+        )
+
+    def unrecorded_actions(self) -> set[str]:
+        """Actions sent to the broker (an attempt numbered from 1) whose intent has no result row."""
+        resolved = {row.intent_id for row in self.rows if row.kind == OrderLogKind.RESULT.value}
+        return {
+            row.action
+            for row in self.rows
+            if row.kind == OrderLogKind.ATTEMPT.value and row.attempt > 0 and row.intent_id not in resolved
+        }
+
+
+async def run_history(session: AsyncSession, strategy_id: int, run: int) -> RunHistory:
+    rows = await session.execute(
+        select(OrderLog).where(OrderLog.strategy_id == strategy_id, OrderLog.run == run).order_by(OrderLog.id)
+    )
+    return RunHistory(tuple(rows.scalars()))
+
+
 async def running_positions(session: AsyncSession) -> dict[int, RunPosition]:
     """Every running strategy's current-run position in one query (recovery reads thousands at once).
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
 from redis.asyncio import Redis
-from sqlalchemy import and_, select, update
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import aliased
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
@@ -53,7 +53,7 @@ from storage.models import (
     StrategyStatus,
     StrategyStatusChange,
 )
-from storage.positions import RunPosition, positions_of
+from storage.positions import RunHistory, RunPosition, run_history
 from storage.runtime import RuntimeState, lock_key, runtime_key, symbol_key
 from streams.limits import PRIORITY, BrokerRateLimiter
 
@@ -93,6 +93,14 @@ class Publisher(Protocol):
     async def publish(self, topic: str, key: str | int, event: Event) -> None: ...
 
 
+@dataclass(frozen=True)
+class Told:
+    """What `_record_outcome` wrote for the first time, and so is still to be published."""
+
+    result: OrderResult | None
+    notice: UserNotification | None
+
+
 class Executor:
     def __init__(
         self,
@@ -128,22 +136,24 @@ class Executor:
             return await self._execute_locked(intent)
 
     async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
+        # Two queries decide the intent: the strategy, and every order-log row of its run (a handful).
         async with self.sessions() as session:
             strategy = await session.get(Strategy, intent.strategy_id)
             if strategy is None:
                 log.warning("intent %s for unknown strategy dropped", intent.intent_id)
                 return None
-            existing = await self._result_row(session, intent.intent_id)
-            position = await self._position(session, intent.strategy_id, intent.run)
-            attempts_so_far = await self._attempt_count(session, intent.intent_id)
-            # An exit must know which of its run's orders reached the broker unrecorded (one query, and
-            # usually none): a worker that died mid-order leaves its attempt row without a result.
-            unrecorded = await self._unrecorded_actions(session, intent) if intent.action.is_exit else set()
+            history = await run_history(session, intent.strategy_id, intent.run)
+        existing = history.result_of(intent.intent_id)
+        position = history.position
+        attempts_so_far = history.attempts_of(intent.intent_id)
         if existing is not None:
             log.info("intent %s already has a result (%s): duplicate dropped", intent.intent_id, existing.status)
             await self._repair_followups(intent, strategy, existing, position)
             return None
 
+        # An exit must know which of its run's orders reached the broker unrecorded (usually none): a worker
+        # that died mid-order leaves its attempt row without a result.
+        unrecorded = {Action(action) for action in history.unrecorded_actions()} if intent.action.is_exit else set()
         if unrecorded and intent.run == strategy.run:
             # "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY), and
             # "still open" that another exit's was (its STOPLOSS reached the broker, and now the SELL is
@@ -153,10 +163,10 @@ class Executor:
             candidates = {Action.BUY} if not position.open else {Action.STOPLOSS, Action.SELL, Action.EXIT}
             adopted = False
             for action in sorted(unrecorded & candidates - {intent.action}):
-                adopted = await self._adopt_unrecorded(intent, action) or adopted
+                adopted = await self._adopt_unrecorded(intent, action, history) or adopted
             if adopted:
                 async with self.sessions() as session:
-                    position = await self._position(session, intent.strategy_id, intent.run)
+                    position = (await run_history(session, intent.strategy_id, intent.run)).position
         skip_reason = self._does_not_fit(intent, strategy, position)
         if skip_reason is not None and attempts_so_far > 0 and intent.run == strategy.run:
             # An earlier delivery sent this order before a crash: the broker may hold it, whatever has
@@ -193,33 +203,17 @@ class Executor:
             # An exit first takes the protective SL-M off the book; if the broker already executed it, that
             # order *is* this exit and nothing more is sent (the two never both execute).
             executed = await self.protection.release(gateway, intent, strategy) if intent.action.is_exit else None
+            placed: int | None = None
             if executed is not None:
                 order, attempts = executed, attempts_so_far
             else:
-                order, attempts = await self._place_with_retries(gateway, intent, strategy, attempts_so_far)
+                order, attempts, placed = await self._place_with_retries(gateway, intent, strategy, attempts_so_far)
         except BrokerError as exc:
-            attempts = await self._attempts_after_failure(intent.intent_id)
+            attempts = await self._attempts_after_failure(intent)
             return await self._fail(intent, strategy, exc, attempts)
-        return await self._complete(intent, strategy, order, attempts, position)
+        return await self._complete(intent, strategy, order, attempts, position, placed_attempt=placed)
 
-    async def _unrecorded_actions(self, session: AsyncSession, intent: OrderIntent) -> set[Action]:
-        """Actions of this intent's run sent to the broker (an attempt numbered from 1) with no result row."""
-        attempt, result = aliased(OrderLog), aliased(OrderLog)
-        rows = await session.execute(
-            select(attempt.action)
-            .outerjoin(result, and_(result.intent_id == attempt.intent_id, result.kind == OrderLogKind.RESULT.value))
-            .where(
-                attempt.strategy_id == intent.strategy_id,
-                attempt.run == intent.run,
-                attempt.kind == OrderLogKind.ATTEMPT.value,
-                attempt.attempt > 0,
-                result.id.is_(None),
-            )
-            .distinct()
-        )
-        return {Action(action) for action in rows.scalars()}
-
-    async def _adopt_unrecorded(self, intent: OrderIntent, action: Action) -> bool:
+    async def _adopt_unrecorded(self, intent: OrderIntent, action: Action, history: RunHistory) -> bool:
         """Record what the broker says of this run's `action`, attempted with no result; False if it has none."""
         other = intent.model_copy(
             update={
@@ -227,8 +221,7 @@ class Executor:
                 "action": action,
             }
         )
-        async with self.sessions() as session:
-            attempts = await self._attempt_count(session, other.intent_id)
+        attempts = history.attempts_of(other.intent_id)
         # A transient failure propagates (the lane retries the exit shortly); a refusal means nothing to adopt.
         try:
             gateway = await self.gateways(intent.user_id)
@@ -292,35 +285,16 @@ class Executor:
             current = await session.get(Strategy, intent.strategy_id, populate_existing=True)
         return current is not None and current.status == StrategyStatus.RUNNING.value and current.run == intent.run
 
-    async def _position(self, session: AsyncSession, strategy_id: int, run: int) -> RunPosition:
-        return (await positions_of(session, [(strategy_id, run)]))[strategy_id]
-
-    async def _result_row(self, session: AsyncSession, intent_id: str) -> OrderLog | None:
-        return (
-            await session.execute(
-                select(OrderLog).where(OrderLog.intent_id == intent_id, OrderLog.kind == OrderLogKind.RESULT.value)
-            )
-        ).scalar_one_or_none()
-
-    async def _attempt_count(self, session: AsyncSession, intent_id: str) -> int:
-        rows = (
-            await session.execute(
-                select(OrderLog.attempt).where(
-                    OrderLog.intent_id == intent_id, OrderLog.kind == OrderLogKind.ATTEMPT.value
-                )
-            )
-        ).scalars()
-        return max(rows, default=0)
-
-    async def _attempts_after_failure(self, intent_id: str) -> int:
+    async def _attempts_after_failure(self, intent: OrderIntent) -> int:
         async with self.sessions() as session:
-            return await self._attempt_count(session, intent_id)
+            return (await run_history(session, intent.strategy_id, intent.run)).attempts_of(intent.intent_id)
 
     # ----------------------------------------------------------------------------------------- the broker
 
     async def _place_with_retries(
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, attempts_so_far: int
-    ) -> tuple[BrokerOrder, int]:
+    ) -> tuple[BrokerOrder, int, int | None]:
+        """The order, the attempts made in all, and the attempt that placed it if this delivery did."""
         attempt = attempts_so_far
         # A previous delivery got as far as an attempt: its outcome is unknown to us, not to the broker.
         unclear = attempts_so_far > 0
@@ -337,7 +311,7 @@ class Executor:
                         found = await gateway.find_by_tag(intent.broker_tag)
                         if found is not None:
                             log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
-                            return await self._confirm(gateway, found.order_id, found), attempt
+                            return await self._confirm(gateway, found.order_id, found), attempt, None
                     attempt += 1
                     await self._log_attempt(intent, attempt, "sending")
                     try:
@@ -357,10 +331,14 @@ class Executor:
                     except BrokerError as exc:
                         await self._log_attempt(intent, attempt, "refused", message=exc.message, update_only=True)
                         raise
-                    await self._log_attempt(intent, attempt, "placed", order_id=order_id, update_only=True)
                     # The broker has it now: should confirming fail, a retry must find it, never place again.
                     unclear = True
-                    return await self._confirm(gateway, order_id), attempt
+                    try:
+                        # The attempt row learns the order id with the result, in one transaction.
+                        return await self._confirm(gateway, order_id), attempt, attempt
+                    except BrokerError:
+                        await self._log_attempt(intent, attempt, "placed", order_id=order_id, update_only=True)
+                        raise
         except BrokerUnavailable:
             if not unclear:
                 raise
@@ -370,7 +348,7 @@ class Executor:
             if found is None:
                 raise
             log.warning("intent %s: the last attempt did reach the broker (order %s)", intent.intent_id, found.order_id)
-            return await self._confirm(gateway, found.order_id, found), attempt
+            return await self._confirm(gateway, found.order_id, found), attempt, None
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _lookup(self, gateway: OrderGateway, tag: str) -> BrokerOrder | None:
@@ -424,7 +402,10 @@ class Executor:
         order: BrokerOrder,
         attempts: int,
         position: RunPosition,
+        *,
+        placed_attempt: int | None = None,
     ) -> OrderResult:
+        """Record a broker order's outcome and tell everyone. `placed_attempt`: the attempt this delivery sent."""
         filled = order.status == "COMPLETE"
         status = OrderStatus.FILLED if filled else OrderStatus.PLACED
         result = self._result(
@@ -445,27 +426,25 @@ class Executor:
                 entry_price=f"{order.average_price or 0:.2f}",
                 entry_at=now.isoformat(),
             )
-            await self._record_result(result, intent)
+            notice = self._notice(
+                intent, NotificationKind.ORDER_FILLED, "BUY filled",
+                f"Bought {strategy.quantity} {spec.instrument} at {order.average_price}",
+            )  # fmt: skip
+            told = await self._record_outcome(intent, result, placed_attempt, notice)
             if filled and not await self._still_running(intent):
                 # The trader stopped the strategy while this BUY was in flight (or before a lost BUY was
                 # adopted): the STOP saw no position, so nobody would manage this one. Square it off at
                 # once rather than arm a stop for a stopped strategy (crash matrix seed 9).
+                await self._announce(intent, told)
                 await self.manager.square_off_orphan(strategy, intent.trading_day)
                 return result
             if strategy.protective_stop and filled:
                 await self.protection.place(await self.gateways(intent.user_id), intent, strategy)
-            await self.publisher.publish(
-                LIFECYCLE_TOPIC,
-                spec.instrument,
-                StrategyLifecycle(
-                    kind=LifecycleKind.ARMED, spec=spec, run=intent.run, trading_day=intent.trading_day,
-                    occurred_at=now, entry_price=order.average_price,
-                ),
+            armed = StrategyLifecycle(
+                kind=LifecycleKind.ARMED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+                occurred_at=now, entry_price=order.average_price,
             )  # fmt: skip
-            await self._notify(
-                intent, NotificationKind.ORDER_FILLED, "BUY filled",
-                f"Bought {strategy.quantity} {spec.instrument} at {order.average_price}",
-            )  # fmt: skip
+            await self._announce(intent, told, armed)
             return result
 
         exit_state = _EXIT_STATE[intent.action]
@@ -480,28 +459,82 @@ class Executor:
             exit_price=f"{order.average_price or 0:.2f}",
             exit_at=now.isoformat(),
         )
-        await self._record_result(result, intent)
-        await self.publisher.publish(
-            LIFECYCLE_TOPIC,
-            spec.instrument,
-            StrategyLifecycle(
-                kind=LifecycleKind.EXITED, spec=spec, run=intent.run, trading_day=intent.trading_day,
-                occurred_at=now, entry_price=position.entry_price, reason=intent.action.value,
-            ),
-        )  # fmt: skip
         if intent.action is Action.STOPLOSS:
-            await self._notify(
+            notice = self._notice(
                 intent, NotificationKind.STOPLOSS_TRIGGERED, "STOP-LOSS Triggered",
                 f"Sold {strategy.quantity} {spec.instrument} at {order.average_price} (stop {spec.stop_loss})",
             )  # fmt: skip
         else:
-            await self._notify(
+            notice = self._notice(
                 intent, NotificationKind.ORDER_FILLED, f"{intent.action.value} filled",
                 f"Sold {strategy.quantity} {spec.instrument} at {order.average_price}",
             )  # fmt: skip
+        # A SELL or STOPLOSS ends the strategy's day (an EXIT is the trader's STOP, which sets its own status).
+        finish = (strategy, StrategyStatus.COMPLETED, f"exited by {intent.action.value}")
+        told = await self._record_outcome(
+            intent, result, placed_attempt, notice, finish if intent.action is not Action.EXIT else None
+        )
+        exited = StrategyLifecycle(
+            kind=LifecycleKind.EXITED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+            occurred_at=now, entry_price=position.entry_price, reason=intent.action.value,
+        )  # fmt: skip
+        await self._announce(intent, told, exited)
         if intent.action is not Action.EXIT:
-            await self._finish_strategy(strategy, StrategyStatus.COMPLETED, f"exited by {intent.action.value}")
+            await self._left_the_day(strategy, StrategyStatus.COMPLETED)
         return result
+
+    async def _record_outcome(
+        self,
+        intent: OrderIntent,
+        result: OrderResult,
+        placed_attempt: int | None,
+        notice: UserNotification,
+        finish: tuple[Strategy, StrategyStatus, str] | None = None,
+    ) -> Told:
+        """What a finished order changes in the database, in one transaction (one commit per order instead of
+        four): the attempt's broker order id, the result row, the trader's notice, the strategy's end.
+
+        Should any of it be there already (a redelivery racing its twin, a notice given before a crash), each
+        part is retried on its own and what was already there is left as it is."""
+        steps: list[Callable[[AsyncSession], Awaitable[None]]] = []
+        if placed_attempt is not None:
+            steps.append(lambda session: self._mark_placed(session, intent, placed_attempt, result.broker_order_id))
+        steps.append(lambda session: self._add(session, self._result_log_row(intent, result)))
+        steps.append(lambda session: self._add(session, self._notification_row(notice)))
+        if finish is not None:
+            steps.append(lambda session: self._finish_in(session, *finish))
+        try:
+            async with self.sessions() as session:
+                for step in steps:
+                    await step(session)
+                await session.commit()
+            return Told(result, notice)
+        except IntegrityError:
+            pass
+        done: list[bool] = []
+        for step in steps:
+            try:
+                async with self.sessions() as session:
+                    await step(session)
+                    await session.commit()
+                done.append(True)
+            except IntegrityError:
+                done.append(False)
+        result_done, notice_done = done[-2:] if finish is None else done[-3:-1]
+        if not result_done:
+            log.info("intent %s result already recorded", intent.intent_id)
+        return Told(result if result_done else None, notice if notice_done else None)
+
+    async def _announce(self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None) -> None:
+        """The order result, the lifecycle event and the notice, sent together and acknowledged together."""
+        sends: list[Awaitable[None]] = []
+        if told.result is not None:
+            sends.append(self.publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, told.result))
+        if lifecycle is not None:
+            sends.append(self.publisher.publish(LIFECYCLE_TOPIC, lifecycle.spec.instrument, lifecycle))
+        if told.notice is not None:
+            sends.append(self.publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, told.notice))
+        await asyncio.gather(*sends)
 
     async def _fail(self, intent: OrderIntent, strategy: Strategy, exc: BrokerError, attempts: int) -> OrderResult:
         expired = isinstance(exc, BrokerTokenExpired)
@@ -530,22 +563,22 @@ class Executor:
         await self._record_result(result, intent)
         return result
 
-    async def _finish_strategy(self, strategy: Strategy, status: StrategyStatus, reason: str) -> None:
+    async def _finish_in(self, session: AsyncSession, strategy: Strategy, status: StrategyStatus, reason: str) -> None:
         now = self.clock.now()
-        async with self.sessions() as session:
-            changed = await session.execute(
-                update(Strategy)
-                .where(
-                    Strategy.id == strategy.id,
-                    Strategy.run == strategy.run,
-                    Strategy.status == StrategyStatus.RUNNING.value,
-                )
-                .values(status=status.value, status_reason=reason, updated_at=now)
-                .returning(Strategy.id)
+        changed = await session.execute(
+            update(Strategy)
+            .where(
+                Strategy.id == strategy.id,
+                Strategy.run == strategy.run,
+                Strategy.status == StrategyStatus.RUNNING.value,
             )
-            if changed.scalar_one_or_none() is not None:
-                session.add(StrategyStatusChange(strategy_id=strategy.id, status=status.value, reason=reason, at=now))
-            await session.commit()
+            .values(status=status.value, status_reason=reason, updated_at=now)
+            .returning(Strategy.id)
+        )
+        if changed.scalar_one_or_none() is not None:
+            session.add(StrategyStatusChange(strategy_id=strategy.id, status=status.value, reason=reason, at=now))
+
+    async def _left_the_day(self, strategy: Strategy, status: StrategyStatus) -> None:
         # The strategy is done for the day: it leaves the symbol set (no more ticks needed for it).
         await self.redis.srem(symbol_key(strategy.instrument), str(strategy.id))
         await self._set_runtime(strategy.id, strategy_status=status.value)
@@ -629,24 +662,42 @@ class Executor:
             created_at=self.clock.now(),
         )
 
+    def _result_log_row(self, intent: OrderIntent, result: OrderResult) -> OrderLog:
+        return self._log_row(
+            intent, OrderLogKind.RESULT, 0, result.status.value, result.broker_order_id, result.price, result.message
+        )
+
     async def _record_result(self, result: OrderResult, intent: OrderIntent) -> None:
         """The result row (at most one per intent), then the event analysts and the app consume."""
         try:
             async with self.sessions() as session:
-                session.add(
-                    self._log_row(
-                        intent, OrderLogKind.RESULT, 0, result.status.value, result.broker_order_id, result.price,
-                        result.message,
-                    )
-                )  # fmt: skip
+                await self._add(session, self._result_log_row(intent, result))
                 await session.commit()
         except IntegrityError:
             log.info("intent %s result already recorded", intent.intent_id)
             return
         await self.publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, result)
 
-    async def _notify(self, intent: OrderIntent, kind: NotificationKind, title: str, message: str) -> None:
-        notification = UserNotification(
+    async def _mark_placed(
+        self, session: AsyncSession, intent: OrderIntent, attempt: int, order_id: str | None
+    ) -> None:
+        await session.execute(
+            update(OrderLog)
+            .where(
+                OrderLog.intent_id == intent.intent_id,
+                OrderLog.kind == OrderLogKind.ATTEMPT.value,
+                OrderLog.attempt == attempt,
+            )
+            .values(status="placed", broker_order_id=order_id)
+        )
+
+    @staticmethod
+    async def _add(session: AsyncSession, row: OrderLog | Notification) -> None:
+        session.add(row)
+        await session.flush()  # a duplicate is refused here, inside the step that caused it
+
+    def _notice(self, intent: OrderIntent, kind: NotificationKind, title: str, message: str) -> UserNotification:
+        return UserNotification(
             notification_id=f"{intent.intent_id}:{kind.value}",
             user_id=intent.user_id,
             strategy_id=intent.strategy_id,
@@ -655,19 +706,23 @@ class Executor:
             message=message,
             occurred_at=self.clock.now(),
         )
+
+    @staticmethod
+    def _notification_row(notice: UserNotification) -> Notification:
+        return Notification(
+            notification_id=notice.notification_id, user_id=notice.user_id, strategy_id=notice.strategy_id,
+            kind=notice.kind.value, title=notice.title, message=notice.message, created_at=notice.occurred_at,
+        )  # fmt: skip
+
+    async def _notify(self, intent: OrderIntent, kind: NotificationKind, title: str, message: str) -> None:
+        notice = self._notice(intent, kind, title, message)
         try:
             async with self.sessions() as session:
-                session.add(
-                    Notification(
-                        notification_id=notification.notification_id, user_id=intent.user_id,
-                        strategy_id=intent.strategy_id, kind=kind.value, title=title, message=message,
-                        created_at=notification.occurred_at,
-                    )
-                )  # fmt: skip
+                await self._add(session, self._notification_row(notice))
                 await session.commit()
         except IntegrityError:
             return  # already told
-        await self.publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, notification)
+        await self.publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, notice)
 
     async def _set_runtime(self, strategy_id: int, **fields: str) -> None:
         flat: list[str] = []
@@ -714,14 +769,9 @@ class ProtectiveStops:
             return None
         protect = self._protect_intent(intent)
         async with self.executor.sessions() as session:
-            attempt = (
-                await session.execute(
-                    select(OrderLog).where(
-                        OrderLog.intent_id == protect.intent_id, OrderLog.kind == OrderLogKind.ATTEMPT.value
-                    )
-                )
-            ).scalar_one_or_none()
-            done = await self.executor._result_row(session, protect.intent_id)
+            history = await run_history(session, intent.strategy_id, intent.run)
+        attempt = next((row for row in history.rows if row.intent_id == protect.intent_id and row.attempt == 1), None)
+        done = history.result_of(protect.intent_id)
         if done is not None:
             if done.status == OrderStatus.FILLED.value and done.broker_order_id:
                 return await gateway.order_status(done.broker_order_id)

@@ -4,22 +4,24 @@ Run one or several (`algo worker`); partitions spread over them. Agents:
 - `lifecycle`  (strategy-lifecycle, key instrument): arms/disarms stops in the `armed-stops` table
 - the tick feed (ticks, key instrument, co-partitioned with lifecycle): price <= stop -> one STOPLOSS
   intent; a plain consumer on this worker's tick partitions rather than an agent (streams/tick_feed.py)
-- `time_events` (time-events, key strategy): the scheduler's BUY/SELL -> order intents
-- `orders`     (orders, key strategy): the execution engine; one lane per strategy, lanes run concurrently
+- time events (time-events, key strategy): the scheduler's BUY/SELL -> order intents, and
+- the execution agent (orders, key strategy): one lane per strategy, lanes run concurrently; both read by
+  a plain consumer group that never commits past an unfinished intent (streams/intent_feed.py)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
-from typing import Any, cast
+from typing import Any
 
 import faust
 import mode
 import orjson
+from pydantic import ValidationError
 
 from connectors.directory import BrokerDirectory
 from core.clock import Clock, get_clock
@@ -41,6 +43,7 @@ from storage.db import create_engine, session_factory
 from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.execution import Executor
 from streams.faust_app import build_faust_app, raw_topic
+from streams.intent_feed import IntentFeed
 from streams.lanes import StrategyLanes
 from streams.stop_index import StopIndex
 from streams.tick_feed import TickFeed
@@ -71,7 +74,8 @@ class WorkerServices:
     async def start(self) -> None:
         # kiteconnect is synchronous: a burst of orders needs more threads than asyncio's default pool.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="broker"))
-        self.engine = create_engine(self.settings.database_url)
+        # No ping per checkout: a lane retries an intent whose connection died with a database restart.
+        self.engine = create_engine(self.settings.database_url, pre_ping=False)
         self.sessions = session_factory(self.engine)
         self.redis = connect_redis(self.settings.redis_url)
         self.producer = EventProducer(self.settings)
@@ -106,8 +110,6 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     app = build_faust_app(settings, "algo-worker")
     services = WorkerServices(settings, clock or get_clock())
     lifecycle_topic = raw_topic(app, settings.topic("strategy-lifecycle"), settings.ticks_partitions)
-    time_events_topic = raw_topic(app, settings.topic("time-events"), settings.orders_partitions)
-    orders_topic = raw_topic(app, settings.topic("orders"), settings.orders_partitions)
     # strategy id -> the armed stop; changelogged to the partition of the lifecycle event that wrote it,
     # i.e. the instrument's partition, so it recovers on the worker that gets that instrument's ticks.
     armed = app.Table("armed-stops", default=None, partitions=settings.ticks_partitions)
@@ -136,8 +138,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         async def on_start(self) -> None:
             await services.start()
             await feed.start()
+            await intents.start()
 
         async def on_stop(self) -> None:
+            await intents.stop()
             await feed.stop()
             await services.stop()
 
@@ -309,40 +313,43 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if services.ready.is_set():
             await check_recovery()
 
-    @app.agent(time_events_topic)
-    async def time_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        # In batches, sent together and acknowledged together: 1,000 BUYs due in the same second must not
-        # wait for each other's broker acknowledgement one by one.
-        async for batch in stream.take(1000, within=0.005):
-            await services.ready.wait()
-            acks = []
-            for value in batch:
+    async def intents_from_time_events(values: list[bytes]) -> None:
+        # A batch at a time, sent together and acknowledged together: 1,000 BUYs due in the same second must
+        # not wait for each other's broker acknowledgement one by one.
+        acks = []
+        for value in values:
+            try:
                 event = TimeEvent.model_validate_json(value)
-                intent = OrderIntent(
-                    intent_id=intent_id_for(event.strategy_id, event.trading_day, event.run, event.action),
-                    strategy_id=event.strategy_id,
-                    user_id=event.user_id,
-                    run=event.run,
-                    action=event.action,
-                    trigger=Trigger.SCHEDULE,
-                    trading_day=event.trading_day,
-                    instrument=event.instrument,
-                    quantity=event.quantity,
-                    due_at=event.due_at,
-                    created_at=services.clock.now(),
-                )
-                acks.append(await services.producer.publish_nowait("orders", event.strategy_id, intent))
-            await asyncio.gather(*acks)
-            yield None
+            except ValidationError as exc:
+                log.error("skipping a malformed time event: %s (%r)", exc.errors()[:1], value[:200])
+                continue
+            intent = OrderIntent(
+                intent_id=intent_id_for(event.strategy_id, event.trading_day, event.run, event.action),
+                strategy_id=event.strategy_id,
+                user_id=event.user_id,
+                run=event.run,
+                action=event.action,
+                trigger=Trigger.SCHEDULE,
+                trading_day=event.trading_day,
+                instrument=event.instrument,
+                quantity=event.quantity,
+                due_at=event.due_at,
+                created_at=services.clock.now(),
+            )
+            acks.append(await services.producer.publish_nowait("orders", event.strategy_id, intent))
+        await asyncio.gather(*acks)
 
-    @app.agent(orders_topic)
-    async def orders(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        # Offsets advance only when an intent is done: acked by its lane, not by this loop.
-        async for event in cast(faust.Stream[bytes], stream).noack().events():
-            await services.ready.wait()
-            intent = OrderIntent.model_validate_json(event.value)
-            await services.lanes.submit(intent, event.ack)
-            yield None
+    async def execute_intent(value: bytes, done: Callable[[], None]) -> None:
+        # The partition's offset advances only when the intent is carried out: `done` is called by its lane.
+        try:
+            intent = OrderIntent.model_validate_json(value)
+        except ValidationError as exc:
+            log.error("skipping a malformed order intent: %s (%r)", exc.errors()[:1], value[:200])
+            done()
+            return
+        await services.lanes.submit(intent, done)
+
+    intents = IntentFeed(settings, intents_from_time_events, execute_intent)
 
     return app, services
 
