@@ -706,7 +706,7 @@ class CrashMatrix:
                 if record.outcome == "placed":
                     placed_at.setdefault(record.tag, record.received_monotonic)
                     if record.tag in tags and tags[record.tag][1].is_exit:
-                        exits_placed.setdefault(record.api_key, []).append(record.received_monotonic)
+                        exits_placed.setdefault(record.api_key or "", []).append(record.received_monotonic)
                 if record.faults:
                     faulted_by_tag[record.tag] = faulted_by_tag.get(record.tag, 0) + 1
 
