@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     broker_timeout_seconds: float = Field(7.0, gt=0, le=60)
     broker_orders_per_second: float = Field(10.0, gt=0, description="Kite's per-api_key order rate limit.")
     order_max_attempts: int = Field(4, ge=1, le=10, description="First try plus three retries.")
+    execution_deadline_seconds: float = Field(
+        90.0,
+        ge=1,
+        description="An intent still unfinished after this long is abandoned and retried, as after a crash "
+        "(its attempt rows and broker tag keep it to one order): a stalled call must not hold a strategy's "
+        "lane, and the exit queued behind it, for ever. Above the worst legitimate case (every retry timing out).",
+    )
 
     # Market data session for the tick connector; unset: the most recently connected trader's session.
     ticker_api_key: str | None = None

@@ -82,6 +82,7 @@ _EXIT_STATE = {
 LOCK_SECONDS = 10.0
 MISSED_BUY = "BUY time missed"
 LOCK_WAIT_SECONDS = 120.0
+ANNOUNCE_SECONDS = 15.0
 
 
 GatewayFactory = Callable[[int], Awaitable[OrderGateway]]
@@ -91,6 +92,10 @@ class Publisher(Protocol):
     """What the engine needs from Kafka (core.kafka.EventProducer satisfies it)."""
 
     async def publish(self, topic: str, key: str | int, event: Event) -> None: ...
+
+
+class ExecutionStalled(RuntimeError):
+    """An intent ran past `execution_deadline_seconds`; it is retried (safe: one order per intent)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,17 @@ class Executor:
         for at most LOCK_SECONDS, while a slow order (retries, backoff) never outlives its own lock.
         """
         async with kept_alive_lock(self.redis, lock_key(intent.strategy_id), LOCK_SECONDS, LOCK_WAIT_SECONDS):
-            return await self._execute_locked(intent)
+            deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
+            try:
+                async with deadline:
+                    return await self._execute_locked(intent)
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                # The traceback shows where it stalled; the lane retries the intent like a redelivery.
+                raise ExecutionStalled(
+                    f"intent {intent.intent_id} unfinished after {self.settings.execution_deadline_seconds:.0f}s"
+                ) from exc
 
     async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
         # Two queries decide the intent: the strategy, and every order-log row of its run (a handful).
@@ -526,7 +541,10 @@ class Executor:
         return Told(result if result_done else None, notice if notice_done else None)
 
     async def _announce(self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None) -> None:
-        """The order result, the lifecycle event and the notice, sent together and acknowledged together."""
+        """The order result, the lifecycle event and the notice, sent together and acknowledged together.
+
+        Bounded: if Kafka does not acknowledge them in time, the intent fails here and its redelivery (which
+        finds the result recorded) announces again, instead of the strategy's lane waiting on Kafka."""
         sends: list[Awaitable[None]] = []
         if told.result is not None:
             sends.append(self.publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, told.result))
@@ -534,7 +552,8 @@ class Executor:
             sends.append(self.publisher.publish(LIFECYCLE_TOPIC, lifecycle.spec.instrument, lifecycle))
         if told.notice is not None:
             sends.append(self.publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, told.notice))
-        await asyncio.gather(*sends)
+        async with asyncio.timeout(ANNOUNCE_SECONDS):
+            await asyncio.gather(*sends)
 
     async def _fail(self, intent: OrderIntent, strategy: Strategy, exc: BrokerError, attempts: int) -> OrderResult:
         expired = isinstance(exc, BrokerTokenExpired)

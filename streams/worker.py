@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
@@ -136,6 +137,8 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     class _Resources(mode.Service):
         # Opened with the app and closed when the worker stops.
         async def on_start(self) -> None:
+            # `kill -USR1 <pid>` logs where every task is waiting: what an operator needs when a lane stalls.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_task_stacks)
             await services.start()
             await feed.start()
             await intents.start()
@@ -352,6 +355,21 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     intents = IntentFeed(settings, intents_from_time_events, execute_intent)
 
     return app, services
+
+
+def _log_task_stacks() -> None:
+    tasks = asyncio.all_tasks()
+    log.warning("%d tasks:", len(tasks))
+    for task in tasks:
+        # Follow the chain of awaits down to where the task is suspended (get_stack gives only the top).
+        where: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(where) < 40:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        log.warning("task %s: %s", task.get_name(), " -> ".join(where) or "(not started)")
 
 
 def run_worker(settings: Settings) -> None:

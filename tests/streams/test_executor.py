@@ -7,6 +7,7 @@ that finally fails stops the strategy and tells the trader.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from storage.db import session_factory
 from storage.models import Notification, OrderLog, OrderLogKind, Strategy, User
 from storage.runtime import RuntimeStore, runtime_key, symbol_key
 from streams import execution
-from streams.execution import Executor
+from streams.execution import ExecutionStalled, Executor
 from tests.fixtures.services import build_settings
 
 IST = ZoneInfo("Asia/Kolkata")
@@ -117,6 +118,9 @@ class FakeGateway:
             raise BrokerUnavailable("broker did not answer in time")
         if step == "rejected":
             return self.add_order(tag, "REJECTED", "RMS: margin exceeds limit").order_id
+        if step == "placed-then-stalled":
+            self.add_order(tag)
+            await asyncio.Event().wait()  # the call never returns (a hung connection)
         assert step == "fill", step
         return self.add_order(tag).order_id
 
@@ -410,6 +414,25 @@ async def test_a_buy_that_fills_after_the_trader_stopped_the_strategy_is_squared
     exit_result = await engine.executor.execute(exits[0])
     assert exit_result is not None and exit_result.status is OrderStatus.FILLED
     assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]  # flat at the broker again
+
+
+async def test_a_stalled_broker_call_is_abandoned_at_the_deadline_and_the_retry_adopts_the_order(
+    engine: Engine,
+) -> None:
+    """Found by the crash matrix (seed 3): one strategy's lane stopped making progress after a Kafka
+    restart, and the STOPLOSS and SELLs queued behind it never ran. Whatever stalls, an intent is abandoned
+    at the deadline (the lane retries it); the retry finds the order the stalled call placed, by tag."""
+    engine.executor.settings = engine.executor.settings.model_copy(update={"execution_deadline_seconds": 1.0})
+    engine.gateway.script = ["placed-then-stalled"]
+    buy = engine.intent(Action.BUY)
+
+    with pytest.raises(ExecutionStalled):
+        await engine.executor.execute(buy)
+    result = await engine.executor.execute(buy)
+
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert len(engine.gateway.placements) == 1
+    assert len(engine.gateway.orders_tagged(buy.broker_tag)) == 1
 
 
 async def test_a_sell_first_adopts_a_stoploss_whose_outcome_was_never_recorded(engine: Engine) -> None:
