@@ -660,7 +660,7 @@ def _stoploss_figures(
             f"Stop-loss at {background:,.0f} ticks/s background, split at the STOPLOSS intent's Kafka timestamp "
             f"(ms resolution): tick publish -> intent produced by the stop-loss agent p50 "
             f"{percentile(hop1, 0.5):.0f} / p99 {percentile(hop1, 0.99):.0f} ms; intent -> order at the broker "
-            f"(orders agent, lane, Redis lock, {stack.database_kind.split(' ')[0]} reads and the attempt row, "
+            f"(intent feed, lane, Redis lock, {stack.database_kind.split(' ')[0]} reads and the attempt row, "
             f"rate-limit script, kiteconnect HTTP in a thread) p50 {percentile(hop2, 0.5):.0f} / p99 "
             f"{percentile(hop2, 0.99):.0f} ms."
         )
@@ -731,7 +731,7 @@ async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
         "time event produced by the scheduler": [
             r.timestamp_ms - due_wall * 1000 for r in watcher.records if r.topic.endswith("time-events")
         ],
-        "BUY intent produced by the time-events agent": [
+        "BUY intent produced from the time event": [
             r.timestamp_ms - due_wall * 1000 for r in watcher.records if r.topic.endswith("orders")
         ],
         "order received by the broker": latencies,

@@ -4,6 +4,14 @@ Each strategy with work gets a lane (an asyncio task draining its queue); a prio
 lanes execute at once, admitting STOPLOSS first. A lane that fails unexpectedly (database or Redis down)
 retries the same intent with backoff rather than acknowledging it: the offset must not pass an intent that
 was not carried out.
+
+A copy of an intent that this worker already holds (queued or running in its lane) is not queued again: it
+is acknowledged together with the first copy, when that one has been carried out (the lane retries it until
+it succeeds). Not earlier: after a rebalance the copy can be the very same record re-read, and acknowledging
+it before the work is done would let the offset pass an intent a crash then loses. Copies pile up after
+restarts (a partition is re-read from its oldest
+unfinished intent, recovery re-sends what has no result, a re-armed stop fires again); each would otherwise
+take a turn in the lane, ahead of the exit queued behind them.
 """
 
 from __future__ import annotations
@@ -29,9 +37,18 @@ class StrategyLanes:
         self.gate = PriorityGate(concurrency)
         self._queues: dict[int, asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # intent id -> acknowledgements of the later copies, for an intent queued or running in this worker
+        self._copies: dict[str, list[Callable[[], Any]]] = {}
         self._backlog = asyncio.Semaphore(MAX_BACKLOG)
+        self.coalesced = 0
 
     async def submit(self, intent: OrderIntent, done: Callable[[], Any]) -> None:
+        copies = self._copies.get(intent.intent_id)
+        if copies is not None:
+            self.coalesced += 1
+            copies.append(done)
+            return
+        self._copies[intent.intent_id] = []
         await self._backlog.acquire()  # back-pressure on the consumer when far behind
         queue = self._queues.get(intent.strategy_id)
         if queue is None:
@@ -50,6 +67,8 @@ class StrategyLanes:
                     continue
                 await self._run(intent)
                 done()
+                for copy_done in self._copies.pop(intent.intent_id, []):
+                    copy_done()
                 self._backlog.release()
         finally:
             self._queues.pop(strategy_id, None)

@@ -272,3 +272,34 @@ class _AsyncioWith:
         if name in self._overrides:
             return self._overrides[name]
         return getattr(asyncio, name)
+
+
+async def test_a_copy_of_a_held_intent_runs_once_and_is_acknowledged_with_the_first(
+    executor: FakeExecutor, make_lanes: Callable[[int], StrategyLanes]
+) -> None:
+    """After a restart the same intent arrives again and again (the partition re-read, recovery's re-send, a
+    re-armed stop firing twice): each copy would take a turn in the strategy's lane ahead of the exit queued
+    behind it. A copy is not run again, and is acknowledged only once the first copy is done."""
+    lanes = make_lanes(4)
+    buy, stoploss = intent(1, Action.BUY), intent(1, Action.STOPLOSS)
+    acked: asyncio.Queue[str] = asyncio.Queue()
+    await lanes.submit(buy, lambda: acked.put_nowait("buy"))
+    await started(executor, buy)
+    await lanes.submit(buy, lambda: acked.put_nowait("buy copy (while running)"))
+    await lanes.submit(stoploss, lambda: acked.put_nowait("stoploss"))
+    await lanes.submit(stoploss, lambda: acked.put_nowait("stoploss copy (while queued)"))
+    await settle()
+    assert acked.empty()  # nothing is acknowledged before the work is done
+
+    executor.release[buy.intent_id].set()
+    executor.release[stoploss.intent_id].set()
+    async with asyncio.timeout(5):
+        order = [await acked.get() for _ in range(4)]
+    assert order == ["buy", "buy copy (while running)", "stoploss", "stoploss copy (while queued)"]
+    assert executor.starts() == [buy.intent_id, stoploss.intent_id]
+    assert lanes.coalesced == 2
+
+    executor.started[buy.intent_id].clear()
+    await lanes.submit(buy, lambda: acked.put_nowait("buy, later"))  # done and gone: a later copy runs again
+    await started(executor, buy)
+    assert executor.starts() == [buy.intent_id, stoploss.intent_id, buy.intent_id]
