@@ -636,6 +636,12 @@ class CrashMatrix:
         settled = await self._poll(self._settled, self.config.settle_seconds)
         if not settled:
             self.say("not settled in time")
+            worker = self.services.get("worker")
+            if worker is not None and worker.process is not None and worker.alive():
+                # The worker logs where each of its tasks is waiting (streams/worker.py): the evidence for
+                # whatever held the missing exit back.
+                os.kill(worker.process.pid, signal.SIGUSR1)
+                await self._poll(lambda: any(" tasks:" in line for line in worker.tail), 5.0)
 
     async def _settled(self) -> bool:
         """Every filled BUY has a filled exit at the broker, and the database has caught up with it."""
