@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
@@ -14,6 +15,30 @@ from schemas.events import Event
 from streams.topics import topic_specs
 
 log = logging.getLogger(__name__)
+
+CONSUMER_STOP_SECONDS = 3.0
+
+
+async def stop_consumer(
+    consumer: AIOKafkaConsumer | None,
+    loops: Iterable[asyncio.Task[None]],
+    final_commit: Callable[[], Awaitable[None]] | None,
+) -> None:
+    """Stop a consumer's loops, commit what they finished and leave the group, within a bound: a service
+    that stops because its launcher died must not outlive it (a commit to a broker that is gone as well
+    waits out the client's request timeout). An offset not committed here is read again: at least once."""
+    loops = list(loops)
+    for task in loops:
+        task.cancel()
+    await asyncio.gather(*loops, return_exceptions=True)
+    try:
+        async with asyncio.timeout(CONSUMER_STOP_SECONDS):
+            if final_commit is not None:
+                await final_commit()
+            if consumer is not None:
+                await consumer.stop()
+    except TimeoutError:
+        log.warning("Kafka consumer not stopped within %.0fs (is the broker gone?): leaving", CONSUMER_STOP_SECONDS)
 
 
 async def ensure_topics(settings: Settings, wait_seconds: float = 30.0) -> dict[str, int]:

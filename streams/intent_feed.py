@@ -29,6 +29,7 @@ from functools import partial
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.kafka import stop_consumer
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,8 @@ class IntentFeed:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._tasks:
-            await self.commit()
-        if hasattr(self, "consumer"):
-            await self.consumer.stop()
+        started = hasattr(self, "consumer")
+        await stop_consumer(self.consumer if started else None, self._tasks, self.commit if self._tasks else None)
 
     async def _run(self) -> None:
         while True:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.kafka import stop_consumer
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,9 @@ class TickFeed:
         self._committer = asyncio.create_task(self._commit_every_while(), name="tick-feed-commits")
 
     async def stop(self) -> None:
-        for task in (self._task, self._committer):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self._task is not None:
-            await self._commit()
-        if hasattr(self, "consumer"):
-            await self.consumer.stop()
+        loops = [task for task in (self._task, self._committer) if task is not None]
+        started = hasattr(self, "consumer")
+        await stop_consumer(self.consumer if started else None, loops, self._commit if self._task else None)
 
     async def _apply_assignment(self) -> None:
         wanted, self._wanted = self._wanted, None
