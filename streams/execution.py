@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from redis.asyncio import Redis
-from sqlalchemy import update
+from sqlalchemy import Update, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -642,14 +642,9 @@ class Executor:
         async with self.sessions() as session:
             if update_only:
                 await session.execute(
-                    update(OrderLog)
-                    .where(
-                        OrderLog.intent_id == intent.intent_id,
-                        OrderLog.kind == OrderLogKind.ATTEMPT.value,
-                        OrderLog.attempt == attempt,
-                    )
-                    .values(status=status, broker_order_id=order_id, message=message)
-                )
+                    self._attempt_update(intent, attempt).values(status=status, broker_order_id=order_id,
+                                                                 message=message)
+                )  # fmt: skip
             else:
                 session.add(self._log_row(intent, OrderLogKind.ATTEMPT, attempt, status, order_id, None, message))
             await session.commit()
@@ -700,14 +695,14 @@ class Executor:
     async def _mark_placed(
         self, session: AsyncSession, intent: OrderIntent, attempt: int, order_id: str | None
     ) -> None:
-        await session.execute(
-            update(OrderLog)
-            .where(
-                OrderLog.intent_id == intent.intent_id,
-                OrderLog.kind == OrderLogKind.ATTEMPT.value,
-                OrderLog.attempt == attempt,
-            )
-            .values(status="placed", broker_order_id=order_id)
+        await session.execute(self._attempt_update(intent, attempt).values(status="placed", broker_order_id=order_id))
+
+    @staticmethod
+    def _attempt_update(intent: OrderIntent, attempt: int) -> Update:
+        return update(OrderLog).where(
+            OrderLog.intent_id == intent.intent_id,
+            OrderLog.kind == OrderLogKind.ATTEMPT.value,
+            OrderLog.attempt == attempt,
         )
 
     @staticmethod
