@@ -111,8 +111,9 @@ class IntentFeed:
         while True:
             try:
                 batches = await self.consumer.getmany(timeout_ms=IDLE_POLL_MS, max_records=BATCH_RECORDS)
-            except KafkaError as exc:  # the broker restarting: the consumer reconnects by itself
-                log.warning("intent feed: %s; retrying", exc)
+            except Exception as exc:  # noqa: BLE001 - this loop must not die: nothing would read the intents
+                # The broker restarting (the consumer reconnects by itself), or a state error mid-rebalance.
+                log.warning("intent feed: %r; retrying", exc)
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             for tp, records in batches.items():
