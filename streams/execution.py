@@ -261,6 +261,12 @@ class Executor:
         redelivered intent re-announces it (idempotent), or a bought position would stay without its stop."""
         if intent.run != strategy.run or existing.status != OrderStatus.FILLED.value:
             return
+        if intent.action is Action.BUY and position.open and strategy.status == StrategyStatus.STOPPED.value:
+            # The worker died between recording this fill and squaring off the position of a strategy the
+            # trader had already stopped (crash matrix seed 6): finish it. Idempotent, like the STOP's own
+            # EXIT (same intent id): if that one went out, this copy is dropped.
+            await self.manager.square_off_orphan(strategy, intent.trading_day)
+            return
         spec = spec_for(strategy)
         now = self.clock.now()
         if intent.action is Action.BUY and position.open and strategy.status == StrategyStatus.RUNNING.value:

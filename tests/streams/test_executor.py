@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 import tenacity
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
@@ -43,7 +43,7 @@ from schemas.events import (
     intent_id_for,
 )
 from storage.db import session_factory
-from storage.models import Notification, OrderLog, OrderLogKind, Strategy, User
+from storage.models import Notification, OrderLog, OrderLogKind, Strategy, StrategyStatus, User
 from storage.runtime import RuntimeStore, runtime_key, symbol_key
 from streams import execution
 from streams.execution import ExecutionStalled, Executor
@@ -414,6 +414,34 @@ async def test_a_buy_that_fills_after_the_trader_stopped_the_strategy_is_squared
     exit_result = await engine.executor.execute(exits[0])
     assert exit_result is not None and exit_result.status is OrderStatus.FILLED
     assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]  # flat at the broker again
+
+
+async def test_a_buy_recorded_just_before_a_crash_is_still_squared_off_when_the_strategy_was_stopped(
+    engine: Engine,
+) -> None:
+    """Crash matrix seed 6: the trader's STOP saw no position (the BUY's outcome was unknown, its worker had
+    died); the next worker adopted the filled BUY, recorded it, and died before squaring it off. The
+    redelivered BUY found its result recorded and dropped itself as a duplicate: shares left at the broker."""
+    buy = engine.intent(Action.BUY)
+    await engine.executor.execute(buy)
+    engine.publisher.sent.clear()
+    # The trader stopped it meanwhile, seeing no position (the runtime still said "buying").
+    await engine.redis.hset(runtime_key(engine.strategy_id), "state", "idle")
+    async with engine.sessions() as session:
+        await session.execute(
+            update(Strategy).where(Strategy.id == engine.strategy_id).values(status=StrategyStatus.STOPPED.value)
+        )
+        await session.commit()
+
+    assert await engine.executor.execute(buy) is None  # the redelivered copy: a duplicate
+
+    exits = [e for _, _, e in engine.publisher.sent if isinstance(e, OrderIntent)]
+    assert [(e.action, e.run) for e in exits] == [(Action.EXIT, 1)]
+    exit_result = await engine.executor.execute(exits[0])
+    assert exit_result is not None and exit_result.status is OrderStatus.FILLED
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]
+    assert await engine.executor.execute(buy) is None  # and once flat, a later copy sends nothing more
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]
 
 
 async def test_a_stalled_broker_call_is_abandoned_at_the_deadline_and_the_retry_adopts_the_order(
