@@ -107,7 +107,8 @@ class WorkerServices:
         await self.engine.dispose()
 
 
-def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.App, WorkerServices]:
+def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.App, mode.Service]:
+    """The Faust app, and the service to start before it (connections, the tick and intent feeds)."""
     app = build_faust_app(settings, "algo-worker")
     services = WorkerServices(settings, clock or get_clock())
     lifecycle_topic = raw_topic(app, settings.topic("strategy-lifecycle"), settings.ticks_partitions)
@@ -135,20 +136,24 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         feed.follow({tp.partition for tp in app.consumer.assignment() if tp.topic == lifecycle_name})
 
     class _Resources(mode.Service):
-        # Opened with the app and closed when the worker stops.
+        # Started before the Faust app and stopped after it (run_worker), not as an app service: those start
+        # only once Faust has joined its group and recovered its tables, about 3 s after a restart. Reading
+        # intents and the start-up recovery check need none of that, and a stop crossed while this worker
+        # was down must be exited within 5 s of its return (crash matrix seeds 2, 3 and 5).
         async def on_start(self) -> None:
             # `kill -USR1 <pid>` logs where every task is waiting: what an operator needs when a lane stalls.
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_task_stacks)
             await services.start()
-            await feed.start()
+            await feed.start()  # reads nothing until the rebalance says which instruments are ours
             await intents.start()
+            self.add_future(check_recovery())  # at once, not at the first timer tick
 
         async def on_stop(self) -> None:
             await intents.stop()
             await feed.stop()
             await services.stop()
 
-    app.service(_Resources)
+    resources = _Resources()
 
     @app.agent(lifecycle_topic)
     async def lifecycle(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
@@ -305,12 +310,6 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         except Exception:
             log.exception("recovery failed; retrying in %ss", RECOVERY_CHECK_SECONDS)
 
-    @app.task
-    async def _recover_at_start() -> None:
-        # At once, not at the first timer tick: a stop crossed while this worker was down must not wait.
-        await services.ready.wait()
-        await check_recovery()
-
     @app.timer(RECOVERY_CHECK_SECONDS)
     async def _recover_when_needed() -> None:
         if services.ready.is_set():
@@ -354,7 +353,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
 
     intents = IntentFeed(settings, intents_from_time_events, execute_intent)
 
-    return app, services
+    return app, resources
 
 
 def _log_task_stacks() -> None:
@@ -375,6 +374,10 @@ def _log_task_stacks() -> None:
 def run_worker(settings: Settings) -> None:
     # A broker that restarted empty has no topics: Faust would subscribe to nothing and sit idle.
     asyncio.run(ensure_topics(settings))
-    app, _ = build_worker(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False)
-    worker.execute_from_commandline()
+    worker_process(settings).execute_from_commandline()
+
+
+def worker_process(settings: Settings) -> faust.Worker:
+    app, resources = build_worker(settings)
+    # A Faust worker starts its services in the order given, and the app after them (see `_Resources`).
+    return faust.Worker(app, resources, loglevel=settings.log_level.lower(), redirect_stdouts=False)
