@@ -46,7 +46,7 @@ from schemas.events import (
 )
 from storage.locks import kept_alive_lock
 from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus
-from storage.positions import RunPosition, positions_of, running_positions
+from storage.positions import RunPosition, positions_by_status, positions_of, running_positions
 from storage.runtime import RuntimeState, connect_redis
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class Recovery:
             )
             positions = await running_positions(session)
             unresolved = await self._unresolved_intents(session)
+            orphans = await self._orphaned_positions(session)
 
         now = self.manager.clock.now()
         loads: list[tuple[StrategySpec, int, date, dict[str, str]]] = []
@@ -182,6 +183,7 @@ class Recovery:
         await self.manager.runtime.load_many(loads)
         await self._publish_all([(LIFECYCLE_TOPIC, e.spec.instrument, e) for e in events])
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
+        await self._square_off(orphans)
         # Only now: a recovery cut short (Kafka away, timeout, crash) leaves no marker and runs again.
         await self.redis.set(MARKER_KEY, str(time.time()))
 
@@ -209,7 +211,9 @@ class Recovery:
                 .all()
             )
             positions = await running_positions(session)
+            orphans = await self._orphaned_positions(session)
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
+        await self._square_off(orphans)
         exits = await self._exit_crossed_stops([s for s in strategies if positions.get(s.id, RunPosition()).open])
         if exits:
             log.warning("%d stop-loss crossings found at start: exits sent", exits)
@@ -299,6 +303,38 @@ class Recovery:
                 created_at=now,
             )  # fmt: skip
         return list(intents.values())
+
+    async def _orphaned_positions(self, session: AsyncSession) -> list[Strategy]:
+        """Stopped strategies whose current run holds a position and never asked for its EXIT.
+
+        A BUY that fills after the trader's STOP is squared off by the engine as soon as it records the fill
+        (`Executor._complete`); a worker that dies between the two leaves the shares at the broker with no
+        EXIT requested. A redelivered BUY repairs that (`Executor._repair_followups`), but a Kafka broker that
+        restarted empty redelivers nothing (crash matrix seed 5): the database is what remembers it.
+        """
+        positions = await positions_by_status(session, StrategyStatus.STOPPED)
+        holding = [strategy_id for strategy_id, position in positions.items() if position.open]
+        if not holding:
+            return []
+        asked = set(
+            (
+                await session.execute(
+                    select(OrderLog.strategy_id)
+                    .join(Strategy, and_(Strategy.id == OrderLog.strategy_id, Strategy.run == OrderLog.run))
+                    .where(OrderLog.strategy_id.in_(holding), OrderLog.action == Action.EXIT.value)
+                )
+            ).scalars()
+        )
+        orphaned = [strategy_id for strategy_id in holding if strategy_id not in asked]
+        if not orphaned:
+            return []
+        return list((await session.execute(select(Strategy).where(Strategy.id.in_(orphaned)))).scalars())
+
+    async def _square_off(self, orphans: list[Strategy]) -> None:
+        today = self.manager.calendar.trading_day_of(self.manager.clock.now())
+        for strategy in orphans:
+            # Recorded before it is sent, under the EXIT's own intent id: a STOP's EXIT racing it is the same.
+            await self.manager.square_off_orphan(strategy, strategy.trading_day or today)
 
     async def _exit_crossed_stops(self, open_positions: list[Strategy]) -> int:
         if not open_positions:

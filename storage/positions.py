@@ -101,17 +101,22 @@ async def run_history(session: AsyncSession, strategy_id: int, run: int) -> RunH
 
 
 async def running_positions(session: AsyncSession) -> dict[int, RunPosition]:
-    """Every running strategy's current-run position in one query (recovery reads thousands at once).
+    """Every running strategy's current-run position in one query (recovery reads thousands at once)."""
+    return await positions_by_status(session, StrategyStatus.RUNNING)
+
+
+async def positions_by_status(session: AsyncSession, status: StrategyStatus) -> dict[int, RunPosition]:
+    """The current-run position of every strategy in `status` that has an order result, in one query.
 
     A join rather than an IN list of (strategy, run) pairs: PostgreSQL refuses ten thousand of those.
     """
     rows = await session.execute(
         select(Strategy.id, OrderLog.action, OrderLog.status, OrderLog.price, OrderLog.broker_order_id)
         .join(OrderLog, and_(OrderLog.strategy_id == Strategy.id, OrderLog.run == Strategy.run))
-        .where(Strategy.status == StrategyStatus.RUNNING.value, OrderLog.kind == OrderLogKind.RESULT.value)
+        .where(Strategy.status == status.value, OrderLog.kind == OrderLogKind.RESULT.value)
         .order_by(OrderLog.id)
     )
     grouped: dict[int, list[tuple[str, str, object, str | None]]] = {}
-    for strategy_id, action, status, price, order_id in rows:
-        grouped.setdefault(strategy_id, []).append((action, status, price, order_id))
+    for strategy_id, action, outcome, price, order_id in rows:
+        grouped.setdefault(strategy_id, []).append((action, outcome, price, order_id))
     return {sid: fold(history) for sid, history in grouped.items()}

@@ -1,4 +1,4 @@
-"""Recovery's safety net for lost SELLs, against a real database and Redis."""
+"""Recovery's safety nets for lost SELLs and orphaned positions, against a real database and Redis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.clock import ManualClock
@@ -38,7 +39,7 @@ class RecordingPublisher:
         return done
 
 
-async def running_strategy(engine: AsyncEngine, *, sell_time: time, bought: bool) -> int:
+async def running_strategy(engine: AsyncEngine, *, sell_time: time, bought: bool, status: str = "running") -> int:
     now = datetime.now(UTC)
     sessions = session_factory(engine)
     async with sessions() as session:
@@ -48,7 +49,7 @@ async def running_strategy(engine: AsyncEngine, *, sell_time: time, bought: bool
         strategy = Strategy(
             user_id=user.id, exchange="NSE", tradingsymbol="INFY", instrument_token=408065, quantity=5,
             buy_time=time(10, 0), sell_time=sell_time, stop_loss=Decimal("1400.05"), product="MIS",
-            status="running", run=1, trading_day=DAY, created_at=now, updated_at=now,
+            status=status, run=1, trading_day=DAY, created_at=now, updated_at=now,
         )  # fmt: skip
         session.add(strategy)
         await session.flush()
@@ -92,3 +93,42 @@ async def test_an_open_position_past_its_sell_time_gets_its_sell_once(db_engine:
     assert await recovery.exit_overdue_sells() == 0  # sent once; the engine is on it
     clock.advance(20)
     assert await recovery.exit_overdue_sells() == 1  # the 5-s-late one is overdue now
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+async def test_a_stopped_strategy_left_holding_shares_is_squared_off_at_start(
+    db_engine: AsyncEngine, redis: Redis
+) -> None:
+    """Regression for crash-matrix seed 5: a BUY filled after the trader's STOP; the worker recorded the fill
+    and died before it requested the square-off, and the Kafka broker restarted empty, so the BUY intent was
+    never redelivered to repair it. The shares stayed at the broker with no strategy managing them."""
+    settings = build_settings()
+    clock = ManualClock(datetime(2025, 1, 15, 11, 0, 30, tzinfo=IST))
+    publisher = RecordingPublisher()
+    sessions = session_factory(db_engine)
+    manager = StrategyManager(sessions, RuntimeStore(redis), publisher, clock, MarketCalendar(settings))
+    recovery = Recovery(settings, sessions, redis, publisher, manager)  # type: ignore[arg-type]
+
+    orphan = await running_strategy(db_engine, sell_time=time(12, 0), bought=True, status="stopped")
+    await running_strategy(db_engine, sell_time=time(12, 0), bought=False, status="stopped")  # nothing held
+    await running_strategy(db_engine, sell_time=time(12, 0), bought=False)  # running, nothing held
+
+    await recovery.exit_crossed_stops()
+    [(topic, key, intent)] = publisher.sent
+    assert isinstance(intent, OrderIntent) and (topic, key) == ("orders", str(orphan))
+    assert intent.intent_id == intent_id_for(orphan, DAY, 1, Action.EXIT)  # the STOP's own: never two orders
+    async with sessions() as session:
+        [requested] = (await session.execute(select(OrderLog).where(OrderLog.action == "EXIT"))).scalars().all()
+    assert (requested.strategy_id, requested.kind, requested.attempt, requested.status) == (
+        orphan,
+        "attempt",
+        0,
+        "requested",
+    )
+
+    # The next start finds the request: it re-sends that one intent (same id), and asks for nothing new.
+    publisher.sent.clear()
+    await recovery.exit_crossed_stops()
+    assert [event.intent_id for _, _, event in publisher.sent if isinstance(event, OrderIntent)] == [intent.intent_id]
+    async with sessions() as session:
+        assert len((await session.execute(select(OrderLog).where(OrderLog.action == "EXIT"))).scalars().all()) == 1
