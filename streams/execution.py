@@ -455,9 +455,11 @@ class Executor:
             if filled and not await self._still_running(intent):
                 # The trader stopped the strategy while this BUY was in flight (or before a lost BUY was
                 # adopted): the STOP saw no position, so nobody would manage this one. Square it off at
-                # once rather than arm a stop for a stopped strategy (crash matrix seed 9).
-                await self._announce(intent, told)
+                # once rather than arm a stop for a stopped strategy (crash matrix seed 9). The square-off is
+                # requested before the fill is announced: announcing may wait on Kafka for seconds, and a worker
+                # killed meanwhile left the shares with nobody to sell them (seed 20).
                 await self.manager.square_off_orphan(strategy, intent.trading_day)
+                await self._announce(intent, told)
                 return result
             if strategy.protective_stop and filled:
                 await self.protection.place(await self.gateways(intent.user_id), intent, strategy)
