@@ -519,34 +519,33 @@ class Executor:
 
         Should any of it be there already (a redelivery racing its twin, a notice given before a crash), each
         part is retried on its own and what was already there is left as it is."""
-        steps: list[Callable[[AsyncSession], Awaitable[None]]] = []
+        steps: dict[str, Callable[[AsyncSession], Awaitable[None]]] = {}
         if placed_attempt is not None:
-            steps.append(lambda session: self._mark_placed(session, intent, placed_attempt, result.broker_order_id))
-        steps.append(lambda session: self._add(session, self._result_log_row(intent, result)))
-        steps.append(lambda session: self._add(session, self._notification_row(notice)))
+            steps["placed"] = lambda session: self._mark_placed(session, intent, placed_attempt, result.broker_order_id)
+        steps["result"] = lambda session: self._add(session, self._result_log_row(intent, result))
+        steps["notice"] = lambda session: self._add(session, self._notification_row(notice))
         if finish is not None:
-            steps.append(lambda session: self._finish_in(session, *finish))
+            steps["finish"] = lambda session: self._finish_in(session, *finish)
         try:
             async with self.sessions() as session:
-                for step in steps:
+                for step in steps.values():
                     await step(session)
                 await session.commit()
             return Told(result, notice)
         except IntegrityError:
             pass
-        done: list[bool] = []
-        for step in steps:
+        done: dict[str, bool] = {}
+        for name, step in steps.items():
             try:
                 async with self.sessions() as session:
                     await step(session)
                     await session.commit()
-                done.append(True)
+                done[name] = True
             except IntegrityError:
-                done.append(False)
-        result_done, notice_done = done[-2:] if finish is None else done[-3:-1]
-        if not result_done:
+                done[name] = False
+        if not done["result"]:
             log.info("intent %s result already recorded", intent.intent_id)
-        return Told(result if result_done else None, notice if notice_done else None)
+        return Told(result if done["result"] else None, notice if done["notice"] else None)
 
     async def _announce(self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None) -> None:
         """The order result, the lifecycle event and the notice, sent together and acknowledged together.

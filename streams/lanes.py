@@ -9,9 +9,8 @@ A copy of an intent that this worker already holds (queued or running in its lan
 is acknowledged together with the first copy, when that one has been carried out (the lane retries it until
 it succeeds). Not earlier: after a rebalance the copy can be the very same record re-read, and acknowledging
 it before the work is done would let the offset pass an intent a crash then loses. Copies pile up after
-restarts (a partition is re-read from its oldest
-unfinished intent, recovery re-sends what has no result, a re-armed stop fires again); each would otherwise
-take a turn in the lane, ahead of the exit queued behind them.
+restarts (a partition is re-read from its oldest unfinished intent, recovery re-sends what has no result, a
+re-armed stop fires again); each would otherwise take a turn in the lane, ahead of the exit queued behind them.
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         # Started before the Faust app and stopped after it (run_worker), not as an app service: those start
         # only once Faust has joined its group and recovered its tables, about 3 s after a restart. Reading
         # intents and the start-up recovery check need none of that, and a stop crossed while this worker
-        # was down must be exited within 5 s of its return (crash matrix seeds 2, 3 and 5).
+        # was down is to be exited within 5 s of its return.
         async def on_start(self) -> None:
             # `kill -USR1 <pid>` logs where every task is waiting: what an operator needs when a lane stalls.
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_task_stacks)
