@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer
@@ -44,7 +44,8 @@ from schemas.events import (
     Trigger,
     intent_id_for,
 )
-from storage.locks import kept_alive_lock
+from storage.db import aware
+from storage.locks import ProcessLease, kept_alive_lock
 from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus
 from storage.positions import RunPosition, positions_by_status, positions_of, running_positions
 from storage.runtime import RuntimeState, connect_redis
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 MARKER_KEY = "recovery:epoch"
 LIFECYCLE_END_KEY = "recovery:lifecycle-end"
 LOCK_KEY = "lock:recovery"
+# Short, unlike a strategy's order lock: recovery is idempotent (two at once only repeat each other's writes),
+# so nothing is risked by a lock that lapses while its holder is slow, and a lot by one that outlives a killed
+# holder. With 10 s, a worker restarted with the Kafka broker waited 6 s for the lock of the worker killed
+# mid-recovery, with stops crossed meanwhile waiting on that recovery (crash matrix seed 3).
+LOCK_SECONDS = 3.0
 RECOVERY_SECONDS = 60.0
 BATCH = 100  # concurrent Redis/Kafka calls per step: recovery shares the pool with the order lanes
 LTP_ACCOUNTS = 5  # broker sessions tried for last prices (some may have expired)
@@ -76,15 +82,6 @@ class RecoveryReport:
     reconciled_intents: int
     stoploss_exits: int
     seconds: float
-
-
-def aware(moment: datetime) -> datetime:
-    """SQLite hands timestamps back without their zone (they were stored as UTC): put it back.
-
-    Crash matrix seed 1: a recovered intent with a naive `due_at` made the execution engine raise
-    TypeError (naive minus aware) on every try, so a BUY the broker had filled was never adopted.
-    """
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def runtime_fields(position: RunPosition) -> dict[str, str]:
@@ -114,12 +111,14 @@ class Recovery:
         redis: Redis,
         publisher: BulkPublisher,
         manager: StrategyManager,
+        lease: ProcessLease | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = session_factory
         self.redis = redis
         self.publisher = publisher
         self.manager = manager
+        self.lease = lease
         self._offsets: AIOKafkaConsumer | None = None
         self._overdue_sent: dict[tuple[int, int], float] = {}  # (strategy, run) -> not again before (monotonic)
 
@@ -143,7 +142,7 @@ class Recovery:
         reason = await self.needed()
         if reason is None:
             return None
-        async with kept_alive_lock(self.redis, LOCK_KEY, ttl=10.0, wait=RECOVERY_SECONDS):
+        async with kept_alive_lock(self.redis, LOCK_KEY, LOCK_SECONDS, RECOVERY_SECONDS, self.lease):
             if (reason := await self.needed()) is None:
                 return None  # another process just did it
             log.warning("recovery needed: %s", reason)
@@ -437,7 +436,7 @@ async def run_recovery(settings: Settings, *, force: bool) -> RecoveryReport | N
     await producer.start()
     try:
         if force:
-            async with kept_alive_lock(redis, LOCK_KEY, ttl=10.0, wait=RECOVERY_SECONDS):
+            async with kept_alive_lock(redis, LOCK_KEY, ttl=LOCK_SECONDS, wait=RECOVERY_SECONDS):
                 return await recovery.run()
         return await recovery.ensure()
     finally:

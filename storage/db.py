@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import event
@@ -48,3 +49,12 @@ async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncItera
         except BaseException:
             await session.rollback()
             raise
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (they were stored as UTC): put it back.
+
+    Crash matrix seed 1: a recovered intent with a naive `due_at` made the execution engine raise
+    TypeError (naive minus aware) on every try, so a BUY the broker had filled was never adopted.
+    """
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import aware
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
 
 BUY = "BUY"
@@ -82,6 +84,12 @@ class RunHistory:
             (row.attempt for row in self.rows if row.intent_id == intent_id and row.kind == OrderLogKind.ATTEMPT.value),
             default=0,
         )
+
+    def sending_since(self, intent_id: str) -> datetime | None:
+        """When the intent's last attempt was sent, if its sender never heard back (it died mid-call)."""
+        attempts = [r for r in self.rows if r.intent_id == intent_id and r.kind == OrderLogKind.ATTEMPT.value]
+        last = max(attempts, key=lambda row: row.attempt, default=None)
+        return aware(last.created_at) if last is not None and last.status == "sending" else None
 
     def unrecorded_actions(self) -> set[str]:
         """Actions sent to the broker (an attempt numbered from 1) whose intent has no result row."""

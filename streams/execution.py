@@ -44,7 +44,7 @@ from schemas.events import (
     UserNotification,
     intent_id_for,
 )
-from storage.locks import kept_alive_lock
+from storage.locks import ProcessLease, kept_alive_lock
 from storage.models import (
     Notification,
     OrderLog,
@@ -116,6 +116,7 @@ class Executor:
         publisher: Publisher,
         gateways: GatewayFactory,
         manager: StrategyManager,
+        lease: ProcessLease | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -124,6 +125,7 @@ class Executor:
         self.publisher = publisher
         self.gateways = gateways
         self.manager = manager
+        self.lease = lease
         self.rate_limiter = BrokerRateLimiter(redis, settings.broker_orders_per_second)
         self._hset_if_exists = redis.register_script(_HSET_IF_EXISTS)
         self.confirm_timeout = max(settings.broker_timeout_seconds, 5.0)
@@ -135,9 +137,11 @@ class Executor:
         """Handle one intent under the strategy's runtime lock. Returns the result, None if a duplicate.
 
         The lock is short-lived and kept alive while we work: a worker killed mid-order leaves it behind
-        for at most LOCK_SECONDS, while a slow order (retries, backoff) never outlives its own lock.
+        for at most LOCK_SECONDS (its lease's few seconds when it has one), while a slow order (retries,
+        backoff) never outlives its own lock.
         """
-        async with kept_alive_lock(self.redis, lock_key(intent.strategy_id), LOCK_SECONDS, LOCK_WAIT_SECONDS):
+        key = lock_key(intent.strategy_id)
+        async with kept_alive_lock(self.redis, key, LOCK_SECONDS, LOCK_WAIT_SECONDS, self.lease):
             deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
             try:
                 async with deadline:
@@ -165,6 +169,8 @@ class Executor:
             log.info("intent %s already has a result (%s): duplicate dropped", intent.intent_id, existing.status)
             await self._repair_followups(intent, strategy, existing, position)
             return None
+        if attempts_so_far > 0:
+            await self._let_settle(history, intent)
 
         # An exit must know which of its run's orders reached the broker unrecorded (usually none): a worker
         # that died mid-order leaves its attempt row without a result.
@@ -237,6 +243,7 @@ class Executor:
             }
         )
         attempts = history.attempts_of(other.intent_id)
+        await self._let_settle(history, other)
         # A transient failure propagates (the lane retries the exit shortly); a refusal means nothing to adopt.
         try:
             gateway = await self.gateways(intent.user_id)
@@ -281,6 +288,23 @@ class Executor:
             StrategyLifecycle(kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day, occurred_at=now,
                               entry_price=position.entry_price, reason=reason),
         )  # fmt: skip
+
+    async def _let_settle(self, history: RunHistory, intent: OrderIntent) -> None:
+        """Give an order that a dead delivery may have sent time to reach the broker before asking about it.
+
+        An attempt still marked "sending" belongs to a delivery that never heard back: its worker died mid-call
+        (or lost its lock to a Redis restart). The request may still be on its way; asked too soon, the broker
+        knows nothing of it and the order would be placed twice. So wait until that attempt is as old as the
+        broker timeout, as long as its sender would have waited for the answer itself. Once a dead holder's lock
+        is taken over as soon as its lease lapses, this wait is what keeps that early takeover safe."""
+        sent = history.sending_since(intent.intent_id)
+        if sent is None:
+            return
+        remaining = self.settings.broker_timeout_seconds + self.clock.seconds_until(sent)
+        if remaining > 0:
+            log.info("intent %s: an earlier attempt got no answer; %.1fs for it to reach the broker before asking",
+                     intent.intent_id, remaining)  # fmt: skip
+            await asyncio.sleep(min(remaining, self.settings.broker_timeout_seconds))
 
     # ----------------------------------------------------------------------------------------- the state
 

@@ -41,6 +41,7 @@ from schemas.events import (
     intent_id_for,
 )
 from storage.db import create_engine, session_factory
+from storage.locks import ProcessLease
 from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.execution import Executor
 from streams.faust_app import build_faust_app, raw_topic
@@ -79,6 +80,9 @@ class WorkerServices:
         self.engine = create_engine(self.settings.database_url, pre_ping=False)
         self.sessions = session_factory(self.engine)
         self.redis = connect_redis(self.settings.redis_url)
+        # Names this process in its locks, so a successor takes them over as soon as it is dead.
+        self.lease = ProcessLease(self.settings.redis_url)
+        await asyncio.to_thread(self.lease.start)
         self.producer = EventProducer(self.settings)
         await self.producer.start()
         self.runtime = RuntimeStore(self.redis)
@@ -92,9 +96,10 @@ class WorkerServices:
             self.producer,
             self.directory.gateway,
             self.manager,
+            self.lease,
         )
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
-        self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager)
+        self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
         self.ready.set()
 
     async def stop(self) -> None:
@@ -102,6 +107,7 @@ class WorkerServices:
             return
         await self.lanes.close()
         await self.recovery.close()
+        await asyncio.to_thread(self.lease.stop)
         await self.producer.stop()
         await self.redis.aclose()
         await self.engine.dispose()

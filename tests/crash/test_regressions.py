@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from manager.recovery import aware
+from storage.db import aware
 
 
 def test_seed_1_recovered_intent_due_at_is_timezone_aware() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time as time_module
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 
@@ -132,3 +134,51 @@ async def test_a_stopped_strategy_left_holding_shares_is_squared_off_at_start(
     assert [event.intent_id for _, _, event in publisher.sent if isinstance(event, OrderIntent)] == [intent.intent_id]
     async with sessions() as session:
         assert len((await session.execute(select(OrderLog).where(OrderLog.action == "EXIT"))).scalars().all()) == 1
+
+
+# A worker that takes the recovery lock, is recovering, and is then killed (SIGKILL: no release).
+_HOLDER_KILLED_MID_RECOVERY = """
+import asyncio, sys
+from manager.recovery import Recovery
+from storage.runtime import connect_redis
+
+async def main() -> None:
+    recovery = Recovery(None, None, connect_redis(sys.argv[1]), None, None)
+
+    async def recovering_for_ever():
+        print("recovering", flush=True)
+        await asyncio.Event().wait()
+
+    recovery.run = recovering_for_ever
+    await recovery.ensure()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_worker_killed_mid_recovery_holds_up_the_next_recovery_only_briefly(
+    redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression for crash-matrix seed 3: Redis restarted, a worker began recovering and was killed with the
+    Kafka broker; its restarted successor waited 6 s on the dead worker's recovery lock (10 s TTL) before
+    recovering, and the stops crossed meanwhile were exited 6 to 9 s after the system was back up."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER_KILLED_MID_RECOVERY, redis_url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(30):
+            assert (await holder.stdout.readline()).strip() == b"recovering"  # type: ignore[union-attr]
+    finally:
+        holder.kill()
+        await holder.wait()
+    killed_at = time_module.monotonic()
+
+    recovery = Recovery(build_settings(), None, redis, None, None)  # type: ignore[arg-type]
+
+    async def run() -> str:
+        return "recovered"
+
+    monkeypatch.setattr(recovery, "run", run)
+    assert await recovery.ensure() == "recovered"
+    # The lock outlives its dead holder by at most its TTL (3 s); with the old 10 s this waited up to 10 s.
+    assert time_module.monotonic() - killed_at < 6.0

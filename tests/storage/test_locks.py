@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
-from storage.locks import kept_alive_lock
+from storage.locks import ProcessLease, kept_alive_lock
 
 
 async def test_the_holder_leaves_even_when_the_renewal_absorbs_its_cancellation(
@@ -46,3 +49,77 @@ async def test_the_holder_leaves_even_when_the_renewal_absorbs_its_cancellation(
     async with asyncio.timeout(5):
         async with kept_alive_lock(redis, key, ttl=0.3, wait=1.0):
             pass  # the next holder gets it at once
+
+
+async def test_a_lock_lost_while_held_ends_the_work_once_without_an_error(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Crash matrix seed 3: Redis restarted empty while lanes held their strategies' locks; each lock's release
+    then raised LockNotOwnedError after the order was done, and the lane carried the intent out again."""
+    key = "lock:test-lost"
+    runs = 0
+    async with kept_alive_lock(redis, key, ttl=5.0, wait=1.0):
+        runs += 1
+        await redis.flushdb()  # what a Redis restart does to every lock held at that moment
+    assert runs == 1
+    assert any("was lost while held" in record.getMessage() for record in caplog.records)
+    async with asyncio.timeout(5):
+        async with kept_alive_lock(redis, key, ttl=5.0, wait=1.0):
+            pass  # and it is free for the next holder
+
+
+async def test_a_lock_held_by_someone_else_past_the_wait_is_refused(redis: Redis) -> None:
+    key = "lock:test-busy"
+    await redis.set(key, "another process", px=5_000)
+    with pytest.raises(LockError, match="still held by another process"):
+        async with kept_alive_lock(redis, key, ttl=1.0, wait=0.3):
+            pytest.fail("entered a lock someone else holds")
+
+
+# Another process takes the lock under its lease and holds it until it is killed (SIGKILL: no release).
+_HOLDER = """
+import asyncio, sys
+from storage.locks import ProcessLease, kept_alive_lock
+from storage.runtime import connect_redis
+
+async def main() -> None:
+    url, key, lease_seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    lease = ProcessLease(url, lease_seconds)
+    lease.start()
+    async with kept_alive_lock(connect_redis(url), key, ttl=30.0, lease=lease):
+        print("held", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_dead_holders_lock_is_taken_over_when_its_lease_lapses_and_a_living_ones_is_not(
+    redis: Redis, redis_url: str
+) -> None:
+    """Crash matrix seed 6: a worker killed mid-order left its strategies' locks for their whole TTL, and the
+    stop-loss exits queued behind them in its successor waited up to 10 s after the system was back up."""
+    key, lease_seconds = "lock:test-dead-holder", 1.0
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, redis_url, key, str(lease_seconds), stdout=asyncio.subprocess.PIPE
+    )
+    lease = ProcessLease(redis_url, lease_seconds)
+    lease.start()
+    try:
+        async with asyncio.timeout(30):
+            assert (await holder.stdout.readline()).strip() == b"held"  # type: ignore[union-attr]
+        # Alive, it keeps its lock well past the length of its lease.
+        with pytest.raises(LockError):
+            async with kept_alive_lock(redis, key, ttl=30.0, wait=lease_seconds * 2, lease=lease):
+                pytest.fail("took the lock of a living process")
+        holder.kill()
+        await holder.wait()
+        killed_at = time.monotonic()
+        async with kept_alive_lock(redis, key, ttl=30.0, wait=20.0, lease=lease):
+            taken_after = time.monotonic() - killed_at
+            assert (await redis.get(key) or "").startswith(lease.process)
+        assert taken_after < lease_seconds + 2.0  # not the 30 s the lock's TTL would have kept it
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        lease.stop()

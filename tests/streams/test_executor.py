@@ -183,14 +183,16 @@ class Engine:
             trigger_price=1390.0 if action is Action.STOPLOSS else None,
         )
 
-    async def died_after_logging(self, intent: OrderIntent) -> None:
-        """A worker logged attempt 1 of `intent` ("sending") and died before any answer was recorded."""
+    async def died_after_logging(self, intent: OrderIntent, *, seconds_ago: float = 60.0) -> None:
+        """A worker logged attempt 1 of `intent` ("sending") `seconds_ago` and died before any answer was
+        recorded (long ago by default: what it sent has reached the broker, or never will)."""
+        sent_at = self.clock.now() - timedelta(seconds=seconds_ago)
         async with self.sessions() as session:
             session.add(
                 OrderLog(
                     intent_id=intent.intent_id, strategy_id=self.strategy_id, user_id=self.user_id, run=intent.run,
                     action=intent.action.value, kind="attempt", attempt=1, status="sending",
-                    broker_tag=intent.broker_tag, quantity=5, created_at=self.clock.now(),
+                    broker_tag=intent.broker_tag, quantity=5, created_at=sent_at,
                 )
             )  # fmt: skip
             await session.commit()
@@ -456,6 +458,7 @@ async def test_a_stalled_broker_call_is_abandoned_at_the_deadline_and_the_retry_
 
     with pytest.raises(ExecutionStalled):
         await engine.executor.execute(buy)
+    engine.clock.advance(engine.executor.settings.broker_timeout_seconds)  # its request has had time to land
     result = await engine.executor.execute(buy)
 
     assert result is not None and result.status is OrderStatus.FILLED
@@ -479,6 +482,24 @@ async def test_a_sell_first_adopts_a_stoploss_whose_outcome_was_never_recorded(e
     assert ("STOPLOSS", "filled") in await engine.results()
     [row] = [r for r in await engine.log_rows(OrderLogKind.RESULT) if r.action == "STOPLOSS"]
     assert row.broker_order_id == sold.order_id
+
+
+async def test_an_order_sent_just_before_its_worker_died_is_given_time_to_reach_the_broker(engine: Engine) -> None:
+    """The successor of a worker killed mid-order takes its lock over within seconds (crash matrix seed 6), so
+    the dead worker's request may still be on its way: asked at once, the broker knows nothing of it and the
+    order would be placed a second time. The engine waits until the attempt is as old as the broker timeout."""
+    engine.executor.settings = engine.executor.settings.model_copy(update={"broker_timeout_seconds": 0.5})
+    stoploss = engine.intent(Action.STOPLOSS)
+    await buy_filled(engine)
+    await engine.died_after_logging(stoploss, seconds_ago=0.0)
+    asyncio.get_running_loop().call_later(0.3, engine.gateway.add_order, stoploss.broker_tag)  # it lands late
+    placements_before = len(engine.gateway.placements)
+
+    result = await engine.executor.execute(stoploss)
+
+    assert result is not None and (result.status, result.attempts) == (OrderStatus.FILLED, 1)
+    assert len(engine.gateway.placements) == placements_before  # adopted, not sent again
+    assert len(engine.gateway.orders_tagged(stoploss.broker_tag)) == 1
 
 
 @sqlite_only
