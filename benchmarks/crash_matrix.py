@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = asyncio.run(run_seeds(args))
     failed = [r.seed for r in results if not r.passed]
+    late = [r.seed for r in results if r.late_exits]
     delays = [d for r in results for d in r.stop_exit_delays]
+    excess = [e for r in results for e in r.stop_exit_excess]
     print(
         f"summary: {len(results) - len(failed)}/{len(results)} seeds passed"
         f"{' (failed: ' + ', '.join(map(str, failed)) + ')' if failed else ''}; "
@@ -76,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         f"system was up: {max(delays, default=0.0):.2f}s; {time.monotonic() - began:.0f}s",
         flush=True,
     )
-    return 1 if failed else 0
+    # The latency judgement is made here, over many seeds on a quiet machine, not in CI's single seed: a timing
+    # bound asserted on a shared runner fails on the runner's stalls as much as on the system's.
+    print(
+        f"stop exits past the bound (5 s after the system is up, plus the user's rate limit and fault retries): "
+        f"{sum(len(r.late_exits) for r in results)} in {len(late)} seed(s)"
+        f"{' (' + ', '.join(map(str, late)) + ')' if late else ''}; worst {max(excess, default=0.0):+.2f}s",
+        flush=True,
+    )
+    return 1 if failed or late else 0
 
 
 if __name__ == "__main__":
