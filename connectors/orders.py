@@ -6,12 +6,16 @@ Kept apart from `connectors.broker` (session and instrument calls used by the AP
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from connectors.broker import BrokerRejected, BrokerUnavailable, KiteBroker
 
 TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +60,52 @@ class OrderGateway(Protocol):
     async def find_by_tag(self, tag: str) -> BrokerOrder | None: ...
 
 
+class FreshSharedRead(Generic[T]):
+    """Concurrent callers share one read, and no caller is answered by a read that began before it asked.
+
+    A caller that arrives while a read is on the wire waits for the next one, which begins when that one ends
+    and answers everyone who queued meanwhile. Looking an order up by tag reads the trader's whole order book
+    (Kite has no filter); after a restart dozens of one trader's unresolved intents are looked up at once,
+    and Kite allows about 10 such requests a second per api_key. Sharing cuts them to two per burst, and the
+    rule keeps each answer fresher than its question: a lookup that decides whether an order is sent again
+    must not be answered by a book read before that order's last attempt.
+    """
+
+    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
+        self._read = read
+        self._next: asyncio.Future[T] | None = None  # the read that has not begun yet
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> T:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next.add_done_callback(_retrieved)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_while_asked())
+        return await asyncio.shield(self._next)  # one caller giving up does not cancel the others' read
+
+    async def _read_while_asked(self) -> None:
+        while self._next is not None:
+            answer, self._next = self._next, None
+            try:
+                answer.set_result(await self._read())
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
+            except Exception as exc:  # every caller of this read gets the failure (and retries as it would)
+                answer.set_exception(exc)
+
+
+def _retrieved(answer: asyncio.Future[Any]) -> None:
+    # Callers that all gave up leave nobody to see a failed read: not worth a warning at exit.
+    if not answer.cancelled():
+        answer.exception()
+
+
 class KiteOrderGateway:
     def __init__(self, broker: KiteBroker) -> None:
         self.broker = broker
+        self._order_book = FreshSharedRead(lambda: self.broker.call(self.broker.client.orders))
 
     async def place_market_order(
         self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
@@ -110,7 +157,7 @@ class KiteOrderGateway:
 
     async def find_by_tag(self, tag: str) -> BrokerOrder | None:
         """The broker's own record of an order carrying `tag` (the intent), if it ever received one."""
-        orders = await self.broker.call(self.broker.client.orders)
+        orders = await self._order_book()
         matches = [BrokerOrder.from_kite(row) for row in orders if row.get("tag") == tag]
         if not matches:
             return None

@@ -1,0 +1,74 @@
+"""FreshSharedRead: the order-book reads that concurrent lookups by tag share.
+
+The read here is a stand-in for `KiteConnect.orders` that counts and numbers its calls: the rule under test
+is about when a read begins relative to who asked, which a real broker call cannot be made to show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from connectors.broker import BrokerUnavailable
+from connectors.orders import FreshSharedRead
+
+
+class NumberedReads:
+    """Each read returns its own number, and waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.began = 0
+        self.on_the_wire = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail_next = False
+
+    async def __call__(self) -> int:
+        self.began += 1
+        number = self.began
+        self.on_the_wire.set()
+        await self.release.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise BrokerUnavailable("Too many requests")
+        return number
+
+
+async def test_callers_during_a_read_share_the_next_read_never_the_one_in_flight() -> None:
+    reads = NumberedReads()
+    book = FreshSharedRead(reads)
+    first = asyncio.create_task(book())
+    await reads.on_the_wire.wait()
+    later = [asyncio.create_task(book()) for _ in range(5)]  # asked after read 1 began
+    await asyncio.wait(later, timeout=0.05)
+    assert reads.began == 1  # they wait for read 1 to end rather than start reads of their own
+    reads.release.set()
+    assert await first == 1
+    # Read 1 began before they asked, so it may miss an order they need to see: they get read 2.
+    assert await asyncio.gather(*later) == [2] * 5
+    assert reads.began == 2
+    assert await book() == 3  # and a caller after everything is over gets a read of its own
+
+
+async def test_a_failed_read_fails_its_callers_and_the_next_call_reads_again() -> None:
+    reads = NumberedReads()
+    book = FreshSharedRead(reads)
+    reads.fail_next = True
+    callers = [asyncio.create_task(book()) for _ in range(3)]
+    reads.release.set()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(outcome, BrokerUnavailable) for outcome in outcomes)
+    assert reads.began == 1
+    assert await book() == 2
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others() -> None:
+    reads = NumberedReads()
+    book = FreshSharedRead(reads)
+    quitter, stayer = asyncio.create_task(book()), asyncio.create_task(book())
+    await reads.on_the_wire.wait()
+    quitter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    reads.release.set()
+    assert await stayer == 1
