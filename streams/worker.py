@@ -152,7 +152,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             await services.start()
             await feed.start()  # reads nothing until the rebalance says which instruments are ours
             await intents.start()
-            self.add_future(check_recovery())  # at once, not at the first timer tick
+            self.add_future(recover_at_start())  # at once, not at the first timer tick
 
         async def on_stop(self) -> None:
             await intents.stop()
@@ -302,7 +302,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             for strategy_id in services.index.trigger(instrument, price)
         ])  # fmt: skip
 
-    async def check_recovery() -> None:
+    async def check_recovery() -> bool:
         # Redis flushed or restarted, or the Kafka broker lost its data: rebuild from the database.
         try:
             async with services.recovery_lock:  # the start-up check and the timer must not overlap
@@ -314,7 +314,18 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 # The safety net for a SELL lost on its way from the scheduler (crash matrix seed 9).
                 await services.recovery.exit_overdue_sells()
         except Exception:
-            log.exception("recovery failed; retrying in %ss", RECOVERY_CHECK_SECONDS)
+            log.exception("recovery failed; retrying")
+            return False
+        return True
+
+    async def recover_at_start() -> None:
+        # Retried until it succeeds, and quickly: the app's timer runs only once Faust is ready, 3 s or more
+        # after a restart, and a first try can fail on a Kafka broker that has just restarted (crash matrix
+        # seed 25: the new broker refused recovery's events, and the next try came 5.5 s later).
+        delay = 0.25
+        while not await check_recovery():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECOVERY_CHECK_SECONDS)
 
     @app.timer(RECOVERY_CHECK_SECONDS)
     async def _recover_when_needed() -> None:

@@ -8,8 +8,11 @@ from datetime import UTC, date, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
 
 from core.kafka import ensure_topics
+from manager.recovery import MARKER_KEY, Recovery, RecoveryReport
 from schemas.events import Action, OrderIntent, TimeEvent, intent_id_for
 from streams.worker import worker_process
 from tests.fixtures.services import build_settings
@@ -48,3 +51,40 @@ async def test_the_service_started_before_the_app_turns_time_events_into_intents
         await first.stop()
         await producer.stop()
         await orders.stop()
+
+
+async def test_a_failed_recovery_at_start_is_retried_before_the_app_is_up(
+    kafka_bootstrap: str, redis: Redis, redis_url: str, database_url: str, topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Regression for crash-matrix seed 25: the first recovery of a worker restarted with the Kafka broker
+    failed on the new broker, and the next try waited for the app's timer, which only runs once Faust is
+    ready: 5.5 s with the Redis keys missing, and a stop crossed meanwhile exited late."""
+    settings = build_settings(kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, database_url=database_url,
+                              topic_prefix=topic_prefix, kafka_session_timeout_seconds=3)  # fmt: skip
+    await ensure_topics(settings)
+    real_ensure = Recovery.ensure
+    tries = 0
+    recovered = asyncio.Event()
+
+    async def failing_once(self: Recovery) -> RecoveryReport | None:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise KafkaError("what the restarted broker answered first")
+        report = await real_ensure(self)
+        recovered.set()
+        return report
+
+    monkeypatch.setattr(Recovery, "ensure", failing_once)
+    worker = worker_process(settings)
+    first, *_ = list(worker.on_init_dependencies())
+    await first.start()  # the app, and so its timer, never starts in this test
+    try:
+        async with asyncio.timeout(30):
+            await recovered.wait()
+        assert tries == 2
+        assert await redis.exists(MARKER_KEY)  # Redis rebuilt: recovery ran to its end on the second try
+        assert not worker.app.started
+    finally:
+        await first.stop()
