@@ -303,7 +303,19 @@ class Recovery:
             )  # fmt: skip
         return list(intents.values())
 
-    async def _orphaned_positions(self, session: AsyncSession) -> list[Strategy]:
+    async def exit_orphaned_positions(self) -> int:
+        """Today's stopped strategies still holding shares get their EXIT now (every worker, every few seconds).
+
+        The check at start covers every day; this one covers the races a running system can still lose: a STOP
+        that read a stale "no position" (crash matrix seed 34), or a fill recorded just as the STOP landed.
+        """
+        day = self.manager.calendar.trading_day_of(self.manager.clock.now())
+        async with self.sessions() as session:
+            orphans = await self._orphaned_positions(session, trading_day=day)
+        await self._square_off(orphans)
+        return len(orphans)
+
+    async def _orphaned_positions(self, session: AsyncSession, trading_day: date | None = None) -> list[Strategy]:
         """Stopped strategies whose current run holds a position and never asked for its EXIT.
 
         A BUY that fills after the trader's STOP is squared off by the engine as soon as it records the fill
@@ -311,7 +323,7 @@ class Recovery:
         EXIT requested. A redelivered BUY repairs that (`Executor._repair_followups`), but a Kafka broker that
         restarted empty redelivers nothing (crash matrix seed 5): the database is what remembers it.
         """
-        positions = await positions_by_status(session, StrategyStatus.STOPPED)
+        positions = await positions_by_status(session, StrategyStatus.STOPPED, trading_day)
         holding = [strategy_id for strategy_id, position in positions.items() if position.open]
         if not holding:
             return []

@@ -152,10 +152,15 @@ class StrategyManager:
         return strategy
 
     async def position_open(self, strategy: Strategy) -> bool:
-        """Does the current run hold (or is it buying) shares? Redis first, the order log if keys are gone."""
+        """Does the current run hold (or is it buying) shares? Redis knows a BUY in flight before its result is
+        written; the order log is the source of truth. Either saying so is enough.
+
+        Redis alone is not: rebuilt from the order log after a restart while a BUY was being recorded, it said
+        "waiting" for a position bought a second earlier, the trader's STOP sent no EXIT, and the shares stayed
+        at the broker (crash matrix seed 34)."""
         runtime = await self.runtime.runtime(strategy.id)
-        if runtime:
-            return runtime.get("state") in OPEN_POSITION_STATES
+        if runtime.get("state") in OPEN_POSITION_STATES:
+            return True
         async with self.session_factory() as session:
             return (await positions_of(session, [(strategy.id, strategy.run)]))[strategy.id].open
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -113,17 +113,23 @@ async def running_positions(session: AsyncSession) -> dict[int, RunPosition]:
     return await positions_by_status(session, StrategyStatus.RUNNING)
 
 
-async def positions_by_status(session: AsyncSession, status: StrategyStatus) -> dict[int, RunPosition]:
-    """The current-run position of every strategy in `status` that has an order result, in one query.
+async def positions_by_status(
+    session: AsyncSession, status: StrategyStatus, trading_day: date | None = None
+) -> dict[int, RunPosition]:
+    """The current-run position of every strategy in `status` (of `trading_day`, if given) that has an order
+    result, in one query.
 
     A join rather than an IN list of (strategy, run) pairs: PostgreSQL refuses ten thousand of those.
     """
-    rows = await session.execute(
+    query = (
         select(Strategy.id, OrderLog.action, OrderLog.status, OrderLog.price, OrderLog.broker_order_id)
         .join(OrderLog, and_(OrderLog.strategy_id == Strategy.id, OrderLog.run == Strategy.run))
         .where(Strategy.status == status.value, OrderLog.kind == OrderLogKind.RESULT.value)
         .order_by(OrderLog.id)
     )
+    if trading_day is not None:
+        query = query.where(Strategy.trading_day == trading_day)
+    rows = await session.execute(query)
     grouped: dict[int, list[tuple[str, str, object, str | None]]] = {}
     for strategy_id, action, outcome, price, order_id in rows:
         grouped.setdefault(strategy_id, []).append((action, outcome, price, order_id))

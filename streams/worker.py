@@ -311,8 +311,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     # Redis survived, but this worker was down: a stop may have been crossed meanwhile.
                     await services.recovery.exit_crossed_stops()
                 services.checked_stops_at_start = True
-                # The safety net for a SELL lost on its way from the scheduler (crash matrix seed 9).
+                # The safety nets for a SELL lost on its way from the scheduler (crash matrix seed 9), and for a
+                # stopped strategy left holding shares (seed 34).
                 await services.recovery.exit_overdue_sells()
+                await services.recovery.exit_orphaned_positions()
         except Exception:
             log.exception("recovery failed; retrying")
             return False

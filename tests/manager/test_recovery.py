@@ -41,7 +41,9 @@ class RecordingPublisher:
         return done
 
 
-async def running_strategy(engine: AsyncEngine, *, sell_time: time, bought: bool, status: str = "running") -> int:
+async def running_strategy(
+    engine: AsyncEngine, *, sell_time: time, bought: bool, status: str = "running", day: date = DAY
+) -> int:
     now = datetime.now(UTC)
     sessions = session_factory(engine)
     async with sessions() as session:
@@ -51,7 +53,7 @@ async def running_strategy(engine: AsyncEngine, *, sell_time: time, bought: bool
         strategy = Strategy(
             user_id=user.id, exchange="NSE", tradingsymbol="INFY", instrument_token=408065, quantity=5,
             buy_time=time(10, 0), sell_time=sell_time, stop_loss=Decimal("1400.05"), product="MIS",
-            status=status, run=1, trading_day=DAY, created_at=now, updated_at=now,
+            status=status, run=1, trading_day=day, created_at=now, updated_at=now,
         )  # fmt: skip
         session.add(strategy)
         await session.flush()
@@ -182,3 +184,27 @@ async def test_a_worker_killed_mid_recovery_holds_up_the_next_recovery_only_brie
     assert await recovery.ensure() == "recovered"
     # The lock outlives its dead holder by at most its TTL (3 s); with the old 10 s this waited up to 10 s.
     assert time_module.monotonic() - killed_at < 6.0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_stopped_strategy_of_today_left_holding_shares_is_squared_off_while_running(
+    db_engine: AsyncEngine, redis: Redis
+) -> None:
+    """Regression for crash-matrix seed 34: the trader's STOP read a stale "no position" from Redis (rebuilt
+    while the BUY was being recorded) and sent no EXIT; no worker restarted afterwards, so the check at start
+    never ran, and the shares stayed at the broker. Every worker now looks every few seconds."""
+    settings = build_settings()
+    clock = ManualClock(datetime(2025, 1, 15, 11, 0, 30, tzinfo=IST))
+    publisher = RecordingPublisher()
+    sessions = session_factory(db_engine)
+    manager = StrategyManager(sessions, RuntimeStore(redis), publisher, clock, MarketCalendar(settings))
+    recovery = Recovery(settings, sessions, redis, publisher, manager)  # type: ignore[arg-type]
+
+    orphan = await running_strategy(db_engine, sell_time=time(12, 0), bought=True, status="stopped")
+    await running_strategy(db_engine, sell_time=time(12, 0), bought=True, status="stopped", day=date(2025, 1, 14))
+
+    assert await recovery.exit_orphaned_positions() == 1  # today's only: older days are the start check's
+    [(topic, key, intent)] = publisher.sent
+    assert isinstance(intent, OrderIntent) and (topic, key) == ("orders", str(orphan))
+    assert intent.intent_id == intent_id_for(orphan, DAY, 1, Action.EXIT)
+    assert await recovery.exit_orphaned_positions() == 0  # its EXIT is recorded: asked once

@@ -16,7 +16,7 @@ from core.market import MarketCalendar
 from manager.strategy_manager import ManagerUnavailable, StrategyManager, StrategyNotFound
 from schemas.events import Event, LifecycleKind, OrderIntent, StrategyLifecycle
 from storage.db import session_factory
-from storage.models import Strategy, StrategyStatusChange, User
+from storage.models import OrderLog, Strategy, StrategyStatusChange, User
 from storage.runtime import RuntimeStore, runtime_key, strategy_key
 from tests.fixtures.api import IST
 from tests.fixtures.services import build_settings
@@ -144,6 +144,32 @@ async def test_auto_stop_as_failed_squares_off(db_engine: AsyncEngine, redis: Re
     assert isinstance(intent, OrderIntent) and intent.trigger is Trigger.RECOVERY
     last = publisher.sent[2][2]
     assert isinstance(last, StrategyLifecycle) and last.kind is LifecycleKind.FAILED and last.reason == "order failed"
+
+
+async def test_a_stop_squares_off_a_position_the_order_log_holds_even_when_redis_says_none(
+    db_engine: AsyncEngine, redis: Redis, clock: ManualClock
+) -> None:
+    """Regression for crash-matrix seed 34: Redis, rebuilt after a restart while the BUY was being recorded,
+    said "waiting"; the STOP believed it and sent no EXIT, leaving the shares at the broker."""
+    publisher = RecordingPublisher()
+    manager = manager_for(db_engine, redis, publisher, clock)
+    strategy_id, user_id = await make_strategy(db_engine)
+    await manager.start(strategy_id)
+    async with db_engine.begin() as conn:
+        await conn.execute(
+            OrderLog.__table__.insert().values(
+                intent_id=f"{strategy_id}:2025-01-15:1:BUY", strategy_id=strategy_id, user_id=user_id, run=1,
+                action="BUY", kind="result", attempt=0, status="filled", broker_tag="t", broker_order_id="1",
+                quantity=5, price=Decimal("1500"), created_at=datetime.now(UTC),
+            )
+        )  # fmt: skip
+    assert (await redis.hgetall(runtime_key(strategy_id)))["state"] == "idle"  # stale: the BUY has filled
+
+    outcome = await manager.stop(strategy_id, user_id=user_id)
+
+    assert outcome.squared_off
+    exits = [e for topic, _, e in publisher.sent if topic == "orders"]
+    assert len(exits) == 1 and isinstance(exits[0], OrderIntent) and exits[0].action.value == "EXIT"
 
 
 async def test_not_found_and_foreign(db_engine: AsyncEngine, redis: Redis, clock: ManualClock) -> None:
