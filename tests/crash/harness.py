@@ -114,6 +114,9 @@ class Service:
     WATCH = ("Recovery Complete", "recovery needed", "Traceback", "retrying")
 
     def start(self) -> None:
+        # A process still running would be orphaned by the new one: it would trade on, untracked, and outlive the
+        # seed (it did, when two waiters both restarted a service that had refused to start).
+        self.kill()
         self.ready = threading.Event()
         self.restarting = False
         self.starts += 1
@@ -163,12 +166,15 @@ class Service:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while not await asyncio.to_thread(self.ready.wait, 0.2):
-            code = self.process.poll() if self.process else None
+            process = self.process
+            code = process.poll() if process else None
             if code == REFUSED_TO_START and loop.time() < deadline:
                 # A dependency (Redis, Kafka) was down: the service said so in one line and exited, as it
-                # should. A restart policy starts it again; so does this supervisor.
+                # should. A restart policy starts it again; so does this supervisor, once, however many
+                # incidents are waiting for it to be ready.
                 await asyncio.sleep(0.5)
-                self.start()
+                if self.process is process:
+                    self.start()
                 continue
             if not self.alive() or loop.time() > deadline:
                 raise RuntimeError(f"{self.name} not ready (exit code {code}):\n" + "\n".join(list(self.tail)[-15:]))
