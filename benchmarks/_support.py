@@ -107,8 +107,9 @@ class Service:
 class Stack:
     """Tansu, redis-server and a migrated database for one benchmark run, plus the services it starts."""
 
-    def __init__(self, postgres: bool = False) -> None:
+    def __init__(self, postgres: bool = False, settings: dict[str, str] | None = None) -> None:
         self.postgres = postgres
+        self.extra_settings: dict[str, object] = dict(settings or {})  # e.g. execution_concurrency, to compare
         self.workdir = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
         self._processes: list[subprocess.Popen[bytes]] = []
         self.services: list[Service] = []
@@ -179,6 +180,7 @@ class Stack:
             "topic_prefix": topic_prefix,
         }
         values.update(overrides)
+        values.update(self.extra_settings)
         return Settings.model_validate(values)
 
     def start_service(self, command: str, env: dict[str, str]) -> Service:
