@@ -93,7 +93,7 @@ class TickConnector:
             # A new group (first start, or a broker that restarted empty) reads the day's events from the
             # start: recovery may republish them before this consumer has joined.
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
+            fetch_max_wait_ms=self.settings.kafka_lifecycle_fetch_max_wait_ms,
             session_timeout_ms=int(self.settings.kafka_session_timeout_seconds * 1000),
             heartbeat_interval_ms=int(self.settings.kafka_session_timeout_seconds * 1000 / 6),
         )

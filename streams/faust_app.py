@@ -9,7 +9,7 @@ from streams.transport import register as register_transport
 
 
 def build_faust_app(settings: Settings, name: str) -> faust.App:
-    scheme = register_transport(settings.kafka_fetch_max_wait_ms)
+    scheme = register_transport(settings.kafka_lifecycle_fetch_max_wait_ms)
     brokers = ";".join(f"{scheme}://{host}" for host in settings.kafka_bootstrap.split(","))
     session_timeout = settings.kafka_session_timeout_seconds
     return faust.App(

@@ -2,8 +2,9 @@
 
 Faust hard-codes `fetch_max_wait_ms=1500`. Apache Kafka answers a waiting fetch as soon as data arrives,
 so that is harmless there; the Tansu broker holds the fetch for the whole wait (measured here: median
-371 ms per hop at 1500 ms, 4 ms at 10 ms). Every agent hop would add that much to a stop-loss exit, so
-the wait comes from `Settings.kafka_fetch_max_wait_ms` instead.
+371 ms per hop at 1500 ms, 4 ms at 10 ms), so the wait comes from `Settings` instead. The Faust agents
+here read the lifecycle topic only (arming stops, registering jobs), off the order's path, so they get the
+longer `kafka_lifecycle_fetch_max_wait_ms`: a short wait costs CPU on every idle fetch.
 """
 
 from __future__ import annotations
