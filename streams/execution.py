@@ -55,7 +55,7 @@ from storage.models import (
 )
 from storage.positions import RunHistory, RunPosition, run_history
 from storage.runtime import RuntimeState, lock_key, runtime_key, symbol_key
-from streams.limits import PRIORITY, BrokerRateLimiter
+from streams.limits import PRIORITY, BrokerRateLimiter, PriorityGate
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ LOCK_SECONDS = 10.0
 # holder that is alive but stalled, and a longer one means fewer renewals: during a burst hundreds of lanes
 # hold their lock for many seconds, and renewing every LOCK_SECONDS / 3 cost about 5 % of the worker's CPU.
 LEASED_LOCK_SECONDS = 30.0
+STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for exits of higher priority
 MISSED_BUY = "BUY time missed"
 LOCK_WAIT_SECONDS = 120.0
 ANNOUNCE_SECONDS = 15.0
@@ -137,6 +138,12 @@ class Executor:
         self._hset_if_exists = redis.register_script(_HSET_IF_EXISTS)
         self.confirm_timeout = max(settings.broker_timeout_seconds, 5.0)
         self.protection = ProtectiveStops(self)
+        self.gate: PriorityGate | None = None  # set by the lanes that run this executor
+
+    async def _step_aside(self, intent: OrderIntent) -> None:
+        """Let higher-priority intents in this worker go first (outside any session, lock-free for them)."""
+        if self.gate is not None:
+            await self.gate.yield_to_higher(PRIORITY[intent.action], STEP_ASIDE_SECONDS)
 
     # --------------------------------------------------------------------------------------------- entry
 
@@ -163,6 +170,7 @@ class Executor:
                 ) from exc
 
     async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
+        await self._step_aside(intent)
         # Two queries decide the intent: the strategy, and every order-log row of its run (a handful).
         async with self.sessions() as session:
             strategy = await session.get(Strategy, intent.strategy_id)
@@ -223,6 +231,7 @@ class Executor:
                 await self.manager.stop(strategy.id, square_off=False, reason=skip_reason)
             return result
 
+        await self._step_aside(intent)
         await self._set_runtime(
             intent.strategy_id,
             state=(RuntimeState.BUYING if intent.action is Action.BUY else RuntimeState.SELLING).value,

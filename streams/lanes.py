@@ -34,6 +34,7 @@ class StrategyLanes:
     def __init__(self, executor: Executor, concurrency: int) -> None:
         self.executor = executor
         self.gate = PriorityGate(concurrency)
+        executor.gate = self.gate  # its lower-priority work steps aside for higher at checkpoints
         self._queues: dict[int, asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         # intent id -> acknowledgements of the later copies, for an intent queued or running in this worker

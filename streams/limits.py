@@ -1,16 +1,19 @@
 """Back-pressure for the execution engine: a priority gate and per-user broker rate limits.
 
-STOPLOSS outranks SELL/EXIT, which outrank BUY, both for a free execution slot and for a user's
-broker rate budget: a protective exit never waits behind queued entries.
+STOPLOSS outranks SELL/EXIT, which outrank BUY, for a free execution slot, for a user's broker rate budget,
+and for the worker itself: a protective exit never waits behind queued entries, nor shares the event loop with
+hundreds of them once admitted (`PriorityGate.yield_to_higher`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -28,14 +31,37 @@ class PriorityGate:
         self._free = limit
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._holders: Counter[int] = Counter()  # priority -> slots held
+        self._released = asyncio.Event()  # set, and replaced, whenever a slot is given back
 
     @asynccontextmanager
     async def slot(self, priority: int) -> AsyncIterator[None]:
         await self._acquire(priority)
+        self._holders[priority] += 1
         try:
             yield
         finally:
+            self._holders[priority] -= 1
+            self._released.set()
+            self._released = asyncio.Event()
             self._release()
+
+    async def yield_to_higher(self, priority: int, at_most: float) -> None:
+        """Wait, for at most `at_most` seconds, while work of a higher priority holds a slot.
+
+        Admission by priority is not enough once slots are plentiful: after a restart a few STOPLOSS intents
+        were admitted next to a couple of hundred BUYs and SELLs read again, and got a couple of hundredth of
+        the event loop each (crash matrix: stop exits 5 to 7 s after the system was up). Lower-priority work
+        steps aside at its checkpoints instead. Bounded, so a STOPLOSS stuck on a failing broker slows the
+        rest down rather than stalling it; and it never holds up a waiter for a slot, since only holders count.
+        """
+        deadline = asyncio.get_running_loop().time() + at_most
+        while any(count for held, count in self._holders.items() if held < priority):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), remaining)
 
     async def _acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:

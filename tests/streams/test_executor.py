@@ -47,6 +47,7 @@ from storage.models import Notification, OrderLog, OrderLogKind, Strategy, Strat
 from storage.runtime import RuntimeStore, runtime_key, symbol_key
 from streams import execution
 from streams.execution import ExecutionStalled, Executor
+from streams.limits import PRIORITY, PriorityGate
 from tests.fixtures.services import build_settings
 
 IST = ZoneInfo("Asia/Kolkata")
@@ -631,6 +632,32 @@ async def test_an_expired_token_fails_at_once_and_asks_for_a_reconnect(engine: E
 
 
 @sqlite_only
+async def test_a_buy_steps_aside_before_its_reads_and_its_broker_call_while_a_stoploss_runs(engine: Engine) -> None:
+    class WatchedGate(PriorityGate):
+        def __init__(self) -> None:
+            super().__init__(10)
+            self.checkpoints: list[int] = []
+            self.reached = asyncio.Event()
+
+        async def yield_to_higher(self, priority: int, at_most: float) -> None:
+            self.checkpoints.append(priority)
+            self.reached.set()
+            await super().yield_to_higher(priority, at_most)
+
+    gate = engine.executor.gate = WatchedGate()
+    stoploss_slot = gate.slot(PRIORITY[Action.STOPLOSS])
+    await stoploss_slot.__aenter__()  # another strategy's STOPLOSS is being executed
+    buy = asyncio.create_task(engine.executor.execute(engine.intent(Action.BUY)))
+    await asyncio.wait_for(gate.reached.wait(), 5)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not buy.done() and engine.gateway.placements == []  # held at its first checkpoint
+    await stoploss_slot.__aexit__(None, None, None)
+    result = await asyncio.wait_for(buy, 10)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert gate.checkpoints == [PRIORITY[Action.BUY]] * 2  # before the reads, before the broker call
+
+
 async def test_a_sell_with_no_open_position_is_skipped(engine: Engine) -> None:
     result = await engine.executor.execute(engine.intent(Action.SELL))
     assert result is not None

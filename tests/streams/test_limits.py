@@ -182,6 +182,53 @@ async def test_a_waiter_cancelled_with_others_queued_passes_the_slot_on() -> Non
     await assert_gate_capacity(gate, 1)
 
 
+async def test_lower_priority_work_steps_aside_while_a_higher_priority_one_holds_a_slot() -> None:
+    gate = PriorityGate(10)
+    admitted: list[str] = []
+    live = [0, 0]
+    stoploss = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], admitted, live)
+    await stoploss.entered.wait()
+    async with gate.slot(PRIORITY[Action.BUY]):
+        stepped_aside = asyncio.create_task(gate.yield_to_higher(PRIORITY[Action.BUY], at_most=30))
+        await settle()
+        assert not stepped_aside.done()  # the STOPLOSS still runs
+        # Equal or lower priority is not waited for: a STOPLOSS never waits for another, nor for a BUY.
+        await asyncio.wait_for(gate.yield_to_higher(PRIORITY[Action.STOPLOSS], at_most=30), 1)
+        stoploss.release.set()
+        await asyncio.wait_for(stepped_aside, 5)  # resumes as soon as the STOPLOSS gives its slot back
+    await finish(stoploss)
+
+
+async def test_stepping_aside_is_bounded_when_the_higher_priority_work_does_not_finish() -> None:
+    gate = PriorityGate(10)
+    admitted: list[str] = []
+    live = [0, 0]
+    stoploss = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], admitted, live)
+    await stoploss.entered.wait()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(gate.yield_to_higher(PRIORITY[Action.BUY], at_most=0.2), 5)
+    assert loop.time() - began >= 0.2
+    assert not stoploss.task.done()
+    await finish(stoploss)
+
+
+async def test_a_waiter_for_a_slot_does_not_make_holders_step_aside() -> None:
+    # Holders stepping aside for a STOPLOSS that waits for one of their slots would never give it one.
+    gate = PriorityGate(1)
+    admitted: list[str] = []
+    live = [0, 0]
+    buy = Holder(gate, "buy", PRIORITY[Action.BUY], admitted, live)
+    await buy.entered.wait()
+    stoploss = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], admitted, live)
+    await settle()
+    await asyncio.wait_for(gate.yield_to_higher(PRIORITY[Action.BUY], at_most=30), 1)
+    buy.release.set()
+    await asyncio.wait_for(stoploss.entered.wait(), 5)
+    await finish(buy, stoploss)
+    assert admitted == ["buy", "stoploss"]
+
+
 async def assert_gate_capacity(gate: PriorityGate, limit: int) -> None:
     """Exactly `limit` holders get in at once, no more and no fewer."""
     admitted: list[str] = []
