@@ -95,6 +95,10 @@ class ProcessLease:
             self._client.set(self.key, "1", px=int(self.seconds * 1000))
         except sync_redis.RedisError as exc:  # Redis restarting: the locks went with it; retried next turn
             log.debug("process lease not renewed: %r", exc)
+        except Exception:
+            # Anything else must not end the thread: a lease left to lapse would hand this living process's
+            # locks to any other that asks, and two workers would run the same strategy's intents at once.
+            log.exception("process lease not renewed; retrying")
 
 
 class _LeasedLock(Lock):

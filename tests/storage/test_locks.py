@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from typing import Any
 
@@ -122,4 +123,28 @@ async def test_a_dead_holders_lock_is_taken_over_when_its_lease_lapses_and_a_liv
     finally:
         if holder.returncode is None:
             holder.kill()
+        lease.stop()
+
+
+def test_the_lease_outlives_an_unexpected_error_while_renewing(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease thread that died on an error other than Redis's would let the lease lapse while the process
+    lives on, and its locks would be taken over by any other worker."""
+    lease = ProcessLease(redis_url, seconds=0.6)
+    real_set = lease._client.set
+    failed, renewed_after = threading.Event(), threading.Event()
+
+    def flaky_set(*args: Any, **kwargs: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise ValueError("an unexpected reply")
+        renewed_after.set()
+        return real_set(*args, **kwargs)
+
+    lease.start()
+    try:
+        monkeypatch.setattr(lease._client, "set", flaky_set)
+        assert failed.wait(5) and renewed_after.wait(5)
+        assert lease._thread.is_alive()
+        assert lease._client.exists(lease.key) == 1
+    finally:
         lease.stop()
