@@ -141,7 +141,8 @@ class Executor:
         self.gate: PriorityGate | None = None  # set by the lanes that run this executor
 
     async def _step_aside(self, intent: OrderIntent) -> None:
-        """Let higher-priority intents in this worker go first (outside any session, lock-free for them)."""
+        """Let higher-priority intents in this worker go first. Called outside any database session: waiting
+        while holding a connection could starve them of one."""
         if self.gate is not None:
             await self.gate.yield_to_higher(PRIORITY[intent.action], STEP_ASIDE_SECONDS)
 

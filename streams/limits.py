@@ -50,10 +50,11 @@ class PriorityGate:
         """Wait, for at most `at_most` seconds, while work of a higher priority holds a slot.
 
         Admission by priority is not enough once slots are plentiful: after a restart a few STOPLOSS intents
-        were admitted next to a couple of hundred BUYs and SELLs read again, and got a couple of hundredth of
-        the event loop each (crash matrix: stop exits 5 to 7 s after the system was up). Lower-priority work
+        were admitted next to a couple of hundred BUYs and SELLs read again, and each got a two-hundredth or
+        so of the event loop (crash matrix: stop exits 5 to 7 s after the system was up). Lower-priority work
         steps aside at its checkpoints instead. Bounded, so a STOPLOSS stuck on a failing broker slows the
-        rest down rather than stalling it; and it never holds up a waiter for a slot, since only holders count.
+        rest down rather than stalling it. Only holders count: a STOPLOSS still waiting for a slot does not make
+        the holders step aside, so they go on and free one.
         """
         deadline = asyncio.get_running_loop().time() + at_most
         while any(count for held, count in self._holders.items() if held < priority):
