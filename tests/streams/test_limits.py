@@ -182,12 +182,16 @@ async def test_a_waiter_cancelled_with_others_queued_passes_the_slot_on() -> Non
     await assert_gate_capacity(gate, 1)
 
 
+async def running_stoploss(gate: PriorityGate) -> Holder:
+    """A STOPLOSS that holds a slot until released."""
+    holder = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], [], [0, 0])
+    await holder.entered.wait()
+    return holder
+
+
 async def test_lower_priority_work_steps_aside_while_a_higher_priority_one_holds_a_slot() -> None:
     gate = PriorityGate(10)
-    admitted: list[str] = []
-    live = [0, 0]
-    stoploss = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], admitted, live)
-    await stoploss.entered.wait()
+    stoploss = await running_stoploss(gate)
     async with gate.slot(PRIORITY[Action.BUY]):
         stepped_aside = asyncio.create_task(gate.yield_to_higher(PRIORITY[Action.BUY], at_most=30))
         await settle()
@@ -201,10 +205,7 @@ async def test_lower_priority_work_steps_aside_while_a_higher_priority_one_holds
 
 async def test_stepping_aside_is_bounded_when_the_higher_priority_work_does_not_finish() -> None:
     gate = PriorityGate(10)
-    admitted: list[str] = []
-    live = [0, 0]
-    stoploss = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], admitted, live)
-    await stoploss.entered.wait()
+    stoploss = await running_stoploss(gate)
     loop = asyncio.get_running_loop()
     began = loop.time()
     await asyncio.wait_for(gate.yield_to_higher(PRIORITY[Action.BUY], at_most=0.2), 5)
