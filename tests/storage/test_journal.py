@@ -18,8 +18,10 @@ from storage.models import Notification, User
 
 NOTIFICATIONS = cast(Table, Notification.__table__)
 INSERT = insert(NOTIFICATIONS)
-RETITLE = update(NOTIFICATIONS).where(NOTIFICATIONS.c.notification_id == bindparam("match")).values(
-    title=bindparam("new_title")
+RETITLE = (
+    update(NOTIFICATIONS)
+    .where(NOTIFICATIONS.c.notification_id == bindparam("match"))
+    .values(title=bindparam("new_title"))
 )
 NOW = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
 
