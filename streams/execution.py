@@ -140,11 +140,13 @@ class Executor:
         gateways: GatewayFactory,
         manager: StrategyManager,
         lease: ProcessLease | None = None,
+        journal: GroupCommit | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.sessions = session_factory
-        self.journal = GroupCommit(session_factory)  # the order path's writes, committed together across orders
+        # The order path's writes, committed together across orders (by default on the shared sessions).
+        self.journal = journal or GroupCommit(session_factory)
         self.redis = redis
         self.publisher = publisher
         self.gateways = gateways

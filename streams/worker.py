@@ -41,6 +41,7 @@ from schemas.events import (
     intent_id_for,
 )
 from storage.db import create_engine, session_factory
+from storage.journal import GroupCommit
 from storage.locks import ProcessLease
 from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.execution import Executor
@@ -79,6 +80,9 @@ class WorkerServices:
         # No ping per checkout: a lane retries an intent whose connection died with a database restart.
         self.engine = create_engine(self.settings.database_url, pre_ping=False)
         self.sessions = session_factory(self.engine)
+        # The group commit's own connection: in a burst hundreds of lanes queue for the shared pool's, and the
+        # one writer that commits for all of them must not wait behind their reads.
+        self.journal_engine = create_engine(self.settings.database_url, pre_ping=False, connections=1)
         self.redis = connect_redis(self.settings.redis_url)
         # Names this process in its locks, so a successor takes them over as soon as it is dead.
         self.lease = ProcessLease(self.settings.redis_url)
@@ -97,6 +101,7 @@ class WorkerServices:
             self.directory.gateway,
             self.manager,
             self.lease,
+            GroupCommit(session_factory(self.journal_engine)),
         )
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
@@ -111,6 +116,7 @@ class WorkerServices:
         await self.producer.stop()
         await self.redis.aclose()
         await self.engine.dispose()
+        await self.journal_engine.dispose()
 
 
 def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.App, mode.Service]:
