@@ -44,6 +44,7 @@ from storage.db import create_engine, session_factory
 from storage.journal import GroupCommit
 from storage.locks import ProcessLease
 from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
+from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
 from streams.faust_app import build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
@@ -70,8 +71,6 @@ class WorkerServices:
         self.latest: dict[str, float] = {}  # instrument -> last price this worker knows
         self.unflushed: dict[str, float] = {}  # ... not yet written to Redis
         self.checked_stops_at_start = False
-        self.price_lookups: set[str] = set()  # instruments whose last price is being asked of the broker
-        self.background: set[asyncio.Task[None]] = set()  # referenced so they are not collected mid-flight
         self.recovery_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -105,12 +104,14 @@ class WorkerServices:
         )
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
+        self.broker_prices = BrokerPrices(self.recovery.last_prices, self.latest.setdefault)
         self.ready.set()
 
     async def stop(self) -> None:
         if not self.ready.is_set():
             return
         await self.lanes.close()
+        await self.broker_prices.close()
         await self.recovery.close()
         await asyncio.to_thread(self.lease.stop)
         await self.producer.stop()
@@ -191,31 +192,16 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     known = await services.runtime.last_price(event.spec.instrument)
                     if known is not None:
                         services.latest.setdefault(event.spec.instrument, known)
-                    elif event.spec.instrument not in services.price_lookups:
+                    else:
                         # Redis lost it too (flushed with the restart): the broker's last price, off the
-                        # agent's path, once per instrument. A BUY adopted after recovery's own check must
-                        # not go unwatched.
-                        services.price_lookups.add(event.spec.instrument)
-                        lookup = asyncio.create_task(_price_from_broker(event.spec.instrument))
-                        services.background.add(lookup)
-                        lookup.add_done_callback(services.background.discard)
+                        # agent's path. A BUY adopted after recovery's own check must not go unwatched.
+                        services.broker_prices.ask(event.spec.instrument)
             elif event.kind is not LifecycleKind.STARTED or (key in armed and armed[key]["run"] != event.run):
                 # Exit, stop, failure, or a new run of a strategy whose old stop was still armed. (A STARTED of
                 # the same run is recovery re-announcing it: the stop stays armed.)
                 armed.pop(key, None)
                 services.index.disarm(event.spec.strategy_id)
             yield None
-
-    async def _price_from_broker(instrument: str) -> None:
-        try:
-            prices = await services.recovery.last_prices([instrument])
-        except Exception:
-            log.exception("no last price for %s from the broker", instrument)
-            return
-        finally:
-            services.price_lookups.discard(instrument)
-        if instrument in prices:
-            services.latest.setdefault(instrument, prices[instrument])
 
     async def check_ticks(values: list[bytes]) -> None:
         """The stop-loss join for one batch of this worker's ticks (see streams/tick_feed.py)."""
