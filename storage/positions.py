@@ -14,6 +14,7 @@ from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
 
 BUY = "BUY"
 HOLDING_BUY_STATUSES = frozenset({"filled", "placed"})
+GIVEN_UP_EXITS = frozenset({"SELL", "STOPLOSS", "EXIT"})  # a resting protective stop (PROTECT) is not an exit
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,15 @@ class RunHistory:
         attempts = [r for r in self.rows if r.intent_id == intent_id and r.kind == OrderLogKind.ATTEMPT.value]
         last = max(attempts, key=lambda row: row.attempt, default=None)
         return aware(last.created_at) if last is not None and last.status == "sending" else None
+
+    def given_up_exits(self) -> set[str]:
+        """Exits recorded as failed once their retries went unanswered (timeouts, 5xx, 429). The broker did not
+        have them when the engine last asked, but an answer lost on the way may still have been an order."""
+        return {
+            row.action
+            for row in self.rows
+            if row.kind == OrderLogKind.RESULT.value and row.status == "failed" and row.action in GIVEN_UP_EXITS
+        }
 
     def unrecorded_actions(self) -> set[str]:
         """Actions sent to the broker (an attempt numbered from 1) whose intent has no result row."""

@@ -41,6 +41,7 @@ from schemas.events import (
     OrderResult,
     OrderStatus,
     StrategyLifecycle,
+    Trigger,
     UserNotification,
     intent_id_for,
 )
@@ -95,6 +96,17 @@ UPDATE_ATTEMPT = (
         ORDER_LOGS.c.attempt == bindparam("match_attempt"),
     )
     .values(status=bindparam("new_status"), broker_order_id=bindparam("new_order_id"), message=bindparam("new_message"))
+)
+# A failed result the broker contradicts (an exit given up whose order did arrive): the one result row is corrected.
+CORRECT_RESULT = (
+    update(ORDER_LOGS)
+    .where(ORDER_LOGS.c.intent_id == bindparam("match_intent_id"), ORDER_LOGS.c.kind == OrderLogKind.RESULT.value)
+    .values(
+        status=bindparam("new_status"),
+        broker_order_id=bindparam("new_order_id"),
+        price=bindparam("new_price"),
+        message=bindparam("new_message"),
+    )
 )
 
 LOCK_SECONDS = 10.0
@@ -210,7 +222,14 @@ class Executor:
         # An exit must know which of its run's orders reached the broker unrecorded (usually none): a worker
         # that died mid-order leaves its attempt row without a result.
         unrecorded = {Action(action) for action in history.unrecorded_actions()} if intent.action.is_exit else set()
-        if unrecorded and intent.run == strategy.run:
+        # And an exit that follows one given up after its retries (the auto-stop's square-off) asks the broker about
+        # that one first: an answer lost on the way may still have been an order, and selling again would double it.
+        given_up = (
+            {Action(action) for action in history.given_up_exits()} - {intent.action}
+            if intent.action.is_exit and position.open
+            else set()
+        )
+        if (unrecorded or given_up) and intent.run == strategy.run:
             # "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY), and
             # "still open" that another exit's was (its STOPLOSS reached the broker, and now the SELL is
             # due): ask the broker about those first, or the position is left unsold or sold twice (crash
@@ -220,6 +239,8 @@ class Executor:
             adopted = False
             for action in sorted(unrecorded & candidates - {intent.action}):
                 adopted = await self._adopt_unrecorded(intent, action, history) or adopted
+            for action in sorted(given_up):
+                adopted = await self._adopt_unrecorded(intent, action, history, given_up=True) or adopted
             if adopted:
                 async with self.sessions() as session:
                     position = (await run_history(session, intent.strategy_id, intent.run)).position
@@ -270,8 +291,11 @@ class Executor:
             return await self._fail(intent, strategy, exc, attempts)
         return await self._complete(intent, strategy, order, attempts, position, placed_attempt=placed)
 
-    async def _adopt_unrecorded(self, intent: OrderIntent, action: Action, history: RunHistory) -> bool:
-        """Record what the broker says of this run's `action`, attempted with no result; False if it has none."""
+    async def _adopt_unrecorded(
+        self, intent: OrderIntent, action: Action, history: RunHistory, *, given_up: bool = False
+    ) -> bool:
+        """Record what the broker says of this run's `action`, attempted with no result (or, `given_up`, with a
+        failed one, which the broker's order then corrects); False if the broker has none."""
         other = intent.model_copy(
             update={
                 "intent_id": intent_id_for(intent.strategy_id, intent.trading_day, intent.run, action),
@@ -292,9 +316,17 @@ class Executor:
         log.warning("intent %s: adopting %s order %s that was never recorded", intent.intent_id, action.value,
                     order.order_id)  # fmt: skip
         status = OrderStatus.FILLED if order.status == "COMPLETE" else OrderStatus.PLACED
-        await self._record_result(
-            self._result(other, status, attempts, broker_order_id=order.order_id, price=order.average_price), other
-        )
+        result = self._result(other, status, attempts, broker_order_id=order.order_id, price=order.average_price)
+        if given_up:
+            result = result.model_copy(update={"message": "found at the broker after it was given up"})
+            await self.journal.write(Rows(CORRECT_RESULT, {
+                "match_intent_id": other.intent_id, "new_status": result.status.value,
+                "new_order_id": result.broker_order_id, "new_price": _money(result.price),
+                "new_message": result.message,
+            }))  # fmt: skip
+            await self.publisher.publish(ORDER_RESULTS_TOPIC, other.strategy_id, result)
+            return True
+        await self._record_result(result, other)
         return True
 
     async def _repair_followups(
@@ -637,11 +669,17 @@ class Executor:
         kind = NotificationKind.BROKER_SESSION_EXPIRED if expired else NotificationKind.ORDER_FAILED
         await self._notify(intent, kind, "Order Failed – Strategy Stopped", f"{intent.action.value}: {message}")
         if strategy.status == StrategyStatus.RUNNING.value and strategy.run == intent.run:
+            # The auto-stop is sequence 8's STOP: an exit the broker could not be reached for leaves the shares
+            # held, so the stop squares them off, as a trader's STOP would (crash matrix seed 9: a SELL failed on
+            # a timeout, a 429 and a 5xx, and the position was left open). A refusal (the broker answered no) or
+            # an expired session would refuse the square-off too: the trader is told and acts.
+            square_off = intent.action.is_exit and isinstance(exc, BrokerUnavailable)
             await self.manager.stop(
                 strategy.id,
-                square_off=False,
+                square_off=square_off,
                 reason=f"order failed: {message}",
                 final_status=StrategyStatus.FAILED,
+                trigger=Trigger.RECOVERY,
             )
         await self._record_result(result, intent)
         return result
@@ -730,7 +768,7 @@ class Executor:
             "status": status,
             "broker_tag": intent.broker_tag,
             "broker_order_id": order_id,
-            "price": Decimal(f"{price:.2f}") if price is not None else None,
+            "price": _money(price),
             "quantity": intent.quantity,
             "message": message,
             "created_at": self.clock.now(),
@@ -793,6 +831,10 @@ class Executor:
         for key, value in {**fields, "updated_at": self.clock.now().isoformat()}.items():
             flat.extend((key, value))
         await self._hset_if_exists(keys=[runtime_key(strategy_id)], args=flat)
+
+
+def _money(price: float | None) -> Decimal | None:
+    return Decimal(f"{price:.2f}") if price is not None else None
 
 
 class ProtectiveStops:

@@ -575,6 +575,63 @@ async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engi
     assert len(engine.gateway.placements) == 4
 
 
+def exits_requested(engine: Engine) -> list[OrderIntent]:
+    return [e for _, _, e in engine.publisher.sent if isinstance(e, OrderIntent) and e.action is Action.EXIT]
+
+
+async def test_a_sell_that_fails_its_retries_stops_the_strategy_and_squares_off_the_position(engine: Engine) -> None:
+    # Crash matrix seed 9: a SELL met a timeout, a 429 and a 5xx in a row; the auto-stop left the shares held.
+    await buy_filled(engine)
+    sell = engine.intent(Action.SELL)
+    engine.gateway.script = [BrokerUnavailable("503", http_status=503) for _ in range(4)]
+
+    result = await engine.executor.execute(sell)
+
+    assert result is not None and result.status is OrderStatus.FAILED
+    assert (await engine.strategy()).status == "failed"
+    assert [(n.kind, n.title) for n in engine.publisher.notifications()] == [
+        (NotificationKind.ORDER_FAILED, FAILED_TITLE)
+    ]
+    [square_off] = exits_requested(engine)  # the auto-stop is a STOP: an open position is squared off
+    exited = await engine.executor.execute(square_off)
+
+    assert exited is not None and exited.status is OrderStatus.FILLED
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL", "SELL", "SELL", "SELL", "SELL"]
+    assert sell.broker_tag in engine.gateway.lookups  # the given-up SELL was asked about before selling again
+    assert await engine.results() == [("BUY", "filled"), ("SELL", "failed"), ("EXIT", "filled")]
+
+
+async def test_a_square_off_adopts_a_given_up_sell_that_reached_the_broker_after_all(engine: Engine) -> None:
+    await buy_filled(engine)
+    sell = engine.intent(Action.SELL)
+    engine.gateway.script = [BrokerUnavailable("broker did not answer in time") for _ in range(4)]
+    await engine.executor.execute(sell)
+    [square_off] = exits_requested(engine)
+    late = engine.gateway.add_order(sell.broker_tag)  # one of the unanswered SELLs did become an order
+
+    assert await engine.executor.execute(square_off) is not None
+
+    assert len(engine.gateway.placements) == 5  # the BUY and the four SELL attempts: no second sale
+    assert await engine.results() == [("BUY", "filled"), ("SELL", "filled"), ("EXIT", "skipped")]
+    [sell_result] = [r for r in await engine.log_rows(OrderLogKind.RESULT) if r.action == "SELL"]
+    assert (sell_result.broker_order_id, sell_result.price) == (late.order_id, Decimal("1500.00"))
+    assert [(r.action, r.status) for r in engine.publisher.results()][-2:] == [
+        (Action.SELL, OrderStatus.FILLED),
+        (Action.EXIT, OrderStatus.SKIPPED),
+    ]
+
+
+async def test_an_exit_refused_by_the_broker_stops_the_strategy_without_a_square_off(engine: Engine) -> None:
+    await buy_filled(engine)
+    engine.gateway.script = [BrokerRejected("RMS: blocked for trading", http_status=400)]
+
+    result = await engine.executor.execute(engine.intent(Action.STOPLOSS))
+
+    assert result is not None and result.status is OrderStatus.REJECTED
+    assert (await engine.strategy()).status == "failed"
+    assert exits_requested(engine) == []  # the broker said no: the trader is told, and decides
+
+
 async def test_an_order_accepted_on_the_last_attempt_is_not_declared_failed(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
     engine.gateway.script = [*(BrokerUnavailable("503", http_status=503) for _ in range(3)), "placed-but-lost"]
