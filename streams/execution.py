@@ -313,8 +313,8 @@ class Executor:
             order = await self._confirm(gateway, found.order_id, found)
         except BrokerRejected:
             return False
-        log.warning("intent %s: adopting %s order %s that was never recorded", intent.intent_id, action.value,
-                    order.order_id)  # fmt: skip
+        log.warning("intent %s: adopting %s order %s that was %s", intent.intent_id, action.value, order.order_id,
+                    "given up as failed" if given_up else "never recorded")  # fmt: skip
         status = OrderStatus.FILLED if order.status == "COMPLETE" else OrderStatus.PLACED
         result = self._result(other, status, attempts, broker_order_id=order.order_id, price=order.average_price)
         if given_up:
