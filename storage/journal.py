@@ -55,7 +55,7 @@ class GroupCommit:
         self.sessions = sessions
         self._pending: list[_Entry] = []
         self._writer: asyncio.Task[None] | None = None
-        self.commits = 0  # transactions committed, batches and lone retries alike (for tests and benchmarks)
+        self.commits = 0  # transactions committed, batches and lone retries alike (what the tests count)
 
     async def write(self, *writes: Write) -> None:
         """Commit `writes` in one transaction, shared with whatever else is waiting; raises what writing them

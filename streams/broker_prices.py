@@ -25,7 +25,6 @@ class BrokerPrices:
         self._wanted: set[str] = set()  # asked for and not yet answered
         self._queued: list[str] = []
         self._task: asyncio.Task[None] | None = None
-        self.lookups = 0
 
     def ask(self, instrument: str) -> None:
         """Look `instrument` up soon, once however often it is asked for until then."""
@@ -40,7 +39,6 @@ class BrokerPrices:
         await asyncio.sleep(0)  # the rest of a burst of arms asks first
         while self._queued:
             batch, self._queued = sorted(self._queued), []
-            self.lookups += 1
             try:
                 prices = await self._fetch(batch)
             except Exception:
