@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         10.0, gt=0, description="An open position this long past its sell time without a SELL gets one (safety net)."
     )
     missed_buy_grace_seconds: float = Field(60.0, ge=0)
+    buy_lead_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=30,
+        description="The scheduler hands a BUY to the workers this long before its time: its checks and attempt row "
+        "are done by then, and only the broker call is left when it falls due. The order never leaves early.",
+    )
 
     # Clock: production runs on the real clock; tests and demos shift or speed it up for every process alike.
     clock_start: str | None = Field(

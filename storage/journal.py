@@ -14,14 +14,15 @@ entry is written again on its own, so one entry's error reaches only its own cal
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import Executable
+
+from core.coalesce import Coalesced
 
 log = logging.getLogger(__name__)
 
@@ -42,65 +43,40 @@ class Rows:
 Write = Rows | Step  # a Step runs on its own: for a write that reads what it changed (an UPDATE ... RETURNING)
 
 
-@dataclass
-class _Entry:
-    writes: Sequence[Write]
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 class GroupCommit:
     """One writer per process: while it commits a batch, the next one gathers."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
-        self._pending: list[_Entry] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._batches: Coalesced[Sequence[Write], None] = Coalesced(self._commit_batch, MAX_BATCH)
         self.commits = 0  # transactions committed, batches and lone retries alike (what the tests count)
 
     async def write(self, *writes: Write) -> None:
         """Commit `writes` in one transaction, shared with whatever else is waiting; raises what writing them
-        alone raised (IntegrityError for a duplicate) and then none of them is kept."""
-        entry = _Entry(writes)
-        entry.done.add_done_callback(_retrieved)  # a cancelled caller leaves nobody to see a failure
-        self._pending.append(entry)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain())
-        # Shielded: a caller cancelled (deadline, shutdown) must not cancel the batch it shares with others.
-        # Its entry may still be committed; that is the same as a crash just after a commit, which every
-        # writer here already survives (an attempt row with no call behind it is looked up before re-sending).
-        await asyncio.shield(entry.done)
+        alone raised (IntegrityError for a duplicate) and then none of them is kept.
 
-    async def _drain(self) -> None:
-        batch: list[_Entry] = []
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._commit_batch(batch)
-        except asyncio.CancelledError:
-            # The loop is shutting down: nobody is left to commit for the entries, so their writers hear it.
-            for entry in batch + self._pending:
-                _settle(entry, RuntimeError("the group commit was cancelled"))
-            self._pending = []
-            raise
+        A caller cancelled (deadline, shutdown) does not cancel the batch it shares with others: its entry may
+        still be committed, which is the same as a crash just after a commit, and every writer here already
+        survives that (an attempt row with no call behind it is looked up before re-sending)."""
+        await self._batches(writes)
 
-    async def _commit_batch(self, batch: list[_Entry]) -> None:
+    async def _commit_batch(self, batch: list[Sequence[Write]]) -> list[BaseException | None]:
         try:
-            await self._commit([write for entry in batch for write in entry.writes])
+            await self._commit([write for entry in batch for write in entry])
         except Exception as exc:
             if len(batch) == 1:
-                _settle(batch[0], exc)
-                return
+                return [exc]
             log.info("a batch of %d writes failed (%s): writing each on its own", len(batch), type(exc).__name__)
+            outcomes: list[BaseException | None] = []
             for entry in batch:
                 try:
-                    await self._commit(entry.writes)
+                    await self._commit(entry)
                 except Exception as lone:
-                    _settle(entry, lone)
+                    outcomes.append(lone)
                 else:
-                    _settle(entry, None)
-        else:
-            for entry in batch:
-                _settle(entry, None)
+                    outcomes.append(None)
+            return outcomes
+        return [None] * len(batch)
 
     async def _commit(self, writes: Sequence[Write]) -> None:
         # Rows of the same statement go out as one executemany, in the order each statement first appears.
@@ -118,17 +94,3 @@ class GroupCommit:
                 await step(session)
             await session.commit()
         self.commits += 1
-
-
-def _settle(entry: _Entry, error: BaseException | None) -> None:
-    if entry.done.done():
-        return
-    if error is None:
-        entry.done.set_result(None)
-    else:
-        entry.done.set_exception(error)
-
-
-def _retrieved(done: asyncio.Future[None]) -> None:
-    if not done.cancelled():
-        done.exception()

@@ -15,13 +15,18 @@ Integrity rules (DESIGN.md section 6), and where each is enforced:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Protocol, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,6 +35,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import Clock
+from core.coalesce import Coalesced
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager, spec_for
 from schemas.events import (
@@ -56,7 +62,7 @@ from storage.models import (
     StrategyStatusChange,
 )
 from storage.positions import RunHistory, RunPosition, run_history
-from storage.runtime import RuntimeState, lock_key, runtime_key, symbol_key
+from storage.runtime import RuntimeState, lock_key, runtime_key, strategy_key, symbol_key
 from streams.limits import PRIORITY, BrokerRateLimiter, PriorityGate
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,15 @@ LIFECYCLE_TOPIC = "strategy-lifecycle"
 _HSET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], unpack(ARGV))
+  return 1
+end
+return 0
+"""
+
+# A BUY falling due: its strategy's run is still the one loaded (not stopped, not restarted) -> mark it buying.
+_BUYING_IF_LOADED = """
+if redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'state', ARGV[2])
   return 1
 end
 return 0
@@ -112,8 +127,9 @@ CORRECT_RESULT = (
 LOCK_SECONDS = 10.0
 # With a process lease a dead holder's lock is taken over as soon as the lease lapses, so the TTL only bounds a
 # holder that is alive but stalled, and a longer one means fewer renewals: during a burst hundreds of lanes
-# hold their lock for many seconds, and renewing every LOCK_SECONDS / 3 cost about 5 % of the worker's CPU.
-LEASED_LOCK_SECONDS = 30.0
+# hold their lock for many seconds, and renewing every LOCK_SECONDS / 3 cost about 5 % of the worker's CPU. At 60 s
+# a BUY handed over early (`buy_lead_seconds`) is placed and recorded before its lock's first renewal.
+LEASED_LOCK_SECONDS = 60.0
 STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for exits of higher priority
 MISSED_BUY = "BUY time missed"
 LOCK_WAIT_SECONDS = 120.0
@@ -127,6 +143,15 @@ class Publisher(Protocol):
     """What the engine needs from Kafka (core.kafka.EventProducer satisfies it)."""
 
     async def publish(self, topic: str, key: str | int, event: Event) -> None: ...
+
+
+class Withdrawn(Exception):
+    """A BUY handed over early whose strategy was stopped before it fell due: nothing was sent."""
+
+    def __init__(self, attempt: int, reason: str) -> None:
+        super().__init__(reason)
+        self.attempt = attempt
+        self.reason = reason
 
 
 class ExecutionStalled(RuntimeError):
@@ -166,6 +191,8 @@ class Executor:
         self.lease = lease
         self.rate_limiter = BrokerRateLimiter(redis, settings.broker_orders_per_second)
         self._hset_if_exists = redis.register_script(_HSET_IF_EXISTS)
+        self._buying_if_loaded = redis.register_script(_BUYING_IF_LOADED)
+        self._loaded_checks: Coalesced[tuple[int, int], bool] = Coalesced(self._mark_buying_if_loaded)
         self.confirm_timeout = max(settings.broker_timeout_seconds, 5.0)
         self.protection = ProtectiveStops(self)
         self.gate: PriorityGate | None = None  # set by the lanes that run this executor
@@ -272,10 +299,11 @@ class Executor:
             return result
 
         await self._step_aside(intent)
-        await self._set_runtime(
-            intent.strategy_id,
-            state=(RuntimeState.BUYING if intent.action is Action.BUY else RuntimeState.SELLING).value,
-        )
+        if not self._early(intent):  # a BUY handed over early says "buying" once it is due (_held_until_due)
+            await self._set_runtime(
+                intent.strategy_id,
+                state=(RuntimeState.BUYING if intent.action is Action.BUY else RuntimeState.SELLING).value,
+            )
         try:
             gateway = await self.gateways(intent.user_id)
             # An exit first takes the protective SL-M off the book; if the broker already executed it, that
@@ -289,6 +317,11 @@ class Executor:
         except BrokerError as exc:
             attempts = await self._attempts_after_failure(intent)
             return await self._fail(intent, strategy, exc, attempts)
+        except Withdrawn as withdrawn:
+            log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
+            result = self._result(intent, OrderStatus.SKIPPED, withdrawn.attempt, message=withdrawn.reason)
+            await self._record_result(result, intent)
+            return result
         return await self._complete(intent, strategy, order, attempts, position, placed_attempt=placed)
 
     async def _adopt_unrecorded(
@@ -428,9 +461,16 @@ class Executor:
                             log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
                             return await self._confirm(gateway, found.order_id, found), attempt, None
                     attempt += 1
-                    await self._log_attempt(intent, attempt, "sending")
+                    # Dated when it is sent: a successor that finds it unanswered gives it that long to arrive.
+                    sent_at = max(self.clock.now(), intent.due_at)
+                    await self._log_attempt(intent, attempt, "sending", at=sent_at)
                     try:
-                        async with self.rate_limiter.permit(intent.user_id, PRIORITY[intent.action]):
+                        async with (
+                            self._held_until_due(intent, attempt) as reserved,
+                            contextlib.nullcontext()
+                            if reserved
+                            else self.rate_limiter.permit(intent.user_id, PRIORITY[intent.action]),
+                        ):
                             order_id = await gateway.place_market_order(
                                 exchange=strategy.exchange,
                                 tradingsymbol=strategy.tradingsymbol,
@@ -439,6 +479,10 @@ class Executor:
                                 product=strategy.product,
                                 tag=intent.broker_tag,
                             )
+                    except Withdrawn as withdrawn:
+                        await self._log_attempt(intent, attempt, "withdrawn", message=withdrawn.reason,
+                                                update_only=True)  # fmt: skip
+                        raise
                     except BrokerUnavailable as exc:
                         unclear = True
                         await self._log_attempt(intent, attempt, "unclear", message=exc.message, update_only=True)
@@ -465,6 +509,50 @@ class Executor:
             log.warning("intent %s: the last attempt did reach the broker (order %s)", intent.intent_id, found.order_id)
             return await self._confirm(gateway, found.order_id, found), attempt, None
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def _early(self, intent: OrderIntent) -> bool:
+        return intent.action is Action.BUY and self.clock.seconds_until(intent.due_at) > 0
+
+    @asynccontextmanager
+    async def _held_until_due(self, intent: OrderIntent, attempt: int) -> AsyncIterator[bool]:
+        """A BUY handed over before its time (`buy_lead_seconds`) is held here, its checks and attempt row done,
+        until it is due; then only the broker call is left. It waits and is placed outside the worker's execution
+        slots: the BUYs of one instant are all sent at that instant, and a STOPLOSS never waits for a slot
+        behind them. The trader may have stopped the strategy meanwhile: then nothing is sent.
+
+        Yields whether the user's rate-limit grant for the due instant was reserved while waiting (if not, the
+        order takes one the usual way)."""
+        if not self._early(intent):
+            yield False
+            return
+        priority = PRIORITY[intent.action]
+        async with self.gate.stepped_out(priority) if self.gate is not None else contextlib.nullcontext():
+            reserved = await self.rate_limiter.reserve(
+                intent.user_id, time.time() + self.clock.seconds_until(intent.due_at)
+            )
+            await self.clock.sleep_until(intent.due_at)
+            # Redis says "still this run" and marks it buying, in one round trip for every BUY of the instant; only
+            # if Redis does not know the strategy (stopped, restarted empty, unreachable) does the database decide.
+            try:
+                loaded = await self._loaded_checks((intent.strategy_id, intent.run))
+            except RedisError:
+                loaded = False
+            if not loaded:
+                if not await self._still_running(intent):
+                    raise Withdrawn(attempt, "strategy stopped before its buy time")
+                await self._set_runtime(intent.strategy_id, state=RuntimeState.BUYING.value)
+            await self._step_aside(intent)
+            yield reserved
+
+    async def _mark_buying_if_loaded(self, strategies: list[tuple[int, int]]) -> list[bool]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for strategy_id, run in strategies:
+                await self._buying_if_loaded(
+                    keys=[strategy_key(strategy_id), runtime_key(strategy_id)],
+                    args=[str(run), RuntimeState.BUYING.value],
+                    client=pipe,
+                )
+            return [bool(loaded) for loaded in await pipe.execute()]
 
     async def _lookup(self, gateway: OrderGateway, tag: str) -> BrokerOrder | None:
         """The broker's order for `tag`, retrying transient failures briefly (a STOPLOSS may queue behind)."""
@@ -740,11 +828,12 @@ class Executor:
         order_id: str | None = None,
         message: str | None = None,
         update_only: bool = False,
+        at: datetime | None = None,
     ) -> None:
         if update_only:
             await self.journal.write(self._attempt_update(intent, attempt, status, order_id, message))
         else:
-            row = self._log_row(intent, OrderLogKind.ATTEMPT, attempt, status, order_id, None, message)
+            row = self._log_row(intent, OrderLogKind.ATTEMPT, attempt, status, order_id, None, message, at=at)
             await self.journal.write(Rows(INSERT_ORDER_LOG, row))
 
     def _log_row(
@@ -756,6 +845,8 @@ class Executor:
         order_id: str | None,
         price: float | None,
         message: str | None,
+        *,
+        at: datetime | None = None,
     ) -> dict[str, object]:
         return {
             "intent_id": intent.intent_id,
@@ -771,7 +862,7 @@ class Executor:
             "price": _money(price),
             "quantity": intent.quantity,
             "message": message,
-            "created_at": self.clock.now(),
+            "created_at": at or self.clock.now(),
         }
 
     def _result_log_row(self, intent: OrderIntent, result: OrderResult) -> dict[str, object]:

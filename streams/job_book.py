@@ -11,6 +11,7 @@ from schemas.events import Action
 
 @dataclass(frozen=True, order=True)
 class Job:
+    fires_at: datetime  # when it is handed to the workers: its due time, or a little before for a BUY
     due_at: datetime
     strategy_id: int
     action: Action
@@ -40,14 +41,14 @@ class JobBook:
 
     def next_due(self) -> datetime | None:
         self._drop_cancelled_head()
-        return self._heap[0].due_at if self._heap else None
+        return self._heap[0].fires_at if self._heap else None
 
     def pop_due(self, now: datetime) -> list[Job]:
-        """Remove and return every live job due at or before `now`, earliest first."""
+        """Remove and return every live job whose time to fire is at or before `now`, earliest first."""
         due: list[Job] = []
         while True:
             self._drop_cancelled_head()
-            if not self._heap or self._heap[0].due_at > now:
+            if not self._heap or self._heap[0].fires_at > now:
                 return due
             job = heapq.heappop(self._heap)
             del self._live[(job.strategy_id, job.action)]

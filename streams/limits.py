@@ -41,10 +41,28 @@ class PriorityGate:
         try:
             yield
         finally:
-            self._holders[priority] -= 1
-            self._released.set()
-            self._released = asyncio.Event()
-            self._release()
+            self._give_back(priority)
+
+    @asynccontextmanager
+    async def stepped_out(self, priority: int) -> AsyncIterator[None]:
+        """Inside `slot(priority)`: give the slot back for the block and take one again after it.
+
+        For work that waits on the clock rather than on anything the slots protect (a BUY handed over early holds
+        its order until it is due): it must not keep a STOPLOSS, or the other BUYs of the same instant, out.
+        """
+        self._give_back(priority)
+        try:
+            yield
+        finally:
+            try:
+                await self._acquire(priority)
+            except BaseException:
+                # Cancelled while queued: the enclosing slot() still gives one back on the way out. Owe it, so
+                # the number of slots stays what it was.
+                self._free -= 1
+                raise
+            finally:
+                self._holders[priority] += 1
 
     async def yield_to_higher(self, priority: int, at_most: float) -> None:
         """Wait, for at most `at_most` seconds, while work of a higher priority holds a slot.
@@ -63,6 +81,12 @@ class PriorityGate:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._released.wait(), remaining)
+
+    def _give_back(self, priority: int) -> None:
+        self._holders[priority] -= 1
+        self._released.set()
+        self._released = asyncio.Event()
+        self._release()
 
     async def _acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
@@ -86,22 +110,25 @@ class PriorityGate:
         self._free += 1
 
 
-# A sliding-window log in one atomic step, shared by every worker: a user's grants of the last second are
-# kept in a sorted set, and a grant is made only while it holds fewer than the limit. No one-second window
-# ever holds more than `limit` orders, which is what the broker counts (a token bucket with a burst lets
-# nearly twice the limit through in the first second).
+# A sliding-window log in one atomic step, shared by every worker: a user's grants are kept in a sorted set by
+# the instant they are for, and a grant is made only while fewer than the limit lie within a window of it on
+# either side. No one-second window ever holds more than `limit` orders, which is what the broker counts (a token
+# bucket with a burst lets nearly twice the limit through in the first second). A grant is usually for now; a
+# BUY handed over early reserves one for its due instant (ARGV[5]), so at that instant it needs no round trip.
 _SLIDING_WINDOW = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
+local at = tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+local lower = string.format('(%.6f', at - window)
+if redis.call('ZCOUNT', KEYS[1], lower, string.format('(%.6f', at + window)) < limit then
+  redis.call('ZADD', KEYS[1], at, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], math.ceil((at - now + window) * 1000) + 1000)
   return '0'
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return tostring(tonumber(oldest[2]) + window - now)
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], lower, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+return tostring(tonumber(first[2]) + window - at)
 """
 
 WINDOW_SECONDS = 1.0
@@ -127,12 +154,19 @@ class BrokerRateLimiter:
             await self._take(user_id)
         yield
 
+    async def reserve(self, user_id: int, at: float) -> bool:
+        """Take a grant for the (unix) instant `at`, now, if the user's budget has room then; no waiting."""
+        return await self._grant(user_id, max(at, time.time())) <= 0
+
     async def _take(self, user_id: int) -> None:
-        key = f"{self.key_prefix}{user_id}"
         while True:
-            now = time.time()
-            member = f"{now!r}:{self._instance}:{next(self._grants)}"
-            wait = float(await self._script(keys=[key], args=[now, WINDOW_SECONDS, self.limit, member]))
+            wait = await self._grant(user_id, time.time())
             if wait <= 0:
                 return
             await asyncio.sleep(wait)
+
+    async def _grant(self, user_id: int, at: float) -> float:
+        """0 if granted for `at`, else how long until it may be worth asking again."""
+        member = f"{at!r}:{self._instance}:{next(self._grants)}"
+        args: list[str | float] = [time.time(), WINDOW_SECONDS, self.limit, member, at]
+        return float(await self._script(keys=[f"{self.key_prefix}{user_id}"], args=args))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import date, time
+from datetime import date, time, timedelta
 from typing import Any
 
 import faust
@@ -45,6 +45,11 @@ class SchedulerCore:
         self.publish = publish
         self.wakeup = asyncio.Event()
         self.last_pass_failed = False
+        # A BUY goes out early so the engine has done everything but the broker call when it falls due (it holds
+        # the order until then): at 09:30:00 a thousand entries are a thousand broker calls, not a thousand
+        # times the checks and the writes. A SELL is never early: it would hold its strategy's lane, and a stop
+        # crossed meanwhile must not wait behind it.
+        self.lead = {Action.BUY: timedelta(seconds=settings.buy_lead_seconds), Action.SELL: timedelta(0)}
 
     def register(self, strategy_id: int, job: dict[str, Any]) -> None:
         self.cancel(strategy_id)
@@ -52,7 +57,7 @@ class SchedulerCore:
         day = date.fromisoformat(job["trading_day"])
         for action, at in ((Action.BUY, job["buy_time"]), (Action.SELL, job["sell_time"])):
             due = self.calendar.at(day, time.fromisoformat(at))
-            self.book.add(Job(due, strategy_id, action, job["run"]))
+            self.book.add(Job(due - self.lead[action], due, strategy_id, action, job["run"]))
         self.wakeup.set()
 
     def cancel(self, strategy_id: int) -> None:
@@ -64,7 +69,7 @@ class SchedulerCore:
         self.specs.clear()
 
     async def fire_due(self) -> int:
-        """Publish every job due now; a job whose publish fails goes back in the book for the next pass."""
+        """Publish every job to fire now; a job whose publish fails goes back in the book for the next pass."""
         now = self.clock.now()
         fired: list[tuple[Job, TimeEvent]] = []
         for job in self.book.pop_due(now):

@@ -42,7 +42,7 @@ from schemas.events import (
     broker_tag_for,
     intent_id_for,
 )
-from storage.db import session_factory
+from storage.db import aware, session_factory
 from storage.models import Notification, OrderLog, OrderLogKind, Strategy, StrategyStatus, User
 from storage.runtime import RuntimeStore, runtime_key, symbol_key
 from streams import execution
@@ -335,6 +335,109 @@ async def test_a_stoploss_exits_and_a_second_stoploss_is_dropped(engine: Engine)
     late_sell = await engine.executor.execute(engine.intent(Action.SELL))
     assert late_sell is not None and late_sell.status is OrderStatus.SKIPPED
     assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]
+
+
+# ------------------------------------------------------------------------------- a BUY handed over early
+
+
+def holding_until_due(engine: Engine) -> asyncio.Event:
+    """Set when the engine starts waiting on the clock for an intent's due time."""
+    holding = asyncio.Event()
+    wait_on_clock = engine.clock.sleep_until
+
+    async def sleep_until(when: datetime) -> None:
+        holding.set()
+        await wait_on_clock(when)
+
+    engine.clock.sleep_until = sleep_until  # type: ignore[method-assign]
+    return holding
+
+
+async def loop_turns(count: int = 20) -> None:
+    """Let every ready task run until it blocks on something this test controls (no I/O is pending)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_a_buy_handed_over_early_is_checked_and_logged_at_once_and_sent_only_when_due(engine: Engine) -> None:
+    due = engine.clock.now() + timedelta(seconds=5)
+    intent = engine.intent(Action.BUY, due_at=due)
+    holding = holding_until_due(engine)
+    execution = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(holding.wait(), 5)
+
+    assert engine.gateway.placements == []
+    [attempt] = await engine.log_rows(OrderLogKind.ATTEMPT)
+    # Dated when it is to be sent: a successor finding it unanswered gives it the broker timeout from then.
+    assert (attempt.status, aware(attempt.created_at)) == ("sending", due)
+    assert (await engine.runtime())["state"] == "idle"  # not "buying" before its time
+
+    engine.clock.set(due - timedelta(milliseconds=1))
+    await loop_turns()
+    assert not execution.done() and engine.gateway.placements == []
+    engine.clock.set(due)
+    result = await asyncio.wait_for(execution, 5)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert len(engine.gateway.placements) == 1
+    assert await engine.attempts(intent) == [(1, "placed")]
+    assert (await engine.runtime())["state"] == "bought"
+
+
+async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent(engine: Engine) -> None:
+    due = engine.clock.now() + timedelta(seconds=5)
+    intent = engine.intent(Action.BUY, due_at=due)
+    holding = holding_until_due(engine)
+    execution = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(holding.wait(), 5)
+
+    outcome = await engine.executor.manager.stop(engine.strategy_id)
+    assert not outcome.squared_off  # nothing bought yet
+    engine.clock.set(due)
+    result = await asyncio.wait_for(execution, 5)
+
+    assert result is not None
+    assert (result.status, result.message) == (OrderStatus.SKIPPED, "strategy stopped before its buy time")
+    assert engine.gateway.placements == []
+    assert await engine.attempts(intent) == [(1, "withdrawn")]
+    assert await engine.results() == [("BUY", "skipped")]
+    # A redelivery finds the result and sends nothing either.
+    assert await engine.executor.execute(intent) is None
+    assert engine.gateway.placements == []
+
+
+@sqlite_only
+async def test_a_buy_falling_due_after_redis_lost_its_keys_asks_the_database_and_is_sent(engine: Engine) -> None:
+    due = engine.clock.now() + timedelta(seconds=5)
+    intent = engine.intent(Action.BUY, due_at=due)
+    holding = holding_until_due(engine)
+    execution = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(holding.wait(), 5)
+
+    await engine.redis.flushdb()  # Redis restarted empty; the strategy is still running in the database
+    engine.clock.set(due)
+    result = await asyncio.wait_for(execution, 5)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert len(engine.gateway.placements) == 1
+
+
+@sqlite_only
+async def test_a_buy_waiting_for_its_time_holds_no_execution_slot(engine: Engine) -> None:
+    gate = PriorityGate(1)
+    engine.executor.gate = gate
+    due = engine.clock.now() + timedelta(seconds=5)
+    holding = holding_until_due(engine)
+
+    async def in_a_lane() -> OrderResult | None:
+        async with gate.slot(PRIORITY[Action.BUY]):
+            return await engine.executor.execute(engine.intent(Action.BUY, due_at=due))
+
+    execution = asyncio.create_task(in_a_lane())
+    await asyncio.wait_for(holding.wait(), 5)
+    async with asyncio.timeout(5), gate.slot(PRIORITY[Action.STOPLOSS]):
+        pass  # the worker's only slot is free while the BUY waits for 10:30:05
+    engine.clock.set(due)
+    result = await asyncio.wait_for(execution, 5)
+    assert result is not None and result.status is OrderStatus.FILLED
 
 
 # ----------------------------------------------------------------------------------------- idempotence

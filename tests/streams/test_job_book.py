@@ -18,7 +18,7 @@ def at(seconds: float) -> datetime:
 
 
 def job(strategy_id: int, action: Action, seconds: float, run: int = 1) -> Job:
-    return Job(at(seconds), strategy_id, action, run)
+    return Job(at(seconds), at(seconds), strategy_id, action, run)
 
 
 def test_pop_due_returns_only_due_jobs_earliest_first() -> None:
@@ -192,9 +192,9 @@ def test_against_a_dictionary_model(ops: list[tuple[object, ...]]) -> None:
             _, seconds = op
             assert isinstance(seconds, int)
             now = at(seconds)
-            expected = sorted(j for j in model.values() if j.due_at <= now)
+            expected = sorted(j for j in model.values() if j.fires_at <= now)
             assert book.pop_due(now) == expected
             for j in expected:
                 del model[(j.strategy_id, j.action)]
         assert len(book) == len(model)
-        assert book.next_due() == min((j.due_at for j in model.values()), default=None)
+        assert book.next_due() == min((j.fires_at for j in model.values()), default=None)

@@ -230,6 +230,62 @@ async def test_a_waiter_for_a_slot_does_not_make_holders_step_aside() -> None:
     assert admitted == ["buy", "stoploss"]
 
 
+async def test_a_holder_stepped_out_lets_another_in_and_queues_to_come_back() -> None:
+    gate = PriorityGate(1)
+    admitted: list[str] = []
+    live = [0, 0]
+    back = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def waits_on_the_clock() -> None:
+        async with gate.slot(PRIORITY[Action.BUY]):
+            async with gate.stepped_out(PRIORITY[Action.BUY]):
+                await leave.wait()
+            back.set()
+
+    buy = asyncio.create_task(waits_on_the_clock())
+    await settle()
+    stoploss = Holder(gate, "stoploss", PRIORITY[Action.STOPLOSS], admitted, live)
+    await asyncio.wait_for(stoploss.entered.wait(), 1)  # the one slot was free while the BUY waited
+    leave.set()
+    await settle()
+    assert not back.is_set()  # coming back takes a slot: it waits for the STOPLOSS
+    await finish(stoploss)
+    await asyncio.wait_for(buy, 5)
+    await assert_gate_capacity(gate, 1)
+
+
+async def test_a_holder_cancelled_while_queued_to_come_back_does_not_change_the_capacity() -> None:
+    gate = PriorityGate(1)
+    admitted: list[str] = []
+    live = [0, 0]
+    stepped_out = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def waits_on_the_clock() -> None:
+        async with gate.slot(PRIORITY[Action.BUY]), gate.stepped_out(PRIORITY[Action.BUY]):
+            stepped_out.set()
+            await leave.wait()
+
+    other = Holder(gate, "other", PRIORITY[Action.SELL], admitted, live)
+    await other.entered.wait()
+    buy = asyncio.create_task(waits_on_the_clock())
+    await settle()
+    assert not stepped_out.is_set()  # still waiting for its first slot
+    other.release.set()
+    await asyncio.wait_for(stepped_out.wait(), 1)
+    blocker = Holder(gate, "blocker", PRIORITY[Action.SELL], admitted, live)
+    await asyncio.wait_for(blocker.entered.wait(), 1)  # took the slot the BUY gave back
+    leave.set()
+    await settle()
+    assert not buy.done()  # queued to come back
+    buy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await buy
+    await finish(blocker)
+    await assert_gate_capacity(gate, 1)
+
+
 async def assert_gate_capacity(gate: PriorityGate, limit: int) -> None:
     """Exactly `limit` holders get in at once, no more and no fewer."""
     admitted: list[str] = []
@@ -353,6 +409,34 @@ async def test_a_stoploss_queued_behind_buys_of_the_same_user_goes_first(redis: 
     ]
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert order == ["buy-1", "stoploss", "buy-2", "buy-3", "buy-4"]
+
+
+async def test_grants_reserved_for_an_instant_take_that_instants_budget_only(
+    redis: Redis, virtual: VirtualTime
+) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    due = virtual.now + 10
+    assert [await limiter.reserve(4, due) for _ in range(11)] == [True] * 10 + [False]
+    for _ in range(10):
+        await take(limiter, user_id=4)  # now is 10 s away from those: this second's budget is whole
+    assert virtual.waits == []
+    assert not await limiter.reserve(4, due + 0.5)  # within a second of ten reserved grants
+    assert await limiter.reserve(4, due + 1.0)
+
+
+async def test_reserved_and_immediate_grants_together_never_put_more_than_the_rate_in_a_second(
+    redis: Redis, virtual: VirtualTime
+) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    start = virtual.now
+    granted = [start + 0.5 + i * 0.01 for i in range(6) if await limiter.reserve(5, start + 0.5 + i * 0.01)]
+    assert len(granted) == 6
+    for _ in range(20):
+        await take(limiter, user_id=5)
+        granted.append(virtual.now)
+    assert virtual.waits, "the six reserved grants half a second ahead must hold some of these back"
+    busiest = max(sum(1 for t in granted if first <= t < first + 1.0) for first in granted)
+    assert busiest <= 10, f"{busiest} grants within one second at a limit of 10/s"
 
 
 async def test_real_time_smoke_the_limiter_really_waits(redis: Redis) -> None:

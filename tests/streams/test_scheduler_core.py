@@ -62,6 +62,8 @@ class Published:
 
 
 def make_core(clock: ManualClock | ScaledClock, publish: Any, **settings: object) -> SchedulerCore:
+    # Exact instants unless a test is about the BUY's lead (test_a_buy_is_handed_over_its_lead_early).
+    settings.setdefault("buy_lead_seconds", 0)
     return SchedulerCore(build_settings(**settings), clock, publish)
 
 
@@ -92,6 +94,30 @@ async def test_jobs_fire_at_their_exchange_time_instant() -> None:
     assert sell.due_at == datetime(2025, 1, 15, 9, 30, tzinfo=UTC)
     assert len(core.book) == 0
     assert 1 not in core.specs  # a strategy whose SELL went out is done
+
+
+async def test_a_buy_is_handed_over_its_lead_early_with_its_own_due_time_and_a_sell_is_not() -> None:
+    clock = ManualClock(ist(9, 0))
+    published = Published()
+    core = make_core(clock, published, buy_lead_seconds=5)
+    core.register(1, spec(buy="09:30:00", sell="15:00:00"))
+
+    assert core.book.next_due() == ist(9, 29, 55)
+    clock.set(ist(9, 29, 54.999))
+    assert await core.fire_due() == 0
+    clock.set(ist(9, 29, 55))
+    assert await core.fire_due() == 1
+    [buy] = published.events
+    # The engine holds the order until `due_at`: the event says when the BUY is due, not when it was handed over.
+    assert (buy.action, buy.due_at, buy.fired_at) == (Action.BUY, ist(9, 30), ist(9, 29, 55))
+    published.take()
+
+    clock.set(ist(14, 59, 59.999))
+    assert await core.fire_due() == 0
+    clock.set(ist(15, 0))
+    assert await core.fire_due() == 1
+    [sell] = published.events
+    assert (sell.action, sell.due_at) == (Action.SELL, ist(15, 0))
 
 
 async def test_jobs_wait_for_their_own_trading_day() -> None:
