@@ -65,6 +65,7 @@ from manager.strategy_manager import StrategyManager
 from schemas.events import Action, LifecycleKind, OrderIntent, StrategyLifecycle, StrategySpec, Trigger, intent_id_for
 from storage.runtime import RuntimeStore
 from streams.stop_index import StopIndex
+from streams.worker import BROKER_THREADS, broker_threads
 
 IST = ZoneInfo("Asia/Kolkata")
 # Wednesday 15 January 2025, 10:00 IST: an NSE trading day, inside market hours.
@@ -731,6 +732,12 @@ async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
         f"{p50:.0f} / {p99:.0f} ms", f"p99 < {BURST_P99_TARGET_MS:.0f} ms", verdict,
     )  # fmt: skip
     report.row("  first / last BUY at the broker after due", f"{min(latencies):.0f} / {max(latencies):.0f} ms")
+    # What the official client alone reaches here: the floor under the burst on this machine.
+    alone = await _broker_call_ceiling(sim, sizes.burst_users, sizes.burst_per_user)
+    report.row(
+        f"  the same {total:,} broker calls alone (kiteconnect, one process, {BROKER_THREADS} threads), p50 / p99",
+        f"{percentile(alone, 0.5):.0f} / {percentile(alone, 0.99):.0f} ms",
+    )
     report.row("  STARTs through StrategyManager.start (16 concurrent)", f"{total / start_seconds:,.0f}/s")
     report.row("  worker CPU per BUY (all threads, from the STARTs' end to the last BUY)", f"{worker_cpu_ms:.1f} ms")
     stages = {
@@ -811,10 +818,50 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def ceiling_main(argv: list[str]) -> None:
+    """(child process) The burst's broker calls alone: place the orders read from stdin (api_key, access_token,
+    count) at the monotonic instant `go`, all at once, through the worker's own gateway and thread pool."""
+    from connectors.broker import KiteBroker
+    from connectors.orders import KiteOrderGateway
+
+    root, go = argv[0], float(argv[1])
+    accounts = json.loads(sys.stdin.read())
+
+    async def place_all() -> None:
+        asyncio.get_running_loop().set_default_executor(broker_threads())
+        settings = Settings(kite_api_root=root)
+        gateways = [(KiteOrderGateway(KiteBroker(settings, key, token)), count) for key, token, count in accounts]
+        await asyncio.sleep(max(go - time.monotonic(), 0))
+        await asyncio.gather(*(
+            gateway.place_market_order(exchange="NSE", tradingsymbol="INFY", side="BUY", quantity=1, product="MIS",
+                                       tag=f"ceiling{n}")
+            for gateway, count in gateways for n in range(count)
+        ))  # fmt: skip
+
+    asyncio.run(place_all())
+
+
+async def _broker_call_ceiling(sim: RunningSimulator, users: int, per_user: int) -> list[float]:
+    """Latencies (ms) of `users` x `per_user` BUYs placed at one instant by a process that does nothing else."""
+    creds = [sim.state.create_account(f"ceil{n}", api_secret=SIM_SECRET, balance=1e12) for n in range(users)]
+    go = time.monotonic() + 3.0  # the child's imports and clients are ready by then
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.pipeline", "_ceiling", sim.rest_root, repr(go), stdin=subprocess.PIPE
+    )
+    await child.communicate(json.dumps([[c.api_key, c.access_token, per_user] for c in creds]).encode())
+    if child.returncode != 0:
+        raise RuntimeError(f"the broker-call ceiling run failed (exit code {child.returncode})")
+    buys = _placements(sim, "BUY", {c.api_key for c in creds})
+    return [(r.received_monotonic - go) * 1000 for r in buys]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_load"]:
         load_main(argv[1:])
+        return 0
+    if argv[:1] == ["_ceiling"]:
+        ceiling_main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Protocol, cast
 
@@ -462,7 +462,7 @@ class Executor:
                             return await self._confirm(gateway, found.order_id, found), attempt, None
                     attempt += 1
                     # Dated when it is sent: a successor that finds it unanswered gives it that long to arrive.
-                    sent_at = max(self.clock.now(), intent.due_at)
+                    sent_at = max(self.clock.now(), intent.due_at.astimezone(UTC))
                     await self._log_attempt(intent, attempt, "sending", at=sent_at)
                     try:
                         async with (
@@ -862,7 +862,8 @@ class Executor:
             "price": _money(price),
             "quantity": intent.quantity,
             "message": message,
-            "created_at": at or self.clock.now(),
+            # In UTC: SQLite keeps no offset, and a time event's due instant is in exchange time.
+            "created_at": (at or self.clock.now()).astimezone(UTC),
         }
 
     def _result_log_row(self, intent: OrderIntent, result: OrderResult) -> dict[str, object]:

@@ -58,6 +58,16 @@ LAST_PRICE_FLUSH_SECONDS = 0.25
 RECOVERY_CHECK_SECONDS = 2.0
 
 
+BROKER_THREADS = 64
+
+
+def broker_threads() -> ThreadPoolExecutor:
+    """kiteconnect is synchronous: a burst of orders needs more threads than asyncio's default pool. Not more
+    than this: every thread shares the interpreter with the event loop, and fewer did not place faster (8 and 16
+    threads against 64 in the 1,000-BUY burst)."""
+    return ThreadPoolExecutor(max_workers=BROKER_THREADS, thread_name_prefix="broker")
+
+
 class WorkerServices:
     """Connections and engines shared by the agents, opened when the worker starts."""
 
@@ -74,8 +84,7 @@ class WorkerServices:
         self.recovery_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        # kiteconnect is synchronous: a burst of orders needs more threads than asyncio's default pool.
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="broker"))
+        asyncio.get_running_loop().set_default_executor(broker_threads())
         # No ping per checkout: a lane retries an intent whose connection died with a database restart.
         self.engine = create_engine(self.settings.database_url, pre_ping=False)
         self.sessions = session_factory(self.engine)

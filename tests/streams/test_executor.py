@@ -360,7 +360,7 @@ async def loop_turns(count: int = 20) -> None:
 
 
 async def test_a_buy_handed_over_early_is_checked_and_logged_at_once_and_sent_only_when_due(engine: Engine) -> None:
-    due = engine.clock.now() + timedelta(seconds=5)
+    due = (engine.clock.now() + timedelta(seconds=5)).astimezone(IST)  # exchange time, as the scheduler sends it
     intent = engine.intent(Action.BUY, due_at=due)
     holding = holding_until_due(engine)
     execution = asyncio.create_task(engine.executor.execute(intent))
@@ -403,6 +403,29 @@ async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent
     # A redelivery finds the result and sends nothing either.
     assert await engine.executor.execute(intent) is None
     assert engine.gateway.placements == []
+
+
+async def test_a_buy_whose_worker_died_while_holding_it_is_sent_once_at_its_time_by_the_next(engine: Engine) -> None:
+    engine.executor.settings = engine.executor.settings.model_copy(update={"broker_timeout_seconds": 0.2})
+    due = (engine.clock.now() + timedelta(seconds=5)).astimezone(IST)
+    intent = engine.intent(Action.BUY, due_at=due)
+    holding = holding_until_due(engine)
+    first = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(holding.wait(), 5)
+    first.cancel()  # the delivery ends while holding it (its worker stopped): attempt 1 is logged, nothing sent
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    holding.clear()
+    redelivered = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(holding.wait(), 5)  # looked up (nothing there), logged again, held for its time
+    assert engine.gateway.placements == []
+    engine.clock.set(due)
+    result = await asyncio.wait_for(redelivered, 5)
+    assert result is not None and (result.status, result.attempts) == (OrderStatus.FILLED, 2)
+    assert len(engine.gateway.placements) == 1
+    assert engine.gateway.lookups == [intent.broker_tag]
+    assert await engine.attempts(intent) == [(1, "sending"), (2, "placed")]
 
 
 @sqlite_only
