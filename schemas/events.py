@@ -92,7 +92,10 @@ class Action(StrEnum):
 
 
 class TimeEvent(Event):
-    """Topic `time-events`, key = strategy id. The scheduler's BUY/SELL triggers."""
+    """Topic `time-events`, key = strategy id. The scheduler's BUY/SELL triggers.
+
+    A SELL is fired at `due_at`; a BUY `BUY_LEAD_SECONDS` before it (`fired_at` < `due_at`), and the execution
+    engine holds the order until `due_at`."""
 
     strategy_id: int
     user_id: int

@@ -747,6 +747,13 @@ class CrashMatrix:
                 v.append(f"order-log row {row.intent_id}#{row.kind}{row.attempt} claims order "
                          f"{row.broker_order_id} that the broker does not have")  # fmt: skip
 
+        # An intent attempted and never finished is stuck in some lane (or was dropped): the day is over, so every
+        # attempt has its result by now (a resting protective stop has none by design).
+        finished = {row.intent_id for row in logs if row.kind == "result"}
+        for intent_id in sorted({row.intent_id for row in logs if row.kind == "attempt"} - finished):
+            if not intent_id.endswith(f":{Action.PROTECT.value}"):
+                v.append(f"intent {intent_id} was attempted and never finished (no result row at the end of the day)")
+
         for plan in self.plans:
             user = self.users[plan.user]
             orders = per_strategy.get(plan.strategy_id, {})
