@@ -124,7 +124,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local lower = string.format('(%.6f', at - window)
 if redis.call('ZCOUNT', KEYS[1], lower, string.format('(%.6f', at + window)) < limit then
   redis.call('ZADD', KEYS[1], at, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], math.ceil((at - now + window) * 1000) + 1000)
+  -- Kept until its latest grant has left the window: a grant for now must not expire a reservation ahead.
+  local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(latest[2]) - now + window) * 1000) + 1000)
   return '0'
 end
 local first = redis.call('ZRANGEBYSCORE', KEYS[1], lower, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)

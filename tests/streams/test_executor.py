@@ -353,6 +353,28 @@ def holding_until_due(engine: Engine) -> asyncio.Event:
     return holding
 
 
+@dataclass
+class HeldBuy:
+    intent: OrderIntent
+    execution: asyncio.Task[OrderResult | None]
+    holding: asyncio.Event  # set whenever the engine starts waiting on the clock for the BUY's time
+
+    @property
+    def due(self) -> datetime:
+        return self.intent.due_at
+
+
+async def held_buy(engine: Engine, seconds_ahead: float = 5.0) -> HeldBuy:
+    """A BUY handed over `seconds_ahead` early (due in exchange time, as the scheduler sends it), executing and
+    held by the engine until its time."""
+    due = (engine.clock.now() + timedelta(seconds=seconds_ahead)).astimezone(IST)
+    intent = engine.intent(Action.BUY, due_at=due)
+    holding = holding_until_due(engine)
+    execution = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(holding.wait(), 5)
+    return HeldBuy(intent, execution, holding)
+
+
 async def loop_turns(count: int = 20) -> None:
     """Let every ready task run until it blocks on something this test controls (no I/O is pending)."""
     for _ in range(count):
@@ -360,11 +382,8 @@ async def loop_turns(count: int = 20) -> None:
 
 
 async def test_a_buy_handed_over_early_is_checked_and_logged_at_once_and_sent_only_when_due(engine: Engine) -> None:
-    due = (engine.clock.now() + timedelta(seconds=5)).astimezone(IST)  # exchange time, as the scheduler sends it
-    intent = engine.intent(Action.BUY, due_at=due)
-    holding = holding_until_due(engine)
-    execution = asyncio.create_task(engine.executor.execute(intent))
-    await asyncio.wait_for(holding.wait(), 5)
+    held = await held_buy(engine)
+    intent, execution, due = held.intent, held.execution, held.due
 
     assert engine.gateway.placements == []
     [attempt] = await engine.log_rows(OrderLogKind.ATTEMPT)
@@ -384,16 +403,13 @@ async def test_a_buy_handed_over_early_is_checked_and_logged_at_once_and_sent_on
 
 
 async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent(engine: Engine) -> None:
-    due = engine.clock.now() + timedelta(seconds=5)
-    intent = engine.intent(Action.BUY, due_at=due)
-    holding = holding_until_due(engine)
-    execution = asyncio.create_task(engine.executor.execute(intent))
-    await asyncio.wait_for(holding.wait(), 5)
+    held = await held_buy(engine)
+    intent = held.intent
 
     outcome = await engine.executor.manager.stop(engine.strategy_id)
     assert not outcome.squared_off  # nothing bought yet
-    engine.clock.set(due)
-    result = await asyncio.wait_for(execution, 5)
+    engine.clock.set(held.due)
+    result = await asyncio.wait_for(held.execution, 5)
 
     assert result is not None
     assert (result.status, result.message) == (OrderStatus.SKIPPED, "strategy stopped before its buy time")
@@ -407,14 +423,11 @@ async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent
 
 async def test_a_buy_whose_worker_died_while_holding_it_is_sent_once_at_its_time_by_the_next(engine: Engine) -> None:
     engine.executor.settings = engine.executor.settings.model_copy(update={"broker_timeout_seconds": 0.2})
-    due = (engine.clock.now() + timedelta(seconds=5)).astimezone(IST)
-    intent = engine.intent(Action.BUY, due_at=due)
-    holding = holding_until_due(engine)
-    first = asyncio.create_task(engine.executor.execute(intent))
-    await asyncio.wait_for(holding.wait(), 5)
-    first.cancel()  # the delivery ends while holding it (its worker stopped): attempt 1 is logged, nothing sent
+    held = await held_buy(engine)
+    intent, holding, due = held.intent, held.holding, held.due
+    held.execution.cancel()  # its delivery ends while holding it (the worker stopped): attempt 1 logged, nothing sent
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await held.execution
 
     holding.clear()
     redelivered = asyncio.create_task(engine.executor.execute(intent))
@@ -430,15 +443,11 @@ async def test_a_buy_whose_worker_died_while_holding_it_is_sent_once_at_its_time
 
 @sqlite_only
 async def test_a_buy_falling_due_after_redis_lost_its_keys_asks_the_database_and_is_sent(engine: Engine) -> None:
-    due = engine.clock.now() + timedelta(seconds=5)
-    intent = engine.intent(Action.BUY, due_at=due)
-    holding = holding_until_due(engine)
-    execution = asyncio.create_task(engine.executor.execute(intent))
-    await asyncio.wait_for(holding.wait(), 5)
+    held = await held_buy(engine)
 
     await engine.redis.flushdb()  # Redis restarted empty; the strategy is still running in the database
-    engine.clock.set(due)
-    result = await asyncio.wait_for(execution, 5)
+    engine.clock.set(held.due)
+    result = await asyncio.wait_for(held.execution, 5)
     assert result is not None and result.status is OrderStatus.FILLED
     assert len(engine.gateway.placements) == 1
 

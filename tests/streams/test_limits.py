@@ -420,6 +420,8 @@ async def test_grants_reserved_for_an_instant_take_that_instants_budget_only(
     for _ in range(10):
         await take(limiter, user_id=4)  # now is 10 s away from those: this second's budget is whole
     assert virtual.waits == []
+    # The grants for now did not shorten the key's life: the reservations outlive them.
+    assert await redis.pttl("ratelimit:orders:4") > 10_000
     assert not await limiter.reserve(4, due + 0.5)  # within a second of ten reserved grants
     assert await limiter.reserve(4, due + 1.0)
 
