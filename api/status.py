@@ -8,7 +8,6 @@ absent (stopped, finished, or Redis was flushed), the answer is built from the d
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.coalesce import Coalesced
 from storage.models import OrderLog, OrderLogKind, Strategy
 from storage.runtime import LTP_KEY, RuntimeState, runtime_key, strategy_key
 
@@ -104,64 +104,38 @@ def status_from_runtime(
 
 
 class _ScriptBatcher:
-    """Auto-pipelining: status reads issued in the same event-loop turn go to Redis as one pipeline.
+    """Auto-pipelining: status reads that arrive together go to Redis as one pipeline (`core.coalesce`).
 
     Under load, dozens of polls arrive per loop turn; each alone would pay redis-py's per-command cost
     (pool checkout, packing, a reply read) which dominates this endpoint. Batched, that cost is paid once
-    per turn. At low load a batch has one read and the added latency is one loop turn.
+    per pipeline. A lone read goes at once.
     """
 
     def __init__(self, redis: Redis, script: str) -> None:
         self.redis = redis
         self.script = script
         self.sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-        self._pending: list[tuple[list[str], asyncio.Future[str]]] = []
+        self._reads: Coalesced[list[str], str] = Coalesced(self._send)
 
     async def __call__(self, keys: list[str]) -> str:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((keys, future))
-        if len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await future
+        return await self._reads(keys)
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
-
-    async def _run(self, batch: list[tuple[list[str], asyncio.Future[str]]]) -> None:
+    async def _send(self, batch: list[list[str]]) -> list[Any]:
         try:
-            try:
-                replies = await self._execute(batch)
-            except NoScriptError:
-                # Redis restarted or was flushed of scripts: load it once and retry the batch.
-                await self.redis.script_load(self.script)
-                replies = await self._execute(batch)
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            return await self._execute(batch)
+        except NoScriptError:
+            # Redis restarted or was flushed of scripts: load it once and retry the batch.
+            await self.redis.script_load(self.script)
+            return await self._execute(batch)
 
-    async def _execute(self, batch: list[tuple[list[str], asyncio.Future[str]]]) -> list[Any]:
+    async def _execute(self, batch: list[list[str]]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
-        for keys, _ in batch:
+        for keys in batch:
             pipe.evalsha(self.sha, len(keys), *keys)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         if any(isinstance(reply, NoScriptError) for reply in replies):
             raise NoScriptError("NOSCRIPT")
         return replies
-
-
-_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 class StatusReader:

@@ -55,11 +55,6 @@ class Coalesced(Generic[T, R]):
             self._pending = []
             raise
 
-    async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
-
 
 def _settle(answer: asyncio.Future[R], outcome: R | BaseException) -> None:
     if answer.done():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -309,6 +310,20 @@ async def test_status_from_runtime_with_pnl(
     assert body["last_action"] == "BUY"
     assert body["position"] == "bought"
     assert body["stop_loss"] == 1400.05
+
+
+async def test_status_reads_survive_redis_forgetting_the_status_script(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, redis: Redis
+) -> None:
+    user = await make_user()
+    sid = (await make_strategy(user))["strategy_id"]
+    await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    assert (await client.get(f"/strategy/status/{sid}", headers=user.headers)).json()["source"] == "runtime"
+    await redis.script_flush()  # Redis restarted: the script the reads run is gone
+    responses = await asyncio.gather(
+        *(client.get(f"/strategy/status/{sid}", headers=user.headers) for _ in range(5))
+    )  # together, so they share one pipeline that meets NOSCRIPT
+    assert [(r.status_code, r.json()["source"]) for r in responses] == [(200, "runtime")] * 5
 
 
 async def test_status_falls_back_to_database(
