@@ -24,7 +24,7 @@ from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
 from core.settings import Settings
 from schemas.events import Action, LifecycleKind, StrategyLifecycle, TimeEvent
-from streams.faust_app import build_faust_app, raw_topic
+from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.job_book import Job, JobBook
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,8 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
 
 def run_scheduler(settings: Settings) -> None:
     asyncio.run(ensure_topics(settings))  # see run_worker: an emptied broker must not leave us idle
-    app = build_scheduler(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), redirect_stdouts=False)
-    worker.execute_from_commandline()
+    scheduler_process(settings).execute_from_commandline()
+
+
+def scheduler_process(settings: Settings) -> ServiceWorker:
+    return ServiceWorker(build_scheduler(settings), loglevel=settings.log_level.lower(), redirect_stdouts=False)

@@ -46,7 +46,7 @@ from storage.locks import ProcessLease
 from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
-from streams.faust_app import build_faust_app, raw_topic
+from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
 from streams.lanes import StrategyLanes
 from streams.stop_index import StopIndex
@@ -397,7 +397,7 @@ def run_worker(settings: Settings) -> None:
     worker_process(settings).execute_from_commandline()
 
 
-def worker_process(settings: Settings) -> faust.Worker:
+def worker_process(settings: Settings) -> ServiceWorker:
     app, resources = build_worker(settings)
     # A Faust worker starts its services in the order given, and the app after them (see `_Resources`).
-    return faust.Worker(app, resources, loglevel=settings.log_level.lower(), redirect_stdouts=False)
+    return ServiceWorker(app, resources, loglevel=settings.log_level.lower(), redirect_stdouts=False)

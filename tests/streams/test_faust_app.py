@@ -1,0 +1,70 @@
+"""The start-up heap of our Faust services is frozen once they are up, so full collections stop walking it."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from core.kafka import ensure_topics
+from streams.faust_app import ServiceWorker, freeze_startup_heap
+from streams.scheduler import scheduler_process
+from streams.worker import worker_process
+from tests.fixtures.services import build_settings
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+@pytest.fixture
+def unfrozen_after() -> Iterator[None]:
+    # The rest of the suite runs with the collector as it was.
+    yield
+    gc.unfreeze()
+
+
+def _in_a_walk(obj: object) -> bool:
+    return any(o is obj for o in gc.get_objects())
+
+
+def test_what_was_alive_at_the_freeze_is_not_walked_and_later_cycles_are_still_freed(unfrozen_after: None) -> None:
+    before = [_Node()]  # a container alive at the freeze, like the modules and services of a started worker
+    frozen = freeze_startup_heap()
+
+    assert frozen >= 1 and frozen == gc.get_freeze_count()
+    assert not _in_a_walk(before), "an object alive at the freeze is still walked by every full collection"
+
+    after = [_Node()]
+    assert _in_a_walk(after), "objects allocated after the freeze must stay under the collector"
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a  # cyclic garbage only the collector can free
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None, "a cycle made after the freeze was not collected"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_worker_freezes_its_heap_once_the_app_is_up(
+    kafka_bootstrap: str, redis_url: str, database_url: str, topic_prefix: str, unfrozen_after: None
+) -> None:
+    settings = build_settings(kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, database_url=database_url,
+                              topic_prefix=topic_prefix)  # fmt: skip
+    await ensure_topics(settings)
+    worker = worker_process(settings)
+    assert isinstance(worker, ServiceWorker)
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+    await worker.on_startup_finished()  # what Faust calls once the app is fully started
+
+    assert gc.get_freeze_count() > 0
+    assert not _in_a_walk(worker.app), "the worker's app is still walked by every full collection"
+
+
+def test_the_scheduler_runs_in_the_same_freezing_worker() -> None:
+    assert isinstance(scheduler_process(build_settings()), ServiceWorker)
