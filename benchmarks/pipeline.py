@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
@@ -77,6 +78,7 @@ STOPLOSS_P99_TARGET_MS = 50.0
 BURST_P99_TARGET_MS = 500.0
 LOW_BACKGROUND_RATE = 1_000  # a background tick rate the worker sustains, for the latency it adds alone
 SIM_SECRET = "bench-secret"  # noqa: S105 - simulator accounts, nothing real
+BACKGROUND_KEY_PREFIX = b"NSE:BG"  # the load generator's synthetic instruments
 SENTINEL_BASE_ID = 900_000_000  # strategy ids of the sentinel stops: no database row, never collide
 
 
@@ -524,7 +526,7 @@ def load_main(argv: list[str]) -> None:
     async def publish() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)  # as the tick connector
         await producer.start()
-        keys = [f"NSE:BG{i:04d}".encode() for i in range(instruments)]
+        keys = [BACKGROUND_KEY_PREFIX + f"{i:04d}".encode() for i in range(instruments)]
         values = [_tick(k.decode(), 1000.0, TRADING_MORNING.isoformat()) for k in keys]
         sent = 0
         pending: list[asyncio.Future[Any]] = []
@@ -589,42 +591,65 @@ async def bench_stoploss(stack: Stack, clock: ScaledClock, sim: RunningSimulator
     offset = wall_minus_monotonic()
     try:
         for rate, subset in phases:
-            published, background = await _stoploss_phase(stack, settings, clock, sim, trigger, subset, rate, sizes)
+            crossings = [Crossing(s.api_key, s.instrument, round(s.price * 0.95 - 1.0, 1)) for s in subset]
+
+            def set_price(crossing: Crossing) -> None:
+                sim.state.set_price(crossing.instrument, crossing.price)  # the SELL then fills at it
+
+            def at_broker(names: set[str]) -> Awaitable[None]:
+                return _wait_placements(sim, "SELL", names, len(names), 120)
+
+            published, background = await _crossings_under_load(
+                stack, settings.topic("ticks"), clock, trigger, crossings, rate, sizes, set_price, at_broker
+            )
             _stoploss_figures(stack, report, sim, orders, subset, published, background, offset)
+        worker.stop()
+        stack.services.remove(worker)
+        # The same two loads and crossings again with no worker: the two Kafka hops alone.
+        await _kafka_hops_alone(stack, clock, trigger, phases, sizes, report)
     finally:
         await trigger.stop()
         await orders.stop()
-        worker.stop()
-        stack.services.remove(worker)
+        if worker in stack.services:
+            worker.stop()
+            stack.services.remove(worker)
 
 
-async def _stoploss_phase(
-    stack: Stack, settings: Settings, clock: ScaledClock, sim: RunningSimulator, trigger: AIOKafkaProducer,
-    subset: list[Seeded], rate: int, sizes: Sizes,
+@dataclass(frozen=True)
+class Crossing:
+    name: str  # what its arrival is matched by: the strategy's api_key at the broker, or the tick's key
+    instrument: str
+    price: float
+
+
+async def _crossings_under_load(
+    stack: Stack, topic: str, clock: ScaledClock, trigger: AIOKafkaProducer, crossings: list[Crossing], rate: int,
+    sizes: Sizes, before_each: Callable[[Crossing], None], arrived: Callable[[set[str]], Awaitable[None]],
 ) -> tuple[dict[str, float], float]:  # fmt: skip
-    """Background ticks at `rate` from a child process; one crossing tick per strategy every 100 ms."""
+    """Background ticks at `rate` from a child process; one crossing tick every 100 ms, then `arrived` waits
+    for them all. Returns name -> time.monotonic() just before each crossing was handed to Kafka, and the
+    background rate reached."""
     interval = 0.1
-    duration = 1.5 + len(subset) * interval + 0.5
+    duration = 1.5 + len(crossings) * interval + 0.5
     # Started once per phase, read from a thread below: not a blocking call worth an executor.
     load = subprocess.Popen(  # noqa: S603, ASYNC220 - this module
-        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, settings.topic("ticks"),
+        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, topic,
          str(rate), str(duration), str(sizes.instruments)],
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    published: dict[str, float] = {}  # api_key -> time.monotonic() just before the tick was handed to Kafka
+    published: dict[str, float] = {}
     try:
         if load.stdout is None:
             raise RuntimeError("load generator without stdout")
         await asyncio.to_thread(load.stdout.readline)  # "load: started"
         await asyncio.sleep(1.5)  # the background load settles first
-        for s in subset:
-            price = round(s.price * 0.95 - 1.0, 1)  # crosses its stop (95 % of the entry price)
-            sim.state.set_price(s.instrument, price)
-            value = _tick(s.instrument, price, clock.now().isoformat())
-            published[s.api_key] = time.monotonic()
-            await trigger.send(settings.topic("ticks"), value=value, key=s.instrument.encode())
+        for crossing in crossings:
+            before_each(crossing)
+            value = _tick(crossing.instrument, crossing.price, clock.now().isoformat())
+            published[crossing.name] = time.monotonic()
+            await trigger.send(topic, value=value, key=crossing.instrument.encode())
             await asyncio.sleep(interval)
-        await _wait_placements(sim, "SELL", set(published), len(subset), 120)
+        await arrived(set(published))
         out, _ = await asyncio.to_thread(load.communicate, timeout=duration + 30)
         achieved = float(json.loads(out.strip().splitlines()[-1])["rate"])
     finally:
@@ -632,6 +657,12 @@ async def _stoploss_phase(
             load.kill()
             load.wait()
     return published, achieved
+
+
+def _first_and_last(latencies: list[float], n: int = 10) -> str:
+    """The median of the first and of the last `n`, in publishing order: the broker's cost grows as its log does."""
+    first, last = percentile(latencies[:n], 0.5), percentile(latencies[-n:], 0.5)
+    return f"first {n} p50 {first:.0f} ms, last {n} p50 {last:.0f} ms"
 
 
 def _stoploss_figures(
@@ -663,8 +694,110 @@ def _stoploss_figures(
             f"{percentile(hop1, 0.5):.0f} / p99 {percentile(hop1, 0.99):.0f} ms; intent -> order at the broker "
             f"(intent feed, lane, Redis lock, {stack.database_kind.split(' ')[0]} reads and the attempt row, "
             f"rate-limit script, kiteconnect HTTP in a thread) p50 {percentile(hop2, 0.5):.0f} / p99 "
-            f"{percentile(hop2, 0.99):.0f} ms."
+            f"{percentile(hop2, 0.99):.0f} ms; tick publish -> broker {_first_and_last(latencies)}."
         )
+
+
+class KafkaHopsAlone:
+    """The stop-loss path's two Kafka hops with nothing between them: a plain consumer on `ticks` forwards
+    each crossing tick to `orders` at once (where the stop-loss agent would emit its intent) and a second
+    plain consumer reads it there (as the intent feed would). Same fetch wait and producer settings as the
+    worker's, fresh topics, one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.relayed: dict[str, float] = {}  # instrument -> time.monotonic() when the first consumer had it
+        self.arrived: dict[str, float] = {}  # ... and when the second consumer had the forwarded record
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _consumer(self, topic: str) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            topic, bootstrap_servers=self.settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+            auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )  # fmt: skip
+
+    async def __aenter__(self) -> KafkaHopsAlone:
+        self._ticks = self._consumer(self.settings.topic("ticks"))
+        self._orders = self._consumer(self.settings.topic("orders"))
+        # As the worker's EventProducer sends an intent.
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=2, enable_idempotence=False
+        )
+        for client in (self._ticks, self._orders, self._producer):
+            await client.start()
+        self._tasks = [asyncio.create_task(self._relay()), asyncio.create_task(self._receive())]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in (self._ticks, self._orders, self._producer):
+            await client.stop()
+
+    async def _relay(self) -> None:
+        orders = self.settings.topic("orders")
+        while True:
+            batches = await self._ticks.getmany(timeout_ms=100)
+            now = time.monotonic()
+            sends = []
+            for records in batches.values():
+                for r in records:
+                    if r.key is not None and not r.key.startswith(BACKGROUND_KEY_PREFIX):
+                        self.relayed[r.key.decode()] = now
+                        sends.append(await self._producer.send(orders, value=r.key, key=r.key))
+            await asyncio.gather(*sends)
+
+    async def _receive(self) -> None:
+        while True:
+            batches = await self._orders.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for records in batches.values():
+                for r in records:
+                    self.arrived[(r.value or b"").decode()] = now
+            if batches:
+                self._changed.set()
+
+    async def wait_for(self, names: set[str], within: float) -> None:
+        deadline = time.monotonic() + within
+        while not names <= self.arrived.keys():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"{len(names & self.arrived.keys())}/{len(names)} forwarded crossings arrived")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+
+
+async def _kafka_hops_alone(
+    stack: Stack, clock: ScaledClock, trigger: AIOKafkaProducer, phases: list[tuple[int, list[Seeded]]],
+    sizes: Sizes, report: Report,
+) -> None:  # fmt: skip
+    """The stop-loss phases again, on fresh topics and with no worker: what Tansu's two hops cost alone."""
+    settings = stack.settings("sla-")
+    await ensure_topics(settings)
+    async with KafkaHopsAlone(settings) as hops:
+        for rate, subset in phases:
+            crossings = [Crossing(s.instrument, s.instrument, 1.0) for s in subset]
+            published, background = await _crossings_under_load(
+                stack, settings.topic("ticks"), clock, trigger, crossings, rate, sizes,
+                lambda crossing: None, lambda names: hops.wait_for(names, 120),
+            )  # fmt: skip
+            total = [(hops.arrived[k] - published[k]) * 1000 for k in published]
+            first = [(hops.relayed[k] - published[k]) * 1000 for k in published]
+            report.row(
+                f"the same, Kafka's two hops alone (no worker), p50 / p99 / max (n={len(total)}, "
+                f"{background:,.0f} ticks/s background)",
+                f"{percentile(total, 0.5):.0f} / {percentile(total, 0.99):.0f} / {max(total):.0f} ms",
+            )  # fmt: skip
+            report.note(
+                f"Kafka alone at {background:,.0f} ticks/s background (fresh topics, the same loads and crossings, "
+                f"a plain consumer forwarding each crossing tick to a second topic read by another): tick publish "
+                f"-> first consumer p50 {percentile(first, 0.5):.0f} / p99 {percentile(first, 0.99):.0f} ms; "
+                f"both hops {_first_and_last(total)}."
+            )
 
 
 # ------------------------------------------------------------------------------------------------- burst
