@@ -14,12 +14,16 @@ they bypass the per-event machinery while keeping what Faust gives the join:
   only after every STOPLOSS a batch produced is acknowledged by Kafka, so the worker that takes over a
   partition re-reads what its dead owner had not finished; a crossing during the handover still exits.
   A re-read tick can only re-emit a STOPLOSS whose intent id is the same, which execution ignores.
+
+How late it reads is watched: a stop is checked no earlier than its tick is read, so a feed falling behind
+its publishers (a saturated worker, a slow broker: Tansu's fetches slow down as its log grows) is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -33,6 +37,33 @@ log = logging.getLogger(__name__)
 BATCH_RECORDS = 5000  # one batch is decoded and checked in a few ms
 IDLE_POLL_MS = 100
 COMMIT_SECONDS = 0.2  # offsets are committed beside the loop, not between two fetches (a broker round trip)
+LATE_AFTER_MS = 1000.0  # a stop checked a second after its tick is an exit a second late
+LATE_REPORT_SECONDS = 30.0  # at most one warning per this long, with the worst seen meanwhile
+
+
+class Lateness:
+    """How far behind the ticks' publishers the feed reads (by the records' CreateTime), warned about when a
+    batch's oldest tick is LATE_AFTER_MS old; at most once per LATE_REPORT_SECONDS, with the worst since."""
+
+    def __init__(self, late_after_ms: float = LATE_AFTER_MS, every_seconds: float = LATE_REPORT_SECONDS) -> None:
+        self.late_after_ms = late_after_ms
+        self.every_seconds = every_seconds
+        self.worst_ms = 0.0  # since the last warning
+        self.warned_at: float | None = None  # time.monotonic()
+        self.warnings = 0
+
+    def observe(self, oldest_created_ms: float, now_ms: float, now: float) -> None:
+        behind = now_ms - oldest_created_ms
+        self.worst_ms = max(self.worst_ms, behind)
+        if behind < self.late_after_ms or (self.warned_at is not None and now - self.warned_at < self.every_seconds):
+            return
+        log.warning(
+            "tick feed reads %.0f ms behind the ticks' publishers (worst since the last warning: %.0f ms); stop-losses "
+            "are checked that late. Catching up after a restart, or the worker or the Kafka broker saturated",
+            behind, self.worst_ms,
+        )  # fmt: skip
+        self.warned_at, self.worst_ms = now, 0.0
+        self.warnings += 1
 
 
 class TickFeed:
@@ -45,6 +76,7 @@ class TickFeed:
         self._task: asyncio.Task[None] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._done: dict[TopicPartition, int] = {}  # processed and acknowledged, not yet committed
+        self.lateness = Lateness()
         self.consumer: AIOKafkaConsumer
 
     @property
@@ -99,6 +131,9 @@ class TickFeed:
                 continue
             if not batches:
                 continue
+            oldest = min((rs[0].timestamp for rs in batches.values() if rs[0].timestamp > 0), default=None)
+            if oldest is not None:  # a record without CreateTime (-1) says nothing about lateness
+                self.lateness.observe(oldest, time.time() * 1000, time.monotonic())
             values: list[bytes] = []
             offsets: dict[TopicPartition, int] = {}
             for tp, records in batches.items():

@@ -1,0 +1,72 @@
+"""The tick feed says when it reads late: a stop is checked no earlier than its tick is read."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from core.kafka import ensure_topics
+from streams.tick_feed import Lateness, TickFeed
+from tests.fixtures.services import build_settings
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "behind" in r.getMessage()]
+
+
+def test_a_late_batch_is_warned_about_at_most_once_per_period_with_the_worst_since(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="streams.tick_feed")
+    lateness = Lateness(late_after_ms=1000, every_seconds=30)
+
+    lateness.observe(oldest_created_ms=10_000, now_ms=10_900, now=0.0)  # 900 ms: in time
+    assert _warnings(caplog) == []
+
+    lateness.observe(oldest_created_ms=10_000, now_ms=11_500, now=1.0)
+    lateness.observe(oldest_created_ms=10_000, now_ms=14_000, now=2.0)  # 4 s, but warned a second ago
+    lateness.observe(oldest_created_ms=20_000, now_ms=21_200, now=31.5)
+    warned = _warnings(caplog)
+    assert len(warned) == 2 and lateness.warnings == 2
+    assert "1500 ms behind" in warned[0]
+    assert "1200 ms behind" in warned[1] and "worst since the last warning: 4000 ms" in warned[1]
+
+
+async def test_the_feed_warns_of_a_tick_read_long_after_it_was_published(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="streams.tick_feed")
+    settings = build_settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, ticks_partitions=1)
+    await ensure_topics(settings)
+    read: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handle(values: list[bytes]) -> None:
+        for value in values:
+            read.put_nowait(value)
+
+    feed = TickFeed(settings, handle)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await feed.start()
+    await producer.start()
+    try:
+        feed.follow({0})
+        await producer.send_and_wait(settings.topic("ticks"), b'{"fresh": 1}', key=b"NSE:INFY")
+        async with asyncio.timeout(20):
+            assert await read.get() == b'{"fresh": 1}'
+        assert feed.lateness.warnings == 0
+
+        published_at_ms = int(time.time() * 1000) - 5_000  # as if the feed were five seconds behind
+        await producer.send_and_wait(
+            settings.topic("ticks"), b'{"late": 1}', key=b"NSE:INFY", timestamp_ms=published_at_ms
+        )
+        async with asyncio.timeout(20):
+            assert await read.get() == b'{"late": 1}'
+        assert feed.lateness.warnings == 1
+        assert any("stop-losses are checked that late" in message for message in _warnings(caplog))
+    finally:
+        await producer.stop()
+        await feed.stop()
