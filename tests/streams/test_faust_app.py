@@ -35,7 +35,7 @@ def test_what_was_alive_at_the_freeze_is_not_walked_and_later_cycles_are_still_f
     before = [_Node()]  # a container alive at the freeze, like the modules and services of a started worker
     frozen = freeze_startup_heap()
 
-    assert frozen >= 1 and frozen == gc.get_freeze_count()
+    assert frozen > 0 and gc.get_freeze_count() > 0  # (objects freed since by reference counting leave it)
     assert not _in_a_walk(before), "an object alive at the freeze is still walked by every full collection"
 
     after = [_Node()]
