@@ -1,17 +1,24 @@
-"""FreshSharedRead: the order-book reads that concurrent lookups by tag share.
+"""FreshSharedRead: the order-book reads that concurrent lookups by tag and status reads share.
 
-The read here is a stand-in for `KiteConnect.orders` that counts and numbers its calls: the rule under test
-is about when a read begins relative to who asked, which a real broker call cannot be made to show.
+In the first tests the read is a stand-in for `KiteConnect.orders` that counts and numbers its calls: the
+rule under test is about when a read begins relative to who asked, which a real broker call cannot be made
+to show. The last ones use the official client against the simulator, with its two read methods counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from connectors.broker import BrokerUnavailable
-from connectors.orders import FreshSharedRead
+from connectors.broker import BrokerUnavailable, KiteBroker
+from connectors.kite_sim import RunningSimulator
+from connectors.orders import FreshSharedRead, KiteOrderGateway
+from tests.fixtures.services import build_settings
+from tests.fixtures.simulator import SimAccount
 
 
 class NumberedReads:
@@ -72,3 +79,44 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others() -
         await quitter
     reads.release.set()
     assert await stayer == 1
+
+
+def _counted_gateway(simulator: RunningSimulator, account: SimAccount) -> tuple[KiteOrderGateway, Counter[str]]:
+    broker = KiteBroker(build_settings(kite_api_root=simulator.rest_root), account.api_key, account.access_token)
+    calls: Counter[str] = Counter()
+    for name in ("orders", "order_history"):
+        real = getattr(broker.client, name)
+
+        def counted(*args: Any, _real: Callable[..., Any] = real, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _real(*args)
+
+        setattr(broker.client, name, counted)
+    return KiteOrderGateway(broker), calls
+
+
+async def test_one_traders_orders_followed_together_share_order_book_reads(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    gateway, calls = _counted_gateway(simulator, kite_account())
+    order_ids = [
+        await gateway.place_market_order(
+            exchange="NSE", tradingsymbol="INFY", side="BUY", quantity=1, product="MIS", tag=f"burst{n}"
+        )  # fmt: skip
+        for n in range(10)
+    ]
+
+    statuses = await asyncio.gather(*(gateway.order_status(order_id) for order_id in order_ids))
+
+    assert [s.order_id for s in statuses] == order_ids
+    assert all(s.status == "COMPLETE" and s.filled_quantity == 1 and s.average_price for s in statuses)
+    assert calls["order_history"] == 0
+    assert 1 <= calls["orders"] <= 2  # the first read, and the one for those who asked while it was out
+
+
+async def test_an_order_the_book_does_not_show_is_unclear_not_missing(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    gateway, _ = _counted_gateway(simulator, kite_account())
+    with pytest.raises(BrokerUnavailable, match="not in the broker's order book yet"):
+        await gateway.order_status("999999999")
