@@ -14,6 +14,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from connectors.broker import BrokerRejected, BrokerUnavailable, KiteBroker
 
 TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
+# Kite allows 10 requests a second per api_key on its "other endpoints" (the order book among them); the
+# rest of the budget is left to the few other reads a trader's session makes.
+ORDER_BOOK_READS_PER_SECOND = 8
 
 T = TypeVar("T")
 
@@ -66,16 +69,19 @@ class FreshSharedRead(Generic[T]):
     A caller that arrives while a read is on the wire waits for the next one, which begins when that one ends
     and answers everyone who queued meanwhile. Looking an order up by tag reads the trader's whole order book
     (Kite has no filter); after a restart dozens of one trader's unresolved intents are looked up at once,
-    and Kite allows about 10 such requests a second per api_key. The same book answers an order's status
-    (one trader's burst of orders is confirmed together). Sharing cuts them to two per burst, and the rule
-    keeps each answer fresher than its question: a lookup that decides whether an order is sent again, or a
+    and Kite allows about 10 such requests a second per api_key. The same book answers an order's status,
+    polled until the order fills. Sharing cuts a burst's lookups to two, reads start at least `spacing`
+    apart (however many orders are followed, a trader's reads stay under Kite's limit), and the rule keeps
+    each answer fresher than its question: a lookup that decides whether an order is sent again, or a
     status read after a placement, must not be answered by a book read that began before.
     """
 
-    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
+    def __init__(self, read: Callable[[], Awaitable[T]], spacing: float = 0.0) -> None:
         self._read = read
+        self.spacing = spacing  # seconds between the starts of two reads, at least
         self._next: asyncio.Future[T] | None = None  # the read that has not begun yet
         self._reader: asyncio.Task[None] | None = None
+        self._last_began: float | None = None  # loop time
 
     async def __call__(self) -> T:
         if self._next is None:
@@ -86,7 +92,11 @@ class FreshSharedRead(Generic[T]):
         return await asyncio.shield(self._next)  # one caller giving up does not cancel the others' read
 
     async def _read_while_asked(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._next is not None:
+            if self._last_began is not None and (wait := self._last_began + self.spacing - loop.time()) > 0:
+                await asyncio.sleep(wait)  # whoever asks meanwhile still joins this read: it has not begun
+            self._last_began = loop.time()
             answer, self._next = self._next, None
             try:
                 answer.set_result(await self._read())
@@ -106,7 +116,9 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
 class KiteOrderGateway:
     def __init__(self, broker: KiteBroker) -> None:
         self.broker = broker
-        self._order_book = FreshSharedRead(lambda: self.broker.call(self.broker.client.orders))
+        self._order_book = FreshSharedRead(
+            lambda: self.broker.call(self.broker.client.orders), spacing=1 / ORDER_BOOK_READS_PER_SECOND
+        )
 
     async def place_market_order(
         self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
@@ -151,9 +163,12 @@ class KiteOrderGateway:
         return await self.order_status(order_id)
 
     async def order_status(self, order_id: str) -> BrokerOrder:
-        """The order's state now, from the trader's order book rather than its own `order_history`: the orders
-        of one trader followed at the same time (the ten BUYs of a 09:30 burst) share one read, where each
-        would have been a request of its own against Kite's 10 a second per api_key for such calls."""
+        """The order's state now, from the trader's shared order-book read rather than its own `order_history`.
+
+        An order is polled until it fills, and `order_history` would cost a request per order per poll: a
+        trader's ten BUYs at 09:30 would go far over Kite's 10 a second for such calls. Orders followed at
+        the same time share a read, and a trader's reads start at most ORDER_BOOK_READS_PER_SECOND a second.
+        """
         for row in await self._order_book():
             if str(row.get("order_id")) == order_id:
                 return BrokerOrder.from_kite(row)

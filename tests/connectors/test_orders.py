@@ -81,6 +81,21 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others() -
     assert await stayer == 1
 
 
+async def test_reads_begin_at_least_the_spacing_apart_and_callers_meanwhile_join_the_next() -> None:
+    loop = asyncio.get_running_loop()
+    began: list[float] = []
+
+    async def read() -> int:
+        began.append(loop.time())
+        return len(began)
+
+    book = FreshSharedRead(read, spacing=0.05)
+    assert await book() == 1
+    assert await asyncio.gather(book(), book(), book()) == [2, 2, 2]  # asked within the spacing: one read
+    assert await book() == 3
+    assert [round(b - a, 3) >= 0.05 for a, b in zip(began, began[1:], strict=False)] == [True, True]
+
+
 def _counted_gateway(simulator: RunningSimulator, account: SimAccount) -> tuple[KiteOrderGateway, Counter[str]]:
     broker = KiteBroker(build_settings(kite_api_root=simulator.rest_root), account.api_key, account.access_token)
     calls: Counter[str] = Counter()
