@@ -114,6 +114,7 @@ class Stack:
         self._processes: list[subprocess.Popen[bytes]] = []
         self.services: list[Service] = []
         self.kafka_bootstrap = ""
+        self.kafka_pid = 0
         self.redis_url = ""
         self.database_url = ""
         self._pg_name: str | None = None
@@ -126,6 +127,7 @@ class Stack:
         redis_port, kafka_port = free_port(), free_port()
         self._processes.append(start_process(redis_command(redis_port), redis_port))
         self._processes.append(start_process(tansu_command(kafka_port), kafka_port, log=self.workdir / "tansu.log"))
+        self.kafka_pid = self._processes[-1].pid
         self.kafka_bootstrap = f"127.0.0.1:{kafka_port}"
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         if self.postgres:

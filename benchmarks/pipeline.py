@@ -1,4 +1,4 @@
-"""The streaming pipeline under load: `python -m benchmarks.pipeline [ticks|stoploss|burst|all] [--quick]`.
+"""The streaming pipeline under load: `python -m benchmarks.pipeline [ticks|broker|stoploss|burst|all] [--quick]`.
 
 One run on this machine starts Tansu, redis-server, a database (SQLite; `--postgres` for the local
 PostgreSQL), the Kite simulator (in this process, so its audit log with `received_monotonic` is readable),
@@ -15,6 +15,9 @@ and `algo worker` / `algo scheduler` as child processes, then measures:
 * stoploss - tick publish -> the simulator receiving the STOPLOSS order, p50/p99, while a separate process
   publishes a steady background tick load. Real users/broker accounts/strategies in the database, started
   by `StrategyManager.start`, bought through a BUY intent on `orders` (the executor then arms the stop).
+* broker - Tansu alone under the stop-loss scenario's background load: a plain consumer's lag, second by
+  second, and Tansu's CPU. Its memory storage lists every batch stored in a partition on each fetch of that
+  partition, so the lag grows with the log (see BENCHMARKS.md).
 * burst - many strategies of many users due at the same buy_time: due instant -> the simulator receiving
   the BUY, p50/p99, with the scheduler and the worker running on a pinned clock.
 
@@ -91,12 +94,13 @@ class Sizes:
     background_rate: int
     burst_users: int
     burst_per_user: int
+    broker_seconds: int
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(3_000, 500, 10_000, 20, 10_000, 10, 10)
-        return cls(100_000, 2_000, 100_000, 200, 10_000, 100, 10)
+            return cls(3_000, 500, 10_000, 20, 10_000, 10, 10, 8)
+        return cls(100_000, 2_000, 100_000, 200, 10_000, 100, 10, 30)
 
 
 @dataclass
@@ -800,6 +804,57 @@ async def _kafka_hops_alone(
             )
 
 
+# ------------------------------------------------------------------------------------------------ broker
+
+
+async def bench_broker(stack: Stack, sizes: Sizes, report: Report) -> None:
+    rate, seconds = sizes.background_rate, sizes.broker_seconds
+    print(f"\n== broker: Tansu alone, {rate:,} ticks/s for {seconds} s, read by a plain consumer")
+    settings = stack.settings("br-")
+    await ensure_topics(settings)
+    consumer = AIOKafkaConsumer(
+        settings.topic("ticks"), bootstrap_servers=stack.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+        auto_offset_reset="earliest", fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )  # fmt: skip
+    await consumer.start()
+    load = subprocess.Popen(  # noqa: S603, ASYNC220 - this module
+        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, settings.topic("ticks"),
+         str(rate), str(seconds), str(sizes.instruments)],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    lags: dict[int, list[float]] = {}  # second of the run -> now - CreateTime of each record read in it, ms
+    try:
+        if load.stdout is None:
+            raise RuntimeError("load generator without stdout")
+        await asyncio.to_thread(load.stdout.readline)  # "load: started"
+        started, cpu_before = time.monotonic(), sum(thread_cpu_seconds(stack.kafka_pid))
+        while (elapsed := time.monotonic() - started) < seconds:
+            batches = await consumer.getmany(timeout_ms=100)
+            now_ms = time.time() * 1000
+            lags.setdefault(int(elapsed), []).extend(now_ms - r.timestamp for rs in batches.values() for r in rs)
+        cpu = (sum(thread_cpu_seconds(stack.kafka_pid)) - cpu_before) / (time.monotonic() - started)
+        await asyncio.to_thread(load.communicate, timeout=30)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+        await consumer.stop()
+    marks = sorted({1, seconds // 3, 2 * seconds // 3, seconds - 1})
+    report.row(
+        f"Tansu alone, {rate:,} ticks/s: plain consumer lag p50 in second {' / '.join(map(str, marks))} of the run",
+        " / ".join(f"{percentile(lags.get(m, [0.0]), 0.5):.0f}" for m in marks) + " ms",
+    )  # fmt: skip
+    report.row(f"  the same, max in second {marks[0]} / {marks[-1]}",
+               f"{max(lags.get(marks[0], [0.0])):.0f} / {max(lags.get(marks[-1], [0.0])):.0f} ms")  # fmt: skip
+    report.row("  Tansu's CPU meanwhile", f"{cpu:.0%} of a core")
+    report.note(
+        "Tansu (memory storage) lists every batch stored in a partition each time a fetch finds new data there; "
+        "nothing is ever deleted (no retention, DeleteRecords not implemented), so the cost of a fetch, and the "
+        "lag of every consumer, grows with the log for as long as the broker runs."
+    )
+
+
 # ------------------------------------------------------------------------------------------------- burst
 
 
@@ -938,6 +993,9 @@ async def run(args: argparse.Namespace) -> int:
         if args.scenario in ("ticks", "all"):
             await bench_ticks(stack, clock, sizes, report)
             print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
+        if args.scenario in ("broker", "all"):
+            await bench_broker(stack, sizes, report)
+            print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
         if args.scenario in ("stoploss", "burst", "all"):
             # The broker in this process: its audit log stamps each order with time.monotonic().
             async with RunningSimulator(clock=clock, config=SimConfig(tick_interval=1.0), walk=False) as sim:
@@ -998,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("scenario", nargs="?", choices=("ticks", "stoploss", "burst", "all"), default="all")
+    parser.add_argument("scenario", nargs="?", choices=("ticks", "broker", "stoploss", "burst", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 90 s)")
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL at 127.0.0.1:5432 instead of SQLite")
     parser.add_argument("--setting", action="append", type=_setting, default=[], metavar="NAME=VALUE",
