@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -711,35 +710,38 @@ class KafkaHopsAlone:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.relayed: dict[str, float] = {}  # instrument -> time.monotonic() when the first consumer had it
-        self.arrived: dict[str, float] = {}  # ... and when the second consumer had the forwarded record
-        self._changed = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        wait = settings.kafka_fetch_max_wait_ms
+        self.received = TopicWatcher(settings.kafka_bootstrap, [settings.topic("orders")], fetch_max_wait_ms=wait)
+        self._relaying: asyncio.Task[None] | None = None
 
-    def _consumer(self, topic: str) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            topic, bootstrap_servers=self.settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest", fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )  # fmt: skip
+    @property
+    def arrived(self) -> dict[str, float]:
+        """instrument -> time.monotonic() when the second consumer had the forwarded record."""
+        return {r.value.decode(): r.arrived for r in self.received.records}
 
     async def __aenter__(self) -> KafkaHopsAlone:
-        self._ticks = self._consumer(self.settings.topic("ticks"))
-        self._orders = self._consumer(self.settings.topic("orders"))
+        self._ticks = AIOKafkaConsumer(
+            self.settings.topic("ticks"), bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms, max_partition_fetch_bytes=4 * 1024 * 1024,
+        )  # fmt: skip
         # As the worker's EventProducer sends an intent.
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=2, enable_idempotence=False
         )
-        for client in (self._ticks, self._orders, self._producer):
-            await client.start()
-        self._tasks = [asyncio.create_task(self._relay()), asyncio.create_task(self._receive())]
+        await self._ticks.start()
+        await self._producer.start()
+        await self.received.start()
+        self._relaying = asyncio.create_task(self._relay())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for client in (self._ticks, self._orders, self._producer):
-            await client.stop()
+        if self._relaying is not None:
+            self._relaying.cancel()
+            await asyncio.gather(self._relaying, return_exceptions=True)
+        await self.received.stop()
+        await self._producer.stop()
+        await self._ticks.stop()
 
     async def _relay(self) -> None:
         orders = self.settings.topic("orders")
@@ -754,25 +756,9 @@ class KafkaHopsAlone:
                         sends.append(await self._producer.send(orders, value=r.key, key=r.key))
             await asyncio.gather(*sends)
 
-    async def _receive(self) -> None:
-        while True:
-            batches = await self._orders.getmany(timeout_ms=100)
-            now = time.monotonic()
-            for records in batches.values():
-                for r in records:
-                    self.arrived[(r.value or b"").decode()] = now
-            if batches:
-                self._changed.set()
-
     async def wait_for(self, names: set[str], within: float) -> None:
-        deadline = time.monotonic() + within
-        while not names <= self.arrived.keys():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"{len(names & self.arrived.keys())}/{len(names)} forwarded crossings arrived")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+        if not await self.received.wait_for(lambda records: names <= {r.value.decode() for r in records}, within):
+            raise RuntimeError(f"{len(names & self.arrived.keys())}/{len(names)} forwarded crossings arrived")
 
 
 async def _kafka_hops_alone(
@@ -789,7 +775,8 @@ async def _kafka_hops_alone(
                 stack, settings.topic("ticks"), clock, trigger, crossings, rate, sizes,
                 lambda crossing: None, lambda names: hops.wait_for(names, 120),
             )  # fmt: skip
-            total = [(hops.arrived[k] - published[k]) * 1000 for k in published]
+            arrived = hops.arrived
+            total = [(arrived[k] - published[k]) * 1000 for k in published]
             first = [(hops.relayed[k] - published[k]) * 1000 for k in published]
             report.row(
                 f"the same, Kafka's two hops alone (no worker), p50 / p99 / max (n={len(total)}, "
