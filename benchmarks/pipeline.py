@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
@@ -633,18 +634,8 @@ async def _crossings_under_load(
     for them all. Returns name -> time.monotonic() just before each crossing was handed to Kafka, and the
     background rate reached."""
     interval = 0.1
-    duration = 1.5 + len(crossings) * interval + 0.5
-    # Started once per phase, read from a thread below: not a blocking call worth an executor.
-    load = subprocess.Popen(  # noqa: S603, ASYNC220 - this module
-        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, topic,
-         str(rate), str(duration), str(sizes.instruments)],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
     published: dict[str, float] = {}
-    try:
-        if load.stdout is None:
-            raise RuntimeError("load generator without stdout")
-        await asyncio.to_thread(load.stdout.readline)  # "load: started"
+    async with _background_load(stack, topic, rate, 1.5 + len(crossings) * interval + 0.5, sizes) as achieved:
         await asyncio.sleep(1.5)  # the background load settles first
         for crossing in crossings:
             before_each(crossing)
@@ -653,13 +644,33 @@ async def _crossings_under_load(
             await trigger.send(topic, value=value, key=crossing.instrument.encode())
             await asyncio.sleep(interval)
         await arrived(set(published))
-        out, _ = await asyncio.to_thread(load.communicate, timeout=duration + 30)
-        achieved = float(json.loads(out.strip().splitlines()[-1])["rate"])
+    return published, achieved()
+
+
+@contextlib.asynccontextmanager
+async def _background_load(
+    stack: Stack, topic: str, rate: int, seconds: float, sizes: Sizes
+) -> AsyncIterator[Callable[[], float]]:
+    """The `_load` child publishing `rate` ticks/s to `topic` for `seconds`, started and running on entry; on
+    a clean exit it is waited for, and what is yielded then returns the rate it reached. Killed otherwise."""
+    # Started once per phase, read from a thread below: not a blocking call worth an executor.
+    load = subprocess.Popen(  # noqa: S603, ASYNC220 - this module
+        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, topic,
+         str(rate), str(seconds), str(sizes.instruments)],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    reached: list[float] = []
+    try:
+        if load.stdout is None:
+            raise RuntimeError("load generator without stdout")
+        await asyncio.to_thread(load.stdout.readline)  # "load: started"
+        yield lambda: reached[0]
+        out, _ = await asyncio.to_thread(load.communicate, timeout=seconds + 30)
+        reached.append(float(json.loads(out.strip().splitlines()[-1])["rate"]))
     finally:
         if load.poll() is None:
             load.kill()
             load.wait()
-    return published, achieved
 
 
 def _first_and_last(latencies: list[float], n: int = 10) -> str:
@@ -805,27 +816,16 @@ async def bench_broker(stack: Stack, sizes: Sizes, report: Report) -> None:
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )  # fmt: skip
     await consumer.start()
-    load = subprocess.Popen(  # noqa: S603, ASYNC220 - this module
-        [sys.executable, "-m", "benchmarks.pipeline", "_load", stack.kafka_bootstrap, settings.topic("ticks"),
-         str(rate), str(seconds), str(sizes.instruments)],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
     lags: dict[int, list[float]] = {}  # second of the run -> now - CreateTime of each record read in it, ms
     try:
-        if load.stdout is None:
-            raise RuntimeError("load generator without stdout")
-        await asyncio.to_thread(load.stdout.readline)  # "load: started"
-        started, cpu_before = time.monotonic(), sum(thread_cpu_seconds(stack.kafka_pid))
-        while (elapsed := time.monotonic() - started) < seconds:
-            batches = await consumer.getmany(timeout_ms=100)
-            now_ms = time.time() * 1000
-            lags.setdefault(int(elapsed), []).extend(now_ms - r.timestamp for rs in batches.values() for r in rs)
-        cpu = (sum(thread_cpu_seconds(stack.kafka_pid)) - cpu_before) / (time.monotonic() - started)
-        await asyncio.to_thread(load.communicate, timeout=30)
+        async with _background_load(stack, settings.topic("ticks"), rate, seconds, sizes):
+            started, cpu_before = time.monotonic(), sum(thread_cpu_seconds(stack.kafka_pid))
+            while (elapsed := time.monotonic() - started) < seconds:
+                batches = await consumer.getmany(timeout_ms=100)
+                now_ms = time.time() * 1000
+                lags.setdefault(int(elapsed), []).extend(now_ms - r.timestamp for rs in batches.values() for r in rs)
+            cpu = (sum(thread_cpu_seconds(stack.kafka_pid)) - cpu_before) / (time.monotonic() - started)
     finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait()
         await consumer.stop()
     marks = sorted({1, seconds // 3, 2 * seconds // 3, seconds - 1})
     report.row(
