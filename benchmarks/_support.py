@@ -24,13 +24,12 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 
 from core.clock import ScaledClock
-from core.embedded import free_port, redis_command, start_process, stop_process, tansu_command
+from core.embedded import EmbeddedKafka, free_port, postgres_command, redis_command, start_process, stop_process
 from core.environment import child_environment
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = "Worker]: Ready"
-POSTGRES_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -105,10 +104,12 @@ class Service:
 
 
 class Stack:
-    """Tansu, redis-server and a migrated database for one benchmark run, plus the services it starts."""
+    """A Kafka broker (Apache Kafka, or Tansu), redis-server and a migrated database (SQLite, or a private
+    PostgreSQL cluster) for one benchmark run, plus the services it starts."""
 
-    def __init__(self, postgres: bool = False, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, postgres: bool = False, settings: dict[str, str] | None = None, kafka: str = "auto") -> None:
         self.postgres = postgres
+        self.kafka_engine = kafka
         self.extra_settings: dict[str, object] = dict(settings or {})  # e.g. execution_concurrency, to compare
         self.workdir = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
         self._processes: list[subprocess.Popen[bytes]] = []
@@ -117,20 +118,28 @@ class Stack:
         self.kafka_pid = 0
         self.redis_url = ""
         self.database_url = ""
+        self._pg_admin_url = ""
         self._pg_name: str | None = None
+        self.kafka = EmbeddedKafka(self.workdir / "kafka", engine=kafka)
 
     @property
     def database_kind(self) -> str:
-        return "PostgreSQL (127.0.0.1:5432)" if self.postgres else "SQLite (WAL, one file)"
+        return "PostgreSQL (private cluster)" if self.postgres else "SQLite (WAL, one file)"
 
     async def __aenter__(self) -> Stack:
-        redis_port, kafka_port = free_port(), free_port()
+        redis_port = free_port()
         self._processes.append(start_process(redis_command(redis_port), redis_port))
-        self._processes.append(start_process(tansu_command(kafka_port), kafka_port, log=self.workdir / "tansu.log"))
-        self.kafka_pid = self._processes[-1].pid
-        self.kafka_bootstrap = f"127.0.0.1:{kafka_port}"
+        await asyncio.to_thread(self.kafka.start)
+        assert self.kafka.process is not None  # noqa: S101 - just started
+        self.kafka_pid = self.kafka.process.pid
+        self.kafka_bootstrap = self.kafka.bootstrap
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         if self.postgres:
+            pg_port = free_port()
+            pg_dir = Path(tempfile.mkdtemp(prefix="pipeline-bench-pg-"))  # the server runs as `postgres`
+            command = await asyncio.to_thread(postgres_command, pg_dir, pg_port)
+            self._processes.append(start_process(command, pg_port, timeout=60.0, log=pg_dir / "server.log"))
+            self._pg_admin_url = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}/postgres"
             self.database_url = await self._create_pg_database()
         else:
             self.database_url = f"sqlite+aiosqlite:///{self.workdir / 'bench.db'}"
@@ -142,10 +151,11 @@ class Stack:
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         for service in self.services:
             service.stop()
-        for process in reversed(self._processes):
-            stop_process(process)
         if self._pg_name is not None:
             await self._drop_pg_database()
+        self.kafka.stop()
+        for process in reversed(self._processes):
+            stop_process(process)
         if exc_type is None:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
@@ -158,18 +168,18 @@ class Stack:
         from storage.db import create_engine
 
         self._pg_name = f"algo_bench_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+        admin = create_engine(self._pg_admin_url).execution_options(isolation_level="AUTOCOMMIT")
         async with admin.connect() as conn:
             await conn.execute(text(f'CREATE DATABASE "{self._pg_name}"'))
         await admin.dispose()
-        return make_url(POSTGRES_ADMIN_URL).set(database=self._pg_name).render_as_string(hide_password=False)
+        return make_url(self._pg_admin_url).set(database=self._pg_name).render_as_string(hide_password=False)
 
     async def _drop_pg_database(self) -> None:
         from sqlalchemy import text
 
         from storage.db import create_engine
 
-        admin = create_engine(POSTGRES_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+        admin = create_engine(self._pg_admin_url).execution_options(isolation_level="AUTOCOMMIT")
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{self._pg_name}" WITH (FORCE)'))
         await admin.dispose()

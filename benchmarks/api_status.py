@@ -2,13 +2,12 @@
 
     python -m benchmarks.api_status [--users 50] [--connections 32] [--seconds 8] [--runs 3]
 
-Starts its own redis-server and Tansu (Kafka) binaries and a SQLite database, runs the API in a
-subprocess (uvicorn, one worker, uvloop + httptools), seeds users with connected brokers and strategies,
-starts every strategy through the API (so Redis holds exactly what START writes), then runs the load
-generator in a SECOND process: a small keep-alive HTTP/1.1 client on raw asyncio streams (an HTTP library
-would cost more CPU per request than the server under test). Prints requests/s and p50/p99 latency of
-each run and the median of the runs. Target: >= 3,000 req/s with p99 < 20 ms.
-"""
+Starts its own redis-server and Kafka broker (Apache Kafka, or Tansu without a JDK) and a SQLite database,
+runs the API in a subprocess (uvicorn, one worker, uvloop + httptools), seeds users with connected brokers and
+strategies, starts every strategy through the API (so Redis holds exactly what START writes), then runs the
+load generator in a SECOND process: a small keep-alive HTTP/1.1 client on raw asyncio streams (an HTTP library
+would cost more CPU per request than the server under test). Prints requests/s and p50/p99 latency of each run
+and the median of the runs. Target: >= 3,000 req/s with p99 < 20 ms."""
 
 from __future__ import annotations
 
@@ -209,23 +208,24 @@ def run_load_process(
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    from core.embedded import free_port, redis_command, start_process, stop_process, tansu_command, wait_for_port
+    from core.embedded import EmbeddedKafka, free_port, redis_command, start_process, stop_process, wait_for_port
     from storage.migrate import upgrade
 
     workdir = Path(tempfile.mkdtemp(prefix="api-status-bench-"))
-    redis_port, kafka_port, api_port = free_port(), free_port(), free_port()
+    redis_port, api_port = free_port(), free_port()
+    kafka = EmbeddedKafka(workdir / "kafka")
     database_url = f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     processes: list[subprocess.Popen[bytes]] = []
     try:
         processes.append(start_process(redis_command(redis_port), redis_port))
-        processes.append(start_process(tansu_command(kafka_port), kafka_port, log=workdir / "tansu.log"))
+        kafka.start()
         upgrade(database_url)
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
-            "KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+            "KAFKA_BOOTSTRAP": kafka.bootstrap,
             "KITE_API_ROOT": "http://127.0.0.1:9",  # never called on the measured path
             "LOG_LEVEL": "WARNING",
         }
@@ -264,6 +264,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     finally:
         for process in reversed(processes):
             stop_process(process)
+        kafka.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

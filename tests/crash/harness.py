@@ -2,7 +2,8 @@
 
 One run (`run_matrix(MatrixConfig(seed=...))`) owns its whole stack so that it can kill any part of it:
 
-- its own Tansu broker and redis-server (core.embedded, free ports), a SQLite database file;
+- its own Kafka broker (Apache Kafka where a JDK is present, else Tansu) and redis-server (core.embedded,
+  free ports), a SQLite database file;
 - the Kite simulator in-process (`RunningSimulator`), on the same sped-up pinned clock as the services,
   so its order book and audit are read directly;
 - `algo api`, `algo worker`, `algo scheduler` and `algo ticker` as subprocesses (own process groups).
@@ -43,8 +44,9 @@ from sqlalchemy import select
 
 from connectors.kite_sim import RunningSimulator, SimConfig
 from connectors.kite_sim.state import AccountCredentials
+from core.apache_kafka import TEST_CONFIG
 from core.clock import ScaledClock
-from core.embedded import free_port, redis_command, start_process, tansu_command
+from core.embedded import EmbeddedKafka, free_port, redis_command, start_process
 from core.environment import child_environment
 from core.kafka import ensure_topics
 from core.settings import Environment, Settings
@@ -87,6 +89,7 @@ class MatrixConfig:
     settle_seconds: float = 60.0  # after the last SELL time: how long the system gets to finish
     workdir: Path | None = None
     verbose: bool = True
+    kafka: str = "auto"  # the broker: "apache", "tansu", or auto (Apache Kafka where a JDK is present)
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -182,7 +185,7 @@ class Service:
 
 @dataclass
 class Binary:
-    """Tansu or redis-server on a fixed port: killed with SIGKILL and started empty on the same port."""
+    """redis-server on a fixed port: killed with SIGKILL and started empty on the same port."""
 
     name: str
     command: list[str]
@@ -325,6 +328,7 @@ class CrashMatrix:
         self.result = MatrixResult(config.seed, workdir=str(workdir))
         self.services: dict[str, Service] = {}
         self.binaries: dict[str, Binary] = {}
+        self.kafka: EmbeddedKafka | None = None
         self.down: list[tuple[str, float, float]] = []  # (component, from, to) in time.monotonic()
         self.users: list[User] = []
         self.plans: list[Planned] = []
@@ -346,8 +350,11 @@ class CrashMatrix:
 
     async def start_stack(self) -> None:
         kafka_port, redis_port, api_port = free_port(), free_port(), free_port()
-        self.binaries["kafka"] = Binary("kafka", tansu_command(kafka_port), kafka_port, self.workdir / "tansu.log")
+        # The test broker's settings: the services here use a 3 s consumer session (a killed worker's
+        # partitions must move within the day's seconds), below Apache Kafka's default minimum.
+        self.kafka = EmbeddedKafka(self.workdir / "kafka", kafka_port, self.config.kafka, TEST_CONFIG)
         self.binaries["redis"] = Binary("redis", redis_command(redis_port), redis_port, self.workdir / "redis.log")
+        await asyncio.to_thread(self.kafka.start)
         for binary in self.binaries.values():
             binary.start()
         database_url = f"sqlite+aiosqlite:///{self.workdir / 'algo.db'}"
@@ -404,6 +411,8 @@ class CrashMatrix:
             service.kill(signal.SIGKILL)
         for binary in self.binaries.values():
             binary.kill()
+        if self.kafka is not None:
+            self.kafka.kill()
         if self.sim is not None:
             self.sim.stop()
 
@@ -562,7 +571,8 @@ class CrashMatrix:
         self.say(f"{kind} {incident.detail} ({time.monotonic() - began:.1f}s)")
 
     async def restart_kafka(self, down: float) -> None:
-        """Kill the broker and start an empty one on the same port: the embedded broker keeps nothing.
+        """Kill the broker and start an empty one on the same port: the worst case, a broker that lost its data
+        (Apache Kafka's storage is formatted anew; Tansu keeps nothing anyway).
 
         What the system does (found by this matrix): a running worker dies on the empty broker (Faust's
         ConsistencyError: its changelog offsets are above the new highwater), and a Faust service that kept
@@ -574,14 +584,15 @@ class CrashMatrix:
         async with contextlib.AsyncExitStack() as stack:
             for name in ("kafka", "worker", "scheduler", "ticker"):
                 await stack.enter_async_context(self.lock(name))
-            binary = self.binaries["kafka"]
+            kafka = self.kafka
+            assert kafka is not None  # noqa: S101 - started with the stack
             began = time.monotonic()
-            binary.kill()
+            kafka.kill()
             streaming = [self.services[name] for name in ("worker", "scheduler", "ticker") if name in self.services]
             for service in streaming:
                 service.kill(signal.SIGKILL)
             await asyncio.sleep(down)
-            await asyncio.to_thread(binary.start)
+            await asyncio.to_thread(kafka.start)
             await ensure_topics(self.settings)
             for service in streaming:
                 service.start()
