@@ -9,8 +9,11 @@ from the database (the source of truth) and leave no open position unprotected.
    up by its tag at the broker and adopts what the broker says (never a blind re-send).
 4. Stops crossed while down: the broker's last price of each open position's instrument is checked and a
    STOPLOSS intent goes out at once where price <= stop.
-The marker key `recovery:epoch` says Redis has been rebuilt; its absence (a flushed or new Redis) or an
-empty lifecycle topic while strategies run (a broker that lost its data) triggers recovery again.
+The marker key `recovery:epoch` says Redis has been rebuilt; its absence (a flushed or new Redis) or a
+lifecycle topic whose data the broker lost (`manager.broker_loss`) triggers recovery again. Steps 2 and 3 run
+only when the broker lost its data (or an operator forces them): with the topics intact, the lifecycle events
+and the unfinished intents are still there for their consumers, and publishing them again would only repeat
+them (one ARMED per arming, one exit intent per exit).
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,6 +34,7 @@ from sqlalchemy.orm import aliased
 from connectors.broker import BrokerError, BrokerUnavailable, KiteBroker
 from core.crypto import SecretBox
 from core.settings import Settings
+from manager.broker_loss import LifecycleWatch
 from manager.strategy_manager import LIFECYCLE_TOPIC, ORDERS_TOPIC, StrategyManager, initial_runtime, spec_for
 from schemas.events import (
     Action,
@@ -53,7 +55,6 @@ from storage.runtime import RuntimeState, connect_redis
 log = logging.getLogger(__name__)
 
 MARKER_KEY = "recovery:epoch"
-LIFECYCLE_END_KEY = "recovery:lifecycle-end"
 LOCK_KEY = "lock:recovery"
 # Short, unlike a strategy's order lock: recovery is idempotent (two at once only repeat each other's writes),
 # so nothing is risked by a lock that lapses while its holder is slow, and a lot by one that outlives a killed
@@ -119,37 +120,33 @@ class Recovery:
         self.publisher = publisher
         self.manager = manager
         self.lease = lease
-        self._offsets: AIOKafkaConsumer | None = None
+        self.lifecycle = LifecycleWatch(settings, session_factory, LIFECYCLE_TOPIC)
         self._overdue_sent: dict[tuple[int, int], float] = {}  # (strategy, run) -> not again before (monotonic)
 
-    async def needed(self) -> str | None:
-        """Why recovery must run now, or None."""
+    async def needed(self) -> tuple[str, bool] | None:
+        """Why recovery must run now, and whether the broker lost its data; None if it need not run."""
+        lost = await self.lifecycle.lost()
+        if lost is not None:
+            return lost, True
         if not await self.redis.exists(MARKER_KEY):
-            return "redis has no recovery marker (new, restarted or flushed)"
-        # Offsets only grow in a living topic: a lifecycle topic whose end went backwards was recreated.
-        end = await self._lifecycle_end()
-        seen = int(await self.redis.get(LIFECYCLE_END_KEY) or 0)
-        if end < seen:
-            return f"the lifecycle topic went back from offset {seen} to {end} (the Kafka broker lost its data)"
-        if end == 0 and await self._running_count() > 0:
-            return "the lifecycle topic is empty while strategies run (the Kafka broker lost its data)"
-        if end > seen:
-            await self.redis.set(LIFECYCLE_END_KEY, str(end))
+            return "redis has no recovery marker (new, restarted or flushed)", False
         return None
 
     async def ensure(self) -> RecoveryReport | None:
         """Run recovery if needed, once across every process that asks at the same time."""
-        reason = await self.needed()
-        if reason is None:
+        if await self.needed() is None:
             return None
         async with kept_alive_lock(self.redis, LOCK_KEY, LOCK_SECONDS, RECOVERY_SECONDS, self.lease):
-            if (reason := await self.needed()) is None:
+            if (why := await self.needed()) is None:
                 return None  # another process just did it
+            reason, kafka_lost = why
             log.warning("recovery needed: %s", reason)
             # Bounded: Kafka or Redis going away mid-recovery must not wedge it; the next check retries.
-            return await asyncio.wait_for(self.run(), RECOVERY_SECONDS)
+            return await asyncio.wait_for(self.run(republish=kafka_lost), RECOVERY_SECONDS)
 
-    async def run(self) -> RecoveryReport:
+    async def run(self, republish: bool = True) -> RecoveryReport:
+        """Rebuild Redis from the database; with `republish`, the topics' lifecycle events and unfinished
+        intents too (the broker lost them)."""
         started = time.perf_counter()
         async with self.sessions() as session:
             strategies = list(
@@ -164,30 +161,34 @@ class Recovery:
         now = self.manager.clock.now()
         loads: list[tuple[StrategySpec, int, date, dict[str, str]]] = []
         events: list[StrategyLifecycle] = []
-        open_positions: list[Strategy] = []
+        open_positions = [s for s in strategies if positions.get(s.id, RunPosition()).open]
         for strategy in strategies:
             spec = spec_for(strategy)
             day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
             position = positions.get(strategy.id, RunPosition())
             runtime = initial_runtime(strategy.run, day, aware(strategy.updated_at)) | runtime_fields(position)
             loads.append((spec, strategy.run, day, runtime))
+            if not republish:
+                continue
             events.append(StrategyLifecycle(kind=LifecycleKind.STARTED, spec=spec, run=strategy.run, trading_day=day,
                                             occurred_at=now, reason="recovery"))  # fmt: skip
             if position.open:
-                open_positions.append(strategy)
                 events.append(StrategyLifecycle(kind=LifecycleKind.ARMED, spec=spec, run=strategy.run, trading_day=day,
                                                 occurred_at=now, entry_price=position.entry_price,
+                                                opened_at=self.manager.calendar.at(day, strategy.buy_time),
                                                 reason="recovery"))  # fmt: skip
         # One pipelined round trip per thousand strategies, on one connection: the lanes keep the rest.
         await self.manager.runtime.load_many(loads)
         await self._publish_all([(LIFECYCLE_TOPIC, e.spec.instrument, e) for e in events])
+        if not republish:
+            unresolved = []  # still on `orders`: the intent feed delivers them again (it commits none unfinished)
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
         await self._square_off(orphans)
         # Only now: a recovery cut short (Kafka away, timeout, crash) leaves no marker and runs again.
         await self.redis.set(MARKER_KEY, str(time.time()))
 
-        # The republished topic is the new baseline for "went backwards".
-        await self.redis.set(LIFECYCLE_END_KEY, str(await self._lifecycle_end()))
+        if republish:
+            await self.lifecycle.rebase()  # the republished topic is the new baseline for "went back"
         exits = await self._exit_crossed_stops(open_positions)
         report = RecoveryReport(len(strategies), len(open_positions), len(unresolved), exits,
                                 time.perf_counter() - started)  # fmt: skip
@@ -408,27 +409,8 @@ class Recovery:
         log.warning("recovery could not read last prices: stops are checked on the next tick")
         return {}
 
-    async def _running_count(self) -> int:
-        async with self.sessions() as session:
-            return len((await session.execute(select(Strategy.id).where(Strategy.status == "running").limit(1))).all())
-
-    async def _lifecycle_end(self) -> int:
-        """Sum of the lifecycle topic's end offsets (0 when the topic does not exist)."""
-        if self._offsets is None:
-            self._offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False)
-            await self._offsets.start()
-        topic = self.settings.topic(LIFECYCLE_TOPIC)
-        await self._offsets.topics()  # refreshes the metadata that partitions_for_topic reads
-        partitions = self._offsets.partitions_for_topic(topic) or set()
-        if not partitions:
-            return 0
-        ends = await self._offsets.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return int(sum(ends.values()))
-
     async def close(self) -> None:
-        if self._offsets is not None:
-            await self._offsets.stop()
-            self._offsets = None
+        await self.lifecycle.close()
 
 
 async def run_recovery(settings: Settings, *, force: bool) -> RecoveryReport | None:
@@ -449,7 +431,7 @@ async def run_recovery(settings: Settings, *, force: bool) -> RecoveryReport | N
     try:
         if force:
             async with kept_alive_lock(redis, LOCK_KEY, ttl=LOCK_SECONDS, wait=RECOVERY_SECONDS):
-                return await recovery.run()
+                return await recovery.run(republish=True)
         return await recovery.ensure()
     finally:
         await recovery.close()

@@ -163,3 +163,17 @@ class Notification(Base):
     title: Mapped[str] = mapped_column(String(255))
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TopicMark(Base):
+    """The highest end offset seen of each partition of a topic the system depends on (the lifecycle topic).
+
+    Offsets only grow in a living topic, so an end below its mark means the broker lost the data or the topic
+    was recreated (`manager.broker_loss`). Kept here, not in Redis: a Redis lost with the broker must not take
+    the evidence with it."""
+
+    __tablename__ = "topic_marks"
+
+    topic: Mapped[str] = mapped_column(String(255), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    end_offset: Mapped[int] = mapped_column(BigInteger)

@@ -144,14 +144,20 @@ import asyncio, sys
 from manager.recovery import Recovery
 from storage.runtime import connect_redis
 
-async def main() -> None:
-    recovery = Recovery(None, None, connect_redis(sys.argv[1]), None, None)
+from core.settings import Settings
 
-    async def recovering_for_ever():
+async def main() -> None:
+    recovery = Recovery(Settings(), None, connect_redis(sys.argv[1]), None, None)
+
+    async def recovering_for_ever(republish=True):
         print("recovering", flush=True)
         await asyncio.Event().wait()
 
+    async def redis_was_flushed():
+        return "no marker", False
+
     recovery.run = recovering_for_ever
+    recovery.needed = redis_was_flushed
     await recovery.ensure()
 
 asyncio.run(main())
@@ -177,10 +183,14 @@ async def test_a_worker_killed_mid_recovery_holds_up_the_next_recovery_only_brie
 
     recovery = Recovery(build_settings(), None, redis, None, None)  # type: ignore[arg-type]
 
-    async def run() -> str:
+    async def run(republish: bool = True) -> str:
         return "recovered"
 
+    async def redis_was_flushed() -> tuple[str, bool]:
+        return "no marker", False
+
     monkeypatch.setattr(recovery, "run", run)
+    monkeypatch.setattr(recovery, "needed", redis_was_flushed)
     assert await recovery.ensure() == "recovered"
     # The lock outlives its dead holder by at most its TTL (3 s); with the old 10 s this waited up to 10 s.
     assert time_module.monotonic() - killed_at < 6.0
