@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.coalesce import Coalesced
 from storage.models import OrderLog, OrderLogKind, Strategy
-from storage.runtime import LTP_KEY, RuntimeState, runtime_key, strategy_key
+from storage.runtime import FEED_BEHIND_KEY, LTP_KEY, RuntimeState, runtime_key, strategy_key
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,16 @@ for i = 1, #s, 2 do static[s[i]] = s[i + 1] end
 local r = redis.call('HGETALL', KEYS[2])
 local runtime = {}
 for i = 1, #r, 2 do runtime[r[i]] = r[i + 1] end
-local price = false
-if static['instrument'] then price = redis.call('HGET', KEYS[3], static['instrument']) end
-return cjson.encode({s = static, r = runtime, p = price})
+local price, behind = false, false
+if static['instrument'] then
+  price = redis.call('HGET', KEYS[3], static['instrument'])
+  behind = redis.call('HGET', KEYS[4], static['instrument'])
+end
+return cjson.encode({s = static, r = runtime, p = price, b = behind})
 """
 
+# A mark older than this is from a worker that stopped writing (caught up, or gone): not shown.
+FEED_MARK_FRESH_SECONDS = 10.0
 HOLDING_STATES = frozenset({RuntimeState.BOUGHT.value, RuntimeState.SELLING.value})
 
 # What an order result does to the position, for answers built from the order log.
@@ -74,8 +80,23 @@ def _pnl(state: str, entry: float | None, last: float | None, quantity: int | No
     return None
 
 
+def feed_delay(mark: object, now: float) -> float | None:
+    """Seconds the tick feed reads the instrument's prices late, from a fresh mark ("<ms> <unix s>")."""
+    if not isinstance(mark, str):
+        return None
+    try:
+        behind_ms, at = (float(part) for part in mark.split())
+    except ValueError:
+        return None
+    return round(behind_ms / 1000, 1) if now - at <= FEED_MARK_FRESH_SECONDS else None
+
+
 def status_from_runtime(
-    strategy_id: int, static: Mapping[str, str], runtime: Mapping[str, str], last_price: float | None
+    strategy_id: int,
+    static: Mapping[str, str],
+    runtime: Mapping[str, str],
+    last_price: float | None,
+    market_data_delay: float | None = None,
 ) -> dict[str, Any]:
     state = runtime.get("state") or RuntimeState.IDLE.value
     quantity = _int(static.get("quantity"))
@@ -88,6 +109,7 @@ def status_from_runtime(
         "position": runtime.get("position") or "none",
         "last_action": runtime.get("last_action") or "",
         "last_price": last_price,
+        "market_data_delay_seconds": market_data_delay,
         "quantity": quantity,
         "stop_loss": _float(static.get("stop_loss")),
         "entry_price": entry_price,
@@ -147,7 +169,7 @@ class StatusReader:
     async def read(self, strategy_id: int, user_id: int) -> bytes:
         """The status as JSON bytes; raises StatusNotFound for absent and foreign strategies alike."""
         try:
-            raw = await self._script([strategy_key(strategy_id), runtime_key(strategy_id), LTP_KEY])
+            raw = await self._script([strategy_key(strategy_id), runtime_key(strategy_id), LTP_KEY, FEED_BEHIND_KEY])
         except RedisError as exc:
             # The poll must still answer: the database knows the status, if not the live price.
             log.warning("status %s: Redis unavailable (%s); answering from the database", strategy_id, exc)
@@ -158,7 +180,8 @@ class StatusReader:
             if static.get("user_id") != str(user_id):
                 raise StatusNotFound(strategy_id)
             price = loaded["p"] if isinstance(loaded["p"], str) else None
-            return orjson.dumps(status_from_runtime(strategy_id, static, runtime, _float(price)))
+            delay = feed_delay(loaded.get("b"), time.time())
+            return orjson.dumps(status_from_runtime(strategy_id, static, runtime, _float(price), delay))
         return orjson.dumps(await self._from_database(strategy_id, user_id, redis_ok=True))
 
     async def _from_database(self, strategy_id: int, user_id: int, *, redis_ok: bool) -> dict[str, Any]:
@@ -215,6 +238,7 @@ class StatusReader:
             "position": position,
             "last_action": last_action,
             "last_price": last_price,
+            "market_data_delay_seconds": None,
             "quantity": strategy.quantity,
             "stop_loss": float(strategy.stop_loss),
             "entry_price": entry,

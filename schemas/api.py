@@ -441,6 +441,11 @@ class StatusResponse(BaseModel):
     position: str
     last_action: str
     last_price: float | None = None
+    market_data_delay_seconds: float | None = Field(
+        None,
+        description="Set while the system reads this instrument's ticks a second or more late: the stop-loss is "
+        "checked that much after the price moved. Absent (null) when prices are read in time.",
+    )
     quantity: int | None = None
     stop_loss: float | None = None
     entry_price: float | None = None

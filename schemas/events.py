@@ -72,6 +72,11 @@ class StrategyLifecycle(Event):
     trading_day: date
     occurred_at: datetime
     entry_price: float | None = None
+    opened_at: datetime | None = Field(
+        None,
+        description="ARMED: when the position's BUY was due (it is never sent earlier). The stop judges only "
+        "ticks received from then on: an older price predates the position.",
+    )
     reason: str | None = None
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from datetime import date
 from enum import StrEnum
@@ -54,6 +55,9 @@ def lock_key(strategy_id: int) -> str:
 
 
 LTP_KEY = "ltp"
+# instrument -> "<ms> <unix seconds>": how late the tick feed read the instrument's last prices, written while
+# it reads a second or more behind (the trader's status says the stop is checked that late).
+FEED_BEHIND_KEY = "ltp:behind"
 
 
 def spec_to_hash(spec: StrategySpec, run: int, trading_day: date) -> dict[str, str]:
@@ -166,3 +170,13 @@ class RuntimeStore:
     async def set_last_prices(self, prices: Mapping[str, float]) -> None:
         if prices:
             await self.redis.hset(LTP_KEY, mapping={k: repr(v) for k, v in prices.items()})
+
+    async def set_feed_behind(self, instruments: Iterable[str], behind_ms: float, cleared: Iterable[str]) -> None:
+        """Mark these instruments' prices as read `behind_ms` late; unmark `cleared` (caught up)."""
+        pipe = self.redis.pipeline(transaction=False)
+        mark = f"{behind_ms:.0f} {time.time():.1f}"
+        if marks := dict.fromkeys(instruments, mark):
+            pipe.hset(FEED_BEHIND_KEY, mapping=cast(Any, marks))
+        if cleared := list(cleared):
+            pipe.hdel(FEED_BEHIND_KEY, *cleared)
+        await pipe.execute()

@@ -387,7 +387,8 @@ class Executor:
             LIFECYCLE_TOPIC,
             spec.instrument,
             StrategyLifecycle(kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day, occurred_at=now,
-                              entry_price=position.entry_price, reason=reason),
+                              entry_price=position.entry_price, reason=reason,
+                              opened_at=intent.due_at if kind is LifecycleKind.ARMED else None),
         )  # fmt: skip
 
     async def _let_settle(self, history: RunHistory, intent: OrderIntent) -> None:
@@ -647,7 +648,7 @@ class Executor:
                 await self.protection.place(await self.gateways(intent.user_id), intent, strategy)
             armed = StrategyLifecycle(
                 kind=LifecycleKind.ARMED, spec=spec, run=intent.run, trading_day=intent.trading_day,
-                occurred_at=now, entry_price=order.average_price,
+                occurred_at=now, entry_price=order.average_price, opened_at=intent.due_at,
             )  # fmt: skip
             await self._announce(intent, told, armed)
             return result

@@ -3,11 +3,16 @@
 A tick at price p triggers every stop with stop_loss >= p. Stops are sorted ascending by
 (stop in paise, strategy id), so the triggered ones are a suffix found by one bisect; a tick that
 triggers nothing costs a dictionary lookup and a bisect however many stops the instrument has.
+
+A stop judges only prices from after its position existed: each stop keeps the instant its position's BUY
+was due (`opened_at`), and a price seen before it (a feed reading behind, a replay of older ticks, a stale
+last price) leaves the stop armed. Only the crossed suffix is looked at for that, never the other stops.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 
@@ -25,6 +30,7 @@ class StopIndex:
     def __init__(self) -> None:
         self._by_instrument: dict[str, _InstrumentStops] = {}
         self._armed: dict[int, tuple[str, int]] = {}  # strategy_id -> (instrument, stop_paise)
+        self._opened: dict[int, float] = {}  # strategy_id -> unix seconds (project clock); absent: any price
 
     def __len__(self) -> int:
         return len(self._armed)
@@ -32,8 +38,11 @@ class StopIndex:
     def __contains__(self, strategy_id: int) -> bool:
         return strategy_id in self._armed
 
-    def arm(self, strategy_id: int, instrument: str, stop_loss: float) -> None:
+    def arm(self, strategy_id: int, instrument: str, stop_loss: float, opened_at: float | None = None) -> None:
+        """Arm (or move) a stop; with `opened_at`, prices seen before that instant never trigger it."""
         self.disarm(strategy_id)
+        if opened_at is not None:
+            self._opened[strategy_id] = opened_at
         stop = to_paise(stop_loss)
         stops = self._by_instrument.setdefault(instrument, _InstrumentStops())
         bisect.insort(stops.keys, (stop, strategy_id))
@@ -41,6 +50,7 @@ class StopIndex:
 
     def disarm(self, strategy_id: int) -> bool:
         entry = self._armed.pop(strategy_id, None)
+        self._opened.pop(strategy_id, None)
         if entry is None:
             return False
         instrument, stop = entry
@@ -52,8 +62,14 @@ class StopIndex:
             del self._by_instrument[instrument]
         return True
 
-    def trigger(self, instrument: str, price: float) -> list[int]:
-        """Remove and return the strategies whose stop the price has reached (price <= stop_loss)."""
+    def crossed(self, instrument: str, price: float) -> bool:
+        """Whether the price reaches any stop of the instrument (whatever its age): one bisect, nothing moved."""
+        stops = self._by_instrument.get(instrument)
+        return stops is not None and stops.keys[-1][0] >= to_paise(price)
+
+    def trigger(self, instrument: str, price: float, seen_at: float = math.inf) -> list[int]:
+        """Remove and return the strategies whose stop the price, seen at `seen_at` (unix seconds, project
+        clock), has reached (price <= stop_loss) and whose position was open by then."""
         stops = self._by_instrument.get(instrument)
         if stops is None:
             return []
@@ -61,10 +77,14 @@ class StopIndex:
         start = bisect.bisect_left(stops.keys, (to_paise(price), -1))
         if start == len(stops.keys):
             return []
-        hit = [strategy_id for _, strategy_id in stops.keys[start:]]
-        del stops.keys[start:]
+        crossed = stops.keys[start:]
+        opened = self._opened
+        early = [key for key in crossed if opened.get(key[1], -math.inf) > seen_at] if opened else []
+        hit = [strategy_id for _, strategy_id in crossed if not early or opened.get(strategy_id, -math.inf) <= seen_at]
+        stops.keys[start:] = early  # still sorted: a sorted run of the suffix
         for strategy_id in hit:
             del self._armed[strategy_id]
+            opened.pop(strategy_id, None)
         if not stops.keys:
             del self._by_instrument[instrument]
         return hit
@@ -75,3 +95,4 @@ class StopIndex:
     def clear(self) -> None:
         self._by_instrument.clear()
         self._armed.clear()
+        self._opened.clear()

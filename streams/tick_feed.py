@@ -49,12 +49,19 @@ class Lateness:
         self.late_after_ms = late_after_ms
         self.every_seconds = every_seconds
         self.worst_ms = 0.0  # since the last warning
+        self.recent_ms = 0.0  # since the last `take_recent`: what the trader's status shows
         self.warned_at: float | None = None  # time.monotonic()
         self.warnings = 0
+
+    def take_recent(self) -> float:
+        """The worst lateness since the last call (ms)."""
+        recent, self.recent_ms = self.recent_ms, 0.0
+        return recent
 
     def observe(self, oldest_created_ms: float, now_ms: float, now: float) -> None:
         behind = now_ms - oldest_created_ms
         self.worst_ms = max(self.worst_ms, behind)
+        self.recent_ms = max(self.recent_ms, behind)
         if behind < self.late_after_ms or (self.warned_at is not None and now - self.warned_at < self.every_seconds):
             return
         log.warning(

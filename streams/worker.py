@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,7 @@ from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
 from streams.lanes import StrategyLanes
 from streams.stop_index import StopIndex
-from streams.tick_feed import TickFeed
+from streams.tick_feed import LATE_AFTER_MS, TickFeed
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ class WorkerServices:
         self.index = StopIndex()
         self.index_stale = True
         self.latest: dict[str, float] = {}  # instrument -> last price this worker knows
+        # ... and when it was seen (the tick's received_at, ISO, project clock): parsed only for a crossing
+        self.latest_seen: dict[str, str] = {}
         self.unflushed: dict[str, float] = {}  # ... not yet written to Redis
+        self.marked_behind: set[str] = set()  # instruments whose status says their prices are read late
         self.checked_stops_at_start = False
         self.recovery_lock = asyncio.Lock()
 
@@ -113,8 +117,14 @@ class WorkerServices:
         )
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
-        self.broker_prices = BrokerPrices(self.recovery.last_prices, self.latest.setdefault)
+        self.broker_prices = BrokerPrices(self.recovery.last_prices, self.remember_price)
         self.ready.set()
+
+    def remember_price(self, instrument: str, price: float) -> None:
+        """A price read now (from the broker or Redis), unless a tick already told this worker one."""
+        if instrument not in self.latest:
+            self.latest[instrument] = price
+            self.latest_seen[instrument] = self.clock.now().isoformat()
 
     async def stop(self) -> None:
         if not self.ready.is_set():
@@ -141,7 +151,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     def rebuild_index() -> None:
         services.index.clear()
         for key, stop in armed.items():
-            services.index.arm(int(key), stop["instrument"], stop["stop_loss"])
+            services.index.arm(int(key), stop["instrument"], stop["stop_loss"], stop.get("opened_at"))
         services.index_stale = False
         log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
 
@@ -193,14 +203,16 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "run": event.run,
                     "trading_day": event.trading_day.isoformat(),
                     "quantity": event.spec.quantity,
+                    "opened_at": event.opened_at.timestamp() if event.opened_at else None,
                 }
-                services.index.arm(event.spec.strategy_id, event.spec.instrument, event.spec.stop_loss)
+                services.index.arm(event.spec.strategy_id, event.spec.instrument, event.spec.stop_loss,
+                                   armed[key]["opened_at"])  # fmt: skip
                 if event.spec.instrument not in services.latest:
                     # Armed after a restart, before any tick: the price may already be through the stop, and
                     # a quiet instrument may not tick again. The sweep below compares it within a moment.
                     known = await services.runtime.last_price(event.spec.instrument)
                     if known is not None:
-                        services.latest.setdefault(event.spec.instrument, known)
+                        services.remember_price(event.spec.instrument, known)
                     else:
                         # Redis lost it too (flushed with the restart): the broker's last price, off the
                         # agent's path. A BUY adopted after recovery's own check must not go unwatched.
@@ -226,7 +238,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 log.warning("skipping a malformed tick: %r", value[:200])
                 continue
             services.latest[instrument] = services.unflushed[instrument] = price
-            hits.extend((strategy_id, tick) for strategy_id in services.index.trigger(instrument, price))
+            services.latest_seen[instrument] = tick.get("received_at") or ""
+            if services.index.crossed(instrument, price):
+                seen_at = _seconds(tick.get("received_at"))
+                hits.extend((strategy_id, tick) for strategy_id in services.index.trigger(instrument, price, seen_at))
         await emit_stoplosses(hits)
 
     async def emit_stoplosses(hits: list[tuple[int, dict[str, Any]]]) -> None:
@@ -245,7 +260,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         for strategy_id in failed:
             stop = armed.get(str(strategy_id))
             if stop is not None:
-                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"])
+                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"], stop.get("opened_at"))
         if failed:
             raise RuntimeError(f"{len(failed)} STOPLOSS intents not acknowledged by Kafka; their stops are re-armed")
 
@@ -289,6 +304,14 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if services.unflushed:
             prices, services.unflushed = services.unflushed, {}
             await services.runtime.set_last_prices(prices)
+            # The status of a trader whose prices this worker reads late says so (and no longer, once caught up).
+            behind_ms = feed.lateness.take_recent()
+            if behind_ms >= LATE_AFTER_MS:
+                services.marked_behind.update(prices)
+                await services.runtime.set_feed_behind(prices, behind_ms, ())
+            elif caught_up := services.marked_behind.intersection(prices):
+                services.marked_behind -= caught_up
+                await services.runtime.set_feed_behind((), 0.0, caught_up)
         # A stop armed at a price already through it (arming after the crossing tick, or a restart that saw
         # no tick yet) exits here, within one interval, even if the instrument never ticks again; prices this
         # worker has not seen come from Redis. O(instruments), not O(stops).
@@ -296,11 +319,12 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if unknown:
             for instrument, value in zip(unknown, await services.redis.hmget(LTP_KEY, unknown), strict=True):
                 if value is not None:
-                    services.latest.setdefault(instrument, float(value))
+                    services.remember_price(instrument, float(value))
         await emit_stoplosses([
             (strategy_id, {"last_price": price})
             for instrument, price in list(services.latest.items())
-            for strategy_id in services.index.trigger(instrument, price)
+            if services.index.crossed(instrument, price)
+            for strategy_id in services.index.trigger(instrument, price, _seconds(services.latest_seen.get(instrument)))
         ])  # fmt: skip
 
     async def check_recovery() -> bool:
@@ -374,6 +398,16 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     intents = IntentFeed(settings, intents_from_time_events, execute_intent)
 
     return app, resources
+
+
+def _seconds(iso: str | None) -> float:
+    """A tick's received_at as unix seconds; one without (an older producer) counts as seen now."""
+    if not iso:
+        return math.inf
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return math.inf
 
 
 def _log_task_stacks() -> None:

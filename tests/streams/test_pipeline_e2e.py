@@ -128,6 +128,65 @@ async def test_price_crossing_the_stop_exits_once_and_cancels_the_sell(
     assert status["last_action"] == "STOPLOSS"
 
 
+@pytest.mark.tansu
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the engine, not the database, is under test here
+async def test_a_fresh_stop_ignores_ticks_from_before_its_position(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    """A feed reading behind (or a replay of older ticks) delivers prices from before the BUY: they predate the
+    position and must not sell it. A crossing received after the BUY exits at once."""
+    simulator.state.set_price("NSE:WIPRO", 300.0)
+    user = await make_user()
+    buy_time, _ = clock_time(pinned_clock, 3)
+    sell_time, _ = clock_time(pinned_clock, 120)
+    strategy = await make_strategy(user, symbol="NSE:WIPRO", buy_time=buy_time, sell_time=sell_time, stop_loss=290)
+    sid = strategy["strategy_id"]
+    await start(client, user, sid)
+
+    async def status() -> dict[str, Any]:
+        return dict((await client.get(f"/strategy/status/{sid}", headers=user.headers)).json())
+
+    await eventually(lambda: status_is(status, position="bought"), 15, "BUY filled", pipeline)
+    before_buy = pinned_clock.now() - timedelta(seconds=30)
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
+    await producer.start()
+
+    async def tick(price: float, received_at: Any, late_seconds: float = 0.0) -> None:
+        value = {"instrument": "NSE:WIPRO", "token": 0, "last_price": price, "volume": 1,
+                 "received_at": received_at.isoformat()}  # fmt: skip
+        published_ms = int((time.time() - late_seconds) * 1000)  # as published by a feed that far behind
+        await producer.send_and_wait(pipeline.settings.topic("ticks"), orjson.dumps(value), key=b"NSE:WIPRO",
+                                     timestamp_ms=published_ms)  # fmt: skip
+
+    try:
+        for offset, price in enumerate((289.0, 250.0, 280.5)):  # through the stop, 30 s before the BUY
+            await tick(price, before_buy + timedelta(milliseconds=offset), late_seconds=30)
+        await tick(295.25, pinned_clock.now())  # fresh, above the stop: once shown, the old ones were read
+        await eventually(lambda: status_is(status, last_price=295.25), 15, "the fresh price in the status", pipeline)
+        assert len(placements(simulator, user.broker.api_key)) == 1, "an exit on prices older than the position"
+        shown = await status()
+        assert shown["position"] == "bought"
+        # The trader is told the prices were read late (the stale ticks were published 30 s before being read).
+        assert shown["market_data_delay_seconds"] is not None and shown["market_data_delay_seconds"] >= 29
+        simulator.state.set_price("NSE:WIPRO", 289.9)
+        await tick(289.9, pinned_clock.now())
+    finally:
+        await producer.stop()
+    orders = await eventually(
+        lambda: len(p := placements(simulator, user.broker.api_key)) >= 2 and p, 15, "STOPLOSS exit", pipeline
+    )
+    assert [o.params["transaction_type"] for o in orders] == ["BUY", "SELL"]
+    await eventually(lambda: status_is(status, last_action="STOPLOSS"), 10, "the STOPLOSS in the status", pipeline)
+    # Read in time again: the delay is no longer shown.
+    await eventually(lambda: status_is(status, market_data_delay_seconds=None), 10, "no delay shown", pipeline)
+
+
+async def status_is(read: Callable[[], Any], **expected: Any) -> bool:
+    current = await read()
+    return all(current.get(key) == value for key, value in expected.items())
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the engine, not the database, is under test here
 async def test_live_ticks_from_the_broker_trigger_the_stop_through_the_tick_connector(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,

@@ -216,3 +216,27 @@ def test_one_tick_matches_brute_force(stops: list[tuple[int, float]], price: flo
     assert set(index.trigger("NSE:INFY", price)) == expected
     assert len(index) == len(latest) - len(expected)
     assert index.trigger("NSE:INFY", price) == []
+
+
+def test_a_price_seen_before_the_position_opened_never_triggers_its_stop() -> None:
+    index = StopIndex()
+    index.arm(1, "NSE:INFY", 1400.0, opened_at=1_000.0)
+    assert index.crossed("NSE:INFY", 1390.0)
+    assert index.trigger("NSE:INFY", 1390.0, seen_at=999.9) == []
+    assert 1 in index  # still armed, for the prices that come after
+    assert index.trigger("NSE:INFY", 1390.0, seen_at=1_000.0) == [1]
+    assert 1 not in index
+
+
+def test_of_the_crossed_stops_only_those_open_by_the_tick_trigger() -> None:
+    index = StopIndex()
+    index.arm(1, "NSE:INFY", 1400.0, opened_at=100.0)
+    index.arm(2, "NSE:INFY", 1410.0, opened_at=300.0)  # opened after the tick below
+    index.arm(3, "NSE:INFY", 1420.0)  # no instant known (an older ARMED event): any price counts
+    index.arm(4, "NSE:INFY", 1300.0, opened_at=100.0)  # not crossed
+    assert sorted(index.trigger("NSE:INFY", 1395.0, seen_at=200.0)) == [1, 3]
+    assert index.trigger("NSE:INFY", 1395.0, seen_at=200.0) == []
+    assert index.trigger("NSE:INFY", 1405.0, seen_at=300.5) == [2]
+    assert not index.crossed("NSE:INFY", 1300.05)
+    assert index.trigger("NSE:INFY", 1299.0, seen_at=400.0) == [4]
+    assert len(index) == 0
