@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 from typer.main import get_command
 
 from cli.main import app
+from core.apache_kafka import BASE_CONFIG, KAFKA_VERSION
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,21 @@ def test_the_project_services_are_all_there() -> None:
     assert {"kafka", "redis", "postgres"} <= set(SERVICES)
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
     assert "broker,controller" in SERVICES["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+
+
+def test_production_runs_the_kafka_the_tests_run() -> None:
+    """The same Apache Kafka release, and every broker setting the tests' broker has (less its listeners)."""
+    kafka = SERVICES["kafka"]
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    environment = {key: str(value) for key, value in kafka["environment"].items()}
+    for name, value in BASE_CONFIG.items():
+        if name in {"inter.broker.listener.name", "listener.security.protocol.map"}:
+            continue  # named differently with the container's hostnames; the listener map is checked below
+        variable = "KAFKA_" + name.upper().replace(".", "_")
+        assert environment.get(variable) == value, f"{variable} should be {value!r} as in core/apache_kafka.py"
+    assert set(environment["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")) == set(
+        BASE_CONFIG["listener.security.protocol.map"].split(",")
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PROJECT))

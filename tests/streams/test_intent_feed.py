@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from core.kafka import ensure_topics
@@ -54,6 +55,7 @@ class Recorder:
                 await self.changed.wait()
 
 
+@pytest.mark.tansu
 async def test_a_takeover_rereads_the_intent_still_in_flight_and_nothing_finished(
     kafka_bootstrap: str, topic_prefix: str
 ) -> None:

@@ -54,6 +54,7 @@ async def start(client: httpx.AsyncClient, user: Any, strategy_id: int) -> None:
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.tansu
 async def test_buy_and_sell_happen_once_each_at_their_times(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     pinned_clock: ScaledClock,
@@ -88,6 +89,7 @@ async def test_buy_and_sell_happen_once_each_at_their_times(
     assert len(placements(simulator, user.broker.api_key)) == 2
 
 
+@pytest.mark.tansu
 async def test_price_crossing_the_stop_exits_once_and_cancels_the_sell(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     pinned_clock: ScaledClock,

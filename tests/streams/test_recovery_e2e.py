@@ -18,6 +18,7 @@ from tests.streams.test_pipeline_e2e import clock_time, eventually, placements, 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
+@pytest.mark.tansu
 async def test_stop_crossed_while_down_exits_within_seconds_of_recovery(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     pinned_clock: ScaledClock, redis: Redis,

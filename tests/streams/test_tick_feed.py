@@ -36,6 +36,7 @@ def test_a_late_batch_is_warned_about_at_most_once_per_period_with_the_worst_sin
     assert "1200 ms behind" in warned[1] and "worst since the last warning: 4000 ms" in warned[1]
 
 
+@pytest.mark.tansu
 async def test_the_feed_warns_of_a_tick_read_long_after_it_was_published(
     kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
