@@ -121,6 +121,7 @@ class Stack:
         self._pg_admin_url = ""
         self._pg_name: str | None = None
         self.kafka = EmbeddedKafka(self.workdir / "kafka", engine=kafka)
+        self.keep_logs = False  # a run that found something to look at sets it
 
     @property
     def database_kind(self) -> str:
@@ -156,7 +157,7 @@ class Stack:
         self.kafka.stop()
         for process in reversed(self._processes):
             stop_process(process)
-        if exc_type is None:
+        if exc_type is None and not self.keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
             print(f"logs kept in {self.workdir}", file=sys.stderr)

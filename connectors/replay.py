@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from core.clock import get_clock
+from core.clock import Clock, get_clock
 from core.settings import Settings
 
 
@@ -83,13 +83,21 @@ def read_ticks(path: Path, market_timezone: str = "Asia/Kolkata") -> Iterator[Re
                 yield _row_to_tick(dict(row), f"{path.name} line {number}", tz)
 
 
-async def replay(settings: Settings, path: Path, speed: float | None, show_progress: bool = True) -> tuple[int, float]:
-    """Publish the file's ticks; returns (count, ticks per second achieved)."""
+async def replay(
+    settings: Settings,
+    path: Path,
+    speed: float | None,
+    show_progress: bool = True,
+    clock: Clock | None = None,
+    observe: Callable[[RecordedTick], object] | None = None,
+) -> tuple[int, float]:
+    """Publish the file's ticks; returns (count, ticks per second achieved). `observe` is called with each
+    tick just before it is published (a paper exchange following the recorded prices, in the benchmarks)."""
     ticks = list(read_ticks(path, settings.market_timezone))
     if not ticks:
         raise ReplayFileError(f"{path.name}: no ticks in the file")
     topic = settings.topic("ticks")
-    clock = get_clock()
+    clock = clock or get_clock()
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks=1, enable_idempotence=False,
         max_batch_size=256 * 1024,
@@ -109,6 +117,8 @@ async def replay(settings: Settings, path: Path, speed: float | None, show_progr
                     due = started + (tick.at - first).total_seconds() / speed
                     if (delay := due - time.perf_counter()) > 0:
                         await asyncio.sleep(delay)
+                if observe is not None:
+                    observe(tick)
                 value = orjson.dumps({
                     "instrument": tick.instrument, "token": tick.token, "last_price": tick.last_price,
                     "volume": tick.volume, "exchange_time": tick.at.isoformat(),

@@ -39,15 +39,26 @@ IDLE_POLL_MS = 100
 COMMIT_SECONDS = 0.2  # offsets are committed beside the loop, not between two fetches (a broker round trip)
 LATE_AFTER_MS = 1000.0  # a stop checked a second after its tick is an exit a second late
 LATE_REPORT_SECONDS = 30.0  # at most one warning per this long, with the worst seen meanwhile
+SUMMARY_SECONDS = 60.0  # how far behind the feed read, summarised in one INFO line per this long
 
 
 class Lateness:
     """How far behind the ticks' publishers the feed reads (by the records' CreateTime), warned about when a
-    batch's oldest tick is LATE_AFTER_MS old; at most once per LATE_REPORT_SECONDS, with the worst since."""
+    batch's oldest tick is LATE_AFTER_MS old; at most once per LATE_REPORT_SECONDS, with the worst since.
+    Once per SUMMARY_SECONDS an INFO line gives the batches' lateness (p50, p99, max) and the ticks read."""
 
-    def __init__(self, late_after_ms: float = LATE_AFTER_MS, every_seconds: float = LATE_REPORT_SECONDS) -> None:
+    def __init__(
+        self,
+        late_after_ms: float = LATE_AFTER_MS,
+        every_seconds: float = LATE_REPORT_SECONDS,
+        summary_seconds: float = SUMMARY_SECONDS,
+    ) -> None:
         self.late_after_ms = late_after_ms
         self.every_seconds = every_seconds
+        self.summary_seconds = summary_seconds
+        self.samples: list[float] = []  # each batch's oldest tick, ms behind, since the last summary
+        self.ticks = 0
+        self.summary_at: float | None = None  # time.monotonic() of the window's start
         self.worst_ms = 0.0  # since the last warning
         self.recent_ms = 0.0  # since the last `take_recent`: what the trader's status shows
         self.warned_at: float | None = None  # time.monotonic()
@@ -58,10 +69,11 @@ class Lateness:
         recent, self.recent_ms = self.recent_ms, 0.0
         return recent
 
-    def observe(self, oldest_created_ms: float, now_ms: float, now: float) -> None:
+    def observe(self, oldest_created_ms: float, now_ms: float, now: float, ticks: int = 0) -> None:
         behind = now_ms - oldest_created_ms
         self.worst_ms = max(self.worst_ms, behind)
         self.recent_ms = max(self.recent_ms, behind)
+        self._summarise(behind, now, ticks)
         if behind < self.late_after_ms or (self.warned_at is not None and now - self.warned_at < self.every_seconds):
             return
         log.warning(
@@ -71,6 +83,22 @@ class Lateness:
         )  # fmt: skip
         self.warned_at, self.worst_ms = now, 0.0
         self.warnings += 1
+
+    def _summarise(self, behind: float, now: float, ticks: int) -> None:
+        if self.summary_at is None:
+            self.summary_at = now
+        self.samples.append(behind)
+        self.ticks += ticks
+        if now - self.summary_at < self.summary_seconds:
+            return
+        ordered = sorted(self.samples)
+        log.info(
+            "tick feed: %d ticks in %d batches in the last %.0f s, read p50 %.0f / p99 %.0f / max %.0f ms behind "
+            "their publishers",
+            self.ticks, len(ordered), now - self.summary_at, ordered[len(ordered) // 2],
+            ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], ordered[-1],
+        )  # fmt: skip
+        self.samples, self.ticks, self.summary_at = [], 0, now
 
 
 class TickFeed:
@@ -140,7 +168,8 @@ class TickFeed:
                 continue
             oldest = min((rs[0].timestamp for rs in batches.values() if rs[0].timestamp > 0), default=None)
             if oldest is not None:  # a record without CreateTime (-1) says nothing about lateness
-                self.lateness.observe(oldest, time.time() * 1000, time.monotonic())
+                ticks = sum(len(records) for records in batches.values())
+                self.lateness.observe(oldest, time.time() * 1000, time.monotonic(), ticks)
             values: list[bytes] = []
             offsets: dict[TopicPartition, int] = {}
             for tp, records in batches.items():
