@@ -4,9 +4,9 @@
 For each broker, one run: Kafka, redis-server, SQLite, the simulator in this process (following the replayed
 prices), and `algo api`, `algo worker`, `algo scheduler` as child processes on a project clock that runs
 `--speed` times faster than real time, reaching 09:15 of the next trading day 90 s after the start. Ten
-traders register, connect their simulator accounts and create and START 312 strategies through the REST API, spread over three
-instruments and the day; then the day's ticks go out through `connectors.replay.replay` (what `algo replay`
-runs) at `--speed` times their recorded pace.
+traders register, connect their simulator accounts and create and START 312 strategies through the REST API,
+spread over three instruments and the day; then the day's ticks go out through `connectors.replay.replay`
+(what `algo replay` runs) at `--speed` times their recorded pace.
 
 The day: no recorded NSE data can be fetched here, so it is generated, seeded and shaped like the session the
 issue replayed (59,562 ticks of NIFTY futures on 2022-01-03 mapped onto three NSE equities): exponential gaps
