@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     ticks_partitions: int = Field(8, ge=1, le=1024)
     orders_partitions: int = Field(8, ge=1, le=1024)
     events_partitions: int = Field(8, ge=1, le=1024)
-    # Consumer-group session: a dead worker's partitions move after this long. Tansu also holds a group's
-    # first join for half of it, so tests use a short one.
+    # Consumer-group session: a dead worker's partitions move after this long. Apache Kafka refuses a session
+    # below its group.min.session.timeout.ms (6 s by default; the tests' broker lowers it for their 3 s).
     kafka_session_timeout_seconds: float = Field(10.0, ge=2, le=300)
     # How long a consumer's fetch may wait for data. Tansu answers a fetch only when the wait ends, so this is
     # per-hop latency there; Apache Kafka answers as soon as data arrives, whatever the value.
