@@ -117,14 +117,24 @@ class WorkerServices:
         )
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
-        self.broker_prices = BrokerPrices(self.recovery.last_prices, self.remember_price)
+        self.broker_prices = BrokerPrices(self.recovery.last_prices, self.broker_price)
         self.ready.set()
 
     def remember_price(self, instrument: str, price: float) -> None:
-        """A price read now (from the broker or Redis), unless a tick already told this worker one."""
+        """A price of unknown age (Redis's last price), unless a tick already told this worker one: it
+        triggers no stop armed after it could have been seen (`seen_at` is -inf)."""
         if instrument not in self.latest:
             self.latest[instrument] = price
-            self.latest_seen[instrument] = self.clock.now().isoformat()
+            self.latest_seen[instrument] = ""
+
+    def broker_price(self, instrument: str, price: float) -> None:
+        """The broker's last price, just asked for: the current price, seen now."""
+        self.latest[instrument] = price
+        self.latest_seen[instrument] = self.clock.now().isoformat()
+
+    def seen_at(self, instrument: str) -> float:
+        """When this worker's last price of the instrument was seen (unix seconds); -inf if unknown."""
+        return _seconds(self.latest_seen.get(instrument))
 
     async def stop(self) -> None:
         if not self.ready.is_set():
@@ -205,18 +215,17 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "quantity": event.spec.quantity,
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
                 }
-                services.index.arm(event.spec.strategy_id, event.spec.instrument, event.spec.stop_loss,
-                                   armed[key]["opened_at"])  # fmt: skip
-                if event.spec.instrument not in services.latest:
-                    # Armed after a restart, before any tick: the price may already be through the stop, and
-                    # a quiet instrument may not tick again. The sweep below compares it within a moment.
-                    known = await services.runtime.last_price(event.spec.instrument)
-                    if known is not None:
-                        services.remember_price(event.spec.instrument, known)
-                    else:
-                        # Redis lost it too (flushed with the restart): the broker's last price, off the
-                        # agent's path. A BUY adopted after recovery's own check must not go unwatched.
-                        services.broker_prices.ask(event.spec.instrument)
+                opened_at = armed[key]["opened_at"]
+                instrument = event.spec.instrument
+                services.index.arm(event.spec.strategy_id, instrument, event.spec.stop_loss, opened_at)
+                if instrument not in services.latest and (known := await services.runtime.last_price(instrument)):
+                    services.remember_price(instrument, known)
+                if instrument not in services.latest or services.seen_at(instrument) < (opened_at or -math.inf):
+                    # No price seen here since the position opened: the last one known may be stale (a feed
+                    # reading behind, Redis after a restart) or merely unchanged since (a quiet instrument ticks
+                    # only when its price moves, and may be through the stop already). The broker's last price,
+                    # off the agent's path, says which; the sweep below compares it within a moment.
+                    services.broker_prices.ask(instrument)
             elif event.kind is not LifecycleKind.STARTED or (key in armed and armed[key]["run"] != event.run):
                 # Exit, stop, failure, or a new run of a strategy whose old stop was still armed. (A STARTED of
                 # the same run is recovery re-announcing it: the stop stays armed.)
@@ -324,7 +333,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             (strategy_id, {"last_price": price})
             for instrument, price in list(services.latest.items())
             if services.index.crossed(instrument, price)
-            for strategy_id in services.index.trigger(instrument, price, _seconds(services.latest_seen.get(instrument)))
+            for strategy_id in services.index.trigger(instrument, price, services.seen_at(instrument))
         ])  # fmt: skip
 
     async def check_recovery() -> bool:
@@ -401,13 +410,14 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
 
 
 def _seconds(iso: str | None) -> float:
-    """A tick's received_at as unix seconds; one without (an older producer) counts as seen now."""
+    """A tick's received_at as unix seconds; -inf when unknown (a price of unknown age triggers only stops
+    armed without an opening instant)."""
     if not iso:
-        return math.inf
+        return -math.inf
     try:
         return datetime.fromisoformat(iso).timestamp()
     except ValueError:
-        return math.inf
+        return -math.inf
 
 
 def _log_task_stacks() -> None:

@@ -184,6 +184,37 @@ async def test_a_fresh_stop_ignores_ticks_from_before_its_position(
     await eventually(lambda: status_is(status, market_data_delay_seconds=None), 10, "no delay shown", pipeline)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the engine, not the database, is under test here
+async def test_a_position_opened_through_its_stop_on_a_quiet_instrument_exits_at_once(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    """The price fell through the stop before the BUY and then stood still: no tick after the BUY will come
+    (Kite ticks only when a price moves), and the one before it predates the position. The worker asks the
+    broker for the current price and exits at once (crash matrix seeds 4, 5 and 8 on Apache Kafka)."""
+    simulator.state.set_price("NSE:SBIN", 800.0)
+    user = await make_user()
+    buy_time, buy_at = clock_time(pinned_clock, 4)
+    sell_time, _ = clock_time(pinned_clock, 120)
+    strategy = await make_strategy(user, symbol="NSE:SBIN", buy_time=buy_time, sell_time=sell_time, stop_loss=790)
+    await start(client, user, strategy["strategy_id"])
+    simulator.state.set_price("NSE:SBIN", 785.0)
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        tick = {"instrument": "NSE:SBIN", "token": 0, "last_price": 785.0, "volume": 1,
+                "received_at": pinned_clock.now().isoformat()}  # fmt: skip
+        await producer.send_and_wait(pipeline.settings.topic("ticks"), orjson.dumps(tick), key=b"NSE:SBIN")
+    finally:
+        await producer.stop()
+    orders = await eventually(
+        lambda: len(p := placements(simulator, user.broker.api_key)) >= 2 and p, 20, "the STOPLOSS exit", pipeline
+    )
+    buy, exit_order = orders[:2]
+    assert (buy.params["transaction_type"], exit_order.params["transaction_type"]) == ("BUY", "SELL")
+    assert exit_order.received_monotonic - buy.received_monotonic < 5.0
+
+
 async def status_is(read: Callable[[], Any], **expected: Any) -> bool:
     current = await read()
     return all(current.get(key) == value for key, value in expected.items())
