@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from datetime import time
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,7 +26,20 @@ from storage.db import session_factory
 from tests.fixtures.services import build_settings
 from tests.manager.test_recovery import running_strategy
 
-pytestmark = pytest.mark.tansu
+pytestmark = [pytest.mark.tansu, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+
+
+@pytest_asyncio.fixture
+async def watched(db_engine: AsyncEngine, kafka_bootstrap: str, topic_prefix: str) -> AsyncIterator[LifecycleWatch]:
+    """The lifecycle topic created, a strategy holding a position, and the detector watching."""
+    settings = build_settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
+    await ensure_topics(settings)
+    await running_strategy(db_engine, sell_time=time(15, 0), bought=True)
+    watch = LifecycleWatch(settings, session_factory(db_engine), LIFECYCLE_TOPIC)
+    try:
+        yield watch
+    finally:
+        await watch.close()
 
 
 async def publish(bootstrap: str, topic: str, count: int) -> None:
@@ -38,63 +53,41 @@ async def publish(bootstrap: str, topic: str, count: int) -> None:
         await producer.stop()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_a_healthy_broker_is_never_taken_for_a_lost_one(
-    db_engine: AsyncEngine, kafka_bootstrap: str, topic_prefix: str
-) -> None:
-    settings = build_settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
-    await ensure_topics(settings)
-    await running_strategy(db_engine, sell_time=time(15, 0), bought=True)
-    watch = LifecycleWatch(settings, session_factory(db_engine), LIFECYCLE_TOPIC)
+async def test_a_healthy_broker_is_never_taken_for_a_lost_one(watched: LifecycleWatch, kafka_bootstrap: str) -> None:
+    await publish(kafka_bootstrap, watched.topic, 1)
+    for round_ in range(20):
+        assert await watched.lost() is None, f"round {round_}"
+        await publish(kafka_bootstrap, watched.topic, round_ * 7)
+    ends = await watched.end_offsets()
+    assert len(ends) == watched.settings.ticks_partitions and sum(ends.values()) > 0
+
+
+async def test_a_recreated_topic_is_a_lost_broker(watched: LifecycleWatch, kafka_bootstrap: str) -> None:
+    await publish(kafka_bootstrap, watched.topic, 60)
+    assert await watched.lost() is None
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
     try:
-        await publish(kafka_bootstrap, settings.topic(LIFECYCLE_TOPIC), 1)
-        for round_ in range(20):
-            assert await watch.lost() is None, f"round {round_}"
-            await publish(kafka_bootstrap, settings.topic(LIFECYCLE_TOPIC), round_ * 7)
-        ends = await watch.end_offsets()
-        assert len(ends) == settings.ticks_partitions and sum(ends.values()) > 0
+        await admin.delete_topics([watched.topic])
     finally:
-        await watch.close()
-
-
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_a_recreated_topic_is_a_lost_broker(
-    db_engine: AsyncEngine, kafka_bootstrap: str, topic_prefix: str
-) -> None:
-    settings = build_settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix)
-    topic = settings.topic(LIFECYCLE_TOPIC)
-    await ensure_topics(settings)
-    await running_strategy(db_engine, sell_time=time(15, 0), bought=True)
-    watch = LifecycleWatch(settings, session_factory(db_engine), LIFECYCLE_TOPIC)
-    try:
-        await publish(kafka_bootstrap, topic, 60)
-        assert await watch.lost() is None
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
+        await admin.close()
+    # Apache Kafka: no such topic; Tansu still lists its partitions, with nothing in them.
+    assert await watched.lost() is not None
+    # Recreated and written to again (new strategies started), but less than it held: still lost.
+    for _ in range(50):
         try:
-            await admin.delete_topics([topic])
-        finally:
-            await admin.close()
-        # Apache Kafka: no such topic; Tansu still lists its partitions, with nothing in them.
-        assert await watch.lost() is not None
-        # Recreated and written to again (new strategies started), but less than it held: still lost.
-        for _ in range(50):
-            try:
-                await ensure_topics(settings)
-                break
-            except Exception:  # noqa: BLE001 - the deletion completes asynchronously on the broker
-                await asyncio.sleep(0.2)
-        await publish(kafka_bootstrap, topic, 5)
-        reason = await watch.lost()
-        assert reason is not None and "went back" in reason
-        # Recovery republishes and rebases: healthy again.
-        await watch.rebase()
-        assert await watch.lost() is None
-    finally:
-        await watch.close()
+            await ensure_topics(watched.settings)
+            break
+        except Exception:  # noqa: BLE001 - the deletion completes asynchronously on the broker
+            await asyncio.sleep(0.2)
+    await publish(kafka_bootstrap, watched.topic, 5)
+    reason = await watched.lost()
+    assert reason is not None and "went back" in reason
+    # Recovery republishes and rebases: healthy again.
+    await watched.rebase()
+    assert await watched.lost() is None
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_an_empty_topic_matters_only_while_strategies_run(
     db_engine: AsyncEngine, kafka_bootstrap: str, topic_prefix: str
 ) -> None:
@@ -111,7 +104,6 @@ async def test_an_empty_topic_matters_only_while_strategies_run(
         await watch.close()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_broker_restarted_empty_is_a_lost_broker(db_engine: AsyncEngine, tmp_path: Path) -> None:
     broker = EmbeddedKafka(tmp_path / "kafka", engine=os.environ.get("TEST_KAFKA", "auto"), config=TEST_CONFIG)
     await asyncio.to_thread(broker.start)

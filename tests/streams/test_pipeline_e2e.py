@@ -54,6 +54,27 @@ async def start(client: httpx.AsyncClient, user: Any, strategy_id: int) -> None:
     assert response.status_code == 200, response.text
 
 
+async def bought_strategy(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    clock: ScaledClock, *, symbol: str, price: float, stop: float, sell_in: float = 120.0,
+) -> tuple[Any, int]:  # fmt: skip
+    """A new user's strategy, started, its BUY (due 3 s ahead) filled at `price`: the user and its id."""
+    simulator.state.set_price(symbol, price)
+    user = await make_user()
+    buy_time, _ = clock_time(clock, 3)
+    sell_time, _ = clock_time(clock, sell_in)
+    strategy = await make_strategy(user, symbol=symbol, buy_time=buy_time, sell_time=sell_time, stop_loss=stop)
+    sid = int(strategy["strategy_id"])
+    await start(client, user, sid)
+
+    async def bought() -> bool:
+        status = (await client.get(f"/strategy/status/{sid}", headers=user.headers)).json()
+        return status.get("position") == "bought"
+
+    await eventually(bought, 15, "BUY filled", pipeline)
+    return user, sid
+
+
 @pytest.mark.tansu
 async def test_buy_and_sell_happen_once_each_at_their_times(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
@@ -94,19 +115,9 @@ async def test_price_crossing_the_stop_exits_once_and_cancels_the_sell(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     pinned_clock: ScaledClock,
 ) -> None:  # fmt: skip
-    simulator.state.set_price("NSE:TCS", 4000.0)
-    user = await make_user()
-    buy_time, _ = clock_time(pinned_clock, 3)
-    sell_time, sell_at = clock_time(pinned_clock, 12)
-    strategy = await make_strategy(user, symbol="NSE:TCS", buy_time=buy_time, sell_time=sell_time, stop_loss=3950)
-    sid = strategy["strategy_id"]
-    await start(client, user, sid)
-
-    async def bought() -> bool:
-        status = (await client.get(f"/strategy/status/{sid}", headers=user.headers)).json()
-        return status.get("position") == "bought"
-
-    await eventually(bought, 15, "BUY filled", pipeline)
+    _, sell_at = clock_time(pinned_clock, 12)
+    user, sid = await bought_strategy(client, make_user, make_strategy, simulator, pipeline, pinned_clock,
+                                      symbol="NSE:TCS", price=4000.0, stop=3950, sell_in=12)  # fmt: skip
     # Ticks as the tick connector publishes them: two above the stop, then three at or below it.
     producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
     await producer.start()
@@ -138,18 +149,12 @@ async def test_a_fresh_stop_ignores_ticks_from_before_its_position(
 ) -> None:  # fmt: skip
     """A feed reading behind (or a replay of older ticks) delivers prices from before the BUY: they predate the
     position and must not sell it. A crossing received after the BUY exits at once."""
-    simulator.state.set_price("NSE:WIPRO", 300.0)
-    user = await make_user()
-    buy_time, _ = clock_time(pinned_clock, 3)
-    sell_time, _ = clock_time(pinned_clock, 120)
-    strategy = await make_strategy(user, symbol="NSE:WIPRO", buy_time=buy_time, sell_time=sell_time, stop_loss=290)
-    sid = strategy["strategy_id"]
-    await start(client, user, sid)
+    user, sid = await bought_strategy(client, make_user, make_strategy, simulator, pipeline, pinned_clock,
+                                      symbol="NSE:WIPRO", price=300.0, stop=290)  # fmt: skip
 
     async def status() -> dict[str, Any]:
         return dict((await client.get(f"/strategy/status/{sid}", headers=user.headers)).json())
 
-    await eventually(lambda: status_is(status, position="bought"), 15, "BUY filled", pipeline)
     before_buy = pinned_clock.now() - timedelta(seconds=30)
     producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
     await producer.start()

@@ -25,7 +25,7 @@ from core.clock import ScaledClock
 from schemas.events import Tick
 from streams.topics import topic_specs
 from tests.fixtures.pipeline import Pipeline
-from tests.streams.test_pipeline_e2e import clock_time, eventually, placements, start
+from tests.streams.test_pipeline_e2e import bought_strategy, eventually, placements
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -50,18 +50,8 @@ def kcat_binary() -> str:
 async def trade(client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any,
                 pipeline: Pipeline, clock: ScaledClock) -> None:  # fmt: skip
     """One strategy bought on its time event and sold by its stop: every topic gets real events."""
-    simulator.state.set_price("NSE:SBIN", 800.0)
-    user = await make_user()
-    buy_time, _ = clock_time(clock, 3)
-    sell_time, _ = clock_time(clock, 120)
-    strategy = await make_strategy(user, symbol="NSE:SBIN", buy_time=buy_time, sell_time=sell_time, stop_loss=790)
-    sid = strategy["strategy_id"]
-    await start(client, user, sid)
-
-    async def bought() -> bool:
-        return (await client.get(f"/strategy/status/{sid}", headers=user.headers)).json().get("position") == "bought"
-
-    await eventually(bought, 15, "BUY filled", pipeline)
+    user, _ = await bought_strategy(client, make_user, make_strategy, simulator, pipeline, clock,
+                                    symbol="NSE:SBIN", price=800.0, stop=790)  # fmt: skip
     producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
     await producer.start()
     try:
