@@ -39,7 +39,15 @@ from rich.text import Text
 from cli import entrypoints
 from cli.errors import EXIT_CONFIG, CliError, load_settings
 from core.apache_kafka import KAFKA_VERSION
-from core.embedded import EmbeddedUnavailable, free_port, kafka_command, kafka_engine, port_open, redis_command
+from core.embedded import (
+    TANSU_COST,
+    EmbeddedUnavailable,
+    free_port,
+    kafka_command,
+    kafka_engine,
+    port_open,
+    redis_command,
+)
 from core.health import ComponentHealth, check_dependencies, kafka_unreachable_reason, mask_url
 from core.settings import Settings
 
@@ -186,7 +194,7 @@ class Launcher:
                 raise CliError(f"kafka: {exc}; set EMBEDDED_KAFKA=auto to fall back to Tansu") from None
             self.notes.append(fallback or (
                 f"kafka: Apache Kafka {KAFKA_VERSION} (KRaft, one node) on 127.0.0.1:{port}, data in {KAFKA_WORKDIR}"
-                if engine == "apache" else f"kafka: Tansu on 127.0.0.1:{port} (EMBEDDED_KAFKA=tansu)"
+                if engine == "apache" else f"kafka: Tansu on 127.0.0.1:{port} (EMBEDDED_KAFKA=tansu): {TANSU_COST}"
             ))  # fmt: skip
             infrastructure.append(self._infra("kafka", lambda p: kafka_command(engine, p, KAFKA_WORKDIR), port))
 
