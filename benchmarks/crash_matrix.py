@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
     seeds = args.seed or list(range(args.first, args.first + args.seeds))
     results: list[MatrixResult] = []
+    # SIGTERM and Ctrl-C cancel the run, so the seed under way still stops every process it started.
+    task = asyncio.current_task()
+    if task is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     for seed in seeds:
         config = MatrixConfig(
             seed=seed,
@@ -72,7 +78,11 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     began = time.monotonic()
-    results = asyncio.run(run_seeds(args))
+    try:
+        results = asyncio.run(run_seeds(args))
+    except asyncio.CancelledError:
+        print("stopped: the seed under way was torn down", flush=True)
+        return 130
     failed = [r.seed for r in results if not r.passed]
     late = [r.seed for r in results if r.late_exits]
     delays = [d for r in results for d in r.stop_exit_delays]
