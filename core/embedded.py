@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -140,6 +141,15 @@ def start_process(
     return process
 
 
+def kill_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the server's process group (it runs in a session of its own): a crash, not a stop."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     if process.poll() is not None:
         return
@@ -220,12 +230,8 @@ class EmbeddedKafka:
         self.process = start_process(command, self.port, timeout=timeout, log=self.workdir / "broker.out")
 
     def kill(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 9)
-        process.wait(10)
+        if self.process is not None:
+            kill_process(self.process)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -77,11 +77,15 @@ class StopIndex:
         start = bisect.bisect_left(stops.keys, (to_paise(price), -1))
         if start == len(stops.keys):
             return []
-        crossed = stops.keys[start:]
         opened = self._opened
-        early = [key for key in crossed if opened.get(key[1], -math.inf) > seen_at] if opened else []
-        hit = [strategy_id for _, strategy_id in crossed if not early or opened.get(strategy_id, -math.inf) <= seen_at]
-        stops.keys[start:] = early  # still sorted: a sorted run of the suffix
+        hit: list[int] = []
+        early: list[tuple[int, int]] = []  # crossed, but opened after the price was seen: stay armed, in order
+        for key in stops.keys[start:]:
+            if opened.get(key[1], -math.inf) > seen_at:
+                early.append(key)
+            else:
+                hit.append(key[1])
+        stops.keys[start:] = early
         for strategy_id in hit:
             del self._armed[strategy_id]
             opened.pop(strategy_id, None)

@@ -46,7 +46,7 @@ from connectors.kite_sim import RunningSimulator, SimConfig
 from connectors.kite_sim.state import AccountCredentials
 from core.apache_kafka import TEST_CONFIG
 from core.clock import ScaledClock
-from core.embedded import EmbeddedKafka, free_port, redis_command, start_process
+from core.embedded import EmbeddedKafka, free_port, kill_process, redis_command, start_process
 from core.environment import child_environment
 from core.kafka import ensure_topics
 from core.settings import Environment, Settings
@@ -197,12 +197,8 @@ class Binary:
         self.process = start_process(self.command, self.port, timeout=30, log=self.log)
 
     def kill(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        if self.process is not None:
+            kill_process(self.process)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
