@@ -120,14 +120,27 @@ class Trigger(StrEnum):
     RECOVERY = "recovery"
 
 
-def intent_id_for(strategy_id: int, trading_day: date, run: int, action: Action) -> str:
-    """Deterministic: the same decision always gets the same id, however often it is redelivered."""
-    return f"{strategy_id}:{trading_day.isoformat()}:{run}:{action.value}"
+def intent_id_for(strategy_id: int, trading_day: date, run: int, action: Action, cycle: int = 1) -> str:
+    """Deterministic: the same decision always gets the same id, however often it is redelivered.
+
+    A run's first entry/exit cycle keeps the id the project has always used (rows and broker tags of orders
+    placed before cycles existed read the same); a later cycle of the same run names itself."""
+    if cycle < 1:
+        raise ValueError(f"cycle must be at least 1, not {cycle}")
+    day = trading_day.isoformat()
+    return (
+        f"{strategy_id}:{day}:{run}:{action.value}"
+        if cycle == 1
+        else f"{strategy_id}:{day}:{run}:c{cycle}:{action.value}"
+    )
 
 
-def broker_tag_for(intent_id: str) -> str:
-    """Kite tags are at most 20 alphanumeric characters: a stable digest of the intent id."""
-    return hashlib.blake2b(intent_id.encode(), digest_size=10).hexdigest()
+def broker_tag_for(intent_id: str, order_seq: int = 1) -> str:
+    """The Kite tag of an intent's `order_seq`-th broker order (one more after each cancel-and-replace). Kite tags
+    are at most 20 alphanumeric characters: a stable digest. The first order's is the digest of the intent id
+    alone, as it always was."""
+    key = intent_id if order_seq == 1 else f"{intent_id}#{order_seq}"
+    return hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
 
 
 class OrderIntent(Event):
@@ -142,6 +155,7 @@ class OrderIntent(Event):
     trading_day: date
     instrument: str
     quantity: int
+    cycle: int = Field(1, ge=1, description="Entry/exit cycle within the run (1 unless the strategy re-enters)")
     due_at: datetime = Field(description="When the decision was due (time) or made (price, user)")
     created_at: datetime
     trigger_price: float | None = Field(None, description="The tick price that crossed the stop")
@@ -158,6 +172,7 @@ class OrderStatus(StrEnum):
     REJECTED = "rejected"  # the broker refused it (permanent)
     FAILED = "failed"  # retries exhausted or token expired
     SKIPPED = "skipped"  # did not fit the runtime state (e.g. SELL with no position)
+    CANCELLED = "cancelled"  # taken off the book (a protective stop released before another exit)
 
 
 class OrderResult(Event):

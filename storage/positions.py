@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.db import aware
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
 
 BUY = "BUY"
 HOLDING_BUY_STATUSES = frozenset({"filled", "placed"})
-GIVEN_UP_EXITS = frozenset({"SELL", "STOPLOSS", "EXIT"})  # a resting protective stop (PROTECT) is not an exit
 
 
 @dataclass(frozen=True)
@@ -58,64 +56,6 @@ async def positions_of(session: AsyncSession, runs: Iterable[tuple[int, int]]) -
         )
         positions[strategy_id] = fold(rows.tuples())
     return positions
-
-
-@dataclass(frozen=True)
-class RunHistory:
-    """Every order-log row of one strategy run, oldest first: what the execution engine needs to decide an
-    intent (its result, its attempts, the position, the run's orders with an unknown outcome), read at once."""
-
-    rows: tuple[OrderLog, ...]
-
-    @property
-    def position(self) -> RunPosition:
-        return fold(
-            (row.action, row.status, row.price, row.broker_order_id)
-            for row in self.rows
-            if row.kind == OrderLogKind.RESULT.value
-        )
-
-    def result_of(self, intent_id: str) -> OrderLog | None:
-        return next(
-            (row for row in self.rows if row.intent_id == intent_id and row.kind == OrderLogKind.RESULT.value), None
-        )
-
-    def attempts_of(self, intent_id: str) -> int:
-        return max(
-            (row.attempt for row in self.rows if row.intent_id == intent_id and row.kind == OrderLogKind.ATTEMPT.value),
-            default=0,
-        )
-
-    def sending_since(self, intent_id: str) -> datetime | None:
-        """When the intent's last attempt was sent, if its sender never heard back (it died mid-call)."""
-        attempts = [r for r in self.rows if r.intent_id == intent_id and r.kind == OrderLogKind.ATTEMPT.value]
-        last = max(attempts, key=lambda row: row.attempt, default=None)
-        return aware(last.created_at) if last is not None and last.status == "sending" else None
-
-    def given_up_exits(self) -> set[str]:
-        """Exits recorded as failed once their retries went unanswered (timeouts, 5xx, 429). The broker did not
-        have them when the engine last asked, but an answer lost on the way may still have been an order."""
-        return {
-            row.action
-            for row in self.rows
-            if row.kind == OrderLogKind.RESULT.value and row.status == "failed" and row.action in GIVEN_UP_EXITS
-        }
-
-    def unrecorded_actions(self) -> set[str]:
-        """Actions sent to the broker (an attempt numbered from 1) whose intent has no result row."""
-        resolved = {row.intent_id for row in self.rows if row.kind == OrderLogKind.RESULT.value}
-        return {
-            row.action
-            for row in self.rows
-            if row.kind == OrderLogKind.ATTEMPT.value and row.attempt > 0 and row.intent_id not in resolved
-        }
-
-
-async def run_history(session: AsyncSession, strategy_id: int, run: int) -> RunHistory:
-    rows = await session.execute(
-        select(OrderLog).where(OrderLog.strategy_id == strategy_id, OrderLog.run == run).order_by(OrderLog.id)
-    )
-    return RunHistory(tuple(rows.scalars()))
 
 
 async def running_positions(session: AsyncSession) -> dict[int, RunPosition]:

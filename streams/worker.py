@@ -47,9 +47,9 @@ from storage.locks import ProcessLease
 from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
+from streams.execution.lanes import StrategyLanes
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
-from streams.lanes import StrategyLanes
 from streams.stop_index import StopIndex
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from schemas.events import OrderIntent
 from streams.execution import Executor
-from streams.limits import PRIORITY, PriorityGate
+from streams.execution.limits import PRIORITY, PriorityGate
 
 log = logging.getLogger(__name__)
 

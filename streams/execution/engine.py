@@ -1,0 +1,234 @@
+"""The execution engine (seed sequences 5, 6, 7, 9): one order intent -> at most one live broker order.
+
+An intent is handled under its strategy's lock. Its order's state (`order_lifecycle`) is read from the order log
+(`ledger`), and decides what happens:
+- settled already (a result row): a duplicate; only its lost follow-ups are repaired;
+- unclear (sent, no answer): the broker is asked by tag first (`reconcile`), and only "not found" lets it go again;
+- an exit first settles the run's other orders whose fate the log does not know, then releases a protective stop;
+- an intent that does not fit the strategy (stopped, no position, BUY time missed) is skipped;
+- otherwise it is placed (`placement`: attempts logged before the call, retries, the rate budget) and its outcome
+  recorded and announced (`outcomes`), or, after its retries, failed: the strategy is stopped safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from connectors.broker import BrokerError, BrokerRejected
+from connectors.orders import BrokerOrder
+from core.clock import Clock
+from core.settings import Settings
+from manager.strategy_manager import StrategyManager
+from schemas.events import Action, NotificationKind, OrderIntent, OrderResult
+from storage.journal import GroupCommit
+from storage.locks import ProcessLease, kept_alive_lock
+from storage.models import Strategy, StrategyStatus
+from storage.positions import RunPosition
+from storage.runtime import lock_key
+from streams.execution.context import EngineContext, GatewayFactory, Publisher
+from streams.execution.ledger import Ledger, RunHistory, run_history
+from streams.execution.limits import PriorityGate
+from streams.execution.order_lifecycle import OrderEvent, OrderState, Refused, TrackedOrder, strategy_state
+from streams.execution.outcomes import Outcomes
+from streams.execution.placement import Placement, Withdrawn
+from streams.execution.protective import ProtectiveStops
+from streams.execution.reconcile import Reconciler, apply
+
+log = logging.getLogger(__name__)
+
+LOCK_SECONDS = 10.0
+# With a process lease a dead holder's lock is taken over as soon as the lease lapses, so the TTL only bounds a
+# holder that is alive but stalled, and a longer one means fewer renewals: during a burst hundreds of lanes
+# hold their lock for many seconds, and renewing every LOCK_SECONDS / 3 cost about 5 % of the worker's CPU. At 60 s
+# a BUY handed over early (`buy_lead_seconds`) is placed and recorded before its lock's first renewal.
+LEASED_LOCK_SECONDS = 60.0
+LOCK_WAIT_SECONDS = 120.0
+MISSED_BUY = "BUY time missed"
+
+
+class ExecutionStalled(RuntimeError):
+    """An intent ran past `execution_deadline_seconds`; it is retried (safe: one order per intent)."""
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        session_factory: async_sessionmaker[AsyncSession],
+        redis: Redis,
+        publisher: Publisher,
+        gateways: GatewayFactory,
+        manager: StrategyManager,
+        lease: ProcessLease | None = None,
+        journal: GroupCommit | None = None,
+    ) -> None:
+        self.context = EngineContext(
+            settings, clock, session_factory, journal or GroupCommit(session_factory), redis, publisher, gateways,
+            manager,
+        )  # fmt: skip
+        self.lease = lease
+        self.ledger = Ledger(self.context)
+        self.reconciler = Reconciler(self.context, self.ledger)
+        self.placement = Placement(self.context, self.ledger, self.reconciler)
+        self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler)
+        self.outcomes = Outcomes(self.context, self.ledger, self.protection)
+
+    @property
+    def settings(self) -> Settings:
+        return self.context.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self.context.settings = settings
+
+    @property
+    def manager(self) -> StrategyManager:
+        return self.context.manager
+
+    @property
+    def gate(self) -> PriorityGate | None:
+        return self.placement.gate
+
+    @gate.setter
+    def gate(self, gate: PriorityGate | None) -> None:
+        self.placement.gate = gate
+
+    async def execute(self, intent: OrderIntent) -> OrderResult | None:
+        """Handle one intent under the strategy's runtime lock. Returns the result, None if a duplicate.
+
+        The lock is short-lived and kept alive while we work: a worker killed mid-order leaves it behind for at
+        most LOCK_SECONDS (its lease's few seconds when it has one), while a slow order (retries, backoff) never
+        outlives its own lock.
+        """
+        ttl = LOCK_SECONDS if self.lease is None else LEASED_LOCK_SECONDS
+        async with kept_alive_lock(
+            self.context.redis, lock_key(intent.strategy_id), ttl, LOCK_WAIT_SECONDS, self.lease
+        ):
+            deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
+            try:
+                async with deadline:
+                    return await self._execute_locked(intent)
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                # The traceback shows where it stalled; the lane retries the intent like a redelivery.
+                raise ExecutionStalled(
+                    f"intent {intent.intent_id} unfinished after {self.settings.execution_deadline_seconds:.0f}s"
+                ) from exc
+            except Refused as refused:
+                # A bug, not a broker's answer: nothing was applied, and sending anything now could double it.
+                log.error("intent %s: %s; the intent is left as it is", intent.intent_id, refused)
+                return None
+
+    async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
+        await self.placement.step_aside(intent)
+        # Two queries decide the intent: the strategy, and every order-log row of its run (a handful).
+        async with self.context.sessions() as session:
+            strategy = await session.get(Strategy, intent.strategy_id)
+            if strategy is None:
+                log.warning("intent %s for unknown strategy dropped", intent.intent_id)
+                return None
+            history = await run_history(session, intent.strategy_id, intent.run)
+        order = history.order(intent.intent_id, intent.action, intent.broker_tag)
+        position = history.position
+        if order.recorded:
+            log.info("intent %s already settled (%s): duplicate dropped", intent.intent_id, order.state.value)
+            await self.outcomes.repair_followups(intent, strategy, order, position)
+            return None
+        if order.final:
+            # Refused or withdrawn, and the worker died before the result row: settle it as it ended.
+            if order.state is OrderState.SKIPPED:
+                return await self.outcomes.skip(intent, order, "withdrawn before it was sent")
+            return await self.outcomes.fail(intent, strategy, order, BrokerRejected("refused by the broker"))
+        await self.reconciler.let_settle(order)
+        if await self.reconciler.settle_run(intent, strategy, history):
+            async with self.context.sessions() as session:
+                position = (await run_history(session, intent.strategy_id, intent.run)).position
+
+        skip_reason = self._does_not_fit(intent, strategy, position)
+        if skip_reason is not None and order.state is not OrderState.INTENDED:
+            # An earlier delivery sent this order: the broker may hold it, whatever has happened to the strategy
+            # since (stopped, late, restarted). Adopt it if so; skip only if it never arrived. (If the broker
+            # cannot be asked now, the lane retries the intent later.)
+            adopted = await self._adopt_sent(intent, strategy, order, position, history)
+            if adopted is not None:
+                return adopted
+        if skip_reason is not None:
+            return await self._skip(intent, strategy, order, skip_reason)
+
+        await self.placement.step_aside(intent)
+        if not self.placement.early(intent):  # a BUY handed over early says "buying" once it is due
+            sending = {intent.action: OrderState.SENDING} | (
+                {Action.BUY: OrderState.FILLED} if intent.action.is_exit else {}
+            )
+            await self.context.set_runtime(intent.strategy_id, state=strategy_state(sending).value)
+        try:
+            gateway = await self.context.gateways(intent.user_id)
+            # An exit first takes the protective SL-M off the book; if the broker already executed it, that
+            # order *is* this exit and nothing more is sent.
+            executed = await self.protection.release(gateway, intent, strategy) if intent.action.is_exit else None
+            if executed is not None:
+                broker_order, placed_here = executed, False
+            else:
+                broker_order, placed_here = await self.placement.place(gateway, intent, strategy, order)
+        except BrokerError as exc:
+            return await self.outcomes.fail(intent, strategy, order, exc)
+        except Withdrawn as withdrawn:
+            log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
+            return await self.outcomes.skip(intent, order, withdrawn.reason)
+        return await self.outcomes.complete(intent, strategy, order, broker_order, position, placed_here=placed_here)
+
+    async def _adopt_sent(
+        self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition, history: RunHistory
+    ) -> OrderResult | None:
+        """The broker's order for an intent that no longer fits but was sent before: its result if the broker
+        has it (followed up only if the run is still the strategy's), None if not."""
+        try:
+            gateway = await self.context.gateways(intent.user_id)
+            found = await self.reconciler.lookup(gateway, order.tag)
+        except BrokerRejected as exc:  # e.g. the session expired meanwhile: fail cleanly, never loop
+            return await self.outcomes.fail(intent, strategy, order, exc)
+        if found is None:
+            apply(order, OrderEvent.NOT_FOUND)
+            return None
+        order.order_id = found.order_id
+        try:
+            broker_order: BrokerOrder = await self.reconciler.confirm(gateway, found.order_id, found, order)
+        except BrokerError as exc:
+            return await self.outcomes.fail(intent, strategy, order, exc)
+        if intent.run != strategy.run:
+            # A run the strategy has left: record what the broker did, arm nothing.
+            return await self.reconciler.record_found(intent, order, broker_order)
+        return await self.outcomes.complete(intent, strategy, order, broker_order, position)
+
+    async def _skip(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, reason: str) -> OrderResult:
+        log.info("intent %s skipped: %s", intent.intent_id, reason)
+        result = await self.outcomes.skip(intent, order, reason)
+        if reason.startswith(MISSED_BUY):
+            await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", reason)
+            # Nothing is left to do in this run: stop it (its SELL job is cancelled) rather than leave it
+            # "running" all day with no position.
+            await self.context.manager.stop(strategy.id, square_off=False, reason=reason)
+        return result
+
+    def _does_not_fit(self, intent: OrderIntent, strategy: Strategy, position: RunPosition) -> str | None:
+        if intent.run != strategy.run:
+            return f"intent is for run {intent.run}, the strategy is on run {strategy.run}"
+        if intent.action is Action.BUY:
+            if strategy.status != StrategyStatus.RUNNING.value:
+                return f"strategy is {strategy.status}"
+            if position.bought:
+                return "already bought in this run"
+            late = (self.context.clock.now() - intent.due_at).total_seconds()
+            grace = self.settings.missed_buy_grace_seconds
+            if late > grace:
+                return f"{MISSED_BUY} by {late:.0f}s (grace {grace:.0f}s)"
+            return None
+        if not position.open:
+            return "no open position to exit"
+        return None

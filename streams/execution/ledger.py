@@ -1,0 +1,258 @@
+"""The order log, as the engine reads and writes it: each order's state persisted before its effects.
+
+An intent's rows: one attempt row per broker call, written *before* the call and updated with what came of it,
+and at most one result row once the intent is settled (unique per intent, so a redelivery can never settle it
+twice). Read back, the rows give each order's state (`RunHistory.order`) and the run's position.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import cast
+
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from schemas.events import Action, NotificationKind, OrderIntent, OrderResult, OrderStatus, UserNotification
+from storage.db import aware
+from storage.journal import Rows
+from storage.models import Notification, OrderLog, OrderLogKind
+from storage.positions import RunPosition, fold
+from storage.runtime import RuntimeState
+from streams.execution.context import NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
+from streams.execution.order_lifecycle import (
+    ATTEMPT_STATES,
+    RESULT_STATES,
+    OrderEvent,
+    OrderState,
+    TrackedOrder,
+    strategy_state,
+)
+
+log = logging.getLogger(__name__)
+
+ORDER_LOGS = cast(Table, OrderLog.__table__)
+NOTIFICATIONS = cast(Table, Notification.__table__)
+# Core statements on the tables, not the ORM's unit of work: nothing reads these rows back through a session,
+# and object state, flush and identity map were about a tenth of the worker's CPU per order. Shared objects, so
+# the group commit runs each once (executemany) for every order in its batch.
+INSERT_ORDER_LOG = insert(ORDER_LOGS)
+INSERT_NOTIFICATION = insert(NOTIFICATIONS)
+UPDATE_ATTEMPT = (
+    update(ORDER_LOGS)
+    .where(
+        ORDER_LOGS.c.intent_id == bindparam("match_intent_id"),
+        ORDER_LOGS.c.kind == OrderLogKind.ATTEMPT.value,
+        ORDER_LOGS.c.attempt == bindparam("match_attempt"),
+    )
+    .values(status=bindparam("new_status"), broker_order_id=bindparam("new_order_id"), message=bindparam("new_message"))
+)
+# A failed result the broker contradicts (an exit given up whose order did arrive): the one result row is corrected.
+CORRECT_RESULT = (
+    update(ORDER_LOGS)
+    .where(ORDER_LOGS.c.intent_id == bindparam("match_intent_id"), ORDER_LOGS.c.kind == OrderLogKind.RESULT.value)
+    .values(
+        status=bindparam("new_status"),
+        broker_order_id=bindparam("new_order_id"),
+        price=bindparam("new_price"),
+        message=bindparam("new_message"),
+    )
+)
+
+# The attempt row's word for the state an event left its order in. Once the broker has settled the order, its
+# attempt row just says it was placed: the intent's result row holds the outcome.
+_ATTEMPT_WORDS = {
+    **{state: word for word, state in ATTEMPT_STATES.items()},
+    OrderState.FILLED: "placed",
+    OrderState.CANCELLED: "placed",
+    OrderState.GIVEN_UP: "unclear",
+}
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """Every order-log row of one strategy run, oldest first, read at once: the intent's own order, the run's
+    other orders whose fate is unclear, and the position."""
+
+    rows: tuple[OrderLog, ...]
+
+    @property
+    def position(self) -> RunPosition:
+        return fold(
+            (row.action, row.status, row.price, row.broker_order_id)
+            for row in self.rows
+            if row.kind == OrderLogKind.RESULT.value
+        )
+
+    def order(self, intent_id: str, action: Action, tag: str) -> TrackedOrder:
+        """The intent's order as the log leaves it (INTENDED if it has no rows)."""
+        order = TrackedOrder(intent_id, action, tag)
+        rows = [row for row in self.rows if row.intent_id == intent_id]
+        attempts = [row for row in rows if row.kind == OrderLogKind.ATTEMPT.value]
+        last = max(attempts, key=lambda row: row.attempt, default=None)
+        if last is not None:
+            order.attempts, order.tag, order.order_id = last.attempt, last.broker_tag, last.broker_order_id
+            order.seq = len({row.broker_tag for row in attempts})
+            order.state = ATTEMPT_STATES.get(last.status, OrderState.UNKNOWN)
+            if order.state is OrderState.SENDING:
+                order.sent_at = aware(last.created_at)
+        result = next((row for row in rows if row.kind == OrderLogKind.RESULT.value), None)
+        if result is not None:
+            order.recorded = True
+            order.state = RESULT_STATES.get(result.status, OrderState.UNKNOWN)
+            order.order_id = result.broker_order_id or order.order_id
+        return order
+
+    def orders(self) -> dict[str, TrackedOrder]:
+        """Every order of the run, by intent id."""
+        seen: dict[str, tuple[Action, str]] = {}
+        for row in self.rows:
+            seen.setdefault(row.intent_id, (Action(row.action), row.broker_tag))
+        return {intent_id: self.order(intent_id, action, tag) for intent_id, (action, tag) in seen.items()}
+
+    def runtime_state(self, status: str | None = None) -> RuntimeState:
+        return strategy_state(((order.action, order.state) for order in self.orders().values()), status)
+
+
+async def run_history(session: AsyncSession, strategy_id: int, run: int) -> RunHistory:
+    rows = await session.execute(
+        select(OrderLog).where(OrderLog.strategy_id == strategy_id, OrderLog.run == run).order_by(OrderLog.id)
+    )
+    return RunHistory(tuple(rows.scalars()))
+
+
+@dataclass(frozen=True)
+class Told:
+    """What an outcome wrote for the first time, and so is still to be published."""
+
+    result: OrderResult | None
+    notice: UserNotification | None
+
+
+class Ledger:
+    def __init__(self, context: EngineContext) -> None:
+        self.context = context
+
+    # ------------------------------------------------------------------------------------- order states
+
+    async def sent(self, intent: OrderIntent, order: TrackedOrder, at: datetime) -> int:
+        """SEND: a new attempt row, durable before the broker call. Returns the attempt's number."""
+        order.apply(OrderEvent.SEND)
+        order.attempts += 1
+        order.sent_at = at
+        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _ATTEMPT_WORDS[order.state], None, None, None,
+                       at=at, tag=order.tag)  # fmt: skip
+        await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
+        return order.attempts
+
+    async def moved(
+        self, intent: OrderIntent, order: TrackedOrder, event: OrderEvent, *, message: str | None = None
+    ) -> None:
+        """Apply `event` to the order and persist the state it leads to on its last attempt row."""
+        order.apply(event)
+        await self.context.journal.write(self.attempt_update(intent, order, message))
+
+    def attempt_update(self, intent: OrderIntent, order: TrackedOrder, message: str | None = None) -> Rows:
+        """The last attempt row's state. Its message is set too (None once placed): one statement for every kind
+        of update, so a batch of them is one executemany."""
+        return Rows(UPDATE_ATTEMPT, {
+            "match_intent_id": intent.intent_id, "match_attempt": order.attempts,
+            "new_status": _ATTEMPT_WORDS[order.state], "new_order_id": order.order_id, "new_message": message,
+        })  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ results
+
+    def result(
+        self,
+        intent: OrderIntent,
+        status: OrderStatus,
+        attempts: int,
+        *,
+        broker_order_id: str | None = None,
+        price: float | None = None,
+        message: str | None = None,
+    ) -> OrderResult:
+        return OrderResult(
+            intent_id=intent.intent_id, strategy_id=intent.strategy_id, user_id=intent.user_id, action=intent.action,
+            status=status, broker_order_id=broker_order_id, broker_tag=intent.broker_tag, price=price,
+            quantity=intent.quantity, attempts=attempts, message=message, occurred_at=self.context.clock.now(),
+        )  # fmt: skip
+
+    def result_row(self, intent: OrderIntent, result: OrderResult) -> Rows:
+        return Rows(INSERT_ORDER_LOG, self.row(
+            intent, OrderLogKind.RESULT, 0, result.status.value, result.broker_order_id, result.price, result.message
+        ))  # fmt: skip
+
+    async def record_result(self, result: OrderResult, intent: OrderIntent) -> bool:
+        """The result row (at most one per intent), then the event analysts and the app consume. False if the
+        intent was settled already."""
+        try:
+            await self.context.journal.write(self.result_row(intent, result))
+        except IntegrityError:
+            log.info("intent %s result already recorded", intent.intent_id)
+            return False
+        await self.context.publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, result)
+        return True
+
+    async def correct_result(self, intent: OrderIntent, result: OrderResult) -> None:
+        """A given-up intent whose order the broker had after all: its one result row now says so."""
+        await self.context.journal.write(Rows(CORRECT_RESULT, {
+            "match_intent_id": intent.intent_id, "new_status": result.status.value,
+            "new_order_id": result.broker_order_id, "new_price": money(result.price), "new_message": result.message,
+        }))  # fmt: skip
+        await self.context.publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, result)
+
+    def row(
+        self,
+        intent: OrderIntent,
+        kind: OrderLogKind,
+        attempt: int,
+        status: str,
+        order_id: str | None,
+        price: float | None,
+        message: str | None,
+        *,
+        at: datetime | None = None,
+        tag: str | None = None,
+    ) -> dict[str, object]:
+        return {
+            "intent_id": intent.intent_id, "strategy_id": intent.strategy_id, "user_id": intent.user_id,
+            "run": intent.run, "action": intent.action.value, "kind": kind.value, "attempt": attempt,
+            "status": status, "broker_tag": tag or intent.broker_tag, "broker_order_id": order_id,
+            "price": money(price), "quantity": intent.quantity, "message": message,
+            # In UTC: SQLite keeps no offset, and a time event's due instant is in exchange time.
+            "created_at": (at or self.context.clock.now()).astimezone(UTC),
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ notices
+
+    def notice(self, intent: OrderIntent, kind: NotificationKind, title: str, message: str) -> UserNotification:
+        return UserNotification(
+            notification_id=f"{intent.intent_id}:{kind.value}", user_id=intent.user_id,
+            strategy_id=intent.strategy_id, kind=kind, title=title, message=message,
+            occurred_at=self.context.clock.now(),
+        )  # fmt: skip
+
+    @staticmethod
+    def notice_row(notice: UserNotification) -> Rows:
+        return Rows(INSERT_NOTIFICATION, {
+            "notification_id": notice.notification_id, "user_id": notice.user_id, "strategy_id": notice.strategy_id,
+            "kind": notice.kind.value, "title": notice.title, "message": notice.message,
+            "created_at": notice.occurred_at,
+        })  # fmt: skip
+
+    async def notify(self, intent: OrderIntent, kind: NotificationKind, title: str, message: str) -> None:
+        notice = self.notice(intent, kind, title, message)
+        try:
+            await self.context.journal.write(self.notice_row(notice))
+        except IntegrityError:
+            return  # already told
+        await self.context.publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, notice)
+
+
+def money(price: float | None) -> Decimal | None:
+    return Decimal(f"{price:.2f}") if price is not None else None

@@ -1,0 +1,253 @@
+"""What a settled order changes: the result, the strategy's runtime and status, the trader's notice, the
+lifecycle event that arms or disarms the stop, and the auto-stop when an order fails.
+
+A fill is recorded (one transaction) before anything is announced; every announcement is idempotent, so a
+worker that dies in between is repaired by the intent's redelivery (`repair_followups`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from connectors.broker import BrokerError, BrokerTokenExpired, BrokerUnavailable
+from connectors.orders import BrokerOrder
+from manager.strategy_manager import spec_for
+from schemas.events import (
+    Action,
+    LifecycleKind,
+    NotificationKind,
+    OrderIntent,
+    OrderResult,
+    OrderStatus,
+    StrategyLifecycle,
+    Trigger,
+    UserNotification,
+)
+from storage.journal import Rows, Step
+from storage.models import Strategy, StrategyStatus, StrategyStatusChange
+from storage.positions import RunPosition
+from storage.runtime import RuntimeState, symbol_key
+from streams.execution.context import LIFECYCLE_TOPIC, NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
+from streams.execution.ledger import Ledger, Told
+from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, strategy_state
+from streams.execution.protective import ProtectiveStops
+
+log = logging.getLogger(__name__)
+
+ANNOUNCE_SECONDS = 15.0
+
+
+class Outcomes:
+    def __init__(self, context: EngineContext, ledger: Ledger, protection: ProtectiveStops) -> None:
+        self.context = context
+        self.ledger = ledger
+        self.protection = protection
+
+    async def complete(
+        self,
+        intent: OrderIntent,
+        strategy: Strategy,
+        order: TrackedOrder,
+        broker_order: BrokerOrder,
+        position: RunPosition,
+        *,
+        placed_here: bool = False,
+    ) -> OrderResult:
+        """Record a broker order's outcome and tell everyone. `placed_here`: this delivery's attempt placed it."""
+        # (The broker order is this order's, or the protective stop's, adopted as this exit.)
+        filled = broker_order.status == "COMPLETE"
+        held = OrderState.FILLED if filled else OrderState.OPEN
+        status = OrderStatus.FILLED if filled else OrderStatus.PLACED
+        result = self.ledger.result(intent, status, order.attempts, broker_order_id=broker_order.order_id,
+                                    price=broker_order.average_price)  # fmt: skip
+        now = self.context.clock.now()
+        spec = spec_for(strategy)
+        placed = self.ledger.attempt_update(intent, order) if placed_here else None
+        if intent.action is Action.BUY:
+            await self.context.set_runtime(
+                intent.strategy_id, state=strategy_state({Action.BUY: held}).value, position="bought",
+                quantity=str(strategy.quantity), last_action=Action.BUY.value, last_buy_order=broker_order.order_id,
+                last_order_status=status.value, last_order_message="",
+                entry_price=f"{broker_order.average_price or 0:.2f}", entry_at=now.isoformat(),
+            )  # fmt: skip
+            notice = self.ledger.notice(
+                intent,
+                NotificationKind.ORDER_FILLED,
+                "BUY filled",
+                f"Bought {strategy.quantity} {spec.instrument} at {broker_order.average_price}",
+            )
+            told = await self._record(intent, result, placed, notice)
+            if filled and not await self.context.still_running(intent):
+                # The trader stopped the strategy while this BUY was in flight (or before a lost BUY was adopted):
+                # the STOP saw no position, so nobody would manage this one. Square it off at once rather than arm
+                # a stop for a stopped strategy. The square-off is requested before the fill is announced:
+                # announcing may wait on Kafka for seconds, and a worker killed meanwhile left the shares with
+                # nobody to sell them.
+                await self.context.manager.square_off_orphan(strategy, intent.trading_day)
+                await self.announce(intent, told)
+                return result
+            if strategy.protective_stop and filled:
+                await self.protection.place(await self.context.gateways(intent.user_id), intent, strategy)
+            armed = StrategyLifecycle(
+                kind=LifecycleKind.ARMED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+                occurred_at=now, entry_price=broker_order.average_price, opened_at=intent.due_at,
+            )  # fmt: skip
+            await self.announce(intent, told, armed)
+            return result
+
+        runtime = strategy_state({Action.BUY: OrderState.FILLED, intent.action: held})
+        await self.context.set_runtime(
+            intent.strategy_id, state=runtime.value, position=runtime.value, last_action=intent.action.value,
+            last_sell_order=broker_order.order_id, last_order_status=status.value, last_order_message="",
+            exit_price=f"{broker_order.average_price or 0:.2f}", exit_at=now.isoformat(),
+        )  # fmt: skip
+        sold = f"Sold {strategy.quantity} {spec.instrument} at {broker_order.average_price}"
+        if intent.action is Action.STOPLOSS:
+            notice = self.ledger.notice(intent, NotificationKind.STOPLOSS_TRIGGERED, "STOP-LOSS Triggered",
+                                        f"{sold} (stop {spec.stop_loss})")  # fmt: skip
+        else:
+            notice = self.ledger.notice(intent, NotificationKind.ORDER_FILLED, f"{intent.action.value} filled", sold)
+        # A SELL or STOPLOSS ends the strategy's day (an EXIT is the trader's STOP, which sets its own status).
+        finish = (strategy, StrategyStatus.COMPLETED, f"exited by {intent.action.value}")
+        told = await self._record(intent, result, placed, notice, finish if intent.action is not Action.EXIT else None)
+        exited = StrategyLifecycle(
+            kind=LifecycleKind.EXITED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+            occurred_at=now, entry_price=position.entry_price, reason=intent.action.value,
+        )  # fmt: skip
+        await self.announce(intent, told, exited)
+        if intent.action is not Action.EXIT:
+            # The strategy is done for the day: it leaves the symbol set (no more ticks needed for it).
+            await self.context.redis.srem(symbol_key(strategy.instrument), str(strategy.id))
+            await self.context.set_runtime(strategy.id, strategy_status=StrategyStatus.COMPLETED.value)
+        return result
+
+    async def fail(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, exc: BrokerError) -> OrderResult:
+        """Settle the order as failed (given up after retries) or rejected, stop the strategy, tell the trader."""
+        expired = isinstance(exc, BrokerTokenExpired)
+        given_up = isinstance(exc, BrokerUnavailable) or expired
+        if not order.final:  # a refusal already moved it; a send given up, or one never made, moves now
+            order.apply(OrderEvent.GIVE_UP if given_up else OrderEvent.REJECTED)
+        status = OrderStatus.FAILED if given_up else OrderStatus.REJECTED
+        message = "broker session expired, reconnect" if expired else exc.message
+        log.warning("order failed: intent %s after %d attempt(s): %s", intent.intent_id, order.attempts, message)
+        result = self.ledger.result(intent, status, order.attempts, message=message)
+        await self.context.set_runtime(
+            intent.strategy_id, state=RuntimeState.FAILED.value, strategy_status=StrategyStatus.FAILED.value,
+            last_order_status=status.value, last_order_message=message,
+        )  # fmt: skip
+        # Every follow-up is idempotent and comes before the result row: a crash in between is repaired by the
+        # redelivery, which finds no result yet and fails the intent again.
+        kind = NotificationKind.BROKER_SESSION_EXPIRED if expired else NotificationKind.ORDER_FAILED
+        await self.ledger.notify(intent, kind, "Order Failed – Strategy Stopped", f"{intent.action.value}: {message}")
+        if strategy.status == StrategyStatus.RUNNING.value and strategy.run == intent.run:
+            # The auto-stop is sequence 8's STOP: an exit the broker could not be reached for leaves the shares
+            # held, so the stop squares them off, as a trader's STOP would (its EXIT first asks the broker about
+            # the exit given up here). A refusal (the broker answered no) or an expired session would refuse the
+            # square-off too: the trader is told and acts.
+            await self.context.manager.stop(
+                strategy.id, square_off=intent.action.is_exit and isinstance(exc, BrokerUnavailable),
+                reason=f"order failed: {message}", final_status=StrategyStatus.FAILED, trigger=Trigger.RECOVERY,
+            )  # fmt: skip
+        await self.ledger.record_result(result, intent)
+        return result
+
+    async def skip(self, intent: OrderIntent, order: TrackedOrder, reason: str) -> OrderResult:
+        if not order.final:
+            order.apply(OrderEvent.SKIP)
+        result = self.ledger.result(intent, OrderStatus.SKIPPED, order.attempts, message=reason)
+        await self.ledger.record_result(result, intent)
+        return result
+
+    async def repair_followups(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder,
+                               position: RunPosition) -> None:  # fmt: skip
+        """A fill is recorded before its lifecycle event goes out: if the worker died in between, the redelivered
+        intent re-announces it (idempotent), or a bought position would stay without its stop."""
+        if intent.run != strategy.run or order.state is not OrderState.FILLED:
+            return
+        if intent.action is Action.BUY and position.open and strategy.status == StrategyStatus.STOPPED.value:
+            # The worker died between recording this fill and squaring off the position of a strategy the trader
+            # had already stopped: finish it. Idempotent, like the STOP's own EXIT (same intent id).
+            await self.context.manager.square_off_orphan(strategy, intent.trading_day)
+            return
+        if intent.action is Action.BUY and position.open and strategy.status == StrategyStatus.RUNNING.value:
+            kind, reason = LifecycleKind.ARMED, None
+        elif intent.action.is_exit and position.exited:
+            kind, reason = LifecycleKind.EXITED, intent.action.value
+        else:
+            return
+        spec = spec_for(strategy)
+        await self.context.publisher.publish(LIFECYCLE_TOPIC, spec.instrument, StrategyLifecycle(
+            kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day, occurred_at=self.context.clock.now(),
+            entry_price=position.entry_price, reason=reason,
+            opened_at=intent.due_at if kind is LifecycleKind.ARMED else None,
+        ))  # fmt: skip
+
+    async def announce(self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None) -> None:
+        """The order result, the lifecycle event and the notice, sent together and acknowledged together.
+
+        Bounded: if Kafka does not acknowledge them in time, the intent fails here and its redelivery (which finds
+        the result recorded) announces again, instead of the strategy's lane waiting on Kafka."""
+        publisher = self.context.publisher
+        sends: list[Awaitable[None]] = []
+        if told.result is not None:
+            sends.append(publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, told.result))
+        if lifecycle is not None:
+            sends.append(publisher.publish(LIFECYCLE_TOPIC, lifecycle.spec.instrument, lifecycle))
+        if told.notice is not None:
+            sends.append(publisher.publish(NOTIFICATIONS_TOPIC, intent.user_id, told.notice))
+        async with asyncio.timeout(ANNOUNCE_SECONDS):
+            await asyncio.gather(*sends)
+
+    async def _record(
+        self,
+        intent: OrderIntent,
+        result: OrderResult,
+        placed: Rows | None,
+        notice: UserNotification,
+        finish: tuple[Strategy, StrategyStatus, str] | None = None,
+    ) -> Told:
+        """What a finished order changes in the database, in one transaction (one commit per order instead of
+        four): the attempt's broker order id, the result row, the trader's notice, the strategy's end.
+
+        Should any of it be there already (a redelivery racing its twin, a notice given before a crash), each part
+        is retried on its own and what was already there is left as it is."""
+        steps: dict[str, Rows | Step] = {}
+        if placed is not None:
+            steps["placed"] = placed
+        steps["result"] = self.ledger.result_row(intent, result)
+        steps["notice"] = self.ledger.notice_row(notice)
+        if finish is not None:
+            steps["finish"] = lambda session: self._finish_in(session, *finish)
+        try:
+            await self.context.journal.write(*steps.values())
+            return Told(result, notice)
+        except IntegrityError:
+            pass
+        done: dict[str, bool] = {}
+        for name, step in steps.items():
+            try:
+                await self.context.journal.write(step)
+                done[name] = True
+            except IntegrityError:
+                done[name] = False
+        if not done["result"]:
+            log.info("intent %s result already recorded", intent.intent_id)
+        return Told(result if done["result"] else None, notice if done["notice"] else None)
+
+    async def _finish_in(self, session: AsyncSession, strategy: Strategy, status: StrategyStatus, reason: str) -> None:
+        now = self.context.clock.now()
+        changed = await session.execute(
+            update(Strategy)
+            .where(Strategy.id == strategy.id, Strategy.run == strategy.run,
+                   Strategy.status == StrategyStatus.RUNNING.value)
+            .values(status=status.value, status_reason=reason, updated_at=now)
+            .returning(Strategy.id)
+        )  # fmt: skip
+        if changed.scalar_one_or_none() is not None:
+            session.add(StrategyStatusChange(strategy_id=strategy.id, status=status.value, reason=reason, at=now))

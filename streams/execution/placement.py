@@ -1,0 +1,187 @@
+"""Placing one order at the broker: attempts with retries, the user's rate budget, and a BUY held until its time.
+
+Each attempt moves the order's state machine and is logged before the call. Transient failures (timeout, 5xx,
+429) retry with exponential backoff and jitter up to `order_max_attempts`; an attempt whose answer was lost
+leaves the order UNKNOWN, and the next try asks the broker by tag before it may send again. Permanent refusals
+do not retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC
+
+from redis.exceptions import RedisError
+
+from connectors.broker import BrokerError, BrokerUnavailable
+from connectors.orders import BrokerOrder, OrderGateway
+from core.coalesce import Coalesced
+from schemas.events import Action, OrderIntent
+from storage.models import Strategy
+from storage.runtime import RuntimeState, runtime_key, strategy_key
+from streams.execution.context import EngineContext
+from streams.execution.ledger import Ledger
+from streams.execution.limits import PRIORITY, BrokerRateLimiter, PriorityGate
+from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
+from streams.execution.reconcile import Reconciler
+from streams.execution.retrying import broker_retries
+
+log = logging.getLogger(__name__)
+
+STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for exits of higher priority
+
+# A BUY falling due: its strategy's run is still the one loaded (not stopped, not restarted) -> mark it buying.
+_BUYING_IF_LOADED = """
+if redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'state', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Withdrawn(Exception):
+    """A BUY handed over early whose strategy was stopped before it fell due: nothing was sent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Placement:
+    def __init__(self, context: EngineContext, ledger: Ledger, reconciler: Reconciler) -> None:
+        self.context = context
+        self.ledger = ledger
+        self.reconciler = reconciler
+        self.rate_limiter = BrokerRateLimiter(context.redis, context.settings.broker_orders_per_second)
+        self._buying_if_loaded = context.redis.register_script(_BUYING_IF_LOADED)
+        self._loaded_checks: Coalesced[tuple[int, int], bool] = Coalesced(self._mark_buying_if_loaded)
+        self.gate: PriorityGate | None = None  # set by the lanes that run the engine
+
+    async def step_aside(self, intent: OrderIntent) -> None:
+        """Let higher-priority intents in this worker go first. Called outside any database session: waiting
+        while holding a connection could starve them of one."""
+        if self.gate is not None:
+            await self.gate.yield_to_higher(PRIORITY[intent.action], STEP_ASIDE_SECONDS)
+
+    def early(self, intent: OrderIntent) -> bool:
+        return intent.action is Action.BUY and self.context.clock.seconds_until(intent.due_at) > 0
+
+    async def place(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder
+    ) -> tuple[BrokerOrder, bool]:
+        """The broker's order, and whether this delivery's own attempt placed it (rather than finding it)."""
+        retrying = broker_retries(self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1)
+        try:
+            async for try_ in retrying:
+                with try_:
+                    if order.state is not OrderState.INTENDED:
+                        # An earlier attempt's fate is unknown to us, not to the broker: ask before sending again.
+                        found = await self._ask_within_try(gateway, order)
+                        if found is not None:
+                            log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
+                            return found, False
+                    return await self._send(gateway, intent, strategy, order), True
+        except BrokerUnavailable:
+            if order.state is OrderState.INTENDED:
+                raise
+            # The last attempt's answer was lost: the broker may hold the order. Ask once more before declaring
+            # failure, or a filled order would be left as an untracked open position.
+            try:
+                found = await self.reconciler.ask(gateway, order)
+            except BrokerUnavailable:
+                found = None
+            if found is None:
+                raise
+            log.warning("intent %s: the last attempt did reach the broker (order %s)", intent.intent_id, found.order_id)
+            return found, False
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _ask_within_try(self, gateway: OrderGateway, order: TrackedOrder) -> BrokerOrder | None:
+        """One question to the broker within a try: a transient failure counts as the try's failure."""
+        found = await gateway.find_by_tag(order.tag)
+        if found is None:
+            order.apply(OrderEvent.NOT_FOUND)
+            return None
+        order.order_id = found.order_id
+        return await self.reconciler.confirm(gateway, found.order_id, found, order)
+
+    async def _send(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder
+    ) -> BrokerOrder:
+        # Dated when it is sent: a successor that finds it unanswered gives it that long to arrive.
+        sent_at = max(self.context.clock.now(), intent.due_at.astimezone(UTC))
+        await self.ledger.sent(intent, order, sent_at)
+        priority = PRIORITY[intent.action]
+        try:
+            async with (
+                self._held_until_due(intent) as reserved,
+                contextlib.nullcontext() if reserved else self.rate_limiter.permit(intent.user_id, priority),
+            ):
+                order_id = await gateway.place_market_order(
+                    exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
+                    quantity=strategy.quantity, product=strategy.product, tag=order.tag,
+                )  # fmt: skip
+        except Withdrawn as withdrawn:
+            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=withdrawn.reason)
+            raise
+        except BrokerUnavailable as exc:
+            await self.ledger.moved(intent, order, OrderEvent.TIMED_OUT, message=exc.message)
+            raise
+        except BrokerError as exc:
+            await self.ledger.moved(intent, order, OrderEvent.REJECTED, message=exc.message)
+            raise
+        # The broker has it now: should confirming fail, a retry must find it, never place again.
+        order.order_id = order_id
+        try:
+            # The attempt row learns the order id with the result, in one transaction.
+            return await self.reconciler.confirm(gateway, order_id, None, order)
+        except BrokerError as exc:
+            if order.state is OrderState.SENDING:  # no answer to the status reads: it is at the broker, open
+                order.apply(OrderEvent.ACKNOWLEDGED)
+            await self.context.journal.write(self.ledger.attempt_update(intent, order, exc.message))
+            raise
+
+    @asynccontextmanager
+    async def _held_until_due(self, intent: OrderIntent) -> AsyncIterator[bool]:
+        """A BUY handed over before its time (`buy_lead_seconds`) is held here, its checks and attempt row done,
+        until it is due; then only the broker call is left. It waits and is placed outside the worker's execution
+        slots: the BUYs of one instant are all sent at that instant, and a STOPLOSS never waits for a slot
+        behind them. The trader may have stopped the strategy meanwhile: then nothing is sent.
+
+        Yields whether the user's rate-limit grant for the due instant was reserved while waiting (if not, the
+        order takes one the usual way)."""
+        if not self.early(intent):
+            yield False
+            return
+        clock = self.context.clock
+        priority = PRIORITY[intent.action]
+        async with self.gate.stepped_out(priority) if self.gate is not None else contextlib.nullcontext():
+            reserved = await self.rate_limiter.reserve(intent.user_id, time.time() + clock.seconds_until(intent.due_at))
+            await clock.sleep_until(intent.due_at)
+            # Redis says "still this run" and marks it buying, in one round trip for every BUY of the instant; only
+            # if Redis does not know the strategy (stopped, restarted empty, unreachable) does the database decide.
+            try:
+                loaded = await self._loaded_checks((intent.strategy_id, intent.run))
+            except RedisError:
+                loaded = False
+            if not loaded:
+                if not await self.context.still_running(intent):
+                    raise Withdrawn("strategy stopped before its buy time")
+                await self.context.set_runtime(intent.strategy_id, state=RuntimeState.BUYING.value)
+            await self.step_aside(intent)
+            yield reserved
+
+    async def _mark_buying_if_loaded(self, strategies: list[tuple[int, int]]) -> list[bool]:
+        async with self.context.redis.pipeline(transaction=False) as pipe:
+            for strategy_id, run in strategies:
+                await self._buying_if_loaded(
+                    keys=[strategy_key(strategy_id), runtime_key(strategy_id)],
+                    args=[str(run), RuntimeState.BUYING.value],
+                    client=pipe,
+                )
+            return [bool(loaded) for loaded in await pipe.execute()]

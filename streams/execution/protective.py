@@ -1,0 +1,88 @@
+"""The optional SL-M order at the broker that guards a position while this system is down.
+
+Placed after the BUY fills (intent id `{strategy}:{day}:{run}:PROTECT`, logged like any order, resting in
+TRIGGER_PENDING); released before any other exit: cancelled, or, if the broker already executed it, adopted as
+that exit (the two never both execute).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from connectors.broker import BrokerError
+from connectors.orders import BrokerOrder, OrderGateway
+from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
+from storage.models import Strategy
+from streams.execution.context import EngineContext
+from streams.execution.ledger import Ledger, run_history
+from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
+from streams.execution.reconcile import Reconciler, apply
+from streams.execution.retrying import broker_retries
+
+log = logging.getLogger(__name__)
+
+
+class ProtectiveStops:
+    def __init__(self, context: EngineContext, ledger: Ledger, reconciler: Reconciler) -> None:
+        self.context = context
+        self.ledger = ledger
+        self.reconciler = reconciler
+
+    @staticmethod
+    def intent(intent: OrderIntent) -> OrderIntent:
+        """The protective stop of the position `intent` belongs to."""
+        protect_id = intent_id_for(intent.strategy_id, intent.trading_day, intent.run, Action.PROTECT, intent.cycle)
+        return intent.model_copy(update={"intent_id": protect_id, "action": Action.PROTECT})
+
+    async def place(self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy) -> None:
+        protect = self.intent(intent)
+        order = TrackedOrder(protect.intent_id, Action.PROTECT, protect.broker_tag)
+        await self.ledger.sent(protect, order, self.context.clock.now())
+        try:
+            order.order_id = await gateway.place_stop_order(
+                exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
+                product=strategy.product, trigger_price=float(strategy.stop_loss), tag=order.tag,
+            )  # fmt: skip
+        except BrokerError as exc:
+            # The pipeline's own stop still guards the position; the trader is told the broker-side one is off.
+            await self.ledger.moved(protect, order, OrderEvent.REJECTED, message=exc.message)
+            log.warning("protective stop for strategy %s not placed: %s", strategy.id, exc.message)
+            return
+        await self.ledger.moved(protect, order, OrderEvent.TRIGGER_PENDING)
+        await self.context.set_runtime(strategy.id, protective_order=order.order_id)
+
+    async def release(self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy) -> BrokerOrder | None:
+        """Cancel the protective order; returns it if the broker had already executed it."""
+        if not strategy.protective_stop:
+            return None
+        protect = self.intent(intent)
+        async with self.context.sessions() as session:
+            history = await run_history(session, intent.strategy_id, intent.run)
+        order = history.order(protect.intent_id, Action.PROTECT, protect.broker_tag)
+        if order.recorded:
+            if order.state is OrderState.FILLED and order.order_id:
+                return await gateway.order_status(order.order_id)
+            return None
+        found = await self.reconciler.lookup(gateway, order.tag)
+        if found is None:
+            if order.state is OrderState.SENDING:
+                log.warning("protective stop of strategy %s was never received by the broker", strategy.id)
+            return None
+        settled = found
+        if not settled.terminal:
+            retrying = broker_retries(4, initial=0.2, most=2.0, jitter=0.1)
+            async for try_ in retrying:
+                with try_:
+                    settled = await gateway.cancel_order(settled.order_id)
+        apply(order, broker_event(settled.status))
+        status = OrderStatus.FILLED if order.state is OrderState.FILLED else OrderStatus.CANCELLED
+        result = self.ledger.result(
+            protect,
+            status,
+            order.attempts,
+            broker_order_id=settled.order_id,
+            price=settled.average_price,
+            message=f"protective stop {settled.status.lower()}",
+        )
+        await self.ledger.record_result(result, protect)
+        return settled if status is OrderStatus.FILLED else None
