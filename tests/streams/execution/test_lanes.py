@@ -12,9 +12,9 @@ import pytest
 import pytest_asyncio
 
 from schemas.events import Action, OrderIntent, Trigger, intent_id_for
-from streams import lanes as lanes_module
 from streams.execution import Executor
-from streams.lanes import StrategyLanes
+from streams.execution import lanes as lanes_module
+from streams.execution.lanes import StrategyLanes
 
 DAY = date(2025, 1, 15)
 NOW = datetime(2025, 1, 15, 4, 0, tzinfo=UTC)
@@ -263,7 +263,7 @@ async def test_close_cancels_running_lanes_without_acknowledging(
 
 
 class _AsyncioWith:
-    """The asyncio module as seen by streams.lanes, with some functions replaced."""
+    """The asyncio module as seen by streams.execution.lanes, with some functions replaced."""
 
     def __init__(self, **overrides: Any) -> None:
         self._overrides = overrides

@@ -18,8 +18,8 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from schemas.events import Action
-from streams import limits
-from streams.limits import PRIORITY, BrokerRateLimiter, PriorityGate
+from streams.execution import limits
+from streams.execution.limits import PRIORITY, BrokerRateLimiter, PriorityGate
 
 
 async def settle(rounds: int = 5) -> None:
@@ -301,7 +301,7 @@ async def assert_gate_capacity(gate: PriorityGate, limit: int) -> None:
 
 
 class VirtualTime:
-    """Stands in for the `time` module and `asyncio` inside streams.limits: waits advance this clock."""
+    """Stands in for the `time` module and `asyncio` inside streams.execution.limits: waits advance this clock."""
 
     def __init__(self) -> None:
         self.now = 1_750_000_000.0

@@ -1,0 +1,149 @@
+"""The order state machine: every (state, event) pair is a transition or a refusal, and the rules that follow."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import date
+
+import pytest
+
+from schemas.events import Action, broker_tag_for, intent_id_for
+from storage.models import StrategyStatus
+from storage.runtime import RuntimeState
+from streams.execution.order_lifecycle import (
+    ATTEMPT_STATES,
+    FINAL,
+    RESULT_STATES,
+    TRANSITIONS,
+    UNCLEAR,
+    OrderEvent,
+    OrderState,
+    Refused,
+    TrackedOrder,
+    broker_event,
+    strategy_state,
+)
+
+PAIRS = list(itertools.product(OrderState, OrderEvent))
+
+
+@pytest.mark.parametrize(("state", "event"), PAIRS, ids=[f"{s.value}-{e.value}" for s, e in PAIRS])
+def test_every_state_and_event_is_a_transition_or_a_refusal(state: OrderState, event: OrderEvent) -> None:
+    order = TrackedOrder("1:2025-01-15:1:BUY", Action.BUY, "tag", state=state)
+    expected = TRANSITIONS.get((state, event))
+    if expected is None:
+        with pytest.raises(Refused) as refused:
+            order.apply(event)
+        assert (refused.value.state, refused.value.event) == (state, event)
+        assert order.state is state and order.history == []  # nothing applied
+    else:
+        assert order.apply(event) is expected
+        assert order.history == [(state, event, expected)]
+
+
+def test_an_order_is_sent_only_from_intended() -> None:
+    assert {state for (state, event) in TRANSITIONS if event is OrderEvent.SEND} == {OrderState.INTENDED}
+
+
+def test_an_unclear_order_reaches_intended_only_through_the_brokers_not_found() -> None:
+    into_intended = {(state, event) for (state, event), after in TRANSITIONS.items() if after is OrderState.INTENDED}
+    assert into_intended == {(OrderState.SENDING, OrderEvent.NOT_FOUND), (OrderState.UNKNOWN, OrderEvent.NOT_FOUND)}
+
+
+def test_final_states_refuse_every_event() -> None:
+    assert not [pair for pair in TRANSITIONS if pair[0] in FINAL]
+
+
+def test_a_given_up_order_stays_askable_and_a_late_fill_still_counts() -> None:
+    order = TrackedOrder("i", Action.SELL, "t", state=OrderState.GIVEN_UP)
+    assert order.unclear
+    order.apply(OrderEvent.NOT_FOUND)
+    assert order.state is OrderState.GIVEN_UP
+    assert order.apply(OrderEvent.FILLED) is OrderState.FILLED
+
+
+def test_every_state_is_reachable_from_intended() -> None:
+    reached, frontier = {OrderState.INTENDED}, [OrderState.INTENDED]
+    while frontier:
+        state = frontier.pop()
+        for (source, _), after in TRANSITIONS.items():
+            if source is state and after not in reached:
+                reached.add(after)
+                frontier.append(after)
+    assert reached == set(OrderState)
+
+
+def test_the_order_log_words_cover_the_states_it_persists() -> None:
+    persisted = set(ATTEMPT_STATES.values()) | set(RESULT_STATES.values())
+    assert persisted == set(OrderState)
+
+
+@pytest.mark.parametrize(
+    ("status", "event"),
+    [
+        ("COMPLETE", OrderEvent.FILLED),
+        ("REJECTED", OrderEvent.REJECTED),
+        ("CANCELLED", OrderEvent.CANCELLED),
+        ("TRIGGER PENDING", OrderEvent.TRIGGER_PENDING),
+        ("OPEN", OrderEvent.ACKNOWLEDGED),
+        ("OPEN PENDING", OrderEvent.ACKNOWLEDGED),
+        ("VALIDATION PENDING", OrderEvent.ACKNOWLEDGED),
+    ],
+)
+def test_kite_statuses_become_events(status: str, event: OrderEvent) -> None:
+    assert broker_event(status) is event
+
+
+@pytest.mark.parametrize(
+    ("orders", "status", "expected"),
+    [
+        ({}, None, RuntimeState.IDLE),
+        ({Action.BUY: OrderState.SENDING}, None, RuntimeState.BUYING),
+        ({Action.BUY: OrderState.UNKNOWN}, None, RuntimeState.BUYING),
+        ({Action.BUY: OrderState.SKIPPED}, None, RuntimeState.IDLE),
+        ({Action.BUY: OrderState.FILLED}, None, RuntimeState.BOUGHT),
+        ({Action.BUY: OrderState.FILLED, Action.PROTECT: OrderState.TRIGGER_PENDING}, None, RuntimeState.BOUGHT),
+        ({Action.BUY: OrderState.FILLED, Action.SELL: OrderState.SENDING}, None, RuntimeState.SELLING),
+        ({Action.BUY: OrderState.FILLED, Action.SELL: OrderState.OPEN}, None, RuntimeState.SELLING),
+        ({Action.BUY: OrderState.FILLED, Action.SELL: OrderState.FILLED}, None, RuntimeState.SOLD),
+        ({Action.BUY: OrderState.FILLED, Action.EXIT: OrderState.FILLED}, "stopped", RuntimeState.SOLD),
+        ({Action.BUY: OrderState.FILLED, Action.STOPLOSS: OrderState.FILLED}, None, RuntimeState.EXITED_BY_SL),
+        ({Action.BUY: OrderState.FILLED, Action.SELL: OrderState.GIVEN_UP}, "failed", RuntimeState.FAILED),
+        ({}, StrategyStatus.STOPPED.value, RuntimeState.STOPPED),
+    ],
+)
+def test_the_strategys_runtime_state_is_derived_from_its_orders(
+    orders: dict[Action, OrderState], status: str | None, expected: RuntimeState
+) -> None:
+    assert strategy_state(orders, status) is expected
+
+
+def test_unclear_states_are_exactly_those_the_broker_may_hold_unbeknown() -> None:
+    assert UNCLEAR == {OrderState.SENDING, OrderState.UNKNOWN, OrderState.GIVEN_UP}
+
+
+def test_a_cancelled_order_is_replaced_under_a_new_tag_and_a_live_or_filled_one_never_is() -> None:
+    intent_id = intent_id_for(7, date(2025, 1, 15), 1, Action.SELL)
+    first = TrackedOrder(intent_id, Action.SELL, broker_tag_for(intent_id), state=OrderState.OPEN, attempts=1)
+    with pytest.raises(Refused):
+        first.replacement()  # still working at the broker: a second order would be a second exit
+    first.apply(OrderEvent.CANCELLED)
+    second = first.replacement()
+    assert (second.state, second.seq, second.attempts) == (OrderState.INTENDED, 2, 1)
+    assert second.tag != first.tag and len(second.tag) == 20 and second.tag.isalnum()
+    second.apply(OrderEvent.SEND)
+    second.apply(OrderEvent.FILLED)
+    with pytest.raises(Refused):
+        second.replacement()
+
+
+def test_intent_ids_name_the_cycle_and_keep_the_first_cycles_id() -> None:
+    day = date(2025, 1, 15)
+    assert intent_id_for(7, day, 2, Action.BUY) == "7:2025-01-15:2:BUY"  # rows and tags from before cycles
+    assert intent_id_for(7, day, 2, Action.BUY, cycle=1) == "7:2025-01-15:2:BUY"
+    assert intent_id_for(7, day, 2, Action.BUY, cycle=2) == "7:2025-01-15:2:c2:BUY"
+    ids = {intent_id_for(7, day, run, action, cycle) for run in (1, 2) for action in Action for cycle in (1, 2, 3)}
+    assert len(ids) == 2 * len(Action) * 3
+    assert len({broker_tag_for(i, seq) for i in ids for seq in (1, 2)}) == len(ids) * 2
+    with pytest.raises(ValueError, match="cycle"):
+        intent_id_for(7, day, 2, Action.BUY, cycle=0)
