@@ -175,8 +175,16 @@ class OrderStatus(StrEnum):
     CANCELLED = "cancelled"  # taken off the book (a protective stop released before another exit)
 
 
+class OrderTransition(Event):
+    """One step of a broker order's state machine (streams/execution/order_lifecycle.py)."""
+
+    before: str
+    event: str
+    after: str
+
+
 class OrderResult(Event):
-    """Topic `order-results`, key = strategy id. One per intent outcome."""
+    """Topic `order-results`, key = strategy id. One per intent outcome, with the path its order took."""
 
     intent_id: str
     strategy_id: int
@@ -190,6 +198,11 @@ class OrderResult(Event):
     attempts: int
     message: str | None = None
     occurred_at: datetime
+    transitions: list[OrderTransition] = Field(
+        default_factory=list,
+        description="The order's states in the delivery that settled it, e.g. sending -timed_out-> unknown "
+        "-not_found-> intended -send-> sending -filled-> filled (each persisted in the order log when it happened)",
+    )
 
 
 class NotificationKind(StrEnum):

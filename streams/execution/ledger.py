@@ -17,7 +17,15 @@ from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas.events import Action, NotificationKind, OrderIntent, OrderResult, OrderStatus, UserNotification
+from schemas.events import (
+    Action,
+    NotificationKind,
+    OrderIntent,
+    OrderResult,
+    OrderStatus,
+    OrderTransition,
+    UserNotification,
+)
 from storage.db import aware
 from storage.journal import Rows
 from storage.models import Notification, OrderLog, OrderLogKind
@@ -169,17 +177,20 @@ class Ledger:
     def result(
         self,
         intent: OrderIntent,
+        order: TrackedOrder,
         status: OrderStatus,
-        attempts: int,
         *,
         broker_order_id: str | None = None,
         price: float | None = None,
         message: str | None = None,
     ) -> OrderResult:
+        """The intent's result, with the path its order took in this delivery."""
+        path = [OrderTransition(before=b.value, event=e.value, after=a.value) for b, e, a in order.history]
         return OrderResult(
             intent_id=intent.intent_id, strategy_id=intent.strategy_id, user_id=intent.user_id, action=intent.action,
             status=status, broker_order_id=broker_order_id, broker_tag=intent.broker_tag, price=price,
-            quantity=intent.quantity, attempts=attempts, message=message, occurred_at=self.context.clock.now(),
+            quantity=intent.quantity, attempts=order.attempts, message=message, occurred_at=self.context.clock.now(),
+            transitions=path,
         )  # fmt: skip
 
     def result_row(self, intent: OrderIntent, result: OrderResult) -> Rows:

@@ -64,7 +64,7 @@ class Outcomes:
         filled = broker_order.status == "COMPLETE"
         held = OrderState.FILLED if filled else OrderState.OPEN
         status = OrderStatus.FILLED if filled else OrderStatus.PLACED
-        result = self.ledger.result(intent, status, order.attempts, broker_order_id=broker_order.order_id,
+        result = self.ledger.result(intent, order, status, broker_order_id=broker_order.order_id,
                                     price=broker_order.average_price)  # fmt: skip
         now = self.context.clock.now()
         spec = spec_for(strategy)
@@ -136,7 +136,7 @@ class Outcomes:
         status = OrderStatus.FAILED if given_up else OrderStatus.REJECTED
         message = "broker session expired, reconnect" if expired else exc.message
         log.warning("order failed: intent %s after %d attempt(s): %s", intent.intent_id, order.attempts, message)
-        result = self.ledger.result(intent, status, order.attempts, message=message)
+        result = self.ledger.result(intent, order, status, message=message)
         await self.context.set_runtime(
             intent.strategy_id, state=RuntimeState.FAILED.value, strategy_status=StrategyStatus.FAILED.value,
             last_order_status=status.value, last_order_message=message,
@@ -160,7 +160,7 @@ class Outcomes:
     async def skip(self, intent: OrderIntent, order: TrackedOrder, reason: str) -> OrderResult:
         if not order.final:
             order.apply(OrderEvent.SKIP)
-        result = self.ledger.result(intent, OrderStatus.SKIPPED, order.attempts, message=reason)
+        result = self.ledger.result(intent, order, OrderStatus.SKIPPED, message=reason)
         await self.ledger.record_result(result, intent)
         return result
 

@@ -78,8 +78,8 @@ class ProtectiveStops:
         status = OrderStatus.FILLED if order.state is OrderState.FILLED else OrderStatus.CANCELLED
         result = self.ledger.result(
             protect,
+            order,
             status,
-            order.attempts,
             broker_order_id=settled.order_id,
             price=settled.average_price,
             message=f"protective stop {settled.status.lower()}",

@@ -155,7 +155,7 @@ class Reconciler:
     ) -> OrderResult:
         """Settle `intent` with the order the broker holds for it; `corrected`: its given-up result is replaced."""
         status = OrderStatus.FILLED if found.status == "COMPLETE" else OrderStatus.PLACED
-        result = self.ledger.result(intent, status, order.attempts, broker_order_id=found.order_id,
+        result = self.ledger.result(intent, order, status, broker_order_id=found.order_id,
                                     price=found.average_price)  # fmt: skip
         if corrected:
             result = result.model_copy(update={"message": "found at the broker after it was given up"})

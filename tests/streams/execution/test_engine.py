@@ -433,6 +433,12 @@ async def test_an_order_placed_but_answered_with_an_error_is_found_by_its_tag(en
     assert len(engine.gateway.orders_tagged(intent.broker_tag)) == 1
     assert result.broker_order_id == engine.gateway.orders_tagged(intent.broker_tag)[0].order_id
     assert await engine.attempts(intent) == [(1, "unclear")]
+    # The result carries the path its order took: sent, no answer, found by its tag filled.
+    assert [(t.before, t.event, t.after) for t in result.transitions] == [
+        ("intended", "send", "sending"),
+        ("sending", "timed_out", "unknown"),
+        ("unknown", "filled", "filled"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------- failures
