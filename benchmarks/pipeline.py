@@ -1048,7 +1048,8 @@ async def bench_exits(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
           f"crossed at one instant")  # fmt: skip
     settings = stack.settings("ex-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
                               kafka_session_timeout_seconds=6.0)  # fmt: skip
-    per_second = max(int(settings.broker_orders_per_second), 1)  # as BrokerRateLimiter rounds it
+    # The broker's own limit, not the worker's setting: the floor is the pace at which the broker accepts exits.
+    per_second = sim.state.config.orders_per_second
     await ensure_topics(settings)
     worker = stack.start_service("worker", settings_env(settings, clock))
     seeded = await _seed(stack, settings, sim, "ex", traders, per_trader, clock_time(9, 30), 0.95, spread)
