@@ -1,4 +1,4 @@
-"""The streaming pipeline under load: `python -m benchmarks.pipeline [ticks|broker|stoploss|burst|all] [--quick]`.
+"""The streaming pipeline under load: `python -m benchmarks.pipeline [ticks|broker|stoploss|burst|exits|all] [--quick]`.
 
 One run on this machine starts a Kafka broker (Apache Kafka; `--kafka tansu` for Tansu), redis-server, a
 database (SQLite; `--postgres` for a private PostgreSQL cluster), the Kite simulator (in this process, so its
@@ -21,6 +21,9 @@ then measures:
   of that partition, so its lag grows with the log (see BENCHMARKS.md).
 * burst - many strategies of many users due at the same buy_time: due instant -> the simulator receiving
   the BUY, p50/p99, with the scheduler and the worker running on a pinned clock.
+* exits - many traders' bought strategies, their stops crossed by one tick per instrument at the same instant:
+  how far beyond the broker's rate-limit floor (Kite: 10 orders/s per api_key, so a trader's k-th exit cannot
+  arrive before k // 10 seconds) each STOPLOSS reaches the simulator, p50/p99, and that each arrives once.
 
 Every figure is from this one run; `--quick` is a small smoke run (< 90 s).
 """
@@ -67,7 +70,16 @@ from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager
-from schemas.events import Action, LifecycleKind, OrderIntent, StrategyLifecycle, StrategySpec, Trigger, intent_id_for
+from schemas.events import (
+    Action,
+    LifecycleKind,
+    OrderIntent,
+    StrategyLifecycle,
+    StrategySpec,
+    Trigger,
+    broker_tag_for,
+    intent_id_for,
+)
 from storage.runtime import RuntimeStore
 from streams.stop_index import StopIndex
 from streams.worker import BROKER_THREADS, broker_threads
@@ -80,6 +92,7 @@ TRADING_DAY = TRADING_MORNING.date()
 TICKS_TARGET = 50_000.0
 STOPLOSS_P99_TARGET_MS = 50.0
 BURST_P99_TARGET_MS = 500.0
+EXITS_P99_TARGET_MS = 250.0  # beyond the rate-limit floor
 LOW_BACKGROUND_RATE = 1_000  # a background tick rate the worker sustains, for the latency it adds alone
 SIM_SECRET = "bench-secret"  # noqa: S105 - simulator accounts, nothing real
 BACKGROUND_KEY_PREFIX = b"NSE:BG"  # the load generator's synthetic instruments
@@ -96,12 +109,15 @@ class Sizes:
     burst_users: int
     burst_per_user: int
     broker_seconds: int
+    exit_traders: int
+    exit_instruments: int
+    exits_per_instrument: int  # per trader
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(3_000, 500, 10_000, 20, 10_000, 10, 10, 8)
-        return cls(100_000, 2_000, 100_000, 200, 10_000, 100, 10, 30)
+            return cls(3_000, 500, 10_000, 20, 10_000, 10, 10, 8, 3, 2, 5)
+        return cls(100_000, 2_000, 100_000, 200, 10_000, 100, 10, 30, 10, 5, 6)
 
 
 @dataclass
@@ -399,10 +415,11 @@ class Seeded:
 
 async def _seed(
     stack: Stack, settings: Settings, sim: RunningSimulator, tag: str, users: int, per_user: int,
-    buy_time: clock_time, stop_fraction: float,
+    buy_time: clock_time, stop_fraction: float, spread: int | None = None,
 ) -> list[Seeded]:  # fmt: skip
     """Simulator accounts, users with encrypted broker credentials and created strategies, straight into the
-    database (the API's own tests cover the REST path; here only the pipeline is measured)."""
+    database (the API's own tests cover the REST path; here only the pipeline is measured). A user's strategies
+    go round the NSE instruments, or round the first `spread` of them."""
     from sqlalchemy import insert
 
     from core.crypto import SecretBox
@@ -411,7 +428,7 @@ async def _seed(
 
     box = SecretBox(settings)
     now = datetime.now(UTC)
-    instruments = [i for i in sim.state.master.instruments if i.tradable and i.exchange == "NSE"]
+    instruments = [i for i in sim.state.master.instruments if i.tradable and i.exchange == "NSE"][:spread]
     creds = [sim.state.create_account(f"{tag}{n}", api_secret=SIM_SECRET, balance=1e12) for n in range(users)]
     engine = create_engine(stack.database_url)
     try:
@@ -521,6 +538,25 @@ async def _wait_placements(sim: RunningSimulator, side: str, api_keys: set[str],
         await asyncio.sleep(0.1)
 
 
+async def _buy_through_engine(
+    settings: Settings, clock: ScaledClock, seeded: list[Seeded], runs: dict[int, int]
+) -> None:
+    """A BUY intent on `orders` for each strategy: the executor places it and arms the stop."""
+    producer = EventProducer(settings)
+    await producer.start()
+    try:
+        now = clock.now()
+        for s in seeded:
+            run = runs[s.strategy_id]
+            await producer.publish("orders", s.strategy_id, OrderIntent(
+                intent_id=intent_id_for(s.strategy_id, TRADING_DAY, run, Action.BUY), strategy_id=s.strategy_id,
+                user_id=s.user_id, run=run, action=Action.BUY, trigger=Trigger.SCHEDULE, trading_day=TRADING_DAY,
+                instrument=s.instrument, quantity=1, due_at=now, created_at=now,
+            ))  # fmt: skip
+    finally:
+        await producer.stop()
+
+
 # ---------------------------------------------------------------------------------------------- stoploss
 
 
@@ -570,20 +606,7 @@ async def bench_stoploss(stack: Stack, clock: ScaledClock, sim: RunningSimulator
     api_keys = {s.api_key for s in seeded}
     async with Manager(stack, settings, clock) as manager:
         runs = await _start_all(manager, [s.strategy_id for s in seeded])
-    # Buy through the engine: a BUY intent on `orders`; the executor places it and arms the stop.
-    producer = EventProducer(settings)
-    await producer.start()
-    try:
-        now = clock.now()
-        for s in seeded:
-            run = runs[s.strategy_id]
-            await producer.publish("orders", s.strategy_id, OrderIntent(
-                intent_id=intent_id_for(s.strategy_id, TRADING_DAY, run, Action.BUY), strategy_id=s.strategy_id,
-                user_id=s.user_id, run=run, action=Action.BUY, trigger=Trigger.SCHEDULE, trading_day=TRADING_DAY,
-                instrument=s.instrument, quantity=1, due_at=now, created_at=now,
-            ))  # fmt: skip
-    finally:
-        await producer.stop()
+    await _buy_through_engine(settings, clock, seeded, runs)
     await _wait_placements(sim, "BUY", api_keys, samples, 60 + samples / 10)
     await _wait_armed(stack, settings, worker, samples)
 
@@ -937,6 +960,238 @@ async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
         report.note(f"WARNING: the broker refused {refused} BUYs with 429 (rate limit).")
 
 
+# ------------------------------------------------------------------------------------------------- exits
+
+
+@dataclass(frozen=True)
+class Exit:
+    """One STOPLOSS accepted by the broker. Instants are time.monotonic() of this machine."""
+
+    api_key: str
+    tag: str
+    arrived: float
+    floor: float  # the earliest its trader's rate limit lets it arrive: the crossing + (its rank // limit) s
+
+    @property
+    def beyond_ms(self) -> float:
+        return (self.arrived - self.floor) * 1000
+
+
+def _accepted_sells(sim: RunningSimulator, api_keys: set[str]) -> list[AuditRecord]:
+    return [r for r in _placements(sim, "SELL", api_keys) if r.http_status == 200 and r.order_id is not None]
+
+
+async def _wait_exits(sim: RunningSimulator, api_keys: set[str], tags: set[str], within: float) -> None:
+    """Until the broker has accepted an order for every tag; polled often, as the last arrival ends the burst."""
+    deadline = time.monotonic() + within
+    while not tags <= {r.tag for r in _accepted_sells(sim, api_keys)}:
+        if time.monotonic() > deadline:
+            arrived = len(tags & {r.tag for r in _accepted_sells(sim, api_keys)})
+            raise RuntimeError(f"{arrived}/{len(tags)} STOPLOSS orders reached the broker in time")
+        await asyncio.sleep(0.01)
+
+
+def _exactly_once(sells: list[AuditRecord], tags: dict[str, int], per_trader: int) -> list[str]:
+    """What is wrong with the exits at the broker: every tag accepted once, `per_trader` for each api_key."""
+    by_tag: dict[str, int] = {}
+    by_key: dict[str, int] = {}
+    for r in sells:
+        by_tag[r.tag or ""] = by_tag.get(r.tag or "", 0) + 1
+        by_key[r.api_key or ""] = by_key.get(r.api_key or "", 0) + 1
+    problems = []
+    if missing := set(tags) - by_tag.keys():
+        problems.append(f"{len(missing)} exits never accepted (strategies {sorted(tags[t] for t in missing)[:10]})")
+    if twice := {t: n for t, n in by_tag.items() if n > 1}:
+        problems.append(f"{len(twice)} exits accepted more than once ({sum(twice.values())} orders)")
+    if stray := by_tag.keys() - set(tags):
+        problems.append(f"{len(stray)} SELL orders with no STOPLOSS tag of this run")
+    if uneven := {k: n for k, n in by_key.items() if n != per_trader}:
+        problems.append(f"SELLs per trader not {per_trader}: {uneven}")
+    return problems
+
+
+async def _attempts_dated(stack: Stack, clock: ScaledClock, tags: set[str], offset: float) -> dict[str, float]:
+    """tag -> when its first STOPLOSS attempt row is dated (time.monotonic()): the executor dates it just before
+    it asks the rate limiter, so it splits the worker's work before the limiter from the limiter and the call."""
+    from sqlalchemy import select
+
+    from storage.db import create_engine
+    from storage.models import OrderLog, OrderLogKind
+
+    engine = create_engine(stack.database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(OrderLog.broker_tag, OrderLog.created_at).where(
+                        OrderLog.action == Action.STOPLOSS.value,
+                        OrderLog.kind == OrderLogKind.ATTEMPT.value,
+                        OrderLog.attempt == 1,
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    dated = {}
+    for tag, at in rows:
+        if tag in tags:
+            at = at if at.tzinfo else at.replace(tzinfo=UTC)  # SQLite keeps no offset; the rows are in UTC
+            dated[tag] = clock.anchor + (at - clock.start).total_seconds() / clock.speed - offset
+    return dated
+
+
+async def bench_exits(stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report) -> None:
+    traders, spread = sizes.exit_traders, sizes.exit_instruments
+    per_trader = spread * sizes.exits_per_instrument
+    total = traders * per_trader
+    print(f"\n== exits: {total} stop-loss exits of {traders} traders ({per_trader} each over {spread} instruments) "
+          f"crossed at one instant")  # fmt: skip
+    settings = stack.settings("ex-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
+                              kafka_session_timeout_seconds=6.0)  # fmt: skip
+    # The broker's own limit, not the worker's setting: the floor is the pace at which the broker accepts exits.
+    per_second = sim.state.config.orders_per_second
+    await ensure_topics(settings)
+    worker = stack.start_service("worker", settings_env(settings, clock))
+    seeded = await _seed(stack, settings, sim, "ex", traders, per_trader, clock_time(9, 30), 0.95, spread)
+    await worker.wait_ready()
+    api_keys = {s.api_key for s in seeded}
+    async with Manager(stack, settings, clock) as manager:
+        runs = await _start_all(manager, [s.strategy_id for s in seeded])
+    tags = {
+        broker_tag_for(intent_id_for(s.strategy_id, TRADING_DAY, runs[s.strategy_id], Action.STOPLOSS)): s.strategy_id
+        for s in seeded
+    }
+    await _buy_through_engine(settings, clock, seeded, runs)
+    await _wait_placements(sim, "BUY", api_keys, total, 60 + total / 5)
+    await _wait_armed(stack, settings, worker, total)
+    # The BUYs out of both one-second windows (the worker's limiter in Redis, the simulator's), or they would
+    # take part of the exits' budget.
+    last_buy = max(r.received_monotonic for r in _placements(sim, "BUY", api_keys))
+    await asyncio.sleep(max(last_buy + 1.5 - time.monotonic(), 0.0))
+
+    # One tick per instrument below every stop of it (all its strategies were priced alike).
+    crossings = {s.instrument: round(s.price * 0.95 - 1.0, 1) for s in seeded}
+    orders = await TopicWatcher(stack.kafka_bootstrap, [settings.topic("orders")]).start()
+    trigger = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, linger_ms=1, acks=1)  # as the connector
+    await trigger.start()
+    offset = wall_minus_monotonic()
+    try:
+        received_at = clock.now().isoformat()
+        for instrument, price in crossings.items():
+            sim.state.set_price(instrument, price)  # the SELLs then fill at it
+        cpu_before = thread_cpu_seconds(worker.process.pid)
+        t0 = time.monotonic()
+        sent = [
+            await trigger.send(settings.topic("ticks"), value=_tick(instrument, price, received_at),
+                               key=instrument.encode())
+            for instrument, price in crossings.items()
+        ]  # fmt: skip
+        await asyncio.gather(*sent)
+        try:
+            await _wait_exits(sim, api_keys, set(tags), 60 + total / 5)
+        except RuntimeError as exc:
+            stack.keep_logs = True
+            raise RuntimeError(f"{exc}; log {worker.log_path}") from exc
+        cpu_after = thread_cpu_seconds(worker.process.pid)
+        await asyncio.sleep(1.0)  # a second order for any exit would be at the broker by now
+
+        def all_intents(records: list[Received]) -> bool:
+            return sum(b'"STOPLOSS"' in r.value for r in records) >= total
+
+        await orders.wait_for(all_intents, 10)
+    finally:
+        await trigger.stop()
+        await orders.stop()
+        worker.stop()
+        stack.services.remove(worker)
+
+    sells = _accepted_sells(sim, api_keys)
+    problems = _exactly_once(sells, tags, per_trader)
+    if problems:
+        stack.keep_logs = True
+        raise RuntimeError(f"exits at the broker: {'; '.join(problems)}; log {worker.log_path}")
+    refused = sum(1 for r in _placements(sim, "SELL", api_keys) if r.http_status == 429)
+    exits: list[Exit] = []
+    for key in sorted(api_keys):
+        ranked = sorted((r for r in sells if r.api_key == key), key=lambda r: r.received_monotonic)
+        exits += [Exit(key, r.tag or "", r.received_monotonic, t0 + k // per_second) for k, r in enumerate(ranked)]
+    beyond = [e.beyond_ms for e in exits]
+    raw = [(e.arrived - t0) * 1000 for e in exits]
+    cpu_seconds = sum(cpu_after) - sum(cpu_before)
+    wall = max(e.arrived for e in exits) - t0
+    p50, p99 = percentile(beyond, 0.5), percentile(beyond, 0.99)
+    verdict = "meets" if p99 < EXITS_P99_TARGET_MS else "MISSES"
+    report.row(
+        f"STOPLOSS beyond the rate-limit floor ({per_second}/s a trader), {total} exits / "
+        f"{traders} traders at one instant, p50 / p99 / max",
+        f"{p50:.0f} / {p99:.0f} / {max(beyond):.0f} ms", f"p99 < {EXITS_P99_TARGET_MS:.0f} ms", verdict,
+    )  # fmt: skip
+    report.row(
+        "  crossing -> STOPLOSS at the broker, p50 / p99 / max",
+        f"{percentile(raw, 0.5):.0f} / {percentile(raw, 0.99):.0f} / {max(raw):.0f} ms",
+    )
+    firsts = [min(e.arrived for e in exits if e.api_key == k) - t0 for k in sorted(api_keys)]
+    lasts = [max(e.arrived for e in exits if e.api_key == k) - t0 for k in sorted(api_keys)]
+    report.row(
+        "  a trader's first / last exit at the broker after the crossing, median (slowest trader)",
+        f"{percentile(firsts, 0.5) * 1000:.0f} ({max(firsts) * 1000:.0f}) / {percentile(lasts, 0.5) * 1000:.0f} "
+        f"({max(lasts) * 1000:.0f}) ms",
+    )  # fmt: skip
+    report.row(
+        "  worker CPU from the crossing to the last exit (all threads; main thread), per exit",
+        f"{cpu_seconds / wall:.0%}; {(cpu_after[0] - cpu_before[0]) / wall:.0%} of a core, "
+        f"{cpu_seconds * 1000 / total:.1f} ms",
+    )  # fmt: skip
+    report.row("  exits accepted by the broker, each once (429 refusals)", f"{len(sells)}/{total} ({refused})")
+    _exits_hops(stack, report, orders, exits, t0, offset, await _attempts_dated(stack, clock, set(tags), offset))
+    report.note(
+        "Exits per trader, first / last at the broker after the crossing (floor of the last: "
+        f"{(per_trader - 1) // per_second} s): "
+        + ", ".join(f"{k} {f * 1000:.0f}/{la * 1000:.0f} ms" for k, f, la in zip(sorted(api_keys), firsts, lasts,
+                                                                               strict=True))
+        + f". Load average {load_average():.1f} on {os.cpu_count()} cores."
+    )  # fmt: skip
+    if refused:
+        report.note(f"WARNING: the broker refused {refused} STOPLOSS orders with 429 (rate limit); each was retried.")
+
+
+def _exits_hops(
+    stack: Stack, report: Report, orders: TopicWatcher, exits: list[Exit], t0: float, offset: float,
+    attempts: dict[str, float],
+) -> None:  # fmt: skip
+    """Where an exit's time goes, split at the STOPLOSS intent's Kafka timestamp (ms) and its attempt row."""
+    by_tag = {e.tag: e for e in exits}
+    produced: dict[str, float] = {}  # tag -> the intent's CreateTime, as time.monotonic()
+    for r in orders.records:
+        intent = orjson.loads(r.value)
+        if intent["action"] == Action.STOPLOSS.value:
+            produced.setdefault(broker_tag_for(intent["intent_id"]), r.timestamp_ms / 1000 - offset)
+    stages: dict[str, list[float]] = {
+        "crossing -> STOPLOSS intent on `orders`": [produced[t] - t0 for t in by_tag if t in produced],
+        "intent -> broker": [e.arrived - produced[e.tag] for e in exits if e.tag in produced],
+        "intent -> attempt row (intent feed, lane, slot, lock, reads)": [
+            attempts[t] - produced[t] for t in by_tag if t in produced and t in attempts
+        ],
+        "attempt row -> broker (journal, rate limiter, HTTP)": [
+            e.arrived - attempts[e.tag] for e in exits if e.tag in attempts
+        ],
+        # Beyond the floor, before and after the limiter: late to ask for a permit, or late once the floor passed.
+        "attempt row beyond the floor": [max(attempts[e.tag] - e.floor, 0.0) for e in exits if e.tag in attempts],
+        "broker beyond max(floor, attempt row)": [
+            e.arrived - max(e.floor, attempts[e.tag]) for e in exits if e.tag in attempts
+        ],
+    }
+    ms = {name: [x * 1000 for x in v] for name, v in stages.items() if v}
+    parts = [
+        f"{name} p50 {percentile(v, 0.5):.0f} / p99 {percentile(v, 0.99):.0f} / max {max(v):.0f} ms"
+        for name, v in ms.items()
+    ]
+    db = stack.database_kind.split(" ")[0]
+    report.note(
+        f"Exits burst ({db}; {len(exits)} exits, {len(produced)} STOPLOSS intents seen): " + "; ".join(parts) + "."
+    )
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -986,7 +1241,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.scenario in ("broker", "all"):
             await bench_broker(stack, sizes, report)
             print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
-        if args.scenario in ("stoploss", "burst", "all"):
+        if args.scenario in ("stoploss", "burst", "exits", "all"):
             # The broker in this process: its audit log stamps each order with time.monotonic().
             async with RunningSimulator(clock=clock, config=SimConfig(tick_interval=1.0), walk=False) as sim:
                 if args.scenario in ("stoploss", "all"):
@@ -994,6 +1249,9 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
                 if args.scenario in ("burst", "all"):
                     await bench_burst(stack, clock, sim, sizes, report)
+                    print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
+                if args.scenario in ("exits", "all"):
+                    await bench_exits(stack, clock, sim, sizes, report)
         print_report(report, stack)
         print(f"\n{time.monotonic() - began:.0f} s in all; load average at the end {load_average():.1f}")
     return 0
@@ -1046,7 +1304,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("scenario", nargs="?", choices=("ticks", "broker", "stoploss", "burst", "all"), default="all")
+    parser.add_argument(
+        "scenario", nargs="?", choices=("ticks", "broker", "stoploss", "burst", "exits", "all"), default="all"
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 90 s)")
     parser.add_argument("--postgres", action="store_true", help="a private PostgreSQL cluster instead of SQLite")
     parser.add_argument(
