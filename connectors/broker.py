@@ -58,6 +58,10 @@ class BrokerUnavailable(BrokerError):
     """Transient: timeout, network failure, 5xx, rate limit. Safe to retry (reads) or to look up (orders)."""
 
 
+class BrokerThrottled(BrokerUnavailable):
+    """429: the broker refused the request unread, at its rate limit; an order so answered was not placed."""
+
+
 def map_kite_exception(exc: BaseException) -> BrokerError:
     """Translate whatever the kiteconnect client (or requests under it) raised into a project exception."""
     if isinstance(exc, BrokerError):
@@ -67,7 +71,9 @@ def map_kite_exception(exc: BaseException) -> BrokerError:
         message = str(exc) or type(exc).__name__
         if isinstance(exc, kite_exceptions.TokenException):
             return BrokerTokenExpired(message, http_status=code)
-        if code == 429 or isinstance(exc, kite_exceptions.NetworkException | kite_exceptions.DataException):
+        if code == 429:
+            return BrokerThrottled(message, http_status=code)
+        if isinstance(exc, kite_exceptions.NetworkException | kite_exceptions.DataException):
             return BrokerUnavailable(message, http_status=code)
         if isinstance(exc, kite_exceptions.GeneralException) and (code is None or code >= 500):
             return BrokerUnavailable(message, http_status=code)

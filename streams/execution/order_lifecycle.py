@@ -9,12 +9,14 @@ refused (`Refused`, logged by the caller), never applied.
 INTENDED --send--> SENDING --acknowledged--> OPEN / TRIGGER_PENDING --filled--> FILLED
                       |  \--rejected / cancelled / filled--> ...           \--rejected / cancelled--> ...
                       |--timed out--> UNKNOWN --(asked by tag) found: its broker status / not found--> INTENDED
+                      |--throttled (429: refused unread)--> INTENDED
                       '--given up--> GIVEN_UP --(asked again) found: its broker status
 ```
 
 Two rules follow from the table, and every path that sends orders relies on them:
 - an order is sent only from INTENDED: an order whose fate is unclear (SENDING after a crash, UNKNOWN after a
-  timeout) is first asked about by its tag, and only a "not found" lets it be sent again;
+  timeout) is first asked about by its tag, and only a "not found" lets it be sent again (or a 429, which the
+  broker answers before reading the order);
 - FILLED, REJECTED, CANCELLED and SKIPPED are final: a redelivered or late event for them is refused.
 
 The strategy's runtime state (idle, buying, bought, ...) is derived from its orders' states (`strategy_state`).
@@ -35,7 +37,7 @@ from storage.runtime import RuntimeState
 class OrderState(StrEnum):
     INTENDED = "intended"  # decided; nothing has left for the broker (or what left never arrived)
     SENDING = "sending"  # logged as sent; no answer yet (or its sender died waiting for one)
-    UNKNOWN = "unknown"  # the call failed in transit (timeout, 5xx, 429): the broker may hold the order
+    UNKNOWN = "unknown"  # the call failed in transit (timeout, 5xx): the broker may hold the order
     OPEN = "open"  # the broker acknowledged it and it is working
     TRIGGER_PENDING = "trigger_pending"  # a stop order resting at the broker until its trigger price trades
     FILLED = "filled"
@@ -53,6 +55,7 @@ class OrderEvent(StrEnum):
     REJECTED = "rejected"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"  # a call about the order went unanswered
+    THROTTLED = "throttled"  # the broker refused the call unread (429): nothing was placed
     NOT_FOUND = "not_found"  # asked by tag, the broker has no such order
     GIVE_UP = "give_up"  # out of retries
     SKIP = "skip"  # does not fit / withdrawn before the call
@@ -80,6 +83,7 @@ TRANSITIONS: Mapping[tuple[OrderState, OrderEvent], OrderState] = {
     **{(OrderState.SENDING, event): state for event, state in _BROKER_ANSWERS.items()},
     (OrderState.SENDING, OrderEvent.TIMED_OUT): OrderState.UNKNOWN,
     (OrderState.SENDING, OrderEvent.NOT_FOUND): OrderState.INTENDED,
+    (OrderState.SENDING, OrderEvent.THROTTLED): OrderState.INTENDED,
     (OrderState.SENDING, OrderEvent.GIVE_UP): OrderState.GIVEN_UP,
     (OrderState.SENDING, OrderEvent.SKIP): OrderState.SKIPPED,  # withdrawn while held, before the call
     **{(OrderState.UNKNOWN, event): state for event, state in _BROKER_ANSWERS.items()},
@@ -168,6 +172,7 @@ class TrackedOrder:
 # The words predate the machine; today's rows read the same way.
 ATTEMPT_STATES = {
     "requested": OrderState.INTENDED,  # attempt 0: a square-off recorded before it went out on Kafka
+    "throttled": OrderState.INTENDED,  # refused unread at the broker's rate limit: nothing placed
     "sending": OrderState.SENDING,
     "unclear": OrderState.UNKNOWN,
     "placed": OrderState.OPEN,

@@ -17,7 +17,7 @@ from datetime import UTC
 
 from redis.exceptions import RedisError
 
-from connectors.broker import BrokerError, BrokerUnavailable
+from connectors.broker import BrokerError, BrokerThrottled, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.coalesce import Coalesced
 from schemas.events import Action, OrderIntent
@@ -128,6 +128,9 @@ class Placement:
                 )  # fmt: skip
         except Withdrawn as withdrawn:
             await self.ledger.moved(intent, order, OrderEvent.SKIP, message=withdrawn.reason)
+            raise
+        except BrokerThrottled as exc:  # refused unread: nothing to ask about, sent again once the budget allows
+            await self.ledger.moved(intent, order, OrderEvent.THROTTLED, message=exc.message)
             raise
         except BrokerUnavailable as exc:
             await self.ledger.moved(intent, order, OrderEvent.TIMED_OUT, message=exc.message)

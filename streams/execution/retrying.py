@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from connectors.broker import BrokerUnavailable
+from connectors.broker import BrokerThrottled, BrokerUnavailable
 
 
 def broker_retries(attempts: int, initial: float, most: float, jitter: float) -> AsyncRetrying:
-    """Retry on BrokerUnavailable (timeout, 5xx, 429) up to `attempts` tries; re-raise the last failure."""
+    """Retry on BrokerUnavailable (timeout, 5xx, 429) up to `attempts` tries; re-raise the last failure.
+
+    A 429 is retried without backing off: the rate limiter in front of the call already waits for the
+    trader's budget, and an exit must not lose seconds to a refusal that placed nothing."""
+    backoff = wait_exponential_jitter(initial=initial, max=most, jitter=jitter)
+
+    def wait(state: RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        return 0.0 if isinstance(failure, BrokerThrottled) else backoff(state)
+
     return AsyncRetrying(
         retry=retry_if_exception_type(BrokerUnavailable),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=initial, max=most, jitter=jitter),
+        wait=wait,
         reraise=True,
     )

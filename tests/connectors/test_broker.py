@@ -11,6 +11,7 @@ from kiteconnect import exceptions as kite_exceptions
 from connectors.broker import (
     INSTRUMENT_CACHE,
     BrokerRejected,
+    BrokerThrottled,
     BrokerTokenExpired,
     BrokerUnavailable,
     KiteBroker,
@@ -31,7 +32,7 @@ from tests.fixtures.services import build_settings
         (kite_exceptions.PermissionException("Insufficient permission", 403), BrokerRejected),
         (kite_exceptions.OrderException("Insufficient funds", 400), BrokerRejected),
         (kite_exceptions.OrderException("RMS rejected", 500), BrokerRejected),
-        (kite_exceptions.NetworkException("Too many requests", 429), BrokerUnavailable),
+        (kite_exceptions.NetworkException("Too many requests", 429), BrokerThrottled),  # refused unread: not placed
         (kite_exceptions.NetworkException("Gateway timeout", 504), BrokerUnavailable),
         (kite_exceptions.DataException("Bad response", 502), BrokerUnavailable),
         (kite_exceptions.GeneralException("Something broke", 500), BrokerUnavailable),

@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select, update
 
-from connectors.broker import BrokerRejected, BrokerTokenExpired, BrokerUnavailable
+from connectors.broker import BrokerRejected, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
 from schemas.events import (
     Action,
     LifecycleKind,
@@ -461,14 +461,16 @@ async def test_three_transient_failures_then_success_make_four_attempts_and_one_
 
 async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
-    engine.gateway.script = [BrokerUnavailable("429 Too many requests", http_status=429) for _ in range(4)]
+    engine.gateway.script = [BrokerThrottled("429 Too many requests", http_status=429) for _ in range(4)]
     result = await engine.executor.execute(intent)
 
     assert result is not None
     assert (result.status, result.attempts) == (OrderStatus.FAILED, 4)
     assert len(engine.gateway.placements) == 4  # the first try and three retries, no fifth
     assert engine.gateway.orders == {}
-    assert await engine.attempts(intent) == [(n, "unclear") for n in (1, 2, 3, 4)]
+    # A 429 is answered before the order is read: nothing to look up before sending again.
+    assert await engine.attempts(intent) == [(n, "throttled") for n in (1, 2, 3, 4)]
+    assert engine.gateway.lookups == []
     assert await engine.results() == [("BUY", "failed")]
 
     strategy = await engine.strategy()

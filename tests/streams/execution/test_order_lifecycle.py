@@ -45,9 +45,13 @@ def test_an_order_is_sent_only_from_intended() -> None:
     assert {state for (state, event) in TRANSITIONS if event is OrderEvent.SEND} == {OrderState.INTENDED}
 
 
-def test_an_unclear_order_reaches_intended_only_through_the_brokers_not_found() -> None:
+def test_a_sent_order_is_intended_again_only_on_the_brokers_word_that_it_has_none() -> None:
     into_intended = {(state, event) for (state, event), after in TRANSITIONS.items() if after is OrderState.INTENDED}
-    assert into_intended == {(OrderState.SENDING, OrderEvent.NOT_FOUND), (OrderState.UNKNOWN, OrderEvent.NOT_FOUND)}
+    assert into_intended == {
+        (OrderState.SENDING, OrderEvent.NOT_FOUND),
+        (OrderState.UNKNOWN, OrderEvent.NOT_FOUND),
+        (OrderState.SENDING, OrderEvent.THROTTLED),  # a 429 is answered before the order is read
+    }
 
 
 def test_final_states_refuse_every_event() -> None:
