@@ -111,64 +111,128 @@ class PriorityGate:
 
 
 # A sliding-window log in one atomic step, shared by every worker: a user's grants are kept in a sorted set by
-# the instant they are for, and a grant is made only while fewer than the limit lie within a window of it on
-# either side. No one-second window ever holds more than `limit` orders, which is what the broker counts (a token
-# bucket with a burst lets nearly twice the limit through in the first second). A grant is usually for now; a
-# BUY handed over early reserves one for its due instant (ARGV[5]), so at that instant it needs no round trip.
+# the instant they are for, and grants are made only while fewer than the limit lie within a window of that instant
+# on either side. No one-second window ever holds more than `limit` orders, which is what the broker counts (a
+# token bucket with a burst lets nearly twice the limit through in the first second). Up to ARGV[4] grants in one
+# call: every waiter of a user that fits is answered by one round trip. A grant is usually for now; a BUY handed
+# over early reserves one for its due instant (ARGV[6]), so at that instant it needs no round trip.
 _SLIDING_WINDOW = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
-local at = tonumber(ARGV[5])
+local wanted = tonumber(ARGV[4])
+local at = tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local lower = string.format('(%.6f', at - window)
-if redis.call('ZCOUNT', KEYS[1], lower, string.format('(%.6f', at + window)) < limit then
-  redis.call('ZADD', KEYS[1], at, ARGV[4])
+local room = limit - redis.call('ZCOUNT', KEYS[1], lower, string.format('(%.6f', at + window))
+local granted = math.max(0, math.min(room, wanted))
+for i = 1, granted do
+  redis.call('ZADD', KEYS[1], at, ARGV[5] .. ':' .. i)
+end
+if granted > 0 then
   -- Kept until its latest grant has left the window: a grant for now must not expire a reservation ahead.
   local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(latest[2]) - now + window) * 1000) + 1000)
-  return '0'
+end
+if granted == wanted then
+  return {granted, '0'}
 end
 local first = redis.call('ZRANGEBYSCORE', KEYS[1], lower, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-return tostring(tonumber(first[2]) + window - at)
+return {granted, tostring(tonumber(first[2]) + window - at)}
+"""
+
+# The broker counts arrivals, and an order's call returns after it arrived: a grant re-dated to its call's return
+# keeps the next grant a full window after this order reached the broker, whatever the call's transit took (grants
+# dated when Redis was asked drew 429s when one call travelled slower than the next). Only ever later.
+_SENT = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  end
+end
+return 0
 """
 
 WINDOW_SECONDS = 1.0
 
 
 class BrokerRateLimiter:
-    """A user's orders stay under the broker's limit (Kite: 10/s per api_key) instead of drawing 429s."""
+    """A user's orders stay under the broker's limit (Kite: 10/s per api_key) instead of drawing 429s.
+
+    Waiters queue per user by priority (a STOPLOSS goes to the front); one drainer per user asks Redis for as
+    many grants as there are waiters and hands out what it gets, then sleeps until the window has room again.
+    """
 
     def __init__(self, redis: Redis, per_second: float, key_prefix: str = "ratelimit:orders:") -> None:
         self.redis = redis
         self.limit = max(int(per_second), 1)
         self.key_prefix = key_prefix
         self._script = redis.register_script(_SLIDING_WINDOW)
-        self._queues: dict[int, PriorityGate] = {}
+        self._sent = redis.register_script(_SENT)
+        self._waiters: dict[int, list[tuple[int, int, asyncio.Future[str]]]] = {}
+        self._drainers: dict[int, asyncio.Task[None]] = {}
+        self._seq = itertools.count()
         self._grants = itertools.count()
         self._instance = uuid.uuid4().hex  # grant ids stay unique across workers
 
     @asynccontextmanager
     async def permit(self, user_id: int, priority: int) -> AsyncIterator[None]:
-        # One waiter per user asks Redis at a time, chosen by priority: a STOPLOSS goes to the front.
-        gate = self._queues.setdefault(user_id, PriorityGate(1))
-        async with gate.slot(priority):
-            await self._take(user_id)
-        yield
+        """Wait for a grant, run the block (the broker call), then date the grant at the block's end."""
+        member = await self._granted(user_id, priority)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # the grant stays dated when asked: still within the limit
+                await self._sent(
+                    keys=[self._key(user_id)], args=[member, time.time(), int(WINDOW_SECONDS * 1000) + 1000]
+                )
 
     async def reserve(self, user_id: int, at: float) -> bool:
         """Take a grant for the (unix) instant `at`, now, if the user's budget has room then; no waiting."""
-        return await self._grant(user_id, max(at, time.time())) <= 0
+        granted, _, _ = await self._grant(user_id, 1, max(at, time.time()))
+        return granted == 1
 
-    async def _take(self, user_id: int) -> None:
-        while True:
-            wait = await self._grant(user_id, time.time())
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
+    async def _granted(self, user_id: int, priority: int) -> str:
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters.setdefault(user_id, []), (priority, next(self._seq), answer))
+        drainer = self._drainers.get(user_id)
+        if drainer is None or drainer.done():
+            self._drainers[user_id] = asyncio.create_task(self._drain(user_id))
+        return await answer  # cancelled: the drainer skips it (a grant handed to it just then goes unused)
 
-    async def _grant(self, user_id: int, at: float) -> float:
-        """0 if granted for `at`, else how long until it may be worth asking again."""
-        member = f"{at!r}:{self._instance}:{next(self._grants)}"
-        args: list[str | float] = [time.time(), WINDOW_SECONDS, self.limit, member, at]
-        return float(await self._script(keys=[f"{self.key_prefix}{user_id}"], args=args))
+    async def _drain(self, user_id: int) -> None:
+        waiters = self._waiters[user_id]
+        while waiters:
+            wanted = sum(1 for _, _, answer in waiters if not answer.done())
+            if wanted == 0:
+                break
+            try:
+                granted, wait, prefix = await self._grant(user_id, wanted, time.time())
+            except Exception as exc:
+                for _, _, answer in waiters:
+                    if not answer.done():
+                        answer.set_exception(exc)
+                break
+            handed = 0
+            while handed < granted and waiters:
+                _, _, answer = heapq.heappop(waiters)
+                if not answer.done():
+                    handed += 1
+                    answer.set_result(f"{prefix}:{handed}")
+            if any(not answer.done() for _, _, answer in waiters):
+                await asyncio.sleep(wait)
+        waiters.clear()
+        del self._waiters[user_id]
+
+    async def _grant(self, user_id: int, wanted: int, at: float) -> tuple[int, float, str]:
+        """How many of `wanted` grants were made for `at`, how long until more may be worth asking for, and the
+        prefix of their members."""
+        prefix = f"{at!r}:{self._instance}:{next(self._grants)}"
+        args: list[str | float | int] = [time.time(), WINDOW_SECONDS, self.limit, wanted, prefix, at]
+        granted, wait = await self._script(keys=[self._key(user_id)], args=args)
+        return int(granted), float(wait), prefix
+
+    def _key(self, user_id: int) -> str:
+        return f"{self.key_prefix}{user_id}"

@@ -396,7 +396,7 @@ async def test_a_stoploss_queued_behind_buys_of_the_same_user_goes_first(redis: 
         async with limiter.permit(3, PRIORITY[action]):
             order.append(name)
 
-    # Created in one go, they all start before Redis answers anyone: buy-1 asks Redis, the rest queue.
+    # Created in one go, they all queue before Redis is asked: the grants go by priority, the STOPLOSS first.
     tasks = [
         asyncio.create_task(ask(name, action))
         for name, action in [
@@ -408,7 +408,7 @@ async def test_a_stoploss_queued_behind_buys_of_the_same_user_goes_first(redis: 
         ]
     ]
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
-    assert order == ["buy-1", "stoploss", "buy-2", "buy-3", "buy-4"]
+    assert order == ["stoploss", "buy-1", "buy-2", "buy-3", "buy-4"]
 
 
 async def test_grants_reserved_for_an_instant_take_that_instants_budget_only(
@@ -454,3 +454,31 @@ async def test_real_time_smoke_the_limiter_really_waits(redis: Redis) -> None:
     assert burst_done - started < 1.0  # generous: no waiting at all is expected
     assert finished - burst_done >= 0.15  # four more permits need ~0.2 s of waiting
     assert finished - started < 3.0
+
+
+async def test_a_users_queued_waiters_are_granted_in_one_round_trip(redis: Redis) -> None:
+    """On the wall clock (a virtual sleep would date the first grants' returns a window late)."""
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    calls = 0
+    script = limiter._script
+
+    async def counted(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await script(**kwargs)
+
+    limiter._script = counted  # type: ignore[assignment]
+    await asyncio.wait_for(asyncio.gather(*(take(limiter, 6, Action.STOPLOSS) for _ in range(12))), 5)
+    assert calls == 2  # ten at once, the last two a window later
+
+
+async def test_a_grant_is_dated_by_its_calls_return_so_a_slow_call_delays_the_next_window(
+    redis: Redis, virtual: VirtualTime
+) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=2)
+    start = virtual.now
+    async with limiter.permit(7, 0):
+        virtual.now += 0.3  # the first call took 0.3 s: it reached the broker some time before it returned
+    await take(limiter, 7)
+    await take(limiter, 7)  # the third grant waits for the first's return, not its grant, to leave the window
+    assert virtual.now == pytest.approx(start + 1.3)
