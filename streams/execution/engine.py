@@ -13,7 +13,9 @@ An intent is handled under its strategy's lock. Its order's state (`order_lifecy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -31,7 +33,7 @@ from storage.positions import RunPosition
 from storage.runtime import lock_key
 from streams.execution.context import EngineContext, GatewayFactory, Publisher
 from streams.execution.ledger import Ledger, RunHistory, run_history
-from streams.execution.limits import PriorityGate
+from streams.execution.limits import PRIORITY, PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderEvent, OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import Placement, Withdrawn
@@ -48,6 +50,10 @@ LOCK_SECONDS = 10.0
 LEASED_LOCK_SECONDS = 60.0
 LOCK_WAIT_SECONDS = 120.0
 MISSED_BUY = "BUY time missed"
+
+
+def _no_turn() -> None:
+    return None
 
 
 class ExecutionStalled(RuntimeError):
@@ -77,6 +83,7 @@ class Executor:
         self.placement = Placement(self.context, self.ledger, self.reconciler)
         self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler)
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
+        self.pace = UserPace(self.placement.rate_limiter.limit)
 
     @property
     def settings(self) -> Settings:
@@ -105,6 +112,23 @@ class Executor:
         most LOCK_SECONDS (its lease's few seconds when it has one), while a slow order (retries, backoff) never
         outlives its own lock.
         """
+        turn = await self._turn(intent)
+        try:
+            return await self._execute_with_turn(intent, turn)
+        finally:
+            turn()
+
+    async def _turn(self, intent: OrderIntent) -> Callable[[], None]:
+        """The user's turn for the work before the broker call (`UserPace`), taken outside the worker's execution
+        slot. A BUY handed over early needs none: its grant is reserved and it waits for its time anyway."""
+        if self.placement.early(intent):
+            return _no_turn
+        priority = PRIORITY[intent.action]
+        gate = self.placement.gate
+        async with gate.stepped_out(priority) if gate is not None else contextlib.nullcontext():
+            return await self.pace.turn(intent.user_id, priority)
+
+    async def _execute_with_turn(self, intent: OrderIntent, turn: Callable[[], None]) -> OrderResult | None:
         ttl = LOCK_SECONDS if self.lease is None else LEASED_LOCK_SECONDS
         async with kept_alive_lock(
             self.context.redis, lock_key(intent.strategy_id), ttl, LOCK_WAIT_SECONDS, self.lease
@@ -112,7 +136,7 @@ class Executor:
             deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
             try:
                 async with deadline:
-                    return await self._execute_locked(intent)
+                    return await self._execute_locked(intent, turn)
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise
@@ -125,15 +149,13 @@ class Executor:
                 log.error("intent %s: %s; the intent is left as it is", intent.intent_id, refused)
                 return None
 
-    async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
+    async def _execute_locked(self, intent: OrderIntent, turn: Callable[[], None]) -> OrderResult | None:
         await self.placement.step_aside(intent)
-        # Two queries decide the intent: the strategy, and every order-log row of its run (a handful).
-        async with self.context.sessions() as session:
-            strategy = await session.get(Strategy, intent.strategy_id)
-            if strategy is None:
-                log.warning("intent %s for unknown strategy dropped", intent.intent_id)
-                return None
-            history = await run_history(session, intent.strategy_id, intent.run)
+        # The strategy and every order-log row of its run (a handful) decide the intent.
+        strategy, history = await self.ledger.read_run(intent.strategy_id, intent.run)
+        if strategy is None:
+            log.warning("intent %s for unknown strategy dropped", intent.intent_id)
+            return None
         order = history.order(intent.intent_id, intent.action, intent.broker_tag)
         position = history.position
         if order.recorded:
@@ -175,7 +197,7 @@ class Executor:
             if executed is not None:
                 broker_order, placed_here = executed, False
             else:
-                broker_order, placed_here = await self.placement.place(gateway, intent, strategy, order)
+                broker_order, placed_here = await self.placement.place(gateway, intent, strategy, order, turn)
         except BrokerError as exc:
             return await self.outcomes.fail(intent, strategy, order, exc)
         except Withdrawn as withdrawn:

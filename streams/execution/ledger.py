@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.coalesce import Coalesced
 from schemas.events import (
     Action,
     NotificationKind,
@@ -28,7 +29,7 @@ from schemas.events import (
 )
 from storage.db import aware
 from storage.journal import Rows
-from storage.models import Notification, OrderLog, OrderLogKind
+from storage.models import Notification, OrderLog, OrderLogKind, Strategy
 from storage.positions import RunPosition, fold
 from storage.runtime import RuntimeState
 from streams.execution.context import NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
@@ -133,6 +134,9 @@ async def run_history(session: AsyncSession, strategy_id: int, run: int) -> RunH
     return RunHistory(tuple(rows.scalars()))
 
 
+RUN_READS_PER_BATCH = 200  # (strategy, run) pairs per query: well inside what SQLite and PostgreSQL take
+
+
 @dataclass(frozen=True)
 class Told:
     """What an outcome wrote for the first time, and so is still to be published."""
@@ -144,6 +148,27 @@ class Told:
 class Ledger:
     def __init__(self, context: EngineContext) -> None:
         self.context = context
+        self._runs: Coalesced[tuple[int, int], tuple[Strategy | None, RunHistory]] = Coalesced(
+            self._read_runs, RUN_READS_PER_BATCH
+        )
+
+    async def read_run(self, strategy_id: int, run: int) -> tuple[Strategy | None, RunHistory]:
+        """The strategy and its run's order log, as one intent needs them to be decided. Intents deciding at
+        once (an exits burst) share two queries, not two each: in a 300-exit burst those reads took 240 to 280
+        ms. A read asked for while one is on the wire goes in the next, so it sees every write before it."""
+        return await self._runs((strategy_id, run))
+
+    async def _read_runs(self, keys: list[tuple[int, int]]) -> list[tuple[Strategy | None, RunHistory]]:
+        ids = {strategy_id for strategy_id, _ in keys}
+        async with self.context.sessions() as session:
+            strategies = {s.id: s for s in (await session.scalars(select(Strategy).where(Strategy.id.in_(ids))))}
+            rows = await session.scalars(
+                select(OrderLog).where(tuple_(OrderLog.strategy_id, OrderLog.run).in_(set(keys))).order_by(OrderLog.id)
+            )
+            by_run: dict[tuple[int, int], list[OrderLog]] = {}
+            for row in rows:
+                by_run.setdefault((row.strategy_id, row.run), []).append(row)
+        return [(strategies.get(sid), RunHistory(tuple(by_run.get((sid, run), ())))) for sid, run in keys]
 
     # ------------------------------------------------------------------------------------- order states
 

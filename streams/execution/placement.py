@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC
 
@@ -72,9 +72,15 @@ class Placement:
         return intent.action is Action.BUY and self.context.clock.seconds_until(intent.due_at) > 0
 
     async def place(
-        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder
+        self,
+        gateway: OrderGateway,
+        intent: OrderIntent,
+        strategy: Strategy,
+        order: TrackedOrder,
+        turn: Callable[[], None],
     ) -> tuple[BrokerOrder, bool]:
-        """The broker's order, and whether this delivery's own attempt placed it (rather than finding it)."""
+        """The broker's order, and whether this delivery's own attempt placed it (rather than finding it). `turn`
+        gives the user's turn back (`UserPace`) once a broker call has returned."""  # fmt: skip
         retrying = broker_retries(self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1)
         try:
             async for try_ in retrying:
@@ -85,7 +91,7 @@ class Placement:
                         if found is not None:
                             log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
                             return found, False
-                    return await self._send(gateway, intent, strategy, order), True
+                    return await self._send(gateway, intent, strategy, order, turn), True
         except BrokerUnavailable:
             if order.state is OrderState.INTENDED:
                 raise
@@ -111,8 +117,9 @@ class Placement:
         return await self.reconciler.confirm(gateway, found.order_id, found, order)
 
     async def _send(
-        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder
-    ) -> BrokerOrder:
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder,
+        turn: Callable[[], None],
+    ) -> BrokerOrder:  # fmt: skip
         # Dated when it is sent: a successor that finds it unanswered gives it that long to arrive.
         sent_at = max(self.context.clock.now(), intent.due_at.astimezone(UTC))
         await self.ledger.sent(intent, order, sent_at)
@@ -122,10 +129,13 @@ class Placement:
                 self._held_until_due(intent) as reserved,
                 contextlib.nullcontext() if reserved else self.rate_limiter.permit(intent.user_id, priority),
             ):
-                order_id = await gateway.place_market_order(
-                    exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
-                    quantity=strategy.quantity, product=strategy.product, tag=order.tag,
-                )  # fmt: skip
+                try:
+                    order_id = await gateway.place_market_order(
+                        exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
+                        quantity=strategy.quantity, product=strategy.product, tag=order.tag,
+                    )  # fmt: skip
+                finally:
+                    turn()
         except Withdrawn as withdrawn:
             await self.ledger.moved(intent, order, OrderEvent.SKIP, message=withdrawn.reason)
             raise
