@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
 
 from redis.asyncio import Redis
@@ -33,29 +35,43 @@ class BrokerDirectory:
         self.redis = redis
         self.clock = clock
         self.secrets = SecretBox(settings)
-        self._cache: dict[int, tuple[float, OrderGateway]] = {}
+        self._cache: dict[int, tuple[float, OrderGateway, bytes]] = {}  # user -> (loaded at, gateway, keys' digest)
+        self._loading: dict[int, asyncio.Future[OrderGateway]] = {}
 
     async def gateway(self, user_id: int) -> OrderGateway:
         cached = self._cache.get(user_id)
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
+        # One load per user at a time: the ten exits of a trader's burst share it (each read the account and
+        # decrypted its keys on its own, and built a client of its own with its own connections).
+        loading = self._loading.get(user_id)
+        if loading is None or loading.done():
+            loading = self._loading[user_id] = asyncio.ensure_future(self._load(user_id))
+        return await asyncio.shield(loading)
+
+    async def _load(self, user_id: int) -> OrderGateway:
         async with self.sessions() as session:
             account = (
                 await session.execute(select(BrokerAccount).where(BrokerAccount.user_id == user_id))
             ).scalar_one_or_none()
         if account is None:
+            self._cache.pop(user_id, None)
             raise BrokerTokenExpired("no broker account connected")
         if self.settings.broker_mode == "paper":
             if self.redis is None or self.clock is None:
                 raise RuntimeError("paper broker needs Redis and the clock")
             paper = PaperOrderGateway(self.redis, str(user_id), self.clock)
-            self._cache[user_id] = (time.monotonic(), paper)
+            self._cache[user_id] = (time.monotonic(), paper, b"")
             return paper
-        broker = KiteBroker(
-            self.settings,
-            self.secrets.decrypt(account.api_key_encrypted),
-            self.secrets.decrypt(account.access_token_encrypted),
-        )
-        gateway = KiteOrderGateway(broker)
-        self._cache[user_id] = (time.monotonic(), gateway)
+        api_key = self.secrets.decrypt(account.api_key_encrypted)
+        token = self.secrets.decrypt(account.access_token_encrypted)
+        # The same session as before is kept (its connections, its shared order-book reads) unless the trader
+        # reconnected: only a new key or token makes a new client.
+        fingerprint = hashlib.blake2b(f"{api_key}\0{token}".encode(), digest_size=16).digest()
+        cached = self._cache.get(user_id)
+        if cached is not None and cached[2] == fingerprint:
+            self._cache[user_id] = (time.monotonic(), cached[1], fingerprint)
+            return cached[1]
+        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token))
+        self._cache[user_id] = (time.monotonic(), gateway, fingerprint)
         return gateway
