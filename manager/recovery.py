@@ -50,7 +50,8 @@ from storage.db import aware
 from storage.locks import ProcessLease, kept_alive_lock
 from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus
 from storage.positions import RunPosition, positions_by_status, positions_of, running_positions
-from storage.runtime import RuntimeState, connect_redis
+from storage.runtime import connect_redis
+from streams.execution.order_lifecycle import OrderState, strategy_state
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,10 @@ class RecoveryReport:
 
 
 def runtime_fields(position: RunPosition) -> dict[str, str]:
-    if position.exited:
-        state = RuntimeState.EXITED_BY_SL if position.exit_action == Action.STOPLOSS.value else RuntimeState.SOLD
-    elif position.bought:
-        state = RuntimeState.BOUGHT
-    else:
-        state = RuntimeState.IDLE
+    orders = {Action.BUY: OrderState.FILLED} if position.bought else {}
+    if position.exited and position.exit_action is not None:
+        orders[Action(position.exit_action)] = OrderState.FILLED
+    state = strategy_state(orders)
     fields = {"state": state.value, "position": "bought" if position.open else state.value}
     if position.last_action:
         fields["last_action"] = position.last_action
