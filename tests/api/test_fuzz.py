@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.security import TokenService
+from api.tokens import TokenService
 from connectors.broker import token_expiry
 from core.clock import get_clock
 from core.crypto import SecretBox
@@ -69,7 +69,7 @@ async def fuzz_headers(db_engine: AsyncEngine, api_settings: Settings, simulator
                 status="created", run=0, created_at=datetime.now(UTC), updated_at=datetime.now(UTC),
             )
         )  # fmt: skip
-    token = TokenService(api_settings, get_clock()).issue(user_id).token
+    token = TokenService(api_settings, get_clock()).issue(user_id, 0, "fuzz-session").token
     return {"Authorization": f"Bearer {token}"}
 
 
