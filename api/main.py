@@ -72,7 +72,7 @@ def build_services(settings: Settings) -> Services:
         secrets=SecretBox(settings),
         passwords=PasswordService(settings),
         throttle=LoginThrottle(settings, redis),
-        revocations=Revocations(redis, sessions, tokens.ttl),
+        revocations=Revocations(redis, sessions, tokens.real_ttl),
         readiness=ReadinessCache(settings),
     )
 

@@ -73,7 +73,12 @@ class TokenService:
 
     def __init__(self, settings: Settings, clock: Clock) -> None:
         self._secret = settings.jwt_secret.get_secret_value()
-        self.ttl = timedelta(minutes=settings.jwt_ttl_minutes)
+        # A lifetime is real time. `iat` and `exp` are written in clock time, so on a clock sped up for a demo
+        # (x10) or the crash matrix (x30) a 15-minute token spans 15 real minutes, not 90 or 30 seconds.
+        speed = float(getattr(clock, "speed", 1.0))
+        self.real_ttl = timedelta(minutes=settings.jwt_ttl_minutes)
+        self.ttl = self.real_ttl * speed
+        self._leeway = IAT_LEEWAY_SECONDS * speed
         self._clock = clock
         # Only signature- and claim-checked tokens get in; expiry is judged again on every use.
         self._verified: dict[str, AccessClaims] = {}
@@ -122,10 +127,10 @@ class TokenService:
             raise InvalidToken("invalid token")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= SESSION_ID_MAX_LENGTH:
             raise InvalidToken("invalid token")
-        if issued > now + IAT_LEEWAY_SECONDS or expires <= issued:
+        if issued > now + self._leeway or expires <= issued:
             raise InvalidToken("invalid token")
         # No token of ours lives longer than the configured lifetime: a longer one was not issued here.
-        if expires - issued > self.ttl.total_seconds() + IAT_LEEWAY_SECONDS:
+        if expires - issued > self.ttl.total_seconds() + self._leeway:
             raise InvalidToken("invalid token")
         if now >= expires:
             raise InvalidToken("token expired")
