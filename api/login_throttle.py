@@ -95,21 +95,23 @@ class LoginThrottle:
     def _known_key(self, email_key: str) -> str:
         return f"{KEY_PREFIX}:known:{email_key}"
 
-    async def admit_login(self, host: str | None, email_key: str) -> None:
-        """Before the password is checked; raises Throttled when this attempt may not be made now."""
+    async def admit_login(self, host: str | None, email_key: str) -> bool:
+        """Before the password is checked; raises Throttled when this attempt may not be made now. True when
+        the account has logged in from this address before (its check then goes ahead of strangers')."""
         address = _digest(address_bucket(host))
         if (wait := await self._hit(self._login_per_address, "login", address)) is not None:
             raise Throttled(f"too many logins from your network address; try again in {wait} s", wait)
         if (wait := await self._retry_after(self._failures_per_pair, "failed", address, email_key)) is not None:
             raise Throttled(f"too many failed logins for this email from here; try again in {wait} s", wait)
         if await self._redis.sismember(self._known_key(email_key), address):
-            return  # the owner's own device: the account-wide limit is what strangers meet
+            return True  # the owner's own device: the account-wide limit is what strangers meet
         if (wait := await self._retry_after(self._failures_per_account, "failed", email_key)) is not None:
             raise Throttled(
                 "too many failed logins for this email; log in from a device you have used before, "
                 f"or try again in {wait} s",
                 wait,
             )
+        return False
 
     async def failed(self, host: str | None, email_key: str) -> None:
         address = _digest(address_bucket(host))

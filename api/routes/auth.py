@@ -110,9 +110,9 @@ async def login(
     throttle: ThrottleDep,
 ) -> TokenResponse:
     host, email_key = client_host(request), email_fingerprint(body.email)
-    await throttle.admit_login(host, email_key)
+    known = await throttle.admit_login(host, email_key)
     user = (await session.execute(select(User).where(User.email == body.email))).scalar_one_or_none()
-    if not await passwords.verify(user.password_hash if user else None, body.password) or user is None:
+    if not await passwords.verify(user.password_hash if user else None, body.password, urgent=known) or user is None:
         await throttle.failed(host, email_key)
         raise ApiError(401, "wrong email or password", {"WWW-Authenticate": "Bearer"})
     await throttle.succeeded(host, email_key)
@@ -204,7 +204,7 @@ async def confirm_password(
     """Asked again before anything that cannot be undone; guessed as slowly as a login (a stolen token must
     not become a way to try passwords)."""
     host, email_key = client_host(request), email_fingerprint(account.email)
-    await throttle.admit_login(host, email_key)
-    if not await passwords.verify(account.password_hash, password):
+    known = await throttle.admit_login(host, email_key)
+    if not await passwords.verify(account.password_hash, password, urgent=known):
         await throttle.failed(host, email_key)
         raise ApiError(403, "the password given is not this account's")
