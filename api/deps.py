@@ -16,9 +16,11 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.errors import ApiError
-from api.security import InvalidToken, PasswordService, TokenService
+from api.login_throttle import LoginThrottle
+from api.passwords import PasswordService
 from api.services import EventBus, Services
 from api.status import StatusReader
+from api.tokens import InvalidToken, TokenService
 from core.clock import Clock
 from core.crypto import SecretBox
 from core.market import MarketCalendar
@@ -79,6 +81,10 @@ async def get_secrets(services: ServicesDep) -> SecretBox:
     return services.secrets
 
 
+async def get_throttle(services: ServicesDep) -> LoginThrottle:
+    return services.throttle
+
+
 async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
     """A session per request; routes commit explicitly, anything uncommitted is rolled back."""
     async with services.session_factory() as session:
@@ -96,6 +102,7 @@ TokensDep = Annotated[TokenService, Depends(get_tokens)]
 StatusReaderDep = Annotated[StatusReader, Depends(get_status_reader)]
 PasswordsDep = Annotated[PasswordService, Depends(get_passwords)]
 SecretsDep = Annotated[SecretBox, Depends(get_secrets)]
+ThrottleDep = Annotated[LoginThrottle, Depends(get_throttle)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 # auto_error=False: a missing header must get our 401 (with WWW-Authenticate), not the framework's 403.
@@ -104,9 +111,11 @@ bearer_scheme = HTTPBearer(auto_error=False, description="JWT from POST /auth/lo
 
 @dataclass(frozen=True, slots=True)
 class AuthenticatedUser:
-    """The token's user. Not loaded from the database: the hot path stays query-free."""
+    """The token's user. Not loaded from the database: the hot path stays query-free (`api.revocation`)."""
 
     id: int
+    generation: int
+    session_id: str
 
 
 def _unauthorized(message: str, error: str | None = None) -> ApiError:
@@ -114,24 +123,31 @@ def _unauthorized(message: str, error: str | None = None) -> ApiError:
     return ApiError(401, message, {"WWW-Authenticate": challenge})
 
 
-def authenticate(tokens: TokenService, authorization: str | None) -> int:
-    """The user id for an `Authorization` header value, or a 401 with a WWW-Authenticate challenge."""
+NOT_AUTHENTICATED = "not authenticated: send Authorization: Bearer <token> from POST /auth/login"
+
+
+async def authenticate(services: Services, authorization: str | None) -> AuthenticatedUser:
+    """The user of an `Authorization` header value, or a 401 with a WWW-Authenticate challenge."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _unauthorized("not authenticated: send Authorization: Bearer <token> from POST /auth/login")
+        raise _unauthorized(NOT_AUTHENTICATED)
     try:
-        return tokens.verify(token.strip())
+        claims = services.tokens.verify(token.strip())
     except InvalidToken as exc:
         raise _unauthorized(f"{exc}: log in again", "invalid_token") from exc
+    if not await services.revocations.honoured(claims):
+        raise _unauthorized("token revoked (logged out, password changed or account closed): log in again",
+                            "invalid_token")  # fmt: skip
+    return AuthenticatedUser(claims.user_id, claims.generation, claims.session_id)
 
 
 async def get_current_user(
-    tokens: TokensDep,
+    services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> AuthenticatedUser:
     if credentials is None:
-        raise _unauthorized("not authenticated: send Authorization: Bearer <token> from POST /auth/login")
-    return AuthenticatedUser(authenticate(tokens, f"{credentials.scheme} {credentials.credentials}"))
+        raise _unauthorized(NOT_AUTHENTICATED)
+    return await authenticate(services, f"{credentials.scheme} {credentials.credentials}")
 
 
 CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]

@@ -18,8 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.login_throttle import Throttled
+from api.passwords import HashingBusy
 from connectors.broker import BrokerRejected, BrokerTokenExpired, BrokerUnavailable
 from manager.strategy_manager import ManagerUnavailable, StrategyNotFound
+from schemas.api import PASSWORD_RULE
 
 log = logging.getLogger("api")
 
@@ -84,6 +87,11 @@ _FRIENDLY = {
 }
 
 
+def _named_field(message: str) -> str | None:
+    name, sep, _ = message.partition(": ")
+    return name if sep and name.isidentifier() else None
+
+
 def validation_problems(errors: Sequence[Any]) -> list[dict[str, str | None]]:
     problems: list[dict[str, str | None]] = []
     for error in errors:
@@ -93,11 +101,16 @@ def validation_problems(errors: Sequence[Any]) -> list[dict[str, str | None]]:
         message = str(error.get("msg", "invalid value"))
         if message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
-        if kind in _FRIENDLY and kind != "json_invalid":
+        if kind in {"string_too_short", "string_too_long"} and field in {"password", "new_password"}:
+            message = f"{field}: {PASSWORD_RULE}"  # the whole rule, not only the length it broke
+        elif kind in _FRIENDLY and kind != "json_invalid":
             message = f"{field}: {_FRIENDLY[kind]}"
         elif kind == "json_invalid":
             field = "body"
             message = f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot parse')}"
+        elif field == "body" and (named := _named_field(message)) is not None:
+            # A rule over several fields (a model validator) still names the field to fix: "symbol: required".
+            field = named
         elif field and not message.startswith(field.split(".")[-1]):
             message = f"{field}: {message}"
         problems.append({"field": field, "message": message})
@@ -123,6 +136,16 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
         # as any other malformed JSON, so the app has one error format to handle.
         return error_response(422, [{"field": "body", "message": "malformed JSON: body cannot be decoded"}])
     return error_response(exc.status_code, exc.detail, exc.headers)
+
+
+async def _throttled_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Throttled)  # noqa: S101 - registered for this type only
+    return error_response(429, exc.message, {"Retry-After": str(exc.retry_after)})
+
+
+async def _hashing_busy_handler(request: Request, exc: Exception) -> Response:
+    # Password checks are queued in a bounded pool (api.passwords); past its queue, come back shortly.
+    return error_response(503, "too many logins being checked right now, try again shortly", {"Retry-After": "1"})
 
 
 async def _not_found_handler(request: Request, exc: Exception) -> Response:
@@ -159,6 +182,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(StrategyNotFound, _not_found_handler)
+    app.add_exception_handler(HashingBusy, _hashing_busy_handler)
+    app.add_exception_handler(Throttled, _throttled_handler)
     app.add_exception_handler(BrokerUnavailable, _broker_handler)
     app.add_exception_handler(BrokerRejected, _broker_handler)
     app.add_exception_handler(ManagerUnavailable, _unavailable_handler)

@@ -4,33 +4,44 @@ Redis client and Kafka producer are made in the lifespan and live on `app.state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
+from api.body_limit import BodyLimitMiddleware
 from api.errors import RequestIdMiddleware, install_error_handlers
-from api.routes import auth, broker, health, notifications, strategies
-from api.security import PasswordService, TokenService
+from api.login_throttle import LoginThrottle
+from api.passwords import PasswordService
+from api.readiness import ReadinessCache
+from api.revocation import Revocations
+from api.routes import account, auth, broker, health, notifications, strategies
 from api.services import EventBus, Services
 from api.status import StatusReader
+from api.tokens import TokenService
 from core.clock import get_clock
 from core.crypto import SecretBox
 from core.market import MarketCalendar
 from core.settings import Settings, get_settings
 from manager.strategy_manager import StrategyManager
+from storage.accounts import purge_closed_accounts
 from storage.db import create_engine, session_factory
 from storage.runtime import RuntimeStore, connect_redis
 
 log = logging.getLogger("api")
 
+PURGE_INTERVAL_SECONDS = 3600
+
 TAGS = [
-    {"name": "auth", "description": "Register and log in (sequence 1)."},
+    {"name": "auth", "description": "Register, log in, refresh, log out, change the password (sequence 1)."},
+    {"name": "account", "description": "Close the account."},
     {"name": "broker", "description": "Connect a Zerodha Kite account (sequence 2)."},
     {"name": "strategies", "description": "Create, start, stop and poll strategies (sequences 3, 4, 8, 12)."},
     {"name": "notifications", "description": "Messages for the trader."},
-    {"name": "health", "description": "Dependency reachability for operators."},
+    {"name": "health", "description": "Liveness for anyone; dependency readiness for operators."},
 ]
 
 
@@ -45,6 +56,7 @@ def build_services(settings: Settings) -> Services:
     redis = connect_redis(settings.redis_url, max_connections=256, ride_out_seconds=1.0)
     runtime = RuntimeStore(redis)
     events = EventBus(settings)
+    tokens = TokenService(settings, clock)
     return Services(
         settings=settings,
         clock=clock,
@@ -55,11 +67,26 @@ def build_services(settings: Settings) -> Services:
         runtime=runtime,
         events=events,
         manager=StrategyManager(sessions, runtime, events, clock, calendar),
-        tokens=TokenService(settings, clock),
+        tokens=tokens,
         status=StatusReader(redis, sessions),
         secrets=SecretBox(settings),
         passwords=PasswordService(settings),
+        throttle=LoginThrottle(settings, redis),
+        revocations=Revocations(redis, sessions, tokens.real_ttl),
+        readiness=ReadinessCache(settings),
     )
+
+
+async def _purge_closed_accounts(services: Services) -> None:
+    """Erases closed accounts once their square-offs no longer need them (`storage.accounts`); every API worker
+    runs it, which is harmless: the delete is idempotent."""
+    while True:
+        try:
+            if erased := await purge_closed_accounts(services.session_factory, services.clock.now()):
+                log.info("erased %d closed accounts past their retention", erased)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("could not purge closed accounts (%s); next try in an hour", exc)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -75,9 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.events.producer()
         except Exception as exc:  # noqa: BLE001 - any failure here is "Kafka down", reported on /health
             log.warning("Kafka not available at startup (%s); will retry on first publish", exc)
+        purging = asyncio.create_task(_purge_closed_accounts(services))
         try:
             yield
         finally:
+            purging.cancel()
+            services.passwords.close()
             await services.events.close()
             await services.redis.aclose()
             await services.engine.dispose()
@@ -90,8 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Inside the request id (its 413 carries one), outside everything that reads a body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Strategies first: routes match in order, and the status poll is the hot path.
-    for module in (strategies, auth, broker, notifications, health):
+    for module in (strategies, auth, account, broker, notifications, health):
         app.include_router(module.router)
     return app

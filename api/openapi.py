@@ -11,12 +11,13 @@ _DESCRIPTIONS: dict[int, tuple[str, type[Any], str | None]] = {
     401: ("Missing, malformed, tampered or expired token (see WWW-Authenticate)", ErrorResponse,
           "invalid token: log in again"),
     404: ("No such strategy for this user", ErrorResponse, "strategy not found"),
+    403: ("The password given to confirm is wrong", ErrorResponse, "the password given is not this account's"),
     409: ("Conflicts with the current state", ErrorResponse,
           "broker not connected: POST /broker/connect first"),
     422: ("Malformed JSON, missing, wrong-type or out-of-range field", ValidationErrorResponse, None),
-    429: ("Too many failed logins for this email (see Retry-After)", ErrorResponse,
-          "too many failed logins for this email: 5 in 15 minutes; try again in 840 s"),
-    503: ("A dependency (broker, Kafka, Redis, database) is unavailable; retry", ErrorResponse,
+    429: ("Too many attempts from this address or for this email (see Retry-After)", ErrorResponse,
+          "too many failed logins for this email from here; try again in 52 s"),
+    503: ("A dependency (broker, Kafka, Redis, database) is unavailable, or the server is busy; retry", ErrorResponse,
           "broker unavailable, try again shortly: broker is unreachable (connection failed)"),
 }  # fmt: skip
 

@@ -10,8 +10,12 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from api.security import PasswordService, TokenService
+from api.login_throttle import LoginThrottle
+from api.passwords import PasswordService
+from api.readiness import ReadinessCache
+from api.revocation import Revocations
 from api.status import StatusReader
+from api.tokens import TokenService
 from core.clock import Clock
 from core.crypto import SecretBox
 from core.kafka import EventProducer, ensure_topics
@@ -83,3 +87,6 @@ class Services:
     status: StatusReader
     secrets: SecretBox
     passwords: PasswordService
+    throttle: LoginThrottle
+    revocations: Revocations
+    readiness: ReadinessCache

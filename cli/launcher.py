@@ -19,6 +19,7 @@ import ctypes.util
 import importlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -230,6 +231,9 @@ class Launcher:
         api_port = self._choose_port(configured.api_port, "api")
         env["API_HOST"], env["API_PORT"] = configured.api_host, str(api_port)
 
+        # The launcher reads the API's readiness detail, which only the operator's token may see.
+        if configured.operator_token is None:
+            env["OPERATOR_TOKEN"] = secrets.token_urlsafe(32)
         env.update(self._clock_env(configured))
         self.env = env
         os.environ.update(env)  # the launcher's own settings and every child see the same values
@@ -432,8 +436,10 @@ class Launcher:
 
     async def _poll_health(self) -> None:
         assert self.settings is not None  # noqa: S101 - set by _plan
-        url = f"http://127.0.0.1:{self.settings.api_port}/health"
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        url = f"http://127.0.0.1:{self.settings.api_port}/health/ready"
+        token = self.settings.operator_token
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+        async with httpx.AsyncClient(timeout=5.0, headers=headers) as client:
             while not self.stop.is_set():
                 self.health, self.health_source = await self._read_health(client, url)
                 with contextlib.suppress(TimeoutError):
@@ -481,7 +487,7 @@ class Launcher:
         api = f"http://127.0.0.1:{settings.api_port}"
         lines = [
             f"API docs        {api}/docs",
-            f"API health      {api}/health",
+            f"API readiness   {api}/health/ready  (Authorization: Bearer $OPERATOR_TOKEN)",
             f"Kite simulator  {settings.kite_api_root}  (ticker {settings.kite_ticker_root})",
             f"Kafka bootstrap {settings.kafka_bootstrap}",
             f"Redis           {mask_url(settings.redis_url)}",

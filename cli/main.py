@@ -48,7 +48,7 @@ class _WithoutHealthChecks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        return not (len(args) >= 3 and args[2] == "/health")
+        return not (len(args) >= 3 and args[2] in {"/health", "/health/ready"})
 
 
 def _preflight(settings: Settings, *components: str) -> None:

@@ -7,7 +7,8 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from limits import parse_many
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Development defaults that must never reach production: refused there by the validator below.
@@ -83,7 +84,10 @@ class Settings(BaseSettings):
 
     # Secrets
     jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
-    jwt_ttl_minutes: int = Field(60 * 24, ge=1)
+    jwt_ttl_minutes: int = Field(
+        15, ge=1, le=24 * 60, description="Access token lifetime; the app renews it with its refresh token."
+    )
+    refresh_ttl_days: int = Field(30, ge=1, le=365, description="A login's refresh tokens expire this long after it.")
     encryption_keys: SecretStr = Field(
         SecretStr(DEV_ENCRYPTION_KEY),
         description="Comma-separated Fernet keys, newest first; older keys still decrypt (rotation).",
@@ -112,6 +116,35 @@ class Settings(BaseSettings):
     clock_anchor: float | None = Field(None, description="Unix time at which the clock reads CLOCK_START.")
     clock_speed: float = Field(1.0, gt=0, le=10_000)
 
+    # Account security (docs/security.md). Rates are `limits` strings: "N/unit" joined by ";", all enforced.
+    login_rate_per_address: str = Field(
+        "20/minute;200/hour", description="Logins from one address (an IPv6 /64), whatever the email."
+    )
+    login_failures_per_address_email: str = Field(
+        "5/minute;20/hour;50/day", description="Failed logins from one address for one email: each tier slows more."
+    )
+    login_failures_per_account: str = Field(
+        "30/hour;100/day",
+        description="Failed logins for one email from all addresses. Past it, only addresses this account has "
+        "logged in from before may try: an attacker cannot lock the owner out.",
+    )
+    register_rate_per_address: str = Field("10/hour;30/day", description="Registrations from one address.")
+    known_address_days: int = Field(90, ge=1, le=3650, description="How long a login's address stays known.")
+    password_hash_threads: int = Field(
+        1, ge=1, le=64, description="Threads hashing passwords: a login flood queues here, not on the event loop."
+    )
+    password_hash_queue: int = Field(
+        32, ge=1, le=10_000, description="Hashes waiting beyond this are refused with 503 and Retry-After."
+    )
+    password_min_score: int = Field(3, ge=0, le=4, description="zxcvbn strength a new password must reach (0-4).")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024, description="Larger bodies get 413.")
+    operator_token: SecretStr | None = Field(
+        None, description="Bearer token for GET /health/ready's detail; unset: the detail is not served."
+    )
+    health_cache_seconds: float = Field(
+        2.0, ge=0, le=60, description="GET /health/ready answers from a check at most this old."
+    )
+
     # Services
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
@@ -129,7 +162,24 @@ class Settings(BaseSettings):
                 raise ValueError("ENCRYPTION_KEYS: set your own Fernet key (Fernet.generate_key()) for production")
         if len(self.jwt_secret.get_secret_value()) < 32:
             raise ValueError("JWT_SECRET: must be at least 32 characters")
+        if self.operator_token is not None and len(self.operator_token.get_secret_value()) < 32:
+            raise ValueError("OPERATOR_TOKEN: must be at least 32 characters")
         return self
+
+    @field_validator(
+        "login_rate_per_address",
+        "login_failures_per_address_email",
+        "login_failures_per_account",
+        "register_rate_per_address",
+    )
+    @classmethod
+    def _rate_limits(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            name = (info.field_name or "").upper()
+            raise ValueError(f'{name}: expected rates like "5/minute;20/hour" ({exc})') from None
+        return value
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

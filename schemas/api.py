@@ -33,7 +33,10 @@ TICK = Decimal("0.05")
 # Strategy ids are BIGINT in PostgreSQL: anything larger can never exist and must be a 4xx, not an overflow.
 MAX_ID = 2**63 - 1
 
-PASSWORD_RULE = "password must be 10 to 128 characters and contain at least one letter and one digit"  # noqa: S105
+PASSWORD_RULE = (
+    "password must be 10 to 128 characters and hard to guess: "  # noqa: S105 - the rule, not a password
+    "not a common or breached password, nor built from your email"
+)
 TIME_RULE = "time must be HH:MM or HH:MM:SS (24-hour, exchange time)"
 
 _TIME_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
@@ -103,9 +106,29 @@ class ErrorResponse(BaseModel):
 # ------------------------------------------------------------------------------------------------ auth
 
 
+PASSWORD_MIN_LENGTH = 10
+PASSWORD_MAX_LENGTH = 128
+
+# Passwords are taken exactly as typed: spaces are characters like any other (stripping them silently made a
+# password that differs from the one the trader chose).
+LoginPassword = Annotated[
+    str, StringConstraints(strip_whitespace=False), Field(min_length=1, max_length=PASSWORD_MAX_LENGTH)
+]
+NewPassword = Annotated[
+    str,
+    StringConstraints(strip_whitespace=False),
+    Field(
+        min_length=PASSWORD_MIN_LENGTH,
+        max_length=PASSWORD_MAX_LENGTH,
+        description=PASSWORD_RULE,
+        examples=["correct-horse-42"],
+    ),
+]
+
+
 class Credentials(ApiModel):
     email: EmailStr = Field(max_length=320)
-    password: str = Field(min_length=1, max_length=128)
+    password: LoginPassword
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"email": "trader@example.com", "password": "correct-horse-42"}]}
@@ -119,16 +142,66 @@ class Credentials(ApiModel):
 
 
 class RegisterRequest(Credentials):
-    @field_validator("password")
-    @classmethod
-    def _password_policy(cls, value: str) -> str:
-        if not (10 <= len(value) <= 128) or not re.search(r"[A-Za-z]", value) or not re.search(r"\d", value):
-            raise ValueError(PASSWORD_RULE)
-        return value
+    """The password's strength is judged by the API (zxcvbn, with the email as a known word) as well."""
+
+    password: NewPassword
 
 
 class LoginRequest(Credentials):
     pass
+
+
+RefreshTokenValue = Annotated[str, Field(min_length=1, max_length=256, description="From the last token answer")]
+
+
+class RefreshRequest(ApiModel):
+    refresh_token: RefreshTokenValue
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"refresh_token": "q3Xh0m6Yc1mB2yq8VdVv1i3zM2aW2bHk4Tq9rYzP0aE"}]}
+    )
+
+
+class LogoutRequest(ApiModel):
+    everywhere: bool = Field(False, description="Also end every other login of this account")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"everywhere": False}]})
+
+
+class PasswordChangeRequest(ApiModel):
+    current_password: LoginPassword
+    new_password: NewPassword
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"current_password": "correct-horse-42", "new_password": "battery-staple-meadow-7"}]
+        }
+    )
+
+
+class AccountDeleteRequest(ApiModel):
+    password: LoginPassword = Field(description="The account's password, asked again before closing it")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"password": "correct-horse-42"}]})
+
+
+class AccountDeletedResponse(BaseModel):
+    strategies_stopped: int
+    positions_squared_off: int
+    message: str
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "strategies_stopped": 2,
+                    "positions_squared_off": 1,
+                    "message": "account closed: 2 strategies stopped, EXIT sent for 1 open positions; the broker "
+                    "connection is kept until they are placed, and everything is erased within a day",
+                }
+            ]
+        }
+    )
 
 
 class TokenResponse(BaseModel):
@@ -136,6 +209,10 @@ class TokenResponse(BaseModel):
     token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
     expires_at: datetime
     user_id: int
+    refresh_token: str = Field(
+        description="Single use: POST /auth/refresh returns the next one with a new access token"
+    )
+    refresh_expires_at: datetime
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -143,8 +220,10 @@ class TokenResponse(BaseModel):
                 {
                     "access_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiJ9.sig",
                     "token_type": "bearer",
-                    "expires_at": "2025-01-16T04:30:00Z",
+                    "expires_at": "2025-01-15T04:45:00Z",
                     "user_id": 42,
+                    "refresh_token": "q3Xh0m6Yc1mB2yq8VdVv1i3zM2aW2bHk4Tq9rYzP0aE",
+                    "refresh_expires_at": "2025-02-14T04:30:00Z",
                 }
             ]
         }
@@ -576,6 +655,12 @@ class ComponentHealthResponse(BaseModel):
             ]
         }
     )
+
+
+class LivenessResponse(BaseModel):
+    status: Literal["up"]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "up"}]})
 
 
 class HealthResponse(BaseModel):

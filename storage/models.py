@@ -47,8 +47,29 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Every access token carries the generation it was issued in; moving it on revokes them all at once.
+    token_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Closed accounts keep their row (and broker account) until their square-off orders are done, then are
+    # purged; meanwhile nobody can log in to them and their email is free again.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
     broker_account: Mapped[BrokerAccount | None] = relationship(back_populates="user", uselist=False)
+
+
+class RefreshToken(Base):
+    """One refresh token of a login (`family_id`). Only its SHA-256 is stored; it is used once (rotation), and
+    a second use of a used one revokes its whole family (it was stolen, or the app replayed it)."""
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    family_id: Mapped[str] = mapped_column(String(64), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class BrokerAccount(Base):

@@ -87,7 +87,7 @@ async def owned_strategy(session: SessionDep, strategy_id: int, user_id: int) ->
 )
 async def strategy_status(strategy_id: StrategyIdPath, request: Request) -> Response:
     services: Services = request.app.state.services
-    user_id = authenticate(services.tokens, request.headers.get("authorization"))
+    user_id = (await authenticate(services, request.headers.get("authorization"))).id
     try:
         body = await services.status.read(strategy_id, user_id)
     except StatusNotFound:

@@ -47,12 +47,31 @@ async def test_duplicate_email_is_409_case_insensitive(client: httpx.AsyncClient
 
 
 async def test_password_policy_is_stated(client: httpx.AsyncClient) -> None:
-    for weak in ("short1", "onlyletterslong", "1234567890123", "x1" * 65):
-        response = await client.post("/auth/register", json={"email": unique_email(), "password": weak})
+    email = unique_email()
+    # Finding 7: common, keyboard-walk and email-derived passwords were accepted.
+    for weak in ("short1", "password12", "qwerty1234", email, "1234567890123", "x1" * 65):
+        response = await client.post("/auth/register", json={"email": email, "password": weak})
         assert response.status_code == 422, weak
         problems = response.json()["detail"]
         assert problems[0]["field"] == "password"
-        assert "10 to 128" in problems[0]["message"] or "128" in problems[0]["message"]
+        assert "10 to 128" in problems[0]["message"], problems
+
+
+async def test_password_is_taken_as_typed(client: httpx.AsyncClient) -> None:
+    """Finding 7: spaces around a password were stripped silently."""
+    email, password = unique_email(), f"  {DEFAULT_PASSWORD}  "
+    assert (await client.post("/auth/register", json={"email": email, "password": password})).status_code == 201
+    stripped = await client.post("/auth/login", json={"email": email, "password": DEFAULT_PASSWORD})
+    assert stripped.status_code == 401
+    assert (await client.post("/auth/login", json={"email": email, "password": password})).status_code == 200
+
+
+async def test_openapi_states_what_registration_accepts(client: httpx.AsyncClient) -> None:
+    """Finding 7: the schema said a password of 1 character would do."""
+    spec = (await client.get("/openapi.json")).json()
+    schema = spec["components"]["schemas"]["RegisterRequest"]["properties"]["password"]
+    assert (schema["minLength"], schema["maxLength"]) == (10, 128)
+    assert "hard to guess" in schema["description"]
 
 
 async def test_invalid_email_is_422(client: httpx.AsyncClient) -> None:

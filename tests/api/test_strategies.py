@@ -43,8 +43,8 @@ CREATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"symbol": "NSE:NOSUCHSYMBOL"}, "symbol", "unknown instrument"),
     ({"symbol": "INFY"}, "symbol", "EXCHANGE:TRADINGSYMBOL"),
     ({"symbol": "MCX:GOLD"}, "symbol", "NSE or BSE"),
-    ({"symbol": ..., "exchange": "NSE"}, "body", "exchange and tradingsymbol"),
-    ({"exchange": "NSE", "tradingsymbol": "INFY"}, "body", "not both"),
+    ({"symbol": ..., "exchange": "NSE"}, "symbol", "exchange and tradingsymbol"),
+    ({"exchange": "NSE", "tradingsymbol": "INFY"}, "symbol", "not both"),
     ({"quantity": 0}, "quantity", "greater than 0"),
     ({"quantity": 100_001}, "quantity", "100000"),
     ({"quantity": 1.5}, "quantity", "integer"),
@@ -398,7 +398,7 @@ async def test_list_get_orders_notifications(
 
 async def test_openapi_documents_every_endpoint(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
-    assert {"auth", "broker", "strategies", "notifications", "health"} <= {t["name"] for t in spec["tags"]}
+    assert {"auth", "account", "broker", "strategies", "notifications", "health"} <= {t["name"] for t in spec["tags"]}
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert operation.get("tags"), (method, path)

@@ -21,6 +21,7 @@ from cli.entrypoints import module_present
 from core.embedded import free_port
 from streams.topics import topic_specs
 from tests.cli.conftest import clean_env
+from tests.fixtures.api import OPERATOR_TOKEN
 from tests.fixtures.services import build_settings
 
 pytestmark = [
@@ -114,6 +115,7 @@ def start_stack(tmp_path: Path) -> Iterator[object]:
             DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'up.db'}",
             API_PORT=str(api_port),
             SIM_PORT=str(free_port()),
+            OPERATOR_TOKEN=OPERATOR_TOKEN,
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "up", "--no-health-table", *args],
@@ -140,7 +142,8 @@ def start_stack(tmp_path: Path) -> Iterator[object]:
 
 
 def _health(api_port: int) -> dict[str, dict[str, object]]:
-    response = httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=10)
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    response = httpx.get(f"http://127.0.0.1:{api_port}/health/ready", headers=headers, timeout=10)
     components: dict[str, dict[str, object]] = response.json()["components"]
     return components
 
