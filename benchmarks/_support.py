@@ -274,6 +274,26 @@ class TopicWatcher:
         await self._consumer.stop()
 
 
+def start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """The API as production runs one worker of it (uvicorn, uvloop, httptools), in its own process group;
+    returns once it listens on 127.0.0.1:`port`."""
+    from core.embedded import wait_for_port
+
+    with log.open("ab") as output:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
+             "--no-access-log", "--log-level", "warning"],
+            env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", port, 60, api)
+    except BaseException:
+        os.killpg(api.pid, signal.SIGKILL)
+        raise
+    return api
+
+
 def wall_minus_monotonic() -> float:
     """Offset to turn this machine's time.monotonic() (shared by every process) into unix time."""
     samples = []

@@ -208,7 +208,8 @@ def run_load_process(
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    from core.embedded import EmbeddedKafka, free_port, redis_command, start_process, stop_process, wait_for_port
+    from benchmarks._support import start_api
+    from core.embedded import EmbeddedKafka, free_port, redis_command, start_process, stop_process
     from storage.migrate import upgrade
 
     workdir = Path(tempfile.mkdtemp(prefix="api-status-bench-"))
@@ -232,15 +233,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             "REGISTER_RATE_PER_ADDRESS": "100000/hour",
         }
         os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "KAFKA_BOOTSTRAP")})
-        api_log = (workdir / "api.log").open("ab")
-        api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(api_port), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
-             "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        api = start_api(env, api_port, workdir / "api.log")
         processes.append(api)
-        wait_for_port("127.0.0.1", api_port, 60, api)
         base_url = f"http://127.0.0.1:{api_port}"
         print(f"API on {base_url} (1 worker), seeding {args.users} users and strategies ...", flush=True)
         targets = asyncio.run(seed(base_url, database_url, args.users))

@@ -214,7 +214,8 @@ def report(name: str, phase: Phase) -> None:
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    from core.embedded import free_port, redis_command, start_process, stop_process, wait_for_port
+    from benchmarks._support import start_api
+    from core.embedded import free_port, redis_command, start_process, stop_process
     from storage.migrate import upgrade
 
     workdir = Path(tempfile.mkdtemp(prefix="login-flood-bench-"))
@@ -235,15 +236,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             "LOG_LEVEL": "WARNING",
         }
         targets = asyncio.run(seed(database_url, redis_url, args.traders))
-        api_log = (workdir / "api.log").open("ab")
-        api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(api_port), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
-             "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        api = start_api(env, api_port, workdir / "api.log")
         processes.append(api)
-        wait_for_port("127.0.0.1", api_port, 60, api)
         time.sleep(12.0)  # the lifespan's wait for a Kafka that is not there, then warm-up
         print(
             f"API on 127.0.0.1:{api_port} (1 worker, argon2id at production cost); {args.traders} traders polled by "
