@@ -87,7 +87,8 @@ class Placement:
                 with try_:
                     if order.state is not OrderState.INTENDED:
                         # An earlier attempt's fate is unknown to us, not to the broker: ask before sending again.
-                        found = await self._ask_within_try(gateway, order)
+                        # One try: a transient failure counts as this attempt's failure, and the retries go on.
+                        found = await self.reconciler.ask(gateway, order, tries=1)
                         if found is not None:
                             log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
                             return found, False
@@ -106,15 +107,6 @@ class Placement:
             log.warning("intent %s: the last attempt did reach the broker (order %s)", intent.intent_id, found.order_id)
             return found, False
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
-
-    async def _ask_within_try(self, gateway: OrderGateway, order: TrackedOrder) -> BrokerOrder | None:
-        """One question to the broker within a try: a transient failure counts as the try's failure."""
-        found = await gateway.find_by_tag(order.tag)
-        if found is None:
-            order.apply(OrderEvent.NOT_FOUND)
-            return None
-        order.order_id = found.order_id
-        return await self.reconciler.confirm(gateway, found.order_id, found, order)
 
     async def _send(
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder,

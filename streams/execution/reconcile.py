@@ -44,20 +44,20 @@ class Reconciler:
     def confirm_timeout(self) -> float:
         return max(self.context.settings.broker_timeout_seconds, 5.0)
 
-    async def ask(self, gateway: OrderGateway, order: TrackedOrder) -> BrokerOrder | None:
+    async def ask(self, gateway: OrderGateway, order: TrackedOrder, *, tries: int = 4) -> BrokerOrder | None:
         """What the broker holds under the order's tag, followed to a final status, its answer applied to the
-        order; None (the order back to INTENDED) if it holds nothing. Transient failures are retried briefly,
-        then propagate; a final REJECTED or CANCELLED raises BrokerRejected, like `confirm`."""
-        found = await self.lookup(gateway, order.tag)
+        order; None (the order back to INTENDED) if it holds nothing. Transient failures of the lookup are tried
+        `tries` times, then propagate; a final REJECTED or CANCELLED raises BrokerRejected, like `confirm`."""
+        found = await self.lookup(gateway, order.tag, tries)
         if found is None:
             apply(order, OrderEvent.NOT_FOUND)
             return None
         order.order_id = found.order_id
         return await self.confirm(gateway, found.order_id, found, order)
 
-    async def lookup(self, gateway: OrderGateway, tag: str) -> BrokerOrder | None:
+    async def lookup(self, gateway: OrderGateway, tag: str, tries: int = 4) -> BrokerOrder | None:
         """The broker's order for `tag`, retrying transient failures briefly (a STOPLOSS may queue behind)."""
-        retrying = broker_retries(4, initial=0.1, most=1.0, jitter=0.05)
+        retrying = broker_retries(tries, initial=0.1, most=1.0, jitter=0.05)
         async for try_ in retrying:
             with try_:
                 return await gateway.find_by_tag(tag)
