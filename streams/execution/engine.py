@@ -105,22 +105,12 @@ class Executor:
     def gate(self, gate: PriorityGate | None) -> None:
         self.placement.gate = gate
 
-    async def execute(self, intent: OrderIntent) -> OrderResult | None:
-        """Handle one intent under the strategy's runtime lock. Returns the result, None if a duplicate.
-
-        The lock is short-lived and kept alive while we work: a worker killed mid-order leaves it behind for at
-        most LOCK_SECONDS (its lease's few seconds when it has one), while a slow order (retries, backoff) never
-        outlives its own lock.
-        """
-        turn = await self._turn(intent)
-        try:
-            return await self._execute_with_turn(intent, turn)
-        finally:
-            turn()
-
     async def _turn(self, intent: OrderIntent) -> Callable[[], None]:
-        """The user's turn for the work before the broker call (`UserPace`), taken outside the worker's execution
-        slot. A BUY handed over early needs none: its grant is reserved and it waits for its time anyway."""
+        """The user's turn for the work between the decision and the broker call (`UserPace`), waited for outside
+        the worker's execution slot. Taken once the intent is decided, so waits before it (an earlier attempt given
+        time to land, lookups of the run's unclear orders) never hold a turn: after a restart a user's dozens of
+        redelivered BUYs each wait out such an attempt, and in turns of ten they missed their BUY time. A BUY handed
+        over early needs none: its grant is reserved and it waits for its time anyway."""
         if self.placement.early(intent):
             return _no_turn
         priority = PRIORITY[intent.action]
@@ -128,7 +118,13 @@ class Executor:
         async with gate.stepped_out(priority) if gate is not None else contextlib.nullcontext():
             return await self.pace.turn(intent.user_id, priority)
 
-    async def _execute_with_turn(self, intent: OrderIntent, turn: Callable[[], None]) -> OrderResult | None:
+    async def execute(self, intent: OrderIntent) -> OrderResult | None:
+        """Handle one intent under the strategy's runtime lock. Returns the result, None if a duplicate.
+
+        The lock is short-lived and kept alive while we work: a worker killed mid-order leaves it behind for at
+        most LOCK_SECONDS (its lease's few seconds when it has one), while a slow order (retries, backoff) never
+        outlives its own lock.
+        """
         ttl = LOCK_SECONDS if self.lease is None else LEASED_LOCK_SECONDS
         async with kept_alive_lock(
             self.context.redis, lock_key(intent.strategy_id), ttl, LOCK_WAIT_SECONDS, self.lease
@@ -136,7 +132,7 @@ class Executor:
             deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
             try:
                 async with deadline:
-                    return await self._execute_locked(intent, turn)
+                    return await self._execute_locked(intent)
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise
@@ -149,7 +145,7 @@ class Executor:
                 log.error("intent %s: %s; the intent is left as it is", intent.intent_id, refused)
                 return None
 
-    async def _execute_locked(self, intent: OrderIntent, turn: Callable[[], None]) -> OrderResult | None:
+    async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
         await self.placement.step_aside(intent)
         # The strategy and every order-log row of its run (a handful) decide the intent.
         strategy, history = await self.ledger.read_run(intent.strategy_id, intent.run)
@@ -184,6 +180,17 @@ class Executor:
             return await self._skip(intent, strategy, order, skip_reason)
 
         await self.placement.step_aside(intent)
+        # The decision is made: from here to the broker call, the order takes one of its user's turns.
+        turn = await self._turn(intent)
+        try:
+            return await self._place(intent, strategy, order, position, turn)
+        finally:
+            turn()
+
+    async def _place(
+        self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition,
+        turn: Callable[[], None],
+    ) -> OrderResult:  # fmt: skip
         if not self.placement.early(intent):  # a BUY handed over early says "buying" once it is due
             sending = {intent.action: OrderState.SENDING} | (
                 {Action.BUY: OrderState.FILLED} if intent.action.is_exit else {}

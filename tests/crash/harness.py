@@ -816,7 +816,9 @@ class CrashMatrix:
         for user in self.users:
             if not user.expired:
                 continue
-            attempts = [r for r in audits if r.api_key == user.api_key and r.action == "place"]
+            # A 429 is answered before the request is read (the token is never looked at), and the engine rightly
+            # sends again at once: only the placements the broker read count as attempts on the expired session.
+            attempts = [r for r in audits if r.api_key == user.api_key and r.action == "place" and r.http_status != 429]
             mine = [p for p in self.plans if self.users[p.user] is user]
             if len(attempts) > len(mine):
                 v.append(f"expired session: {len(attempts)} order attempts for {len(mine)} strategies (a retry storm)")
