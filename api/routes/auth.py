@@ -109,13 +109,10 @@ async def login(
     passwords: PasswordsDep,
     throttle: ThrottleDep,
 ) -> TokenResponse:
-    host, email_key = client_host(request), email_fingerprint(body.email)
-    known = await throttle.admit_login(host, email_key)
     user = (await session.execute(select(User).where(User.email == body.email))).scalar_one_or_none()
-    if not await passwords.verify(user.password_hash if user else None, body.password, urgent=known) or user is None:
-        await throttle.failed(host, email_key)
+    hashed = user.password_hash if user else None  # no account: a hash is still checked, so the answer takes as long
+    if not await password_checked(request, throttle, passwords, body.email, hashed, body.password) or user is None:
         raise ApiError(401, "wrong email or password", {"WWW-Authenticate": "Bearer"})
-    await throttle.succeeded(host, email_key)
     answer = issue_tokens(services, session, user, clock.now())
     await session.commit()
     return answer
@@ -203,8 +200,19 @@ async def confirm_password(
 ) -> None:
     """Asked again before anything that cannot be undone; guessed as slowly as a login (a stolen token must
     not become a way to try passwords)."""
-    host, email_key = client_host(request), email_fingerprint(account.email)
-    known = await throttle.admit_login(host, email_key)
-    if not await passwords.verify(account.password_hash, password, urgent=known):
-        await throttle.failed(host, email_key)
+    if not await password_checked(request, throttle, passwords, account.email, account.password_hash, password):
         raise ApiError(403, "the password given is not this account's")
+
+
+async def password_checked(
+    request: Request, throttle: ThrottleDep, passwords: PasswordsDep, email: str, hashed: str | None, password: str
+) -> bool:
+    """One password check under the login throttle: admitted (or Throttled), counted as a failure or, when right,
+    the address made known to the account."""
+    host, email_key = client_host(request), email_fingerprint(email)
+    known = await throttle.admit_login(host, email_key)
+    if not await passwords.verify(hashed, password, urgent=known):
+        await throttle.failed(host, email_key)
+        return False
+    await throttle.succeeded(host, email_key)
+    return True

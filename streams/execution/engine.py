@@ -21,7 +21,6 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connectors.broker import BrokerError, BrokerRejected
-from connectors.orders import BrokerOrder
 from core.clock import Clock
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager
@@ -32,13 +31,13 @@ from storage.models import Strategy, StrategyStatus
 from storage.positions import RunPosition
 from storage.runtime import lock_key
 from streams.execution.context import EngineContext, GatewayFactory, Publisher
-from streams.execution.ledger import Ledger, RunHistory, run_history
+from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.limits import PRIORITY, PriorityGate, UserPace
-from streams.execution.order_lifecycle import OrderEvent, OrderState, Refused, TrackedOrder, strategy_state
+from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import Placement, Withdrawn
 from streams.execution.protective import ProtectiveStops
-from streams.execution.reconcile import Reconciler, apply
+from streams.execution.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +164,15 @@ class Executor:
             return await self.outcomes.fail(intent, strategy, order, BrokerRejected("refused by the broker"))
         await self.reconciler.let_settle(order)
         if await self.reconciler.settle_run(intent, strategy, history):
-            async with self.context.sessions() as session:
-                position = (await run_history(session, intent.strategy_id, intent.run)).position
+            _, history = await self.ledger.read_run(intent.strategy_id, intent.run)
+            position = history.position
 
         skip_reason = self._does_not_fit(intent, strategy, position)
         if skip_reason is not None and order.state is not OrderState.INTENDED:
             # An earlier delivery sent this order: the broker may hold it, whatever has happened to the strategy
             # since (stopped, late, restarted). Adopt it if so; skip only if it never arrived. (If the broker
             # cannot be asked now, the lane retries the intent later.)
-            adopted = await self._adopt_sent(intent, strategy, order, position, history)
+            adopted = await self._adopt_sent(intent, strategy, order, position)
             if adopted is not None:
                 return adopted
         if skip_reason is not None:
@@ -183,12 +182,12 @@ class Executor:
         # The decision is made: from here to the broker call, the order takes one of its user's turns.
         turn = await self._turn(intent)
         try:
-            return await self._place(intent, strategy, order, position, turn)
+            return await self._place(intent, strategy, order, history, turn)
         finally:
             turn()
 
     async def _place(
-        self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition,
+        self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, history: RunHistory,
         turn: Callable[[], None],
     ) -> OrderResult:  # fmt: skip
         if not self.placement.early(intent):  # a BUY handed over early says "buying" once it is due
@@ -200,7 +199,9 @@ class Executor:
             gateway = await self.context.gateways(intent.user_id)
             # An exit first takes the protective SL-M off the book; if the broker already executed it, that
             # order *is* this exit and nothing more is sent.
-            executed = await self.protection.release(gateway, intent, strategy) if intent.action.is_exit else None
+            executed = (
+                await self.protection.release(gateway, intent, strategy, history) if intent.action.is_exit else None
+            )
             if executed is not None:
                 broker_order, placed_here = executed, False
             else:
@@ -210,26 +211,22 @@ class Executor:
         except Withdrawn as withdrawn:
             log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
             return await self.outcomes.skip(intent, order, withdrawn.reason)
-        return await self.outcomes.complete(intent, strategy, order, broker_order, position, placed_here=placed_here)
+        return await self.outcomes.complete(
+            intent, strategy, order, broker_order, history.position, placed_here=placed_here
+        )
 
     async def _adopt_sent(
-        self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition, history: RunHistory
+        self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition
     ) -> OrderResult | None:
         """The broker's order for an intent that no longer fits but was sent before: its result if the broker
-        has it (followed up only if the run is still the strategy's), None if not."""
+        has it (followed up only if the run is still the strategy's), None if not. A transient failure propagates:
+        the lane asks again later."""
         try:
-            gateway = await self.context.gateways(intent.user_id)
-            found = await self.reconciler.lookup(gateway, order.tag)
-        except BrokerRejected as exc:  # e.g. the session expired meanwhile: fail cleanly, never loop
+            broker_order = await self.reconciler.ask(await self.context.gateways(intent.user_id), order)
+        except BrokerRejected as exc:  # the session expired meanwhile, or the order ended rejected: fail, never loop
             return await self.outcomes.fail(intent, strategy, order, exc)
-        if found is None:
-            apply(order, OrderEvent.NOT_FOUND)
+        if broker_order is None:
             return None
-        order.order_id = found.order_id
-        try:
-            broker_order: BrokerOrder = await self.reconciler.confirm(gateway, found.order_id, found, order)
-        except BrokerError as exc:
-            return await self.outcomes.fail(intent, strategy, order, exc)
         if intent.run != strategy.run:
             # A run the strategy has left: record what the broker did, arm nothing.
             return await self.reconciler.record_found(intent, order, broker_order)

@@ -15,7 +15,6 @@ from typing import cast
 
 from sqlalchemy import Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.coalesce import Coalesced
 from schemas.events import (
@@ -31,7 +30,6 @@ from storage.db import aware
 from storage.journal import Rows
 from storage.models import Notification, OrderLog, OrderLogKind, Strategy
 from storage.positions import RunPosition, fold
-from storage.runtime import RuntimeState
 from streams.execution.context import NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
 from streams.execution.order_lifecycle import (
     ATTEMPT_STATES,
@@ -39,7 +37,6 @@ from streams.execution.order_lifecycle import (
     OrderEvent,
     OrderState,
     TrackedOrder,
-    strategy_state,
 )
 
 log = logging.getLogger(__name__)
@@ -122,16 +119,6 @@ class RunHistory:
         for row in self.rows:
             seen.setdefault(row.intent_id, (Action(row.action), row.broker_tag))
         return {intent_id: self.order(intent_id, action, tag) for intent_id, (action, tag) in seen.items()}
-
-    def runtime_state(self, status: str | None = None) -> RuntimeState:
-        return strategy_state(((order.action, order.state) for order in self.orders().values()), status)
-
-
-async def run_history(session: AsyncSession, strategy_id: int, run: int) -> RunHistory:
-    rows = await session.execute(
-        select(OrderLog).where(OrderLog.strategy_id == strategy_id, OrderLog.run == run).order_by(OrderLog.id)
-    )
-    return RunHistory(tuple(rows.scalars()))
 
 
 RUN_READS_PER_BATCH = 200  # (strategy, run) pairs per query: well inside what SQLite and PostgreSQL take

@@ -163,10 +163,6 @@ class TrackedOrder:
     def final(self) -> bool:
         return self.state in FINAL
 
-    @property
-    def unclear(self) -> bool:
-        return self.state in UNCLEAR
-
 
 # The order log's words for each state (attempt rows while the order travels, the result row once it settles).
 # The words predate the machine; today's rows read the same way.

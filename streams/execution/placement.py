@@ -80,7 +80,7 @@ class Placement:
         turn: Callable[[], None],
     ) -> tuple[BrokerOrder, bool]:
         """The broker's order, and whether this delivery's own attempt placed it (rather than finding it). `turn`
-        gives the user's turn back (`UserPace`) once a broker call has returned."""  # fmt: skip
+        gives the user's turn back (`UserPace`) once a broker call has returned."""
         retrying = broker_retries(self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1)
         try:
             async for try_ in retrying:

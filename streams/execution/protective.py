@@ -14,7 +14,7 @@ from connectors.orders import BrokerOrder, OrderGateway
 from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
 from storage.models import Strategy
 from streams.execution.context import EngineContext
-from streams.execution.ledger import Ledger, run_history
+from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
 from streams.execution.reconcile import Reconciler, apply
 from streams.execution.retrying import broker_retries
@@ -51,13 +51,14 @@ class ProtectiveStops:
         await self.ledger.moved(protect, order, OrderEvent.TRIGGER_PENDING)
         await self.context.set_runtime(strategy.id, protective_order=order.order_id)
 
-    async def release(self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy) -> BrokerOrder | None:
-        """Cancel the protective order; returns it if the broker had already executed it."""
+    async def release(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, history: RunHistory
+    ) -> BrokerOrder | None:
+        """Cancel the protective order (`history`: the run's order log, as the exit read it); returns it if the
+        broker had already executed it."""
         if not strategy.protective_stop:
             return None
         protect = self.intent(intent)
-        async with self.context.sessions() as session:
-            history = await run_history(session, intent.strategy_id, intent.run)
         order = history.order(protect.intent_id, Action.PROTECT, protect.broker_tag)
         if order.recorded:
             if order.state is OrderState.FILLED and order.order_id:

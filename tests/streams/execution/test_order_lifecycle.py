@@ -60,7 +60,7 @@ def test_final_states_refuse_every_event() -> None:
 
 def test_a_given_up_order_stays_askable_and_a_late_fill_still_counts() -> None:
     order = TrackedOrder("i", Action.SELL, "t", state=OrderState.GIVEN_UP)
-    assert order.unclear
+    assert order.state in UNCLEAR
     order.apply(OrderEvent.NOT_FOUND)
     assert order.state is OrderState.GIVEN_UP
     assert order.apply(OrderEvent.FILLED) is OrderState.FILLED
