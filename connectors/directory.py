@@ -67,11 +67,11 @@ class BrokerDirectory:
         token = self.secrets.decrypt(account.access_token_encrypted)
         # The same session as before is kept (its connections, its shared order-book reads) unless the trader
         # reconnected: only a new key or token makes a new client.
-        fingerprint = hashlib.blake2b(f"{api_key}\0{token}".encode(), digest_size=16).digest()
+        fingerprint = hashlib.blake2b(f"{api_key}\0{token}\0{account.algo_id}".encode(), digest_size=16).digest()
         cached = self._cache.get(user_id)
         if cached is not None and cached[2] == fingerprint:
             self._cache[user_id] = (time.monotonic(), cached[1], fingerprint)
             return cached[1]
-        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token))
+        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token), algo_id=account.algo_id)
         self._cache[user_id] = (time.monotonic(), gateway, fingerprint)
         return gateway

@@ -114,8 +114,13 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
 
 
 class KiteOrderGateway:
-    def __init__(self, broker: KiteBroker) -> None:
+    def __init__(self, broker: KiteBroker, algo_id: str | None = None) -> None:
         self.broker = broker
+        # Kite refuses MARKET and SL-M orders without market protection (April 2026); the algo id is the
+        # exchange's registration of the trader's strategy, when the account has one.
+        self._order_extras: dict[str, Any] = {"market_protection": broker.settings.broker_market_protection}
+        if algo_id:
+            self._order_extras["algo_id"] = algo_id
         self._order_book = FreshSharedRead(
             lambda: self.broker.call(self.broker.client.orders), spacing=1 / ORDER_BOOK_READS_PER_SECOND
         )
@@ -133,6 +138,7 @@ class KiteOrderGateway:
             product=product,
             order_type="MARKET",
             tag=tag,
+            **self._order_extras,
         )
         return str(order_id)
 
@@ -151,6 +157,7 @@ class KiteOrderGateway:
             order_type="SL-M",
             trigger_price=trigger_price,
             tag=tag,
+            **self._order_extras,
         )
         return str(order_id)
 

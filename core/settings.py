@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     clock_anchor: float | None = Field(None, description="Unix time at which the clock reads CLOCK_START.")
     clock_speed: float = Field(1.0, gt=0, le=10_000)
 
+    # Kite's rules since April 2026 (docs/kite-rules.md)
+    broker_market_protection: float = Field(
+        -1.0,
+        description="market_protection sent on every MARKET and SL-M order: -1 automatic (the exchange's "
+        "guideline) or a percentage above 0, at most 100. Kite refuses such orders without it.",
+    )
+
     # Account security (docs/security.md). Rates are `limits` strings: "N/unit" joined by ";", all enforced.
     login_rate_per_address: str = Field(
         "20/minute;200/hour", description="Logins from one address (an IPv6 /64), whatever the email."
@@ -165,6 +172,13 @@ class Settings(BaseSettings):
         if self.operator_token is not None and len(self.operator_token.get_secret_value()) < 32:
             raise ValueError("OPERATOR_TOKEN: must be at least 32 characters")
         return self
+
+    @field_validator("broker_market_protection")
+    @classmethod
+    def _market_protection(cls, value: float) -> float:
+        if value != -1 and not 0 < value <= 100:
+            raise ValueError("BROKER_MARKET_PROTECTION: -1 (automatic) or a percentage above 0, at most 100")
+        return value
 
     @field_validator(
         "login_rate_per_address",

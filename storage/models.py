@@ -84,6 +84,8 @@ class BrokerAccount(Base):
     access_token_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     broker_user_id: Mapped[str] = mapped_column(String(64))
     broker_user_name: Mapped[str | None] = mapped_column(String(255))
+    # The exchange-issued id of the trader's registered algo (SEBI, 2026): sent on every order when set.
+    algo_id: Mapped[str | None] = mapped_column(String(64))
     token_issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     token_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -287,6 +287,9 @@ class ConfigIn(BaseModel):
     max_connections_per_key: int | None = Field(default=None, ge=1)
     max_packets_per_frame: int | None = Field(default=None, ge=1, le=65535)
     request_token_ttl_seconds: float | None = Field(default=None, gt=0)
+    market_protection_required: bool | None = None
+    market_protection_band: bool | None = None
+    fast_move_slippage: bool | None = None
     walk: bool | None = None
     move_probability: float | None = Field(default=None, ge=0, le=1)
 

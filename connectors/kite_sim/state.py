@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from connectors.kite_sim import errors
+from connectors.kite_sim import errors, rules
 from connectors.kite_sim.audit import AuditLog, AuditRecord
 from connectors.kite_sim.faults import Fault, FaultKind, FaultRegistry, FaultScope
 from connectors.kite_sim.instruments import Instrument, InstrumentMaster, default_master
@@ -74,6 +74,12 @@ class SimConfig:
     max_connections_per_key: int = 3
     max_packets_per_frame: int = 1000
     request_token_ttl_seconds: float = 300.0
+    # Kite's 2026 rules (connectors/kite_sim/rules.py, docs/kite-rules.md), each on by default.
+    market_protection_required: bool = True  # MARKET / SL-M without market_protection refused
+    market_protection_band: bool = True  # a protected market order trades only within its band, else rests OPEN
+    # Price model, not a Kite rule (off by default): in a move, a market order trades as far again beyond the
+    # last price as the last step moved against it (a thin book swept in a fast market).
+    fast_move_slippage: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -480,6 +486,9 @@ class SimulatorState:
         price = _price_param(params, "price")
         trigger = _price_param(params, "trigger_price")
         disclosed = _int_param(params, "disclosed_quantity", 0)
+        protection = rules.parse_market_protection(params.get("market_protection"))
+        if self.config.market_protection_required:
+            rules.require_protection(order_type, protection)
         tag = params.get("tag") or None
         if tag is not None and not TAG_PATTERN.match(tag):
             raise errors.input_error("Invalid `tag`: at most 20 alphanumeric characters.")
@@ -507,7 +516,8 @@ class SimulatorState:
                 disclosed_quantity=disclosed,
                 tag=tag,
                 order_timestamp=ts,
-                market_protection=_int_param(params, "market_protection", 0),
+                market_protection=protection,
+                algo_id=params.get("algo_id") or None,
                 validity_ttl=_int_param(params, "validity_ttl", 0),
                 guid=f"sim{self._order_seq}",
             )
@@ -614,14 +624,37 @@ class SimulatorState:
         stoploss = order.order_type in ("SL", "SL-M")
         order.transition(TRIGGER_PENDING if stoploss else OPEN, ts)
         token = instrument.instrument_token
-        if not self._try_fill(account, order, self.book.last_price(token), ts):
+        ltp = self.book.last_price(token)
+        if order.order_type == "MARKET":
+            self._set_band(order, ltp)
+        if not self._try_fill(account, order, ltp, ts):
             self._open_by_token.setdefault(token, {})[order.order_id] = order
             self._publish(account, order)
 
     def _fill_price(self, order: Order, ltp: int) -> int:
         instrument = _instrument_of(order)
         slip = self.config.slippage_ticks * instrument.tick_paise
+        if self.config.fast_move_slippage:
+            move = self.book.last_move(instrument.instrument_token)
+            if (move > 0) if order.transaction_type == "BUY" else (move < 0):
+                slip += abs(move)
         return ltp + slip if order.transaction_type == "BUY" else max(instrument.tick_paise, ltp - slip)
+
+    def _set_band(self, order: Order, ltp: int) -> None:
+        """A protected market order reaching the exchange (or an SL-M triggering) becomes, in effect, a limit
+        at the last price -/+ its protection."""
+        if order.market_protection != 0 and self.config.market_protection_band:
+            tick = _instrument_of(order).tick_paise
+            order.band_price = rules.band_price(order.transaction_type, ltp, order.market_protection, tick)
+        else:
+            order.band_price = 0
+
+    def _try_market_fill(self, account: Account, order: Order, ltp: int, ts: str) -> bool:
+        price = self._fill_price(order, ltp)
+        if order.band_price and not rules.within_band(order.transaction_type, price, order.band_price):
+            return False  # the market ran beyond the band: the order rests OPEN, as a limit at the band
+        self._fill(account, order, price, ts)
+        return True
 
     def _try_fill(self, account: Account, order: Order, ltp: int, ts: str) -> bool:
         """Fill `order` against last price `ltp` if it should trade; True when it did."""
@@ -632,10 +665,9 @@ class SimulatorState:
             if not (ltp >= order.trigger_price if buy else ltp <= order.trigger_price):
                 return False
             order.transition(OPEN, ts)  # triggered: now a market (SL-M) or limit (SL) order at the exchange
-            if kind == "SL-M":
-                self._fill(account, order, self._fill_price(order, ltp), ts)
-                return True
             just_triggered = True
+            if kind == "SL-M":
+                self._set_band(order, ltp)
         if kind in ("LIMIT", "SL"):
             if (buy and ltp <= order.price) or (not buy and ltp >= order.price):
                 self._fill(account, order, ltp, ts)
@@ -643,8 +675,11 @@ class SimulatorState:
             if just_triggered:
                 self._publish(account, order)  # tell the client the stoploss triggered
             return False
-        self._fill(account, order, self._fill_price(order, ltp), ts)
-        return True
+        if self._try_market_fill(account, order, ltp, ts):
+            return True
+        if just_triggered:
+            self._publish(account, order)
+        return False
 
     def _fill(self, account: Account, order: Order, price: int, ts: str) -> None:
         instrument = _instrument_of(order)
@@ -708,6 +743,11 @@ class SimulatorState:
                 raise errors.input_error("Invalid `order_type`.")
             price = _price_param(params, "price") if params.get("price") else order.price
             trigger = _price_param(params, "trigger_price") if params.get("trigger_price") else order.trigger_price
+            protection = order.market_protection
+            if params.get("market_protection"):
+                protection = rules.parse_market_protection(params.get("market_protection"))
+            if self.config.market_protection_required:
+                rules.require_protection(order_type, protection)
             now = self.clock.now()
             ts = self.exchange_time(now)
             previous = (
@@ -733,11 +773,19 @@ class SimulatorState:
                 raise errors.input_error(problem)
             status_before = order.status
             order.modified = True
+            order.modifications += 1
+            order.market_protection = protection
             order.transition(MODIFY_VALIDATION_PENDING, ts)
             order.transition(MODIFY_PENDING, ts)
             order.transition(status_before, ts)
             if status_before != AMO_REQ_RECEIVED and order.instrument is not None:
-                self._try_fill(account, order, self.book.last_price(order.instrument.instrument_token), ts)
+                ltp = self.book.last_price(order.instrument.instrument_token)
+                # A market order at the exchange is re-banded around the price now; a limit has no band.
+                if order_type == "MARKET" and status_before == OPEN:
+                    self._set_band(order, ltp)
+                elif order_type in ("LIMIT", "SL"):
+                    order.band_price = 0
+                self._try_fill(account, order, ltp, ts)
             return order
 
     def cancel_order(self, account: Account, variety: str, order_id: str) -> Order:

@@ -36,6 +36,7 @@ def place(kite: KiteConnect, **overrides: object) -> str:
         "quantity": 10,
         "product": "MIS",
         "order_type": "MARKET",
+        "market_protection": -1,  # required on MARKET and SL-M since April 2026
     }
     params.update(overrides)
     return str(kite.place_order(**params))
