@@ -7,8 +7,12 @@ statuses and error types are the ones Kite answers with. docs/kite-rules.md list
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import date
 
 from connectors.kite_sim import errors
+from connectors.kite_sim.errors import KiteError
 
 PROTECTED_ORDER_TYPES = frozenset({"MARKET", "SL-M"})
 AUTOMATIC_PROTECTION = -1.0
@@ -16,6 +20,10 @@ NO_PROTECTION_MESSAGE = (
     "Market orders without market protection are not allowed via API. "
     "Please set market protection or use a Limit order."
 )
+MAX_MODIFICATIONS_MESSAGE = "Maximum allowed order modifications exceeded."
+MARKET_CLOSED_MESSAGE = "Markets are closed right now. Use GTT for placing long standing orders instead."
+MIS_BLOCKED_MESSAGE = "MIS orders are blocked after the intraday square-off time ({cutoff}). Use product CNC or NRML."
+RATE_LIMIT_MESSAGE = "Too many requests"
 
 
 def parse_market_protection(raw: str | None) -> float:
@@ -64,3 +72,49 @@ def band_price(side: str, reference_paise: int, protection: float, tick: int) ->
 
 def within_band(side: str, price: int, band: int) -> bool:
     return price <= band if side == "BUY" else price >= band
+
+
+@dataclass(slots=True)
+class OrderRateWindows:
+    """One api_key's order requests (place, modify, cancel): per second and per minute as sliding windows of
+    real (monotonic) time, per day by the exchange's trading day."""
+
+    second: deque[float] = field(default_factory=deque)
+    minute: deque[float] = field(default_factory=deque)
+    day: date | None = None
+    day_count: int = 0
+
+    def admit(
+        self, now: float, today: date, per_second: int | None, per_minute: int | None, per_day: int | None
+    ) -> None:
+        """Count the request, or raise 429 (uncounted) when any enabled cap is reached."""
+        if self.day != today:
+            self.day, self.day_count = today, 0
+        for window, span, cap in ((self.second, 1.0, per_second), (self.minute, 60.0, per_minute)):
+            while window and now - window[0] >= span:
+                window.popleft()
+            if cap is not None and len(window) >= cap:
+                raise rate_limited()
+        if per_day is not None and self.day_count >= per_day:
+            raise rate_limited()
+        self.second.append(now)
+        self.minute.append(now)
+        self.day_count += 1
+
+
+@dataclass(slots=True)
+class ReadWindow:
+    """A per-api_key sliding one-second window for one family of reads (quote 1/s, historical 3/s)."""
+
+    times: deque[float] = field(default_factory=deque)
+
+    def admit(self, now: float, per_second: int) -> None:
+        while self.times and now - self.times[0] >= 1.0:
+            self.times.popleft()
+        if len(self.times) >= per_second:
+            raise rate_limited()
+        self.times.append(now)
+
+
+def rate_limited() -> KiteError:
+    return errors.rate_limit_error(RATE_LIMIT_MESSAGE)
