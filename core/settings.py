@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         "guideline) or a percentage above 0, at most 100. Kite refuses such orders without it.",
     )
 
+    broker_mis_square_off: time = Field(
+        time(15, 20),
+        description="Exchange time at which Zerodha squares off open MIS equity positions itself and refuses new "
+        "MIS orders (15:25 for F&O): a MIS strategy must sell before it.",
+    )
+
     # Account security (docs/security.md). Rates are `limits` strings: "N/unit" joined by ";", all enforced.
     login_rate_per_address: str = Field(
         "20/minute;200/hour", description="Logins from one address (an IPv6 /64), whatever the email."

@@ -39,6 +39,7 @@ from schemas.api import (
     StrategyResponse,
     StrategyStopRequest,
 )
+from schemas.events import Product
 from storage.models import OrderLog, Strategy, StrategyStatus, StrategyStatusChange
 
 router = APIRouter(tags=["strategies"])
@@ -116,6 +117,14 @@ async def create_strategy(
     for field in ("buy_time", "sell_time"):
         if not calendar.within_hours(getattr(body, field)):
             raise FieldError(field, f"{field} must be within market hours {hours} exchange time")
+    cutoff = settings.broker_mis_square_off
+    if body.product is Product.MIS and body.sell_time >= cutoff:
+        # The broker squares the position off itself at the cut-off (a fee per order) and refuses our SELL.
+        raise FieldError(
+            "sell_time",
+            f"sell_time must be before the broker's MIS square-off at {cutoff:%H:%M} exchange time "
+            "(or use product CNC)",
+        )
     now = clock.now()
     broker = await live_broker(session, user.id, box, settings, now)
     assert body.exchange is not None and body.tradingsymbol is not None  # noqa: S101 - set by the model
