@@ -56,6 +56,8 @@ class OrderGateway(Protocol):
         self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
     ) -> str: ...
 
+    async def modify_order(self, order_id: str, *, price: float) -> None: ...
+
     async def cancel_order(self, order_id: str) -> BrokerOrder: ...
 
     async def order_status(self, order_id: str) -> BrokerOrder: ...
@@ -160,6 +162,12 @@ class KiteOrderGateway:
             **self._order_extras,
         )
         return str(order_id)
+
+    async def modify_order(self, order_id: str, *, price: float) -> None:
+        """Re-price a resting order as a limit at `price` (a resting exit being chased)."""
+        await self.broker.call(
+            self.broker.client.modify_order, variety="regular", order_id=order_id, order_type="LIMIT", price=price
+        )
 
     async def cancel_order(self, order_id: str) -> BrokerOrder:
         """Cancel and return the order's final state; an order that executed first comes back COMPLETE."""

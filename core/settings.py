@@ -123,6 +123,15 @@ class Settings(BaseSettings):
         "guideline) or a percentage above 0, at most 100. Kite refuses such orders without it.",
     )
 
+    exit_chase_modifications: int = Field(
+        8, ge=0, le=20,
+        description="A resting exit is re-priced by modify at most this many times (Kite allows 25 per order), then "
+        "cancelled and placed anew.",
+    )  # fmt: skip
+    exit_chase_interval_seconds: float = Field(0.5, gt=0, le=10, description="Between two steps of a chase.")
+    buy_rest_seconds: float = Field(
+        30.0, gt=0, le=600, description="A BUY resting unfilled this long is cancelled (never chased), the run stopped."
+    )
     broker_mis_square_off: time = Field(
         time(15, 20),
         description="Exchange time at which Zerodha squares off open MIS equity positions itself and refuses new "

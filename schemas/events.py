@@ -212,6 +212,7 @@ class NotificationKind(StrEnum):
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"
     BROKER_SESSION_EXPIRED = "broker_session_expired"
+    EXIT_CHASED = "exit_chased"  # an exit rests unfilled at the broker and is being re-priced until it fills
 
 
 class UserNotification(Event):

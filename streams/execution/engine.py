@@ -38,6 +38,7 @@ from streams.execution.outcomes import Outcomes
 from streams.execution.placement import Placement, Withdrawn
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler
+from streams.execution.resting import CHASED, RestingOrders
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Executor:
         self.ledger = Ledger(self.context)
         self.reconciler = Reconciler(self.context, self.ledger)
         self.placement = Placement(self.context, self.ledger, self.reconciler)
+        self.resting = RestingOrders(self.context, self.ledger, self.placement)
         self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler)
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
         self.pace = UserPace(self.placement.rate_limiter.limit)
@@ -204,8 +206,20 @@ class Executor:
             )
             if executed is not None:
                 broker_order, placed_here = executed, False
+            elif order.state is OrderState.CANCELLING and intent.action in CHASED:
+                # Redelivered mid-chase: the order being cancelled was ours to replace.
+                broker_order, order = await self.resting.resume(gateway, intent, strategy, order)
+                placed_here = True
             else:
                 broker_order, placed_here = await self.placement.place(gateway, intent, strategy, order, turn)
+            if not broker_order.terminal and intent.action in CHASED:
+                # Left resting (a protected market order in a fast move): never left so, chased until it fills.
+                broker_order, order = await self.resting.chase(
+                    gateway, intent, strategy, order, broker_order, fresh=placed_here
+                )
+                placed_here = True
+            elif not broker_order.terminal and intent.action is Action.BUY:
+                broker_order = await self.resting.cancel_resting_buy(gateway, intent, order, broker_order)
         except BrokerError as exc:
             return await self.outcomes.fail(intent, strategy, order, exc)
         except Withdrawn as withdrawn:
