@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     )
     broker_timeout_seconds: float = Field(7.0, gt=0, le=60)
     broker_orders_per_second: float = Field(10.0, gt=0, description="Kite's per-api_key order rate limit.")
+    broker_orders_per_minute: int = Field(
+        400, ge=1, description="Kite's per-minute order cap (place, modify, cancel; 2026 answers: 400, earlier 200)."
+    )
+    broker_orders_per_day: int = Field(
+        5000, ge=1, description="Kite's per-day order cap (2026 answers: 5,000, earlier 3,000)."
+    )
+    broker_exit_reserve: int = Field(
+        50, ge=0, description="Orders of each minute and of the day BUYs leave to exits: an exit is never refused."
+    )
     order_max_attempts: int = Field(4, ge=1, le=10, description="First try plus three retries.")
     execution_deadline_seconds: float = Field(
         90.0,

@@ -35,7 +35,7 @@ from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.limits import PRIORITY, PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
-from streams.execution.placement import Placement, Withdrawn
+from streams.execution.placement import OverBudget, Placement, Withdrawn
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler
 from streams.execution.resting import CHASED, RestingOrders
@@ -82,7 +82,7 @@ class Executor:
         self.reconciler = Reconciler(self.context, self.ledger)
         self.placement = Placement(self.context, self.ledger, self.reconciler)
         self.resting = RestingOrders(self.context, self.ledger, self.placement)
-        self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler)
+        self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
         self.pace = UserPace(self.placement.rate_limiter.limit)
 
@@ -222,6 +222,12 @@ class Executor:
                 broker_order = await self.resting.cancel_resting_buy(gateway, intent, order, broker_order)
         except BrokerError as exc:
             return await self.outcomes.fail(intent, strategy, order, exc)
+        except OverBudget as over:
+            # Nothing is left to do in this run: the trader is told and the run stopped, as for a missed BUY.
+            result = await self.outcomes.skip(intent, order, over.reason)
+            await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", over.reason)
+            await self.context.manager.stop(strategy.id, square_off=False, reason=over.reason)
+            return result
         except Withdrawn as withdrawn:
             log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
             return await self.outcomes.skip(intent, order, withdrawn.reason)
