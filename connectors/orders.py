@@ -64,6 +64,8 @@ class OrderGateway(Protocol):
 
     async def find_by_tag(self, tag: str) -> BrokerOrder | None: ...
 
+    async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None: ...
+
 
 class FreshSharedRead(Generic[T]):
     """Concurrent callers share one read, and no caller is answered by a read that began before it asked.
@@ -188,6 +190,18 @@ class KiteOrderGateway:
             if str(row.get("order_id")) == order_id:
                 return BrokerOrder.from_kite(row)
         raise BrokerUnavailable(f"order {order_id} is not in the broker's order book yet")
+
+    async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None:
+        """The broker's own intraday square-off of the instrument (Zerodha's at 15:20): a completed SELL in the
+        trader's order book that carries no tag of ours."""
+        for row in await self._order_book():
+            if (
+                not row.get("tag") and row.get("status") == "COMPLETE" and row.get("transaction_type") == "SELL"
+                and row.get("exchange") == exchange and row.get("tradingsymbol") == tradingsymbol
+                and row.get("product") == product
+            ):  # fmt: skip
+                return BrokerOrder.from_kite(row)
+        return None
 
     async def find_by_tag(self, tag: str) -> BrokerOrder | None:
         """The broker's own record of an order carrying `tag` (the intent), if it ever received one."""

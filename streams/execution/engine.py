@@ -21,10 +21,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connectors.broker import BrokerError, BrokerRejected
+from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import Clock
+from core.market import MarketCalendar
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager
-from schemas.events import Action, NotificationKind, OrderIntent, OrderResult
+from schemas.events import Action, NotificationKind, OrderIntent, OrderResult, Product
 from storage.journal import GroupCommit
 from storage.locks import ProcessLease, kept_alive_lock
 from storage.models import Strategy, StrategyStatus
@@ -50,6 +52,7 @@ LOCK_SECONDS = 10.0
 LEASED_LOCK_SECONDS = 60.0
 LOCK_WAIT_SECONDS = 120.0
 MISSED_BUY = "BUY time missed"
+MARKET_CLOSED = "market closed"
 
 
 def _no_turn() -> None:
@@ -82,6 +85,7 @@ class Executor:
         self.reconciler = Reconciler(self.context, self.ledger)
         self.placement = Placement(self.context, self.ledger, self.reconciler)
         self.resting = RestingOrders(self.context, self.ledger, self.placement)
+        self.calendar = MarketCalendar(settings)
         self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
         self.pace = UserPace(self.placement.rate_limiter.limit)
@@ -204,6 +208,8 @@ class Executor:
             executed = (
                 await self.protection.release(gateway, intent, strategy, history) if intent.action.is_exit else None
             )
+            if executed is None and intent.action in CHASED:
+                executed = await self._squared_off_by_broker(gateway, intent, strategy)
             if executed is not None:
                 broker_order, placed_here = executed, False
             elif order.state is OrderState.CANCELLING and intent.action in CHASED:
@@ -235,6 +241,26 @@ class Executor:
             intent, strategy, order, broker_order, history.position, placed_here=placed_here
         )
 
+    async def _squared_off_by_broker(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy
+    ) -> BrokerOrder | None:
+        """Past the broker's MIS cut-off, the broker's own square-off is this exit: no SELL into a flat position."""
+        if strategy.product != Product.MIS.value:
+            return None
+        cutoff = self.settings.broker_mis_square_off
+        if self.calendar.local(self.context.clock.now()).time() < cutoff:
+            return None
+        found = await gateway.find_square_off(strategy.exchange, strategy.tradingsymbol, strategy.product)
+        if found is not None:
+            log.warning("intent %s: the broker squared the position off itself (order %s)", intent.intent_id,
+                        found.order_id)  # fmt: skip
+            await self.ledger.notify(
+                intent, NotificationKind.SQUARED_OFF_BY_BROKER, "Squared off by the broker",
+                f"The broker closed the {strategy.instrument} MIS position at its {cutoff:%H:%M} square-off "
+                f"(at {found.average_price}): no {intent.action.value} was sent",
+            )  # fmt: skip
+        return found
+
     async def _adopt_sent(
         self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition
     ) -> OrderResult | None:
@@ -255,6 +281,9 @@ class Executor:
     async def _skip(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, reason: str) -> OrderResult:
         log.info("intent %s skipped: %s", intent.intent_id, reason)
         result = await self.outcomes.skip(intent, order, reason)
+        if reason.startswith(MARKET_CLOSED):
+            await self.ledger.notify(intent, NotificationKind.MARKET_CLOSED, f"{intent.action.value} not sent",
+                                     reason)  # fmt: skip
         if reason.startswith(MISSED_BUY):
             await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", reason)
             # Nothing is left to do in this run: stop it (its SELL job is cancelled) rather than leave it
@@ -265,6 +294,9 @@ class Executor:
     def _does_not_fit(self, intent: OrderIntent, strategy: Strategy, position: RunPosition) -> str | None:
         if intent.run != strategy.run:
             return f"intent is for run {intent.run}, the strategy is on run {strategy.run}"
+        if intent.action in (Action.BUY, Action.SELL) and not self.calendar.is_open(self.context.clock.now()):
+            # Kite takes regular orders only in market hours: a time event due outside them is not placed.
+            return f"{MARKET_CLOSED}: {intent.action.value} not sent outside market hours"
         if intent.action is Action.BUY:
             if strategy.status != StrategyStatus.RUNNING.value:
                 return f"strategy is {strategy.status}"

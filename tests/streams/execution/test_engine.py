@@ -710,3 +710,12 @@ async def test_a_buy_the_days_order_budget_has_no_room_for_is_skipped_with_a_not
     assert engine.gateway.placements == []
     assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.BUY_SKIPPED]
     assert (await engine.strategy()).status == StrategyStatus.STOPPED.value
+
+
+async def test_a_time_event_due_outside_market_hours_is_not_placed_and_the_trader_told(engine: Engine) -> None:
+    await buy_filled(engine)
+    engine.clock.set(datetime(2025, 1, 15, 15, 45, tzinfo=IST))  # after the close
+    result = await engine.executor.execute(engine.intent(Action.SELL))
+    assert result is not None and result.status is OrderStatus.SKIPPED and "market closed" in (result.message or "")
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY"]
+    assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.MARKET_CLOSED]

@@ -31,6 +31,7 @@ from tests.fixtures.simulator import SimAccount
 from tests.streams.execution.engine_bench import (
     BUY_AT,
     DAY,
+    IST,
     Engine,
     RecordingPublisher,
     create_running_strategy,
@@ -162,3 +163,28 @@ async def test_a_resting_buy_is_cancelled_and_the_run_stopped_with_a_notice(
     assert (await engine.strategy()).status == "failed"
     assert NotificationKind.ORDER_FAILED in [n.kind for n in engine.publisher.notifications()]
     assert not simulator.state.accounts[account.api_key].positions
+
+
+@sqlite_only
+async def test_a_position_the_broker_squared_off_is_adopted_as_the_exit_with_no_sell_of_ours(
+    db_engine: AsyncEngine, redis: Redis, simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    account = kite_account()
+    engine = await engine_on_simulator(db_engine, redis, simulator, account)
+    await bought(engine, simulator)
+    sim_clock = simulator.state.clock
+    assert isinstance(sim_clock, ManualClock)
+    before = sim_clock.now()
+    try:
+        sim_clock.set(before.astimezone(IST).replace(hour=15, minute=20, second=0))
+        simulator.state.step()  # the broker's 15:20 square-off
+        (square_off,) = simulator.state.auto_square_offs
+        engine.clock.set(BUY_AT.replace(hour=15, minute=21))  # a SELL (or a late STOPLOSS) arrives after it
+        result = await engine.executor.execute(engine.intent(Action.SELL))
+    finally:
+        sim_clock.set(before)
+    assert result is not None and result.status is OrderStatus.FILLED and result.broker_order_id == square_off
+    assert [r.params["transaction_type"] for r in audit(simulator, account, "place")] == ["BUY"]  # no SELL of ours
+    kinds = [n.kind for n in engine.publisher.notifications()]
+    assert NotificationKind.SQUARED_OFF_BY_BROKER in kinds
+    assert (await engine.strategy()).status == "completed"
