@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kex
 from requests.adapters import HTTPAdapter
@@ -19,7 +20,8 @@ from requests.adapters import HTTPAdapter
 from connectors.kite_sim import RunningSimulator
 from core.clock import ManualClock
 from tests.connectors.kite_sim.test_rest import place
-from tests.fixtures.simulator import SimAccount
+from tests.fixtures.proxies import StartProxies
+from tests.fixtures.simulator import SimAccount, login
 
 MakeAccount = Callable[..., SimAccount]
 
@@ -120,3 +122,23 @@ def test_the_whitelist_changes_at_most_once_a_week(simulator: RunningSimulator, 
         assert control.get(f"/accounts/{account.api_key}/ip_whitelist").json()["ips"] == ["127.0.0.3"]
         bad = control.put(f"/accounts/{account.api_key}/ip_whitelist", json={"ips": ["not-an-ip"], "force": True})
         assert bad.status_code == 400 and "not-an-ip" in bad.json()["message"]
+
+
+def test_orders_through_a_real_proxy_leave_from_its_address(
+    simulator: RunningSimulator, kite_account: MakeAccount, egress_proxies: StartProxies
+) -> None:
+    right, wrong = egress_proxies(2)
+    account = kite_account()
+    simulator.state.set_ip_whitelist(account.api_key, [right.listen])
+    through_right = login(simulator, account.credentials, proxies={"http": right.url, "https": right.url})
+    through_wrong = login(simulator, account.credentials, proxies={"http": wrong.url, "https": wrong.url})
+
+    place(through_right)
+    with pytest.raises(kex.PermissionException):
+        place(through_wrong)
+    right.stop()
+    with pytest.raises(requests.exceptions.ProxyError):
+        place(through_right)  # an egress that is down never reaches the broker
+
+    records = simulator.state.audit.records(api_key=account.api_key)
+    assert [(r.outcome, r.source_ip) for r in records] == [("placed", right.listen), ("error", wrong.listen)]
