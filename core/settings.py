@@ -199,6 +199,8 @@ class Settings(BaseSettings):
 
     @property
     def egress_required(self) -> bool:
+        if self.broker_mode == "paper":
+            return False  # paper orders never reach Kite
         if self.require_egress is not None:
             return self.require_egress
         return self.environment is Environment.PRODUCTION and not self.single_trader
