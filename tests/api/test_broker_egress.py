@@ -97,3 +97,13 @@ async def test_start_without_a_required_egress_is_409_naming_it(
                                  headers=user.headers)  # fmt: skip
     assert response.status_code == 409, response.text
     assert "egress" in response.json()["detail"] and "SINGLE_TRADER" in response.json()["detail"]
+
+
+async def test_a_socks5_egress_is_checked_and_shown(
+    client: httpx.AsyncClient, make_user: MakeUser, connect_broker: ConnectBroker, egress_proxies: StartProxies
+) -> None:
+    (proxy,) = egress_proxies(1, kind="socks5")
+    user = await make_user()
+    await connect_broker(user, egress=proxy.url)
+    status = (await client.get("/broker/status", headers=user.headers)).json()
+    assert status["egress"] == f"socks5h://{proxy.listen}:{proxy.port}"

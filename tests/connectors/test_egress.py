@@ -83,3 +83,25 @@ async def test_order_calls_go_through_the_egress_and_reads_go_direct(
                                 order_type="MARKET")  # fmt: skip
     (record,) = simulator.state.audit.records(api_key=account.api_key)
     assert (record.outcome, record.source_ip) == ("placed", proxy.listen)
+
+
+async def test_a_socks5_egress_carries_order_calls_over_one_reused_tunnel(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount], egress_proxies: StartProxies
+) -> None:
+    (proxy,) = egress_proxies(1, kind="socks5")
+    account = kite_account()
+    simulator.state.set_ip_whitelist(account.api_key, [proxy.listen])
+    settings = Settings(kite_api_root=simulator.rest_root)
+    broker = KiteBroker(settings, account.api_key, account.access_token, Egress.parse(proxy.url))
+    for _ in range(3):
+        place(broker.order_client)
+    records = simulator.state.audit.records(api_key=account.api_key)
+    assert [(r.outcome, r.source_ip) for r in records] == [("placed", proxy.listen)] * 3
+    adapter = broker.order_client.reqsession.get_adapter(simulator.rest_root)
+    pools = adapter.proxy_manager_for(proxy.url).pools
+    assert sum(pools[key].num_connections for key in pools.keys()) == 1  # three orders, one connection
+    proxy.kill()
+    with pytest.raises(BrokerEgressDown):  # a SOCKS proxy that is down: a connection error through the egress
+        await broker.order_call(broker.order_client.place_order, variety="regular", exchange="NSE",
+                                tradingsymbol="INFY", transaction_type="BUY", quantity=1, product="MIS",
+                                order_type="MARKET")  # fmt: skip

@@ -41,7 +41,7 @@ async def test_three_traders_each_trade_through_their_own_address(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, connect_broker: Any, simulator: Any,
     pipeline: Pipeline, pinned_clock: ScaledClock, egress_proxies: StartProxies,
 ) -> None:  # fmt: skip
-    proxies = egress_proxies(3)
+    proxies = egress_proxies(2) + egress_proxies(1, kind="socks5")  # HTTP CONNECT (tinyproxy) and SOCKS5 (Dante)
     symbols = ("NSE:INFY", "NSE:TCS", "NSE:SBIN")
     for symbol, price in zip(symbols, (1500.0, 4000.0, 800.0), strict=True):
         simulator.state.set_price(symbol, price)
