@@ -74,6 +74,22 @@ class Settings(BaseSettings):
         "lane, and the exit queued behind it, for ever. Above the worst legitimate case (every retry timing out).",
     )
 
+    # Egress (docs/egress.md): Kite takes order calls only from the static IP registered on the trader's developer
+    # account, shared at most within a family; each trader's orders leave through that trader's own proxy.
+    single_trader: bool = Field(
+        False,
+        description="This deployment serves one trader (or one family) and its own address is the registered "
+        "static IP: order calls may leave directly.",
+    )
+    require_egress: bool | None = Field(
+        None,
+        description="Refuse START for a trader whose broker connection has no egress. Unset: required in "
+        "production unless SINGLE_TRADER.",
+    )
+    egress_check_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="How long /broker/connect waits for the broker through a new egress."
+    )
+
     # Market data session for the tick connector; unset: the most recently connected trader's session.
     ticker_api_key: str | None = None
     ticker_access_token: SecretStr | None = None
@@ -180,6 +196,14 @@ class Settings(BaseSettings):
             name = (info.field_name or "").upper()
             raise ValueError(f'{name}: expected rates like "5/minute;20/hour" ({exc})') from None
         return value
+
+    @property
+    def egress_required(self) -> bool:
+        if self.broker_mode == "paper":
+            return False  # paper orders never reach Kite
+        if self.require_egress is not None:
+            return self.require_egress
+        return self.environment is Environment.PRODUCTION and not self.single_trader
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -17,10 +17,10 @@ from datetime import UTC
 
 from redis.exceptions import RedisError
 
-from connectors.broker import BrokerError, BrokerThrottled, BrokerUnavailable
+from connectors.broker import BrokerEgressDown, BrokerError, BrokerThrottled, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.coalesce import Coalesced
-from schemas.events import Action, OrderIntent
+from schemas.events import Action, NotificationKind, OrderIntent
 from storage.models import Strategy
 from storage.runtime import RuntimeState, runtime_key, strategy_key
 from streams.execution.context import EngineContext
@@ -136,6 +136,14 @@ class Placement:
             raise
         except BrokerUnavailable as exc:
             await self.ledger.moved(intent, order, OrderEvent.TIMED_OUT, message=exc.message)
+            if isinstance(exc, BrokerEgressDown) and intent.action.is_exit:
+                # The position is at risk while the exit cannot leave: the trader hears now, not after the retries.
+                # Once per intent (the notice's id is the intent's); failing to tell must not stop the retries.
+                try:
+                    await self.ledger.notify(intent, NotificationKind.EGRESS_DOWN, "Exit delayed – egress down",
+                                             f"{intent.action.value}: {exc.message}; retrying")  # fmt: skip
+                except Exception:
+                    log.exception("intent %s: egress-down notice not delivered", intent.intent_id)
             raise
         except BrokerError as exc:
             await self.ledger.moved(intent, order, OrderEvent.REJECTED, message=exc.message)
