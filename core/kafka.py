@@ -12,7 +12,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from core.settings import Settings
 from schemas.events import Event
-from streams.topics import topic_specs
+from streams.topics import faust_internal_topics, topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ async def ensure_topics(settings: Settings, wait_seconds: float = 30.0) -> dict[
         specs = topic_specs(settings)
         existing = set(await admin.list_topics())
         missing = [NewTopic(s.name, s.partitions, 1) for s in specs if s.name not in existing]
+        missing += [
+            NewTopic(name, partitions, 1, topic_configs=config)
+            for name, (partitions, config) in faust_internal_topics(settings).items()
+            if name not in existing
+        ]
         if missing:
             try:
                 await admin.create_topics(missing)
