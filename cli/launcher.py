@@ -58,6 +58,12 @@ HEALTH_POLL_SECONDS = 2.0
 DEMO_DATABASE = Path("var") / "demo.db"
 KAFKA_WORKDIR = Path("var") / "kafka"  # formatted anew at each start: the launcher's broker starts empty
 DEMO_CLOCK_SPEED = 10.0
+# The services that serve Prometheus metrics on a port of their own, and the setting that names it.
+METRICS_PORT_SETTINGS = {
+    "worker": "WORKER_METRICS_PORT",
+    "scheduler": "SCHEDULER_METRICS_PORT",
+    "ticker": "TICKER_METRICS_PORT",
+}
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta", "bright_green"]
 
 PR_SET_PDEATHSIG = 1
@@ -122,6 +128,7 @@ class ServiceSpec:
     infrastructure: bool = False  # stopped last, after every service that uses it
     unavailable: str | None = None  # why it is not started (its module is not in this build)
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None  # its Prometheus endpoint (the API's is /metrics on its own port)
 
 
 @dataclass
@@ -314,10 +321,14 @@ class Launcher:
         ]
         for index in range(1, self.options.workers + 1):
             spec = service("worker", f"worker-{index}")
-            # Each Faust worker serves its own web endpoint; they cannot share a port.
+            # Each Faust worker serves its own web and metrics endpoints; they cannot share a port.
             spec.env["WORKER_WEB_PORT"] = str(free_port())
             specs.append(spec)
         specs += [service("scheduler"), service("ticker")]
+        for spec in specs:
+            if variable := METRICS_PORT_SETTINGS.get(spec.argv[-1]):
+                spec.metrics_port = free_port()
+                spec.env[variable] = str(spec.metrics_port)
         return specs
 
     # --- children ------------------------------------------------------------------------------------
@@ -347,7 +358,7 @@ class Launcher:
         async for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
             child.last_line = line
-            self.console.print(Text.assemble(prefix, line), soft_wrap=True)
+            self.console.print(Text.assemble(prefix, (line, line_style(line))), soft_wrap=True)
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
@@ -495,6 +506,8 @@ class Launcher:
         ]
         if settings.clock_start is not None:
             lines.append(f"Clock           starts {settings.clock_start}, speed x{settings.clock_speed:g}")
+        ports = [f"{c.spec.name} :{c.spec.metrics_port}" for c in self.children if c.spec.metrics_port and c.running]
+        lines.append(f"Metrics         {api}/metrics (operator token); {', '.join(ports)}")
         for line in [*lines, *self.demo_lines]:
             self._say(line, style="")
 
@@ -602,6 +615,19 @@ class Launcher:
                     self._say(f"health: {name} {result.status} ({result.detail})", style="")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), HEALTH_POLL_SECONDS)
+
+
+# A service's text log line (core/logs.py: "HH:MM:SS LEVEL logger: message") -> its colour in `algo up`.
+LEVEL_STYLES = {" WARNING ": "yellow", " ERROR ": "bold red", " CRITICAL ": "bold red"}
+OUTCOME_STYLES = {" orders: ": "bold green"}
+
+
+def line_style(line: str) -> str:
+    head = line[:40]
+    for marker, style in (*LEVEL_STYLES.items(), *OUTCOME_STYLES.items()):
+        if marker in head:
+            return style
+    return ""
 
 
 def describe_exit(code: int | None) -> str:
