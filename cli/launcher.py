@@ -118,6 +118,7 @@ class UpOptions:
     duration: float | None = None
     health_table: bool | None = None
     restart: bool = False
+    prometheus: bool = False
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Launcher:
         self.started = time.monotonic()
         self.ready_after: float | None = None
         self.demo_lines: list[str] = []
+        self.prometheus_port: int | None = None
 
     # --- public --------------------------------------------------------------------------------------
 
@@ -330,6 +332,26 @@ class Launcher:
                 spec.metrics_port = free_port()
                 spec.env[variable] = str(spec.metrics_port)
         return specs
+
+    def _prometheus(self, services: list[ServiceSpec]) -> list[ServiceSpec]:
+        """A real Prometheus scraping every service, if one is installed; else a line saying so."""
+        from cli import prometheus
+
+        assert self.settings is not None and self.settings.operator_token is not None  # noqa: S101 - set by _plan
+        binary = prometheus.prometheus_binary()
+        if binary is None:
+            self._say("prometheus: not installed (Debian's prometheus package); --prometheus ignored", "yellow")
+            return []
+        targets: dict[str, list[int]] = {}
+        for spec in services:
+            if spec.metrics_port is not None:
+                targets.setdefault(spec.argv[-1], []).append(spec.metrics_port)
+        config = prometheus.write_config(
+            self.settings.api_port, self.settings.operator_token.get_secret_value(), targets
+        )
+        port = self._choose_port(9090, "prometheus")
+        self.prometheus_port = port
+        return [ServiceSpec("prometheus", prometheus.command(binary, config, port), port=port)]
 
     # --- children ------------------------------------------------------------------------------------
 
@@ -508,6 +530,8 @@ class Launcher:
             lines.append(f"Clock           starts {settings.clock_start}, speed x{settings.clock_speed:g}")
         ports = [f"{c.spec.name} :{c.spec.metrics_port}" for c in self.children if c.spec.metrics_port and c.running]
         lines.append(f"Metrics         {api}/metrics (operator token); {', '.join(ports)}")
+        if self.prometheus_port is not None:
+            lines.append(f"Prometheus      http://127.0.0.1:{self.prometheus_port}  (alerts: /alerts)")
         for line in [*lines, *self.demo_lines]:
             self._say(line, style="")
 
@@ -548,6 +572,8 @@ class Launcher:
         self._say(f"database migrated: {mask_url(self.settings.database_url)}", style="")
 
         services = self._services()
+        if self.options.prometheus:
+            services += self._prometheus(services)
         started = await self._start(services)
         missing = [s.name for s in services if s.unavailable is not None]
         if missing:

@@ -87,12 +87,17 @@ def up(
     restart: Annotated[
         bool, typer.Option("--restart", help="Restart a service that dies, with backoff (announced).")
     ] = False,
+    prometheus: Annotated[
+        bool, typer.Option("--prometheus", help="Also run Prometheus (where installed) scraping every service.")
+    ] = False,
 ) -> None:
     """Run the whole stack on this machine: Kafka (Tansu), Redis, SQLite, simulator, API, workers."""
     from cli.launcher import Launcher, UpOptions
 
     load_settings()  # a bad setting fails here, in one line, before anything starts
-    options = UpOptions(demo=demo, workers=workers, duration=duration, health_table=health_table, restart=restart)
+    options = UpOptions(
+        demo=demo, workers=workers, duration=duration, health_table=health_table, restart=restart, prometheus=prometheus
+    )
     raise typer.Exit(Launcher(options).run())
 
 

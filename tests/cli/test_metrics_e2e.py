@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -65,7 +66,8 @@ def test_every_service_exports_metrics_that_move_when_a_trade_happens(  # type: 
 ) -> None:
     # The launcher runs `python -m cli.main` in a scratch directory: this checkout's code, not an installed one.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
-    stack: RunningStack = start_stack("--for", "120", "--demo")
+    with_prometheus = shutil.which("prometheus") is not None  # `--prometheus` is checked where one is installed
+    stack: RunningStack = start_stack("--for", "120", "--demo", *(["--prometheus"] if with_prometheus else []))
     # Readiness within 90 s: this test is about the metrics (test_up.py holds the start-up time to its bound).
     line = stack.ready.get(timeout=90)
     assert "up | ready in " in line, stack.output()[-5000:]
@@ -108,6 +110,20 @@ def test_every_service_exports_metrics_that_move_when_a_trade_happens(  # type: 
     # No label names a user, a strategy or an order.
     for samples in after.values():
         assert not {label for (_, labels) in samples for label, _ in labels} & {"user", "user_id", "strategy_id"}
+
+    if with_prometheus:
+        # The real Prometheus `algo up --prometheus` ran scraped every service and loaded the alert rules.
+        (port,) = re.findall(r"Prometheus +http://127.0.0.1:(\d+)", stack.output())
+        prometheus = f"http://127.0.0.1:{port}/api/v1"
+
+        def all_scraped() -> bool:
+            targets = httpx.get(f"{prometheus}/targets", timeout=10).json()["data"]["activeTargets"]
+            up = {target["labels"]["job"] for target in targets if target["health"] == "up"}
+            return up == {"api", "worker", "scheduler", "ticker"}
+
+        eventually(all_scraped, 30, "Prometheus scraping every service", stack)
+        rules = httpx.get(f"{prometheus}/rules", timeout=10).json()["data"]["groups"]
+        assert {"PositionWithoutLiveStop", "ExitNotFilled"} <= {r["name"] for g in rules for r in g["rules"]}
 
     stack.process.send_signal(signal.SIGINT)
     assert stack.process.wait(30) == 0, stack.output()[-5000:]
