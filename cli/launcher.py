@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,6 +54,7 @@ from core.health import ComponentHealth, check_dependencies, kafka_unreachable_r
 from core.settings import Settings
 
 GRACE_SECONDS = 10.0
+QUIET_LINES_KEPT = 30
 READY_TIMEOUT_SECONDS = 45.0
 HEALTH_POLL_SECONDS = 2.0
 DEMO_DATABASE = Path("var") / "demo.db"
@@ -130,6 +132,7 @@ class ServiceSpec:
     unavailable: str | None = None  # why it is not started (its module is not in this build)
     env: dict[str, str] = field(default_factory=dict)
     metrics_port: int | None = None  # its Prometheus endpoint (the API's is /metrics on its own port)
+    quiet: bool = False  # its output is shown only if it dies (the local Redis's start-up banner and notices)
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Child:
     restarts: int = 0
     stopping: bool = False
     last_line: str = ""
+    held: deque[str] = field(default_factory=lambda: deque(maxlen=QUIET_LINES_KEPT))  # a quiet child's last lines
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -217,6 +221,7 @@ class Launcher:
             port = self._choose_port(redis_port, "redis")
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             infrastructure.append(self._infra("redis", redis_command, port))
+            infrastructure[-1].quiet = True
 
         # Database: as configured (SQLite under ./var by default); the demo starts from a fresh file.
         if self.options.demo and "DATABASE_URL" not in explicit:
@@ -380,6 +385,9 @@ class Launcher:
         async for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
             child.last_line = line
+            if child.spec.quiet:
+                child.held.append(line)
+                continue
             self.console.print(Text.assemble(prefix, (line, line_style(line))), soft_wrap=True)
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
@@ -388,6 +396,9 @@ class Launcher:
         if child.stopping or self.stop.is_set():
             return
         await asyncio.gather(*child.tasks[:1])  # the last log line tells why
+        prefix = Text(f"{child.spec.name:>10} | ", style=child.colour)
+        for line in child.held:  # a quiet child's last words, now that they matter
+            self.console.print(Text.assemble(prefix, line), soft_wrap=True)
         if code == EXIT_CONFIG and "not available yet" in child.last_line:
             child.spec.unavailable = child.last_line.removeprefix("error: ")
             self._say(f"{child.spec.name}: {child.spec.unavailable}", style="yellow")
