@@ -55,6 +55,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from benchmarks import plots
 from benchmarks._support import (
     Received,
     Service,
@@ -128,6 +129,9 @@ class Report:
 
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Raw samples for the plots (benchmarks/plots.py): latency distributions, and (stops armed, ticks/s).
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    throughput: list[tuple[int, float]] = field(default_factory=list)
 
     def row(self, what: str, figure: str, target: str = "", verdict: str = "") -> None:
         self.rows.append((what, figure, target, verdict))
@@ -336,6 +340,7 @@ async def bench_ticks(stack: Stack, clock: ScaledClock, sizes: Sizes, report: Re
     print(f"  worker, {many.stops:,} stops: {many.worker_rate:,.0f} ticks/s (armed at {many.arm_rate:,.0f} events/s)")
     one = await _worker_tick_run(stack, clock, sizes, 1)
     print(f"  worker, 1 stop: {one.worker_rate:,.0f} ticks/s")
+    report.throughput += [(1, one.worker_rate), (many.stops, many.worker_rate)]
 
     # The same ticks (the last run's topic) read by a plain consumer, then with the agent's own work.
     # Same fetch wait as the worker's consumer: Tansu holds a fetch for that long when a partition is dry.
@@ -729,6 +734,8 @@ def _stoploss_figures(
         hop1.append(r.timestamp_ms - (published[key] + offset) * 1000)
         hop2.append((sells[key].received_monotonic + offset) * 1000 - r.timestamp_ms)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    nominal = "1,000" if background < 5_000 else "10,000"  # the phase's target rate (the measured one varies)
+    report.latencies_ms[f"tick-to-STOPLOSS at {nominal} ticks-per-s"] = latencies
     verdict = "meets" if p99 < STOPLOSS_P99_TARGET_MS else "MISSES"
     report.row(
         f"tick publish -> STOPLOSS at the broker, p50 / p99 / max (n={len(latencies)}, "
@@ -958,6 +965,7 @@ async def _burst(
     latencies = [(r.received_monotonic - due_monotonic) * 1000 for r in buys]
     refused = sum(1 for r in buys if r.http_status == 429)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    report.latencies_ms[f"BUY burst of {total}"] = latencies
     verdict = "meets" if p99 < BURST_P99_TARGET_MS else "MISSES"
     db = stack.database_kind.split(" ")[0]
     report.row(
@@ -1256,6 +1264,10 @@ def print_report(report: Report, stack: Stack) -> None:
     for what, figure, target, verdict in report.rows:
         print(f"{what:<{width}}  {figure:>12}  {target:>10}  {verdict}")
     print(f"\nmachine: {_machine_note(stack)}")
+    if report.latencies_ms or report.throughput:
+        plots.save(report.latencies_ms, report.throughput, plots.run_label(_machine_note(stack)))
+        for path in plots.draw():
+            print(f"plot: {path}")
     print("\nwhere the time goes:")
     for note in report.notes:
         print(f"- {note}")

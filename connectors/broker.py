@@ -32,6 +32,7 @@ from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kite_exceptions
 
 from connectors.egress import EGRESS_SESSIONS, Egress
+from core.metrics import BROKER_CALL_SECONDS
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -298,10 +299,15 @@ class KiteBroker:
 
     async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a sync client method in a thread and map its failures to BrokerError subclasses."""
+        name = getattr(method, "__name__", "call")
+        started = time.perf_counter()
         try:
-            return await asyncio.to_thread(method, *args, **kwargs)
+            answer = await asyncio.to_thread(method, *args, **kwargs)
+            BROKER_CALL_SECONDS.labels(name, "ok").observe(time.perf_counter() - started)
+            return answer
         except Exception as exc:
             mapped = map_kite_exception(exc)
+            BROKER_CALL_SECONDS.labels(name, type(mapped).__name__).observe(time.perf_counter() - started)
             # Type and broker message only: the client's exceptions never carry credentials.
             log.info("broker call %s failed: %s: %s", getattr(method, "__name__", method), type(mapped).__name__,
                      mapped.message)  # fmt: skip

@@ -167,7 +167,23 @@ class Settings(BaseSettings):
     sim_host: str = "127.0.0.1"
     sim_port: int = Field(8100, ge=1, le=65535)
     worker_web_port: int = Field(6066, ge=1, le=65535)
+
+    # Observability (docs/operations.md): Prometheus endpoints and log format. The API serves GET /metrics on its
+    # own port; each other service serves /metrics on its port below (0: not served). `algo up` gives each
+    # worker a free port of its own.
+    metrics_host: str = Field("127.0.0.1", description="Address the services' metrics ports listen on.")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    scheduler_metrics_port: int = Field(9102, ge=0, le=65535)
+    ticker_metrics_port: int = Field(9103, ge=0, le=65535)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line, for collectors."
+    )
+    library_log_level: str = Field(
+        "WARNING",
+        description="Log level of Faust, mode and aiokafka, whose start-up detail (offsets, assignments) is noise "
+        "to an operator; INFO or DEBUG to see it.",
+    )
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Self:
