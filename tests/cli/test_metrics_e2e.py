@@ -81,10 +81,15 @@ def test_every_service_exports_metrics_that_move_when_a_trade_happens(  # type: 
     # The operator's token guards the API's endpoint: the series describe the trading book.
     assert httpx.get(api, timeout=10).status_code == 401
 
+    # The API reads the book at most every few seconds, and a Prometheus started with the stack may have had it
+    # read before the demo's STARTs: wait for the read that sees them.
+    def started() -> bool:
+        return total(scrape(api, OPERATOR_TOKEN), "algo_strategies", status="running") == 2
+
+    eventually(started, 30, "the demo's two strategies running (algo_strategies)", stack)
     before = {name: scrape(url) for name, url in endpoints.items()}
     before["api"] = scrape(api, OPERATOR_TOKEN)
     assert total(before["worker-1"], "algo_orders_total", action="BUY") == 0  # the demo's BUY is a minute ahead
-    assert total(before["api"], "algo_strategies", status="running") == 2
 
     def bought() -> bool:
         return total(scrape(endpoints["worker-1"]), "algo_orders_total", action="BUY", outcome="filled") >= 2
