@@ -201,7 +201,7 @@ async def _start(
     strategy = await owned_strategy(session, strategy_id, user.id)
     if strategy.status != StrategyStatus.RUNNING.value:
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead.
-        await live_broker(session, user.id, box, settings, clock.now())
+        await live_broker(session, user.id, box, settings, clock.now(), orders=True)
         if (refusal := await start_refusal(session, strategy, settings, calendar, clock)) is not None:
             raise ApiError(409, f"START refused: {refusal}")
     await session.close()

@@ -11,6 +11,7 @@ Money is integer paise throughout; rupees appear only at the JSON boundary.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import secrets
 import threading
@@ -61,8 +62,16 @@ _UTILISED_FIELDS = (
     "debits", "exposure", "m2m_realised", "m2m_unrealised", "option_premium", "payout", "span", "holding_sales",
     "turnover", "liquid_collateral", "stock_collateral", "delivery",
 )  # fmt: skip
+# Kite takes a primary and an optional secondary static IP, changed at most once a week.
+MAX_WHITELISTED_IPS = 2
+IP_WHITELIST_CHANGE_INTERVAL = timedelta(days=7)
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9]{1,20}$")
 BROKER = "ZERODHA"
+# Kite's exact wording for this refusal is not published (see docs/egress.md); this text names the cause.
+SOURCE_IP_REFUSED = (
+    "Order request from IP {source} is not allowed: the IP is not whitelisted for this app. "
+    "Register your static IP on the Kite Connect developer console."
+)
 
 
 @dataclass(slots=True)
@@ -98,6 +107,9 @@ class SimConfig:
     read_limits_enabled: bool = True
     quotes_per_second: int = 1  # /quote, /quote/ltp, /quote/ohlc per api_key
     historical_per_second: int = 3  # no historical endpoint here yet: kept for when there is one
+    # Kite refuses order calls (place, modify, cancel) from addresses not on the account's IP whitelist. The
+    # check applies only to accounts that have a whitelist; this switch turns it off for all of them.
+    static_ip_check: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -128,6 +140,8 @@ class Account:
     holdings: list[Holding] = field(default_factory=list)
     order_rate: rules.OrderRateWindows = field(default_factory=rules.OrderRateWindows)
     quote_rate: rules.ReadWindow = field(default_factory=rules.ReadWindow)
+    ip_whitelist: tuple[str, ...] = ()  # empty: no whitelist registered, order calls answer from anywhere
+    ip_whitelist_changed_at: datetime | None = None  # simulator clock
 
     @property
     def available(self) -> int:
@@ -404,6 +418,42 @@ class SimulatorState:
 
     def authenticate_ws(self, api_key: str, access_token: str) -> Account | None:
         return self._token_account(api_key, access_token)
+
+    # --- static IP whitelist (Kite's developer console) -----------------------------------------------
+
+    def set_ip_whitelist(self, api_key: str, ips: Iterable[str], force: bool = False) -> tuple[str, ...]:
+        """Register the account's static IPs (1 or 2), at most once a week on the simulator clock, as Kite
+        allows; `force` skips the weekly limit (test setup only). Returns the normalised whitelist."""
+        normalised: list[str] = []
+        for raw in ips:
+            try:
+                address = str(ipaddress.ip_address(str(raw).strip()))
+            except ValueError:
+                raise errors.input_error(f"Invalid IP address `{raw}`.") from None
+            if address not in normalised:
+                normalised.append(address)
+        if not 1 <= len(normalised) <= MAX_WHITELISTED_IPS:
+            raise errors.input_error(f"Give one primary and at most {MAX_WHITELISTED_IPS - 1} secondary IP.")
+        with self._lock:
+            account = self.account(api_key)
+            now = self.clock.now()
+            changed = account.ip_whitelist_changed_at
+            if not force and changed is not None and now - changed < IP_WHITELIST_CHANGE_INTERVAL:
+                next_change = (changed + IP_WHITELIST_CHANGE_INTERVAL).astimezone(EXCHANGE_TZ)
+                raise errors.input_error(
+                    "The IP whitelist can be changed once a week; "
+                    f"next change allowed after {next_change:%Y-%m-%d %H:%M}."
+                )
+            account.ip_whitelist = tuple(normalised)
+            account.ip_whitelist_changed_at = now
+            return account.ip_whitelist
+
+    def check_source_address(self, account: Account, source: str | None) -> None:
+        """Refuse an order call from an address off the account's whitelist (accounts without one: any)."""
+        if not self.config.static_ip_check or not account.ip_whitelist:
+            return
+        if source not in account.ip_whitelist:
+            raise errors.permission_error(SOURCE_IP_REFUSED.format(source=source or "unknown"))
 
     # --- prices (test API) -----------------------------------------------------------------------
 
