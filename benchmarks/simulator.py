@@ -76,7 +76,10 @@ def serve(port: int) -> None:
 
 
 async def _orders_run(root: str, accounts: list[tuple[str, str]], concurrency: int, seconds: float) -> float:
-    body = b"exchange=NSE&tradingsymbol=INFY&transaction_type=BUY&quantity=1&product=MIS&order_type=MARKET"
+    body = (
+        b"exchange=NSE&tradingsymbol=INFY&transaction_type=BUY&quantity=1&product=MIS&order_type=MARKET"
+        b"&market_protection=-1"  # Kite refuses a MARKET order without it
+    )
     headers = [
         {
             "X-Kite-Version": "3",

@@ -69,13 +69,15 @@ class BrokerDirectory:
         # Order calls leave through the trader's egress when there is one (pooled per egress, in this process).
         egress_url = self.secrets.decrypt(account.egress_url_encrypted) if account.egress_url_encrypted else ""
         # The same session as before is kept (its connections, its shared order-book reads) unless the trader
-        # reconnected: only a new key, token or egress makes a new client.
-        fingerprint = hashlib.blake2b(f"{api_key}\0{token}\0{egress_url}".encode(), digest_size=16).digest()
+        # reconnected: only a new key, token, egress or algo id makes a new client.
+        fingerprint = hashlib.blake2b(
+            f"{api_key}\0{token}\0{egress_url}\0{account.algo_id}".encode(), digest_size=16
+        ).digest()
         cached = self._cache.get(user_id)
         if cached is not None and cached[2] == fingerprint:
             self._cache[user_id] = (time.monotonic(), cached[1], fingerprint)
             return cached[1]
         egress = Egress.parse(egress_url) if egress_url else None
-        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token, egress))
+        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token, egress), algo_id=account.algo_id)
         self._cache[user_id] = (time.monotonic(), gateway, fingerprint)
         return gateway

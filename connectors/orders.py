@@ -56,11 +56,15 @@ class OrderGateway(Protocol):
         self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
     ) -> str: ...
 
+    async def modify_order(self, order_id: str, *, price: float) -> None: ...
+
     async def cancel_order(self, order_id: str) -> BrokerOrder: ...
 
     async def order_status(self, order_id: str) -> BrokerOrder: ...
 
     async def find_by_tag(self, tag: str) -> BrokerOrder | None: ...
+
+    async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None: ...
 
 
 class FreshSharedRead(Generic[T]):
@@ -114,8 +118,13 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
 
 
 class KiteOrderGateway:
-    def __init__(self, broker: KiteBroker) -> None:
+    def __init__(self, broker: KiteBroker, algo_id: str | None = None) -> None:
         self.broker = broker
+        # Kite refuses MARKET and SL-M orders without market protection (April 2026); the algo id is the
+        # exchange's registration of the trader's strategy, when the account has one.
+        self._order_extras: dict[str, Any] = {"market_protection": broker.settings.broker_market_protection}
+        if algo_id:
+            self._order_extras["algo_id"] = algo_id
         self._order_book = FreshSharedRead(
             lambda: self.broker.call(self.broker.client.orders), spacing=1 / ORDER_BOOK_READS_PER_SECOND
         )
@@ -133,6 +142,7 @@ class KiteOrderGateway:
             product=product,
             order_type="MARKET",
             tag=tag,
+            **self._order_extras,
         )
         return str(order_id)
 
@@ -151,8 +161,15 @@ class KiteOrderGateway:
             order_type="SL-M",
             trigger_price=trigger_price,
             tag=tag,
+            **self._order_extras,
         )
         return str(order_id)
+
+    async def modify_order(self, order_id: str, *, price: float) -> None:
+        """Re-price a resting order as a limit at `price` (a resting exit being chased)."""
+        await self.broker.call(
+            self.broker.client.modify_order, variety="regular", order_id=order_id, order_type="LIMIT", price=price
+        )
 
     async def cancel_order(self, order_id: str) -> BrokerOrder:
         """Cancel and return the order's final state; an order that executed first comes back COMPLETE."""
@@ -175,6 +192,18 @@ class KiteOrderGateway:
             if str(row.get("order_id")) == order_id:
                 return BrokerOrder.from_kite(row)
         raise BrokerUnavailable(f"order {order_id} is not in the broker's order book yet")
+
+    async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None:
+        """The broker's own intraday square-off of the instrument (Zerodha's at 15:20): a completed SELL in the
+        trader's order book that carries no tag of ours."""
+        for row in await self._order_book():
+            if (
+                not row.get("tag") and row.get("status") == "COMPLETE" and row.get("transaction_type") == "SELL"
+                and row.get("exchange") == exchange and row.get("tradingsymbol") == tradingsymbol
+                and row.get("product") == product
+            ):  # fmt: skip
+                return BrokerOrder.from_kite(row)
+        return None
 
     async def find_by_tag(self, tag: str) -> BrokerOrder | None:
         """The broker's own record of an order carrying `tag` (the intent), if it ever received one."""

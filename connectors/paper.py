@@ -61,6 +61,14 @@ class PaperOrderGateway:
         await self._save(order)
         return order_id
 
+    async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None:
+        """No broker squares paper positions off."""
+        return None
+
+    async def modify_order(self, order_id: str, *, price: float) -> None:
+        """Paper market orders fill at once and stops are never modified: nothing rests to re-price."""
+        raise BrokerRejected("paper orders are not modified")
+
     async def cancel_order(self, order_id: str) -> BrokerOrder:
         order = await self.order_status(order_id)
         if order.terminal:

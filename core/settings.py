@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     )
     broker_timeout_seconds: float = Field(7.0, gt=0, le=60)
     broker_orders_per_second: float = Field(10.0, gt=0, description="Kite's per-api_key order rate limit.")
+    broker_orders_per_minute: int = Field(
+        400, ge=1, description="Kite's per-minute order cap (place, modify, cancel; 2026 answers: 400, earlier 200)."
+    )
+    broker_orders_per_day: int = Field(
+        5000, ge=1, description="Kite's per-day order cap (2026 answers: 5,000, earlier 3,000)."
+    )
+    broker_exit_reserve: int = Field(
+        50, ge=0, description="Orders of each minute and of the day BUYs leave to exits: an exit is never refused."
+    )
     order_max_attempts: int = Field(4, ge=1, le=10, description="First try plus three retries.")
     execution_deadline_seconds: float = Field(
         90.0,
@@ -132,6 +141,28 @@ class Settings(BaseSettings):
     clock_anchor: float | None = Field(None, description="Unix time at which the clock reads CLOCK_START.")
     clock_speed: float = Field(1.0, gt=0, le=10_000)
 
+    # Kite's rules since April 2026 (docs/kite-rules.md)
+    broker_market_protection: float = Field(
+        -1.0,
+        description="market_protection sent on every MARKET and SL-M order: -1 automatic (the exchange's "
+        "guideline) or a percentage above 0, at most 100. Kite refuses such orders without it.",
+    )
+
+    exit_chase_modifications: int = Field(
+        8, ge=0, le=20,
+        description="A resting exit is re-priced by modify at most this many times (Kite allows 25 per order), then "
+        "cancelled and placed anew.",
+    )  # fmt: skip
+    exit_chase_interval_seconds: float = Field(0.5, gt=0, le=10, description="Between two steps of a chase.")
+    buy_rest_seconds: float = Field(
+        30.0, gt=0, le=600, description="A BUY resting unfilled this long is cancelled (never chased), the run stopped."
+    )
+    broker_mis_square_off: time = Field(
+        time(15, 20),
+        description="Exchange time at which Zerodha squares off open MIS equity positions itself and refuses new "
+        "MIS orders (15:25 for F&O): a MIS strategy must sell before it.",
+    )
+
     # Account security (docs/security.md). Rates are `limits` strings: "N/unit" joined by ";", all enforced.
     login_rate_per_address: str = Field(
         "20/minute;200/hour", description="Logins from one address (an IPv6 /64), whatever the email."
@@ -197,6 +228,13 @@ class Settings(BaseSettings):
         if self.operator_token is not None and len(self.operator_token.get_secret_value()) < 32:
             raise ValueError("OPERATOR_TOKEN: must be at least 32 characters")
         return self
+
+    @field_validator("broker_market_protection")
+    @classmethod
+    def _market_protection(cls, value: float) -> float:
+        if value != -1 and not 0 < value <= 100:
+            raise ValueError("BROKER_MARKET_PROTECTION: -1 (automatic) or a percentage above 0, at most 100")
+        return value
 
     @field_validator(
         "login_rate_per_address",

@@ -243,6 +243,14 @@ class BrokerConnectRequest(ApiModel):
     api_secret: BrokerKey
     access_token: BrokerKey | None = None
     request_token: BrokerKey | None = None
+    algo_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The exchange-issued algo id of the trader's registered strategy, sent on every order; "
+        "without one the broker applies its generic id.",
+    )
     egress: str | None = Field(
         None,
         max_length=2048,

@@ -212,6 +212,9 @@ class NotificationKind(StrEnum):
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"
     BROKER_SESSION_EXPIRED = "broker_session_expired"
+    SQUARED_OFF_BY_BROKER = "squared_off_by_broker"  # the broker's intraday square-off closed the position
+    MARKET_CLOSED = "market_closed"  # a time event due outside market hours: nothing was sent
+    EXIT_CHASED = "exit_chased"  # an exit rests unfilled at the broker and is being re-priced until it fills
     EGRESS_DOWN = "egress_down"  # an exit could not reach the broker through the trader's egress: still retrying
 
 

@@ -88,6 +88,8 @@ class BrokerAccount(Base):
     egress_display: Mapped[str | None] = mapped_column(String(300), nullable=True)
     broker_user_id: Mapped[str] = mapped_column(String(64))
     broker_user_name: Mapped[str | None] = mapped_column(String(255))
+    # The exchange-issued id of the trader's registered algo (SEBI, 2026): sent on every order when set.
+    algo_id: Mapped[str | None] = mapped_column(String(64))
     token_issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     token_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

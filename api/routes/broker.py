@@ -78,6 +78,7 @@ async def connect(
         account.egress_display = change.egress.display if change.egress else None
     account.broker_user_id = profile.broker_user_id
     account.broker_user_name = profile.user_name
+    account.algo_id = body.algo_id
     account.token_issued_at = now
     account.token_expires_at = token_expiry(now, settings)
     account.updated_at = now

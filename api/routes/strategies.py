@@ -20,8 +20,9 @@ from api.deps import (
     SettingsDep,
     authenticate,
 )
-from api.errors import JSON, FieldError, not_found
+from api.errors import JSON, ApiError, FieldError, not_found
 from api.openapi import responses
+from api.order_budget import start_refusal
 from api.services import Services
 from api.status import StatusNotFound
 from manager.strategy_manager import StartOutcome, StopOutcome
@@ -39,6 +40,7 @@ from schemas.api import (
     StrategyResponse,
     StrategyStopRequest,
 )
+from schemas.events import Product
 from storage.models import OrderLog, Strategy, StrategyStatus, StrategyStatusChange
 
 router = APIRouter(tags=["strategies"])
@@ -116,6 +118,14 @@ async def create_strategy(
     for field in ("buy_time", "sell_time"):
         if not calendar.within_hours(getattr(body, field)):
             raise FieldError(field, f"{field} must be within market hours {hours} exchange time")
+    cutoff = settings.broker_mis_square_off
+    if body.product is Product.MIS and body.sell_time >= cutoff:
+        # The broker squares the position off itself at the cut-off (a fee per order) and refuses our SELL.
+        raise FieldError(
+            "sell_time",
+            f"sell_time must be before the broker's MIS square-off at {cutoff:%H:%M} exchange time "
+            "(or use product CNC)",
+        )
     now = clock.now()
     broker = await live_broker(session, user.id, box, settings, now)
     assert body.exchange is not None and body.tradingsymbol is not None  # noqa: S101 - set by the model
@@ -186,12 +196,14 @@ def stop_response(outcome: StopOutcome) -> StopResponse:
 
 async def _start(
     strategy_id: int, user: CurrentUser, session: SessionDep, manager: ManagerDep, settings: SettingsDep,
-    box: SecretsDep, clock: ClockDep,
+    box: SecretsDep, clock: ClockDep, calendar: CalendarDep,
 ) -> StartResponse:  # fmt: skip
     strategy = await owned_strategy(session, strategy_id, user.id)
     if strategy.status != StrategyStatus.RUNNING.value:
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead.
         await live_broker(session, user.id, box, settings, clock.now(), orders=True)
+        if (refusal := await start_refusal(session, strategy, settings, calendar, clock)) is not None:
+            raise ApiError(409, f"START refused: {refusal}")
     await session.close()
     return start_response(await manager.start(strategy_id, user_id=user.id))
 
@@ -211,17 +223,17 @@ STOP_DOC = {
 @router.post("/strategy/start", **START_DOC)  # type: ignore[arg-type]
 async def start_strategy(
     body: StrategyIdRequest, user: CurrentUser, session: SessionDep, manager: ManagerDep,
-    settings: SettingsDep, box: SecretsDep, clock: ClockDep,
+    settings: SettingsDep, box: SecretsDep, clock: ClockDep, calendar: CalendarDep,
 ) -> StartResponse:  # fmt: skip
-    return await _start(body.strategy_id, user, session, manager, settings, box, clock)
+    return await _start(body.strategy_id, user, session, manager, settings, box, clock, calendar)
 
 
 @router.post("/strategy/{strategy_id}/start", **START_DOC)  # type: ignore[arg-type]
 async def start_strategy_by_path(
     strategy_id: StrategyIdPath, user: CurrentUser, session: SessionDep, manager: ManagerDep,
-    settings: SettingsDep, box: SecretsDep, clock: ClockDep,
+    settings: SettingsDep, box: SecretsDep, clock: ClockDep, calendar: CalendarDep,
 ) -> StartResponse:  # fmt: skip
-    return await _start(strategy_id, user, session, manager, settings, box, clock)
+    return await _start(strategy_id, user, session, manager, settings, box, clock, calendar)
 
 
 @router.post("/strategy/stop", **STOP_DOC)  # type: ignore[arg-type]

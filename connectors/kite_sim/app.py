@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from datetime import time as dt_time
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -133,8 +134,8 @@ class OrderGateway:
                     raise _fault_error(terminal)
             account = sim.authenticate(authorization)
             sim.check_source_address(account, source_ip)
+            sim.check_rate_limit(account, action)
             if placement:
-                sim.check_rate_limit(account)
                 order = sim.place_order(account, variety, params, reject_message)
                 record.outcome = "placed"
             elif action == "modify":
@@ -302,6 +303,22 @@ class ConfigIn(BaseModel):
     max_connections_per_key: int | None = Field(default=None, ge=1)
     max_packets_per_frame: int | None = Field(default=None, ge=1, le=65535)
     request_token_ttl_seconds: float | None = Field(default=None, gt=0)
+    market_protection_required: bool | None = None
+    market_protection_band: bool | None = None
+    fast_move_slippage: bool | None = None
+    max_modifications: int | None = Field(default=None, ge=0)
+    modification_limit_enabled: bool | None = None
+    market_hours_enforced: bool | None = None
+    mis_square_off_enabled: bool | None = None
+    mis_square_off_time: dt_time | None = None
+    orders_per_minute: int | None = Field(default=None, ge=1)
+    orders_per_day: int | None = Field(default=None, ge=1)
+    minute_limit_enabled: bool | None = None
+    day_limit_enabled: bool | None = None
+    rate_limit_counts_modify_cancel: bool | None = None
+    read_limits_enabled: bool | None = None
+    quotes_per_second: int | None = Field(default=None, ge=1)
+    historical_per_second: int | None = Field(default=None, ge=1)
     static_ip_check: bool | None = None
     walk: bool | None = None
     move_probability: float | None = Field(default=None, ge=0, le=1)
@@ -507,7 +524,7 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
 
     @app.get("/quote")
     async def quote(request: Request) -> Response:
-        auth(request)
+        sim.check_quote_limit(auth(request))
         keys = instrument_keys(request, QUOTE_LIMIT)
         now = sim.exchange_time()
         out = {}
@@ -519,7 +536,7 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
 
     @app.get("/quote/ltp")
     async def quote_ltp(request: Request) -> Response:
-        auth(request)
+        sim.check_quote_limit(auth(request))
         out = {}
         for key in instrument_keys(request, LTP_LIMIT):
             q = sim.book.quote_by_key(key)
@@ -529,7 +546,7 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
 
     @app.get("/quote/ohlc")
     async def quote_ohlc(request: Request) -> Response:
-        auth(request)
+        sim.check_quote_limit(auth(request))
         out = {}
         for key in instrument_keys(request, LTP_LIMIT):
             q = sim.book.quote_by_key(key)

@@ -34,6 +34,10 @@ def rupees(paise: int) -> float:
     return paise / 100
 
 
+def _number(value: float) -> float | int:
+    return int(value) if value == int(value) else value
+
+
 class HistoryEntry(NamedTuple):
     """The mutable part of an order at one status change (the rest never changes)."""
 
@@ -70,7 +74,10 @@ class Order:
     disclosed_quantity: int
     tag: str | None
     order_timestamp: str  # "YYYY-MM-DD HH:MM:SS" exchange time
-    market_protection: int = 0
+    market_protection: float = 0.0  # -1 automatic, else a percentage; 0 none
+    algo_id: str | None = None
+    band_price: int = 0  # paise: the worst price a protected market order may trade at, once at the exchange
+    modifications: int = 0
     validity_ttl: int = 0
     guid: str = ""
     status: str = PUT_ORDER_REQ_RECEIVED
@@ -153,7 +160,8 @@ class Order:
             "filled_quantity": e.filled_quantity,
             "pending_quantity": 0 if terminal else e.quantity - e.filled_quantity,
             "cancelled_quantity": e.cancelled_quantity,
-            "market_protection": self.market_protection,
+            "market_protection": _number(self.market_protection),
+            "algo_id": self.algo_id,
             "meta": {},
             "tag": self.tag,
             "tags": [self.tag] if self.tag else [],

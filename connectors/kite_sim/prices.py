@@ -67,6 +67,7 @@ class InstrumentQuote:
         "token",
         "tick",
         "last",
+        "move",
         "open",
         "high",
         "low",
@@ -88,6 +89,7 @@ class InstrumentQuote:
         self.tick = instrument.tick_paise
         base = instrument.base_price_paise
         self.last = base
+        self.move = 0  # paise: how far the last trade moved the price
         self.open = base
         self.high = base
         self.low = base
@@ -104,6 +106,7 @@ class InstrumentQuote:
 
     def trade(self, price: int, quantity: int, epoch: int, volume: int | None = None) -> None:
         price = snap_to_tick(price, self.tick)
+        self.move = price - self.last
         self.last = price
         if price > self.high:
             self.high = price
@@ -393,6 +396,10 @@ class PriceBook:
 
     def last_price(self, instrument_token: int) -> int:
         return self.quotes[instrument_token].last
+
+    def last_move(self, instrument_token: int) -> int:
+        """How far (paise, signed) the instrument's last trade moved its price."""
+        return self.quotes[instrument_token].move
 
     def _require(self, key_or_token: str | int) -> InstrumentQuote:
         quote = self.quotes.get(key_or_token) if isinstance(key_or_token, int) else self.quote_by_key(key_or_token)

@@ -15,16 +15,15 @@ import ipaddress
 import re
 import secrets
 import threading
-import time
-from collections import deque
+import time as monotonic_clock
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import orjson
 
-from connectors.kite_sim import errors
+from connectors.kite_sim import errors, rules
 from connectors.kite_sim.audit import AuditLog, AuditRecord
 from connectors.kite_sim.faults import Fault, FaultKind, FaultRegistry, FaultScope
 from connectors.kite_sim.instruments import Instrument, InstrumentMaster, default_master
@@ -57,6 +56,12 @@ from core.clock import Clock, get_clock
 from core.market import MarketCalendar
 from core.settings import Settings, get_settings
 
+# The margin fields of Kite's fixtures (zerodha/kiteconnect-mocks margins.json), the same for both segments.
+_AVAILABLE_FIELDS = ("adhoc_margin", "cash", "opening_balance", "live_balance", "collateral", "intraday_payin")
+_UTILISED_FIELDS = (
+    "debits", "exposure", "m2m_realised", "m2m_unrealised", "option_premium", "payout", "span", "holding_sales",
+    "turnover", "liquid_collateral", "stock_collateral", "delivery",
+)  # fmt: skip
 # Kite takes a primary and an optional secondary static IP, changed at most once a week.
 MAX_WHITELISTED_IPS = 2
 IP_WHITELIST_CHANGE_INTERVAL = timedelta(days=7)
@@ -83,6 +88,25 @@ class SimConfig:
     max_connections_per_key: int = 3
     max_packets_per_frame: int = 1000
     request_token_ttl_seconds: float = 300.0
+    # Kite's 2026 rules (connectors/kite_sim/rules.py, docs/kite-rules.md), each on by default.
+    market_protection_required: bool = True  # MARKET / SL-M without market_protection refused
+    market_protection_band: bool = True  # a protected market order trades only within its band, else rests OPEN
+    # Price model, not a Kite rule (off by default): in a move, a market order trades as far again beyond the
+    # last price as the last step moved against it (a thin book swept in a fast market).
+    fast_move_slippage: bool = False
+    max_modifications: int = 25  # per order; the next modification is refused (cancel and place anew)
+    modification_limit_enabled: bool = True
+    market_hours_enforced: bool = True  # regular orders outside market hours refused (variety amo accepted)
+    mis_square_off_enabled: bool = True  # open MIS positions squared off (untagged orders) at the cut-off
+    mis_square_off_time: time = time(15, 20)  # exchange time (equity; F&O is 15:25); new MIS refused after
+    orders_per_minute: int = 400  # per api_key, place + modify + cancel (2026 staff answers; earlier 200)
+    orders_per_day: int = 5000  # per api_key and trading day (earlier 3,000)
+    minute_limit_enabled: bool = True
+    day_limit_enabled: bool = True
+    rate_limit_counts_modify_cancel: bool = True  # Kite's order limits cover place, modify and cancel
+    read_limits_enabled: bool = True
+    quotes_per_second: int = 1  # /quote, /quote/ltp, /quote/ohlc per api_key
+    historical_per_second: int = 3  # no historical endpoint here yet: kept for when there is one
     # Kite refuses order calls (place, modify, cancel) from addresses not on the account's IP whitelist. The
     # check applies only to accounts that have a whitelist; this switch turns it off for all of them.
     static_ip_check: bool = True
@@ -114,7 +138,8 @@ class Account:
     trades: list[Trade] = field(default_factory=list)
     positions: dict[tuple[str, str, str], Position] = field(default_factory=dict)
     holdings: list[Holding] = field(default_factory=list)
-    rate_window: deque[float] = field(default_factory=lambda: deque(maxlen=10))
+    order_rate: rules.OrderRateWindows = field(default_factory=rules.OrderRateWindows)
+    quote_rate: rules.ReadWindow = field(default_factory=rules.ReadWindow)
     ip_whitelist: tuple[str, ...] = ()  # empty: no whitelist registered, order calls answer from anywhere
     ip_whitelist_changed_at: datetime | None = None  # simulator clock
 
@@ -224,6 +249,8 @@ class SimulatorState:
         self._trades_by_order: dict[str, list[Trade]] = {}
         self._open_by_token: dict[int, dict[str, Order]] = {}
         self._amo_waiting: dict[str, Order] = {}
+        self._squared_off_on: date | None = None
+        self.auto_square_offs: list[str] = []  # order ids of the broker's own square-off orders
         self._lock = threading.RLock()
         self._order_seq = 0
         self._trade_seq = 0
@@ -287,7 +314,6 @@ class SimulatorState:
                 opening_balance=balance_paise,
                 cash=balance_paise,
                 redirect_url=redirect_url,
-                rate_window=deque(maxlen=max(1, self.config.orders_per_second)),
             )
             for key, quantity, average in holdings:
                 instrument = self.master.by_key(key)
@@ -362,6 +388,7 @@ class SimulatorState:
                 "access_token": access_token,
                 "public_token": secrets.token_hex(16),
                 "refresh_token": "",
+                "silo": "",
                 "enctoken": secrets.token_urlsafe(24),
                 "login_time": self.exchange_time(now),
                 "meta": {"demat_consent": "consent"},
@@ -485,19 +512,30 @@ class SimulatorState:
 
     # --- orders ----------------------------------------------------------------------------------
 
-    def check_rate_limit(self, account: Account) -> None:
-        """Sliding one-second window, O(1). Real (monotonic) time on purpose: the limit is on how fast
-        requests arrive, whatever the project clock's speed."""
+    def check_rate_limit(self, account: Account, action: str = "place") -> None:
+        """Kite's order caps per api_key: per second and per minute as sliding windows, per trading day. Real
+        (monotonic) time for the first two on purpose: the limit is on how fast requests arrive, whatever the
+        project clock's speed."""
         config = self.config
-        if not config.rate_limit_enabled:
+        if not config.rate_limit_enabled or (action != "place" and not config.rate_limit_counts_modify_cancel):
             return
-        window = account.rate_window
-        if window.maxlen != config.orders_per_second:
-            window = account.rate_window = deque(window, maxlen=max(1, config.orders_per_second))
-        now = time.monotonic()
-        if len(window) == window.maxlen and now - window[0] < 1.0:
-            raise errors.rate_limit_error()
-        window.append(now)
+        with self._lock:
+            account.order_rate.admit(
+                monotonic_clock.monotonic(),
+                self.calendar.trading_day_of(self.clock.now()),
+                max(1, config.orders_per_second),
+                config.orders_per_minute if config.minute_limit_enabled else None,
+                config.orders_per_day if config.day_limit_enabled else None,
+            )
+
+    def check_quote_limit(self, account: Account) -> None:
+        if self.config.read_limits_enabled:
+            with self._lock:
+                account.quote_rate.admit(monotonic_clock.monotonic(), max(1, self.config.quotes_per_second))
+
+    def _after_mis_cutoff(self, now: datetime) -> bool:
+        local = self.calendar.local(now)
+        return self.config.mis_square_off_enabled and local.time() >= self.config.mis_square_off_time
 
     def _next_order_id(self) -> str:
         self._order_seq += 1
@@ -530,11 +568,20 @@ class SimulatorState:
         price = _price_param(params, "price")
         trigger = _price_param(params, "trigger_price")
         disclosed = _int_param(params, "disclosed_quantity", 0)
+        protection = rules.parse_market_protection(params.get("market_protection"))
+        if self.config.market_protection_required:
+            rules.require_protection(order_type, protection)
         tag = params.get("tag") or None
         if tag is not None and not TAG_PATTERN.match(tag):
             raise errors.input_error("Invalid `tag`: at most 20 alphanumeric characters.")
         if exchange not in ("NSE", "BSE"):
             raise errors.input_error("Invalid `exchange`.")
+        now = self.clock.now()
+        if variety == "regular" and self.config.market_hours_enforced and not self.calendar.is_open(now):
+            raise errors.input_error(rules.MARKET_CLOSED_MESSAGE)
+        if product == "MIS" and self._after_mis_cutoff(now):
+            cutoff = self.config.mis_square_off_time.strftime("%H:%M")
+            raise errors.input_error(rules.MIS_BLOCKED_MESSAGE.format(cutoff=cutoff))
 
         with self._lock:
             now = self.clock.now()
@@ -557,7 +604,8 @@ class SimulatorState:
                 disclosed_quantity=disclosed,
                 tag=tag,
                 order_timestamp=ts,
-                market_protection=_int_param(params, "market_protection", 0),
+                market_protection=protection,
+                algo_id=params.get("algo_id") or None,
                 validity_ttl=_int_param(params, "validity_ttl", 0),
                 guid=f"sim{self._order_seq}",
             )
@@ -664,14 +712,37 @@ class SimulatorState:
         stoploss = order.order_type in ("SL", "SL-M")
         order.transition(TRIGGER_PENDING if stoploss else OPEN, ts)
         token = instrument.instrument_token
-        if not self._try_fill(account, order, self.book.last_price(token), ts):
+        ltp = self.book.last_price(token)
+        if order.order_type == "MARKET":
+            self._set_band(order, ltp)
+        if not self._try_fill(account, order, ltp, ts):
             self._open_by_token.setdefault(token, {})[order.order_id] = order
             self._publish(account, order)
 
     def _fill_price(self, order: Order, ltp: int) -> int:
         instrument = _instrument_of(order)
         slip = self.config.slippage_ticks * instrument.tick_paise
+        if self.config.fast_move_slippage:
+            move = self.book.last_move(instrument.instrument_token)
+            if (move > 0) if order.transaction_type == "BUY" else (move < 0):
+                slip += abs(move)
         return ltp + slip if order.transaction_type == "BUY" else max(instrument.tick_paise, ltp - slip)
+
+    def _set_band(self, order: Order, ltp: int) -> None:
+        """A protected market order reaching the exchange (or an SL-M triggering) becomes, in effect, a limit
+        at the last price -/+ its protection."""
+        if order.market_protection != 0 and self.config.market_protection_band:
+            tick = _instrument_of(order).tick_paise
+            order.band_price = rules.band_price(order.transaction_type, ltp, order.market_protection, tick)
+        else:
+            order.band_price = 0
+
+    def _try_market_fill(self, account: Account, order: Order, ltp: int, ts: str) -> bool:
+        price = self._fill_price(order, ltp)
+        if order.band_price and not rules.within_band(order.transaction_type, price, order.band_price):
+            return False  # the market ran beyond the band: the order rests OPEN, as a limit at the band
+        self._fill(account, order, price, ts)
+        return True
 
     def _try_fill(self, account: Account, order: Order, ltp: int, ts: str) -> bool:
         """Fill `order` against last price `ltp` if it should trade; True when it did."""
@@ -682,10 +753,9 @@ class SimulatorState:
             if not (ltp >= order.trigger_price if buy else ltp <= order.trigger_price):
                 return False
             order.transition(OPEN, ts)  # triggered: now a market (SL-M) or limit (SL) order at the exchange
-            if kind == "SL-M":
-                self._fill(account, order, self._fill_price(order, ltp), ts)
-                return True
             just_triggered = True
+            if kind == "SL-M":
+                self._set_band(order, ltp)
         if kind in ("LIMIT", "SL"):
             if (buy and ltp <= order.price) or (not buy and ltp >= order.price):
                 self._fill(account, order, ltp, ts)
@@ -693,8 +763,11 @@ class SimulatorState:
             if just_triggered:
                 self._publish(account, order)  # tell the client the stoploss triggered
             return False
-        self._fill(account, order, self._fill_price(order, ltp), ts)
-        return True
+        if self._try_market_fill(account, order, ltp, ts):
+            return True
+        if just_triggered:
+            self._publish(account, order)
+        return False
 
     def _fill(self, account: Account, order: Order, price: int, ts: str) -> None:
         instrument = _instrument_of(order)
@@ -752,12 +825,19 @@ class SimulatorState:
                 raise errors.input_error("Invalid `variety` for this order.")
             if order.is_terminal:
                 raise errors.input_error(f"Order cannot be modified as it is {order.status}.")
+            if self.config.modification_limit_enabled and order.modifications >= self.config.max_modifications:
+                raise errors.input_error(rules.MAX_MODIFICATIONS_MESSAGE)
             quantity = _int_param(params, "quantity", order.quantity)
             order_type = (params.get("order_type") or order.order_type).upper()
             if order_type not in ORDER_TYPES:
                 raise errors.input_error("Invalid `order_type`.")
             price = _price_param(params, "price") if params.get("price") else order.price
             trigger = _price_param(params, "trigger_price") if params.get("trigger_price") else order.trigger_price
+            protection = order.market_protection
+            if params.get("market_protection"):
+                protection = rules.parse_market_protection(params.get("market_protection"))
+            if self.config.market_protection_required:
+                rules.require_protection(order_type, protection)
             now = self.clock.now()
             ts = self.exchange_time(now)
             previous = (
@@ -783,11 +863,19 @@ class SimulatorState:
                 raise errors.input_error(problem)
             status_before = order.status
             order.modified = True
+            order.modifications += 1
+            order.market_protection = protection
             order.transition(MODIFY_VALIDATION_PENDING, ts)
             order.transition(MODIFY_PENDING, ts)
             order.transition(status_before, ts)
             if status_before != AMO_REQ_RECEIVED and order.instrument is not None:
-                self._try_fill(account, order, self.book.last_price(order.instrument.instrument_token), ts)
+                ltp = self.book.last_price(order.instrument.instrument_token)
+                # A market order at the exchange is re-banded around the price now; a limit has no band.
+                if order_type == "MARKET" and status_before == OPEN:
+                    self._set_band(order, ltp)
+                elif order_type in ("LIMIT", "SL"):
+                    order.band_price = 0
+                self._try_fill(account, order, ltp, ts)
             return order
 
     def cancel_order(self, account: Account, variety: str, order_id: str) -> Order:
@@ -845,6 +933,8 @@ class SimulatorState:
         now = now or self.clock.now()
         changed = self.book.advance(now)
         with self._lock:
+            if self._after_mis_cutoff(now) and self._squared_off_on != self.calendar.trading_day_of(now):
+                self._square_off_mis(now)
             if self._amo_waiting and self.calendar.is_open(now):
                 ts = self.exchange_time(now)
                 for order in list(self._amo_waiting.values()):
@@ -857,6 +947,50 @@ class SimulatorState:
                     for order in list(self._open_by_token.get(token, {}).values()):
                         self._try_fill(self.accounts[order.api_key], order, ltp, ts)
         return changed
+
+    def _square_off_mis(self, now: datetime) -> None:
+        """Zerodha's intraday square-off: open MIS orders cancelled, open MIS positions closed by market orders
+        of the broker's own, which carry none of the trader's tags."""
+        self._squared_off_on = self.calendar.trading_day_of(now)
+        ts = self.exchange_time(now)
+        for account in self.accounts.values():
+            for order in list(account.orders.values()):
+                if order.product == "MIS" and not order.is_terminal:
+                    self._release_margin(account, order)
+                    order.cancelled_quantity = order.quantity - order.filled_quantity
+                    order.transition(CANCELLED, ts, "Cancelled by the intraday square-off.")
+                    self._unlist(order)
+                    self._publish(account, order)
+            for position in list(account.positions.values()):
+                if position.product != "MIS" or position.quantity == 0:
+                    continue
+                instrument = position.instrument
+                order = Order(
+                    order_id=self._next_order_id(),
+                    api_key=account.api_key,
+                    placed_by="ADMINSQF",  # the broker's RMS, not the trader
+                    variety="regular",
+                    exchange=instrument.exchange,
+                    tradingsymbol=instrument.tradingsymbol,
+                    instrument=instrument,
+                    transaction_type="SELL" if position.quantity > 0 else "BUY",
+                    order_type="MARKET",
+                    product="MIS",
+                    validity="DAY",
+                    quantity=abs(position.quantity),
+                    price=0,
+                    trigger_price=0,
+                    disclosed_quantity=0,
+                    tag=None,
+                    order_timestamp=ts,
+                    guid=f"sim{self._order_seq}",
+                )
+                order.transition(PUT_ORDER_REQ_RECEIVED, ts)
+                order.transition(VALIDATION_PENDING, ts)
+                self._orders[order.order_id] = order
+                account.orders[order.order_id] = order
+                self._go_to_exchange(account, order, ts)
+                self.auto_square_offs.append(order.order_id)
 
     # --- views -----------------------------------------------------------------------------------
 
@@ -895,7 +1029,9 @@ class SimulatorState:
                     "realised_quantity": h.quantity,
                     "authorised_quantity": 0,
                     "authorised_date": None,
+                    "authorisation": {},
                     "opening_quantity": h.quantity,
+                    "short_quantity": 0,
                     "collateral_quantity": 0,
                     "collateral_type": "",
                     "discrepancy": False,
@@ -905,6 +1041,7 @@ class SimulatorState:
                     "pnl": rupees((quote.last - h.average_price) * h.quantity),
                     "day_change": rupees(quote.last - quote.close),
                     "day_change_percentage": (quote.last - quote.close) * 100 / quote.close if quote.close else 0,
+                    "mtf": {"quantity": 0, "used_quantity": 0, "average_price": 0, "value": 0, "initial_margin": 0},
                 }
             )
         return out
@@ -937,17 +1074,12 @@ class SimulatorState:
                     "delivery": 0,
                 },
             }
+        # No commodity trading here: the segment is disabled, with every field Kite's fixtures show.
         commodity = {
             "enabled": False,
             "net": 0,
-            "available": {
-                "adhoc_margin": 0,
-                "cash": 0,
-                "opening_balance": 0,
-                "live_balance": 0,
-                "collateral": 0,
-            },
-            "utilised": {"debits": 0, "exposure": 0, "m2m_realised": 0, "m2m_unrealised": 0, "span": 0},
+            "available": dict.fromkeys(_AVAILABLE_FIELDS, 0),
+            "utilised": dict.fromkeys(_UTILISED_FIELDS, 0),
         }
         if segment == "equity":
             return equity
@@ -989,6 +1121,8 @@ class SimulatorState:
             self._trades_by_order.clear()
             self._open_by_token.clear()
             self._amo_waiting.clear()
+            self._squared_off_on = None
+            self.auto_square_offs.clear()
             self.clear_faults()
             self.audit.clear()
             self.feed_paused = False

@@ -21,12 +21,14 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connectors.broker import BrokerError, BrokerRejected
+from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import Clock
 from core.logs import log_outcome
+from core.market import MarketCalendar
 from core.metrics import ORDERS
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager
-from schemas.events import Action, NotificationKind, OrderIntent, OrderResult
+from schemas.events import Action, NotificationKind, OrderIntent, OrderResult, Product
 from storage.journal import GroupCommit
 from storage.locks import ProcessLease, kept_alive_lock
 from storage.models import Strategy, StrategyStatus
@@ -37,9 +39,10 @@ from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.limits import PRIORITY, PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
-from streams.execution.placement import Placement, Withdrawn
+from streams.execution.placement import OverBudget, Placement, Withdrawn
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler
+from streams.execution.resting import CHASED, RestingOrders
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ LOCK_SECONDS = 10.0
 LEASED_LOCK_SECONDS = 60.0
 LOCK_WAIT_SECONDS = 120.0
 MISSED_BUY = "BUY time missed"
+MARKET_CLOSED = "market closed"
 
 
 def _no_turn() -> None:
@@ -82,7 +86,9 @@ class Executor:
         self.ledger = Ledger(self.context)
         self.reconciler = Reconciler(self.context, self.ledger)
         self.placement = Placement(self.context, self.ledger, self.reconciler)
-        self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler)
+        self.resting = RestingOrders(self.context, self.ledger, self.placement)
+        self.calendar = MarketCalendar(settings)
+        self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
         self.pace = UserPace(self.placement.rate_limiter.limit)
 
@@ -208,18 +214,58 @@ class Executor:
             executed = (
                 await self.protection.release(gateway, intent, strategy, history) if intent.action.is_exit else None
             )
+            if executed is None and intent.action in CHASED:
+                executed = await self._squared_off_by_broker(gateway, intent, strategy)
             if executed is not None:
                 broker_order, placed_here = executed, False
+            elif order.state is OrderState.CANCELLING and intent.action in CHASED:
+                # Redelivered mid-chase: the order being cancelled was ours to replace.
+                broker_order, order = await self.resting.resume(gateway, intent, strategy, order)
+                placed_here = True
             else:
                 broker_order, placed_here = await self.placement.place(gateway, intent, strategy, order, turn)
+            if not broker_order.terminal and intent.action in CHASED:
+                # Left resting (a protected market order in a fast move): never left so, chased until it fills.
+                broker_order, order = await self.resting.chase(
+                    gateway, intent, strategy, order, broker_order, fresh=placed_here
+                )
+                placed_here = True
+            elif not broker_order.terminal and intent.action is Action.BUY:
+                broker_order = await self.resting.cancel_resting_buy(gateway, intent, order, broker_order)
         except BrokerError as exc:
             return await self.outcomes.fail(intent, strategy, order, exc)
+        except OverBudget as over:
+            # Nothing is left to do in this run: the trader is told and the run stopped, as for a missed BUY.
+            result = await self.outcomes.skip(intent, order, over.reason)
+            await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", over.reason)
+            await self.context.manager.stop(strategy.id, square_off=False, reason=over.reason)
+            return result
         except Withdrawn as withdrawn:
             log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
             return await self.outcomes.skip(intent, order, withdrawn.reason)
         return await self.outcomes.complete(
             intent, strategy, order, broker_order, history.position, placed_here=placed_here
         )
+
+    async def _squared_off_by_broker(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy
+    ) -> BrokerOrder | None:
+        """Past the broker's MIS cut-off, the broker's own square-off is this exit: no SELL into a flat position."""
+        if strategy.product != Product.MIS.value:
+            return None
+        cutoff = self.settings.broker_mis_square_off
+        if self.calendar.local(self.context.clock.now()).time() < cutoff:
+            return None
+        found = await gateway.find_square_off(strategy.exchange, strategy.tradingsymbol, strategy.product)
+        if found is not None:
+            log.warning("intent %s: the broker squared the position off itself (order %s)", intent.intent_id,
+                        found.order_id)  # fmt: skip
+            await self.ledger.notify(
+                intent, NotificationKind.SQUARED_OFF_BY_BROKER, "Squared off by the broker",
+                f"The broker closed the {strategy.instrument} MIS position at its {cutoff:%H:%M} square-off "
+                f"(at {found.average_price}): no {intent.action.value} was sent",
+            )  # fmt: skip
+        return found
 
     async def _adopt_sent(
         self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition
@@ -241,6 +287,9 @@ class Executor:
     async def _skip(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, reason: str) -> OrderResult:
         log.info("intent %s skipped: %s", intent.intent_id, reason)
         result = await self.outcomes.skip(intent, order, reason)
+        if reason.startswith(MARKET_CLOSED):
+            await self.ledger.notify(intent, NotificationKind.MARKET_CLOSED, f"{intent.action.value} not sent",
+                                     reason)  # fmt: skip
         if reason.startswith(MISSED_BUY):
             await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", reason)
             # Nothing is left to do in this run: stop it (its SELL job is cancelled) rather than leave it
@@ -251,6 +300,9 @@ class Executor:
     def _does_not_fit(self, intent: OrderIntent, strategy: Strategy, position: RunPosition) -> str | None:
         if intent.run != strategy.run:
             return f"intent is for run {intent.run}, the strategy is on run {strategy.run}"
+        if intent.action in (Action.BUY, Action.SELL) and not self.calendar.is_open(self.context.clock.now()):
+            # Kite takes regular orders only in market hours: a time event due outside them is not placed.
+            return f"{MARKET_CLOSED}: {intent.action.value} not sent outside market hours"
         if intent.action is Action.BUY:
             if strategy.status != StrategyStatus.RUNNING.value:
                 return f"strategy is {strategy.status}"

@@ -16,11 +16,14 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
 from schemas.events import Action
 
+EXCHANGE_TZ = ZoneInfo("Asia/Kolkata")
 PRIORITY = {Action.STOPLOSS: 0, Action.EXIT: 1, Action.SELL: 1, Action.PROTECT: 1, Action.BUY: 2}
 
 
@@ -151,29 +154,56 @@ class UserPace:
 # token bucket with a burst lets nearly twice the limit through in the first second). Up to ARGV[4] grants in one
 # call: every waiter of a user that fits is answered by one round trip. A grant is usually for now; a BUY handed
 # over early reserves one for its due instant (ARGV[6]), so at that instant it needs no round trip.
+#
+# The same grants, counted over a minute on either side (ARGV[7], at most ARGV[8] in any such window), keep the
+# broker's per-minute cap; a BUY's call gives a lower one, so exits always find room. KEYS[2] counts the user's
+# grants of the trading day: a BUY's call gives a day cap (ARGV[9]; -1 for exits, which are never refused) and is
+# answered -1 rather than a wait once the day has no room for it.
 _SLIDING_WINDOW = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local wanted = tonumber(ARGV[4])
 local at = tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local minute = tonumber(ARGV[7])
+local minute_limit = tonumber(ARGV[8])
+local day_limit = tonumber(ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - minute)
 local lower = string.format('(%.6f', at - window)
 local room = limit - redis.call('ZCOUNT', KEYS[1], lower, string.format('(%.6f', at + window))
-local granted = math.max(0, math.min(room, wanted))
+local minute_lower = string.format('(%.6f', at - minute)
+local minute_room = minute_limit - redis.call('ZCOUNT', KEYS[1], minute_lower, string.format('(%.6f', at + minute))
+local granted = math.max(0, math.min(room, minute_room, wanted))
+if day_limit >= 0 then
+  local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used >= day_limit then
+    return {0, '-1'}
+  end
+  granted = math.min(granted, day_limit - used)
+end
 for i = 1, granted do
   redis.call('ZADD', KEYS[1], at, ARGV[5] .. ':' .. i)
 end
 if granted > 0 then
-  -- Kept until its latest grant has left the window: a grant for now must not expire a reservation ahead.
+  -- Kept until its latest grant has left the minute: a grant for now must not expire a reservation ahead.
   local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(latest[2]) - now + window) * 1000) + 1000)
+  redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(latest[2]) - now + minute) * 1000) + 1000)
+  redis.call('INCRBY', KEYS[2], granted)
+  redis.call('EXPIRE', KEYS[2], 172800)
 end
 if granted == wanted then
   return {granted, '0'}
 end
-local first = redis.call('ZRANGEBYSCORE', KEYS[1], lower, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-return {granted, tostring(tonumber(first[2]) + window - at)}
+local wait = 0
+if room < wanted then
+  local first = redis.call('ZRANGEBYSCORE', KEYS[1], lower, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  wait = math.max(wait, tonumber(first[2]) + window - at)
+end
+if minute_room < wanted then
+  local first = redis.call('ZRANGEBYSCORE', KEYS[1], minute_lower, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  wait = math.max(wait, tonumber(first[2]) + minute - at)
+end
+return {granted, tostring(wait)}
 """
 
 # The broker counts arrivals, and an order's call returns after it arrived: a grant re-dated to its call's return
@@ -191,18 +221,44 @@ return 0
 """
 
 WINDOW_SECONDS = 1.0
+MINUTE_SECONDS = 60.0
+BUY_PRIORITY = PRIORITY[Action.BUY]
+
+
+class DayBudgetExhausted(Exception):
+    """A BUY that would leave the trader's day of orders without room for the exits: not sent."""
+
+
+def _exchange_day(unix: float) -> str:
+    # The broker's trading day, on the broker's (real) clock like every other window here.
+    return datetime.fromtimestamp(unix, EXCHANGE_TZ).strftime("%Y%m%d")
 
 
 class BrokerRateLimiter:
-    """A user's orders stay under the broker's limit (Kite: 10/s per api_key) instead of drawing 429s.
+    """A user's order calls (place, modify, cancel) stay under the broker's limits (Kite: 10 a second, 400 a
+    minute, 5,000 a day per api_key) instead of drawing 429s.
 
     Waiters queue per user by priority (a STOPLOSS goes to the front); one drainer per user asks Redis for as
     many grants as there are waiters and hands out what it gets, then sleeps until the window has room again.
+    Exits are asked for first and against the whole minute; BUYs leave `exit_reserve` of the minute and of the
+    day to them, and a BUY the day has no room for is refused (`DayBudgetExhausted`), an exit never.
     """
 
-    def __init__(self, redis: Redis, per_second: float, key_prefix: str = "ratelimit:orders:") -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        per_second: float,
+        key_prefix: str = "ratelimit:orders:",
+        *,
+        per_minute: int = 400,
+        per_day: int = 5000,
+        exit_reserve: int = 50,
+    ) -> None:
         self.redis = redis
         self.limit = max(int(per_second), 1)
+        self.per_minute = max(per_minute, self.limit)
+        self.per_day = per_day
+        self.exit_reserve = exit_reserve
         self.key_prefix = key_prefix
         self._script = redis.register_script(_SLIDING_WINDOW)
         self._sent = redis.register_script(_SENT)
@@ -225,8 +281,8 @@ class BrokerRateLimiter:
                 )
 
     async def reserve(self, user_id: int, at: float) -> bool:
-        """Take a grant for the (unix) instant `at`, now, if the user's budget has room then; no waiting."""
-        granted, _, _ = await self._grant(user_id, 1, max(at, time.time()))
+        """Take a BUY's grant for the (unix) instant `at`, now, if the user's budget has room then; no waiting."""
+        granted, _, _ = await self._grant(user_id, 1, max(at, time.time()), buy=True)
         return granted == 1
 
     async def _granted(self, user_id: int, priority: int) -> str:
@@ -240,15 +296,22 @@ class BrokerRateLimiter:
     async def _drain(self, user_id: int) -> None:
         waiters = self._waiters[user_id]
         while waiters:
-            wanted = sum(1 for _, _, answer in waiters if not answer.done())
+            exits = sum(1 for priority, _, answer in waiters if not answer.done() and priority < BUY_PRIORITY)
+            wanted = exits or sum(1 for _, _, answer in waiters if not answer.done())
             if wanted == 0:
                 break
             try:
-                granted, wait, prefix = await self._grant(user_id, wanted, time.time())
+                granted, wait, prefix = await self._grant(user_id, wanted, time.time(), buy=not exits)
             except Exception as exc:
                 for _, _, answer in waiters:
                     if not answer.done():
                         answer.set_exception(exc)
+                break
+            if wait < 0:  # the day has no room for these BUYs (only BUYs are asked for without exits)
+                refused = DayBudgetExhausted(f"the day's order budget ({self.per_day}) keeps its last orders for exits")
+                for _, _, answer in waiters:
+                    if not answer.done():
+                        answer.set_exception(refused)
                 break
             handed = 0
             while handed < granted and waiters:
@@ -261,12 +324,18 @@ class BrokerRateLimiter:
         waiters.clear()
         del self._waiters[user_id]
 
-    async def _grant(self, user_id: int, wanted: int, at: float) -> tuple[int, float, str]:
-        """How many of `wanted` grants were made for `at`, how long until more may be worth asking for, and the
-        prefix of their members."""
+    async def _grant(self, user_id: int, wanted: int, at: float, *, buy: bool = False) -> tuple[int, float, str]:
+        """How many of `wanted` grants were made for `at`, how long until more may be worth asking for (-1: a
+        BUY the day has no room for), and the prefix of their members."""
         prefix = f"{at!r}:{self._instance}:{next(self._grants)}"
-        args: list[str | float | int] = [time.time(), WINDOW_SECONDS, self.limit, wanted, prefix, at]
-        granted, wait = await self._script(keys=[self._key(user_id)], args=args)
+        minute_limit = self.per_minute - self.exit_reserve if buy else self.per_minute
+        day_limit = max(self.per_day - self.exit_reserve, 0) if buy else -1  # -1: no day cap (an exit)
+        args: list[str | float | int] = [
+            time.time(), WINDOW_SECONDS, self.limit, wanted, prefix, at, MINUTE_SECONDS, max(minute_limit, 1),
+            day_limit,
+        ]  # fmt: skip
+        day_key = f"{self.key_prefix}day:{user_id}:{_exchange_day(at)}"
+        granted, wait = await self._script(keys=[self._key(user_id), day_key], args=args)
         return int(granted), float(wait), prefix
 
     def _key(self, user_id: int) -> str:

@@ -11,6 +11,8 @@ INTENDED --send--> SENDING --acknowledged--> OPEN / TRIGGER_PENDING --filled--> 
                       |--timed out--> UNKNOWN --(asked by tag) found: its broker status / not found--> INTENDED
                       |--throttled (429: refused unread)--> INTENDED
                       '--given up--> GIVEN_UP --(asked again) found: its broker status
+OPEN --reprice--> OPEN (a resting exit re-priced)     OPEN --cancel--> CANCELLING --cancelled--> CANCELLED (replaced)
+                                                                                  \--filled--> FILLED
 ```
 
 Two rules follow from the table, and every path that sends orders relies on them:
@@ -43,6 +45,7 @@ class OrderState(StrEnum):
     FILLED = "filled"
     REJECTED = "rejected"  # the broker refused it, or rejected it after accepting it
     CANCELLED = "cancelled"
+    CANCELLING = "cancelling"  # a resting exit (or BUY) we asked the broker to cancel: ours to replace (or drop)
     GIVEN_UP = "given_up"  # retries exhausted unanswered: failed for the trader, but asked again before any exit
     SKIPPED = "skipped"  # never sent: it did not fit the strategy's state, or was withdrawn before its time
 
@@ -59,12 +62,14 @@ class OrderEvent(StrEnum):
     NOT_FOUND = "not_found"  # asked by tag, the broker has no such order
     GIVE_UP = "give_up"  # out of retries
     SKIP = "skip"  # does not fit / withdrawn before the call
+    REPRICE = "reprice"  # a resting exit modified to a limit at the current price (Kite allows 25 per order)
+    CANCEL = "cancel"  # a resting order is to be cancelled (an exit to be placed anew, a BUY dropped)
 
 
 FINAL = frozenset({OrderState.FILLED, OrderState.REJECTED, OrderState.CANCELLED, OrderState.SKIPPED})
 # States in which the broker may hold the order without our knowing its fate: ask by tag before anything else.
 UNCLEAR = frozenset({OrderState.SENDING, OrderState.UNKNOWN, OrderState.GIVEN_UP})
-WORKING = frozenset({OrderState.OPEN, OrderState.TRIGGER_PENDING})
+WORKING = frozenset({OrderState.OPEN, OrderState.TRIGGER_PENDING, OrderState.CANCELLING})
 
 _BROKER_ANSWERS = {
     OrderEvent.ACKNOWLEDGED: OrderState.OPEN,
@@ -93,6 +98,13 @@ TRANSITIONS: Mapping[tuple[OrderState, OrderEvent], OrderState] = {
     **{(OrderState.OPEN, event): state for event, state in _BROKER_ANSWERS.items()},
     (OrderState.OPEN, OrderEvent.TIMED_OUT): OrderState.OPEN,  # a status read went unanswered: still working
     (OrderState.OPEN, OrderEvent.GIVE_UP): OrderState.GIVEN_UP,
+    (OrderState.OPEN, OrderEvent.REPRICE): OrderState.OPEN,
+    (OrderState.OPEN, OrderEvent.CANCEL): OrderState.CANCELLING,
+    # Cancelling: the broker's answer settles it; a fill first means the exit is done, never replaced.
+    **{(OrderState.CANCELLING, event): state for event, state in _BROKER_ANSWERS.items()},
+    (OrderState.CANCELLING, OrderEvent.ACKNOWLEDGED): OrderState.CANCELLING,  # still open: the cancel is asked again
+    (OrderState.CANCELLING, OrderEvent.TIMED_OUT): OrderState.CANCELLING,
+    (OrderState.CANCELLING, OrderEvent.GIVE_UP): OrderState.GIVEN_UP,
     **{(OrderState.TRIGGER_PENDING, event): state for event, state in _BROKER_ANSWERS.items()},
     (OrderState.TRIGGER_PENDING, OrderEvent.TIMED_OUT): OrderState.TRIGGER_PENDING,
     (OrderState.TRIGGER_PENDING, OrderEvent.GIVE_UP): OrderState.GIVEN_UP,
@@ -175,6 +187,7 @@ ATTEMPT_STATES = {
     "refused": OrderState.REJECTED,
     "withdrawn": OrderState.SKIPPED,
     "resting": OrderState.TRIGGER_PENDING,
+    "cancelling": OrderState.CANCELLING,
 }
 RESULT_STATES = {
     "placed": OrderState.OPEN,

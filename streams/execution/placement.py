@@ -26,7 +26,7 @@ from storage.models import Strategy
 from storage.runtime import RuntimeState, runtime_key, strategy_key
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger
-from streams.execution.limits import PRIORITY, BrokerRateLimiter, PriorityGate
+from streams.execution.limits import PRIORITY, BrokerRateLimiter, DayBudgetExhausted, PriorityGate
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
 from streams.execution.reconcile import Reconciler
 from streams.execution.retrying import broker_retries
@@ -53,12 +53,20 @@ class Withdrawn(Exception):
         self.reason = reason
 
 
+class OverBudget(Withdrawn):
+    """A BUY the trader's day of orders has no room for (its last orders are kept for exits): nothing was sent."""
+
+
 class Placement:
     def __init__(self, context: EngineContext, ledger: Ledger, reconciler: Reconciler) -> None:
         self.context = context
         self.ledger = ledger
         self.reconciler = reconciler
-        self.rate_limiter = BrokerRateLimiter(context.redis, context.settings.broker_orders_per_second)
+        settings = context.settings
+        self.rate_limiter = BrokerRateLimiter(
+            context.redis, settings.broker_orders_per_second, per_minute=settings.broker_orders_per_minute,
+            per_day=settings.broker_orders_per_day, exit_reserve=settings.broker_exit_reserve,
+        )  # fmt: skip
         self._buying_if_loaded = context.redis.register_script(_BUYING_IF_LOADED)
         self._loaded_checks: Coalesced[tuple[int, int], bool] = Coalesced(self._mark_buying_if_loaded)
         self.gate: PriorityGate | None = None  # set by the lanes that run the engine
@@ -140,6 +148,10 @@ class Placement:
         except Withdrawn as withdrawn:
             await self.ledger.moved(intent, order, OrderEvent.SKIP, message=withdrawn.reason)
             raise
+        except DayBudgetExhausted as exhausted:
+            reason = f"BUY skipped: {exhausted}"
+            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=reason)
+            raise OverBudget(reason) from exhausted
         except BrokerThrottled as exc:  # refused unread: nothing to ask about, sent again once the budget allows
             await self.ledger.moved(intent, order, OrderEvent.THROTTLED, message=exc.message)
             raise

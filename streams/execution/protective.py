@@ -15,6 +15,7 @@ from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
 from storage.models import Strategy
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger, RunHistory
+from streams.execution.limits import PRIORITY, BrokerRateLimiter
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
 from streams.execution.reconcile import Reconciler, apply
 from streams.execution.retrying import broker_retries
@@ -23,10 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class ProtectiveStops:
-    def __init__(self, context: EngineContext, ledger: Ledger, reconciler: Reconciler) -> None:
+    def __init__(
+        self, context: EngineContext, ledger: Ledger, reconciler: Reconciler, rate_limiter: BrokerRateLimiter
+    ) -> None:
         self.context = context
         self.ledger = ledger
         self.reconciler = reconciler
+        self.rate_limiter = rate_limiter  # placing and cancelling it count against the trader's order limits
 
     @staticmethod
     def intent(intent: OrderIntent) -> OrderIntent:
@@ -39,10 +43,11 @@ class ProtectiveStops:
         order = TrackedOrder(protect.intent_id, Action.PROTECT, protect.broker_tag)
         await self.ledger.sent(protect, order, self.context.clock.now())
         try:
-            order.order_id = await gateway.place_stop_order(
-                exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
-                product=strategy.product, trigger_price=float(strategy.stop_loss), tag=order.tag,
-            )  # fmt: skip
+            async with self.rate_limiter.permit(intent.user_id, PRIORITY[Action.PROTECT]):
+                order.order_id = await gateway.place_stop_order(
+                    exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
+                    product=strategy.product, trigger_price=float(strategy.stop_loss), tag=order.tag,
+                )  # fmt: skip
         except BrokerError as exc:
             # The pipeline's own stop still guards the position; the trader is told the broker-side one is off.
             await self.ledger.moved(protect, order, OrderEvent.REJECTED, message=exc.message)
@@ -74,7 +79,8 @@ class ProtectiveStops:
             retrying = broker_retries(4, initial=0.2, most=2.0, jitter=0.1)
             async for try_ in retrying:
                 with try_:
-                    settled = await gateway.cancel_order(settled.order_id)
+                    async with self.rate_limiter.permit(intent.user_id, PRIORITY[intent.action]):
+                        settled = await gateway.cancel_order(settled.order_id)
         apply(order, broker_event(settled.status))
         status = OrderStatus.FILLED if order.state is OrderState.FILLED else OrderStatus.CANCELLED
         result = self.ledger.result(

@@ -165,3 +165,18 @@ async def test_strategy_refused_without_broker(client: httpx.AsyncClient, make_u
     response = await client.post("/strategy/create", json=strategy_body(), headers=user.headers)
     assert response.status_code == 409
     assert "broker not connected" in response.json()["detail"]
+
+
+async def test_algo_id_is_stored_and_a_malformed_one_refused(
+    client: httpx.AsyncClient, make_user: MakeUser, simulator: SimulatorLike, db_engine: AsyncEngine
+) -> None:
+    user = await make_user()
+    creds = simulator.state.create_account(api_key=api_key())
+    body = {"api_key": creds.api_key, "api_secret": creds.api_secret, "access_token": creds.access_token}
+    refused = await client.post("/broker/connect", json={**body, "algo_id": "no spaces"}, headers=user.headers)
+    assert refused.status_code == 422 and "algo_id" in refused.text
+    connected = await client.post("/broker/connect", json={**body, "algo_id": "NSEALGO7"}, headers=user.headers)
+    assert connected.status_code == 200, connected.text
+    async with db_engine.connect() as conn:
+        stored = (await conn.execute(select(BrokerAccount.algo_id).where(BrokerAccount.user_id == user.id))).scalar()
+    assert stored == "NSEALGO7"

@@ -54,6 +54,8 @@ CREATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"buy_time": 930}, "buy_time", "HH:MM"),
     ({"buy_time": "09:00"}, "buy_time", "market hours 09:15-15:30"),
     ({"sell_time": "15:45"}, "sell_time", "market hours 09:15-15:30"),
+    ({"sell_time": "15:25"}, "sell_time", "MIS square-off at 15:20"),
+    ({"sell_time": "15:20"}, "sell_time", "MIS square-off at 15:20"),
     ({"buy_time": "14:00", "sell_time": "10:00"}, "sell_time", "after buy_time"),
     ({"buy_time": "10:00", "sell_time": "10:00"}, "sell_time", "after buy_time"),
     ({"stop_loss": ...}, "stop_loss", "required"),
@@ -433,3 +435,11 @@ async def insert_order_result(
 
 
 __all__ = ["ApiUser", "insert_order_result"]
+
+
+async def test_a_cnc_strategy_may_sell_after_the_mis_square_off(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy
+) -> None:
+    user = await make_user()
+    created = await make_strategy(user, product="CNC", sell_time="15:25")
+    assert created["sell_time"].startswith("15:25")

@@ -135,3 +135,26 @@ async def test_an_order_the_book_does_not_show_is_unclear_not_missing(
     gateway, _ = _counted_gateway(simulator, kite_account())
     with pytest.raises(BrokerUnavailable, match="not in the broker's order book yet"):
         await gateway.order_status("999999999")
+
+
+@pytest.mark.parametrize(("protection", "algo_id"), [(-1.0, None), (2.5, "NSEALGO7")])
+async def test_every_market_and_stop_order_carries_market_protection_and_the_algo_id(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount], protection: float, algo_id: str | None
+) -> None:
+    """Kite refuses MARKET and SL-M orders without market protection: the simulator's audit shows what was sent."""
+    account = kite_account()
+    settings = build_settings(kite_api_root=simulator.rest_root, broker_market_protection=protection)
+    gateway = KiteOrderGateway(KiteBroker(settings, account.api_key, account.access_token), algo_id=algo_id)
+    simulator.state.set_price("NSE:INFY", 1500.0)
+    await gateway.place_market_order(
+        exchange="NSE", tradingsymbol="INFY", side="BUY", quantity=1, product="MIS", tag="mp1"
+    )  # fmt: skip
+    await gateway.place_stop_order(
+        exchange="NSE", tradingsymbol="INFY", quantity=1, product="MIS", trigger_price=1400.0, tag="mp2"
+    )  # fmt: skip
+    records = simulator.state.audit_records(api_key=account.api_key)
+    assert [(r.outcome, r.params["order_type"]) for r in records] == [("placed", "MARKET"), ("placed", "SL-M")]
+    assert {float(r.params["market_protection"]) for r in records} == {protection}
+    assert {r.params.get("algo_id") for r in records} == {algo_id}
+    orders = account.kite.orders()
+    assert {(o["market_protection"], o["algo_id"]) for o in orders} == {(protection, algo_id)}

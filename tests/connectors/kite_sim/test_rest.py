@@ -36,6 +36,7 @@ def place(kite: KiteConnect, **overrides: object) -> str:
         "quantity": 10,
         "product": "MIS",
         "order_type": "MARKET",
+        "market_protection": -1,  # required on MARKET and SL-M since April 2026
     }
     params.update(overrides)
     return str(kite.place_order(**params))
@@ -327,6 +328,7 @@ def test_holdings(simulator: RunningSimulator, kite_account: MakeAccount) -> Non
 
 def test_quotes_are_keyed_by_exchange_symbol(simulator: RunningSimulator, kite_account: MakeAccount) -> None:
     simulator.state.set_price("NSE:INFY", 1512.35)
+    simulator.state.config.read_limits_enabled = False  # the shapes here; quote's 1 a second in test_kite_rules
     kite = kite_account().kite
     ltp = kite.ltp("NSE:INFY", "NSE:NOSUCH")
     assert ltp == {"NSE:INFY": {"instrument_token": 408065, "last_price": 1512.35}}

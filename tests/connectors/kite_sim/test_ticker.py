@@ -160,6 +160,7 @@ def test_order_updates_arrive_on_the_socket(session: TickerSession) -> None:
         quantity=1,
         product="CNC",
         order_type="MARKET",
+        market_protection=-1,
         tag="ws1",
     )
     update = session.orders.get(timeout=WAIT)
@@ -172,6 +173,7 @@ def test_order_updates_arrive_on_the_socket(session: TickerSession) -> None:
         quantity=0,
         product="CNC",
         order_type="MARKET",
+        market_protection=-1,
     )
     update = session.orders.get(timeout=WAIT)
     assert (update["order_id"], update["status"]) == (rejected, "REJECTED")

@@ -13,7 +13,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.broker import BrokerRejected, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
 from schemas.events import (
@@ -33,6 +35,7 @@ from streams.execution.limits import PRIORITY, PriorityGate
 from tests.streams.execution.engine_bench import (
     IST,
     Engine,
+    make_engine,
     sqlite_only,
 )
 
@@ -695,3 +698,24 @@ async def test_timestamps_are_the_engines_clock(engine: Engine) -> None:
     assert result is not None
     assert result.occurred_at == engine.clock.now()
     assert (await engine.runtime())["entry_at"] == engine.clock.now().isoformat()
+
+
+@sqlite_only
+async def test_a_buy_the_days_order_budget_has_no_room_for_is_skipped_with_a_notice(
+    db_engine: AsyncEngine, redis: Redis
+) -> None:
+    engine = await make_engine(db_engine, redis, broker_orders_per_day=2, broker_exit_reserve=2)
+    result = await engine.executor.execute(engine.intent(Action.BUY))
+    assert result is not None and result.status is OrderStatus.SKIPPED and "budget" in (result.message or "")
+    assert engine.gateway.placements == []
+    assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.BUY_SKIPPED]
+    assert (await engine.strategy()).status == StrategyStatus.STOPPED.value
+
+
+async def test_a_time_event_due_outside_market_hours_is_not_placed_and_the_trader_told(engine: Engine) -> None:
+    await buy_filled(engine)
+    engine.clock.set(datetime(2025, 1, 15, 15, 45, tzinfo=IST))  # after the close
+    result = await engine.executor.execute(engine.intent(Action.SELL))
+    assert result is not None and result.status is OrderStatus.SKIPPED and "market closed" in (result.message or "")
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY"]
+    assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.MARKET_CLOSED]

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from schemas.events import Action
 from streams.execution import limits
-from streams.execution.limits import PRIORITY, BrokerRateLimiter, PriorityGate
+from streams.execution.limits import PRIORITY, BrokerRateLimiter, DayBudgetExhausted, PriorityGate
 
 
 async def settle(rounds: int = 5) -> None:
@@ -482,3 +482,40 @@ async def test_a_grant_is_dated_by_its_calls_return_so_a_slow_call_delays_the_ne
     await take(limiter, 7)
     await take(limiter, 7)  # the third grant waits for the first's return, not its grant, to leave the window
     assert virtual.now == pytest.approx(start + 1.3)
+
+
+# ----------------------------------------------------------------- the minute and the day (Kite, April 2026)
+
+
+async def test_no_minute_holds_more_than_the_per_minute_cap(redis: Redis, virtual: VirtualTime) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10, per_minute=25, exit_reserve=0)
+    granted: list[float] = []
+    for _ in range(60):
+        await take(limiter, user_id=1, action=Action.STOPLOSS)
+        granted.append(virtual.now)
+    busiest = max(sum(1 for t in granted if start <= t < start + 60.0) for start in granted)
+    assert busiest == 25, f"{busiest} permits within one minute at a cap of 25"
+
+
+async def test_buys_leave_the_minutes_reserve_to_exits(redis: Redis, virtual: VirtualTime) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=10, per_minute=25, exit_reserve=5)
+    start = virtual.now
+    for _ in range(20):
+        await take(limiter, user_id=4)  # BUYs: 10 at once, then 10 a second later
+    await take(limiter, user_id=4, action=Action.STOPLOSS)  # the reserve: it waits for the second, not the minute
+    assert virtual.waits == [pytest.approx(1.0, abs=1e-6)] * 2
+    await take(limiter, user_id=4)  # the next BUY waits until the first grant leaves the minute
+    assert virtual.waits[-1] == pytest.approx(start + 60.0 - (start + 2.0), abs=1e-6)
+
+
+async def test_a_buy_beyond_the_days_budget_is_refused_an_exit_never(redis: Redis, virtual: VirtualTime) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=100, per_minute=1000, per_day=6, exit_reserve=2)
+    for _ in range(4):
+        await take(limiter, user_id=5)
+    with pytest.raises(DayBudgetExhausted):
+        await take(limiter, user_id=5)
+    for _ in range(5):  # past the day's budget: exits still go (Kite's own cap is the broker's business)
+        await take(limiter, user_id=5, action=Action.STOPLOSS)
+    with pytest.raises(DayBudgetExhausted):
+        await take(limiter, user_id=5)
+    assert virtual.waits == []

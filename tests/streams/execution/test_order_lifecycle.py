@@ -151,3 +151,28 @@ def test_intent_ids_name_the_cycle_and_keep_the_first_cycles_id() -> None:
     assert len({broker_tag_for(i, seq) for i in ids for seq in (1, 2)}) == len(ids) * 2
     with pytest.raises(ValueError, match="cycle"):
         intent_id_for(7, day, 2, Action.BUY, cycle=0)
+
+
+def test_a_resting_order_is_repriced_or_cancelled_only_while_open() -> None:
+    assert {state for (state, event) in TRANSITIONS if event is OrderEvent.REPRICE} == {OrderState.OPEN}
+    assert {state for (state, event) in TRANSITIONS if event is OrderEvent.CANCEL} == {OrderState.OPEN}
+    assert TRANSITIONS[(OrderState.OPEN, OrderEvent.REPRICE)] is OrderState.OPEN
+
+
+def test_an_order_being_cancelled_ends_as_the_broker_says_and_is_replaced_only_once_cancelled() -> None:
+    order = TrackedOrder("1:2025-01-15:1:STOPLOSS", Action.STOPLOSS, "t1", state=OrderState.OPEN)
+    order.apply(OrderEvent.CANCEL)
+    assert order.apply(OrderEvent.ACKNOWLEDGED) is OrderState.CANCELLING  # still open: asked again
+    assert order.apply(OrderEvent.TIMED_OUT) is OrderState.CANCELLING
+    with pytest.raises(Refused):
+        order.replacement()  # never two live orders
+    filled = TrackedOrder("1:2025-01-15:1:STOPLOSS", Action.STOPLOSS, "t1", state=OrderState.CANCELLING)
+    assert filled.apply(OrderEvent.FILLED) is OrderState.FILLED  # the fill came first: done, not replaced
+    assert order.apply(OrderEvent.CANCELLED) is OrderState.CANCELLED
+    assert order.replacement().seq == 2
+
+
+def test_cancelling_is_persisted_and_counts_as_an_exit_in_flight() -> None:
+    assert ATTEMPT_STATES["cancelling"] is OrderState.CANCELLING
+    held = {Action.BUY: OrderState.FILLED, Action.STOPLOSS: OrderState.CANCELLING}
+    assert strategy_state(held) is RuntimeState.SELLING

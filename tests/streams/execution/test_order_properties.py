@@ -168,7 +168,7 @@ async def test_no_decision_is_filled_twice_and_a_filled_buy_always_has_a_way_out
             await engine.executor.manager.stop(engine.strategy_id, square_off=True)
             worker.collect_published()
         await worker.drain(rounds=1)  # the worker restarted: what was left unfinished comes again
-    engine.clock.advance(5 * 3600)  # the sell time
+    engine.clock.advance(4 * 3600)  # the sell time (14:30: inside market hours, before the MIS cut-off)
     for _ in range(sell_copies):
         await worker.deliver(engine.intent(Action.SELL))
     # The broker answers again: what was left unfinished is redelivered, the overdue-SELL net sends the SELL once

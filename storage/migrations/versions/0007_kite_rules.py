@@ -1,0 +1,25 @@
+"""kite rules: the exchange-issued algo id a trader's orders carry
+
+Revision ID: 0007
+Revises: 0006
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("broker_accounts") as batch:
+        batch.add_column(sa.Column("algo_id", sa.String(64), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("broker_accounts") as batch:
+        batch.drop_column("algo_id")
