@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - any failure here is "Kafka down", reported on /health
             log.warning("Kafka not available at startup (%s); will retry on first publish", exc)
         purging = asyncio.create_task(_purge_closed_accounts(services))
+        # uvicorn's own start-up lines are library chatter (core.logs): this is the one an operator reads.
+        log.info("api ready")
         try:
             yield
         finally:

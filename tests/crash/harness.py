@@ -403,7 +403,7 @@ class CrashMatrix:
         await ensure_topics(self.settings)
         self.env = self._env()
         self.api_root = f"http://127.0.0.1:{api_port}"
-        for name, ready in (("api", "Application startup complete"), ("worker", WORKER_READY),
+        for name, ready in (("api", "api ready"), ("worker", WORKER_READY),
                             ("scheduler", WORKER_READY)):  # fmt: skip
             self.services[name] = Service(name, [sys.executable, "-m", "cli.main", name], self.env, self.workdir, ready)
             self.services[name].start()
