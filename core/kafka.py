@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -17,6 +19,13 @@ from streams.topics import topic_specs
 log = logging.getLogger(__name__)
 
 CONSUMER_STOP_SECONDS = 3.0
+
+
+def process_client_id(role: str) -> str:
+    """The Kafka client id of this process's clients: `{role}-{host}-{pid}`. A consumer group's description
+    (`kafka-consumer-groups --describe`, the admin API) then says which process owns which partition, rather
+    than the library's name for every member."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
 async def stop_consumer(

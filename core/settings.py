@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # ticker's subscriptions), which are off the order's path: each fetch of an idle consumer costs CPU in the
     # process and in the broker, and at 10 ms an idle worker used 23 % of a core on fetching alone.
     kafka_lifecycle_fetch_max_wait_ms: int = Field(100, ge=1, le=5000)
+    # Every batch of ticks the stop-loss feed checks is logged (partition, offsets, when): how the crash matrix
+    # counts ticks lost or checked twice across a partition's handover. Off in production (a line per batch).
+    tick_feed_audit: bool = False
     execution_concurrency: int = Field(256, ge=1, le=10_000, description="Intents executed at once per worker.")
 
     # Runtime layer and database
