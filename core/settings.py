@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     # ticker's subscriptions), which are off the order's path: each fetch of an idle consumer costs CPU in the
     # process and in the broker, and at 10 ms an idle worker used 23 % of a core on fetching alone.
     kafka_lifecycle_fetch_max_wait_ms: int = Field(100, ge=1, le=5000)
+    # Idempotent producers (a send retried after a lost acknowledgement is written once): "on" requires them,
+    # "auto" falls back to plain producers on a broker that refuses them (Tansu), "off" never asks. Off by
+    # default: aiokafka's idempotent producer can stay wedged on OutOfOrderSequenceNumber after a broker restart
+    # (the multi-worker crash matrix saw a worker fail its exits for 17 s so), and the repeats it would remove
+    # are absorbed downstream anyway (docs/delivery-guarantees.md).
+    kafka_idempotent_producer: Literal["auto", "on", "off"] = "off"
     # Every batch of ticks the stop-loss feed checks is logged (partition, offsets, when): how the crash matrix
     # counts ticks lost or checked twice across a partition's handover. Off in production (a line per batch).
     tick_feed_audit: bool = False
