@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 
 from core.settings import Settings
 from schemas.events import Event
-from streams.topics import topic_specs
+from streams.topics import changelog_topics, topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ async def ensure_topics(settings: Settings, wait_seconds: float = 30.0) -> dict[
         specs = topic_specs(settings)
         existing = set(await admin.list_topics())
         missing = [NewTopic(s.name, s.partitions, 1) for s in specs if s.name not in existing]
+        # Compacted, as Faust would create them: a table's changelog keeps the last value per key.
+        missing += [NewTopic(name, partitions, 1, topic_configs={"cleanup.policy": "compact"})
+                    for name, partitions in changelog_topics(settings).items() if name not in existing]  # fmt: skip
         if missing:
             try:
                 await admin.create_topics(missing)
