@@ -5,6 +5,9 @@ stops are crossing and one removed while BUYs are due, a scheduler killed; judge
 ticks, orders and time-events having exactly one live owner soon after each move, and on no tick lost or
 checked twice across a handover (tests/crash/ownership.py, tests/crash/tick_ledger.py).
 
+`--egress`: every user's order calls through its own real proxy (tinyproxy) on its own loopback address, the
+simulator checking each call's source address, and one user's proxy killed and restarted among the faults.
+
 Each seed runs `tests.crash.harness.run_matrix` on a stack of its own (Apache Kafka, or Tansu with
 `--kafka tansu` or without a JDK; redis-server, SQLite, the
 simulator, `algo api|worker|scheduler|ticker`), killing and restarting every part at moments drawn from the
@@ -46,6 +49,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=int, default=1, help="workers at the start (more than 1: one added mid-day, one removed)"
     )
     parser.add_argument("--schedulers", type=int, default=1)
+    parser.add_argument(
+        "--egress",
+        action="store_true",
+        help="each user's orders through its own tinyproxy on its own loopback address; one proxy is killed",
+    )
     parser.add_argument("--show-late", type=int, default=5, help="late stop exits listed per seed")
     return parser.parse_args(argv)
 
@@ -72,6 +80,7 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             workdir=args.workdir / f"seed-{seed}" if args.workdir else None,
             verbose=not args.quiet,
             kafka=args.kafka,
+            egress=args.egress,
         )
         try:
             result = await run_matrix(config)

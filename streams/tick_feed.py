@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from core.kafka import process_client_id, stop_consumer
+from core.metrics import TICK_FEED_LATENESS_SECONDS, TICKS_READ
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ SUMMARY_SECONDS = 60.0  # how far behind the feed read, summarised in one INFO l
 # owner re-reads from the last commit (the rebalance must not wait on a broker that is gone).
 RELEASE_SECONDS = 2.0
 AUDIT_LINE = "tick audit"
+# After a start the feed first reads the backlog published meanwhile: no warning until it has read in time once,
+# or for this long, whichever comes first (a feed that never catches up is still warned about).
+CATCH_UP_SECONDS = 30.0
 
 
 class Lateness:
@@ -61,6 +65,7 @@ class Lateness:
         late_after_ms: float = LATE_AFTER_MS,
         every_seconds: float = LATE_REPORT_SECONDS,
         summary_seconds: float = SUMMARY_SECONDS,
+        catch_up_seconds: float = CATCH_UP_SECONDS,
     ) -> None:
         self.late_after_ms = late_after_ms
         self.every_seconds = every_seconds
@@ -72,6 +77,9 @@ class Lateness:
         self.recent_ms = 0.0  # since the last `take_recent`: what the trader's status shows
         self.warned_at: float | None = None  # time.monotonic()
         self.warnings = 0
+        self.catch_up_seconds = catch_up_seconds
+        self.first_batch_at: float | None = None  # time.monotonic()
+        self.caught_up = False
 
     def take_recent(self) -> float:
         """The worst lateness since the last call (ms)."""
@@ -80,9 +88,19 @@ class Lateness:
 
     def observe(self, oldest_created_ms: float, now_ms: float, now: float, ticks: int = 0) -> None:
         behind = now_ms - oldest_created_ms
+        TICK_FEED_LATENESS_SECONDS.observe(max(behind, 0.0) / 1000)
+        TICKS_READ.inc(ticks)
         self.worst_ms = max(self.worst_ms, behind)
         self.recent_ms = max(self.recent_ms, behind)
         self._summarise(behind, now, ticks)
+        if not self.caught_up:
+            # Until the feed reads in time once (or has had CATCH_UP_SECONDS), lateness is the backlog a start
+            # begins with, and a warning would only say the feed is doing its job; from then on, it is news.
+            self.first_batch_at = now if self.first_batch_at is None else self.first_batch_at
+            self.caught_up = behind < self.late_after_ms or now - self.first_batch_at >= self.catch_up_seconds
+            if not self.caught_up:
+                self.worst_ms = 0.0
+                return
         if behind < self.late_after_ms or (self.warned_at is not None and now - self.warned_at < self.every_seconds):
             return
         log.warning(

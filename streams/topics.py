@@ -41,16 +41,18 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-def changelog_topics(settings: Settings) -> dict[str, int]:
-    """The Faust tables' changelog topics (name -> partitions), created up front beside ours.
+# The Faust apps' own topics (their tables' changelogs and the assignor's leader topic). Faust creates them itself
+# when it starts, but under load its producer may not yet know the new changelog's partitions when the first
+# lifecycle event arrives: the agent then crashes with PartitionsMismatch and that event (a strategy's START)
+# is lost. Created up front with the rest, they exist before Faust looks for them.
+FAUST_TABLES = {"algo-worker": "armed-stops", "algo-scheduler": "scheduled-jobs"}
 
-    Faust declares them itself when a service starts, but checks a table's changelog against its source topic
-    in the consumer's metadata snapshot of the group join. A changelog created in that same moment can be in
-    the snapshot with 0 partitions (no leader elected yet); the agent then crashes on PartitionsMismatch at
-    every restart until the next rebalance (the crash matrix saw a scheduler register no job for 20 s so, on
-    a loaded machine, and miss every BUY of the day). Created with the topics, they exist well before that.
-    """
-    return {
-        f"{settings.topic('algo-worker')}-armed-stops-changelog": settings.ticks_partitions,
-        f"{settings.topic('algo-scheduler')}-scheduled-jobs-changelog": settings.ticks_partitions,
-    }
+
+def faust_internal_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    """name -> (partitions, topic config) of the Faust apps' changelog and assignor topics."""
+    topics: dict[str, tuple[int, dict[str, str]]] = {}
+    for app, table in FAUST_TABLES.items():
+        app_id = settings.topic(app)
+        topics[f"{app_id}-{table}-changelog"] = (settings.ticks_partitions, {"cleanup.policy": "compact"})
+        topics[f"{app_id}-__assignor-__leader"] = (1, {})
+    return topics

@@ -191,7 +191,7 @@ async def _start(
     strategy = await owned_strategy(session, strategy_id, user.id)
     if strategy.status != StrategyStatus.RUNNING.value:
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead.
-        await live_broker(session, user.id, box, settings, clock.now())
+        await live_broker(session, user.id, box, settings, clock.now(), orders=True)
     await session.close()
     return start_response(await manager.start(strategy_id, user_id=user.id))
 
