@@ -107,7 +107,13 @@ class Stack:
     """A Kafka broker (Apache Kafka, or Tansu), redis-server and a migrated database (SQLite, or a private
     PostgreSQL cluster) for one benchmark run, plus the services it starts."""
 
-    def __init__(self, postgres: bool = False, settings: dict[str, str] | None = None, kafka: str = "auto") -> None:
+    def __init__(
+        self,
+        postgres: bool = False,
+        settings: dict[str, str] | None = None,
+        kafka: str = "auto",
+        kafka_config: dict[str, str] | None = None,  # broker settings beyond the defaults (e.g. TEST_CONFIG)
+    ) -> None:
         self.postgres = postgres
         self.kafka_engine = kafka
         self.extra_settings: dict[str, object] = dict(settings or {})  # e.g. execution_concurrency, to compare
@@ -120,7 +126,7 @@ class Stack:
         self.database_url = ""
         self._pg_admin_url = ""
         self._pg_name: str | None = None
-        self.kafka = EmbeddedKafka(self.workdir / "kafka", engine=kafka)
+        self.kafka = EmbeddedKafka(self.workdir / "kafka", engine=kafka, config=kafka_config)
         self.keep_logs = False  # a run that found something to look at sets it
 
     @property

@@ -1,5 +1,10 @@
 """The crash matrix over many seeds: `python -m benchmarks.crash_matrix --seeds 20 [--first 1] [--strategies 200]`.
 
+`--workers 3 --schedulers 2` runs several workers and schedulers: a worker killed in a BUY burst, one added while
+stops are crossing and one removed while BUYs are due, a scheduler killed; judged as well on every partition of
+ticks, orders and time-events having exactly one live owner soon after each move, and on no tick lost or
+checked twice across a handover (tests/crash/ownership.py, tests/crash/tick_ledger.py).
+
 `--egress`: every user's order calls through its own real proxy (tinyproxy) on its own loopback address, the
 simulator checking each call's source address, and one user's proxy killed and restarted among the faults.
 
@@ -19,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.crash.harness import KILLS, MatrixConfig, MatrixResult, run_matrix
+from tests.crash.harness import KILLS, MULTI_KILLS, MatrixConfig, MatrixResult, run_matrix
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +45,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the broker each seed runs (auto: Apache Kafka where a JDK is present)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="workers at the start (more than 1: one added mid-day, one removed)"
+    )
+    parser.add_argument("--schedulers", type=int, default=1)
     parser.add_argument(
         "--egress",
         action="store_true",
@@ -65,7 +74,9 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             speed=args.speed,
             day_seconds=args.day_seconds,
             fault_rate=args.fault_rate,
-            kills=KILLS,
+            kills=MULTI_KILLS if args.workers > 1 else KILLS,
+            workers=args.workers,
+            schedulers=args.schedulers,
             workdir=args.workdir / f"seed-{seed}" if args.workdir else None,
             verbose=not args.quiet,
             kafka=args.kafka,
@@ -81,6 +92,9 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             print(f"    {violation}", flush=True)
         for late in result.late_exits[: args.show_late]:
             print(f"    late: {late}", flush=True)
+        if args.workers > 1:
+            for line in result.handover_lines():
+                print(f"    {line}", flush=True)
     return results
 
 

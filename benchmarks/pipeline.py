@@ -28,6 +28,11 @@ then measures:
   arrive before k // 10 seconds) each STOPLOSS reaches the simulator, p50/p99, and that each arrives once.
 
 Every figure is from this one run; `--quick` is a small smoke run (< 90 s).
+
+Several workers and both brokers in one run: `--brokers apache tansu --workers 1 2 3 stoploss` (or `burst`,
+`all`) runs the scenarios once per broker and worker count, each on a fresh stack, and prints every run's
+rows together at the end; `--load-seconds 300` spreads each stop-loss phase (1,000 then 10,000 ticks/s of
+background) over five minutes. Each worker's CPU (its process, all threads, /proc) is measured per phase.
 """
 
 from __future__ import annotations
@@ -129,11 +134,13 @@ class Report:
 
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    label: str = ""  # e.g. "[apache, 2 workers] ": which stack and worker count a row is of (--workers/--brokers)
     # Raw samples for the plots (benchmarks/plots.py): latency distributions, and (stops armed, ticks/s).
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
     throughput: list[tuple[int, float]] = field(default_factory=list)
 
     def row(self, what: str, figure: str, target: str = "", verdict: str = "") -> None:
+        what = self.label + what
         self.rows.append((what, figure, target, verdict))
         print(f"  {what}: {figure}", flush=True)
 
@@ -608,16 +615,22 @@ def load_main(argv: list[str]) -> None:
     asyncio.run(publish())
 
 
-async def bench_stoploss(stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report) -> None:
+async def bench_stoploss(
+    stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report, workers: int = 1,
+    load_seconds: float | None = None,
+) -> None:  # fmt: skip
+    """`workers` workers share the partitions; `load_seconds`: each phase's crossings are spread over this long
+    (the background load runs for it), else one crossing every 100 ms."""
     samples = sizes.latency_samples
     print(f"\n== stoploss: {samples} strategies exit by stop-loss, one at a time, under "
-          f"{sizes.background_rate:,} ticks/s of background ticks")  # fmt: skip
+          f"{sizes.background_rate:,} ticks/s of background ticks, {workers} worker(s)")  # fmt: skip
     settings = stack.settings("sl-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
                               kafka_session_timeout_seconds=6.0)  # fmt: skip
     await ensure_topics(settings)
-    worker = stack.start_service("worker", settings_env(settings, clock))
+    pool = [stack.start_service("worker", settings_env(settings, clock)) for _ in range(workers)]
+    worker = pool[0]
     seeded = await _seed(stack, settings, sim, "sl", samples, 1, clock_time(9, 30), 0.95)
-    await worker.wait_ready()
+    await asyncio.gather(*(w.wait_ready() for w in pool))
     api_keys = {s.api_key for s in seeded}
     async with Manager(stack, settings, clock) as manager:
         runs = await _start_all(manager, [s.strategy_id for s in seeded])
@@ -635,6 +648,9 @@ async def bench_stoploss(stack: Stack, clock: ScaledClock, sim: RunningSimulator
     try:
         for rate, subset in phases:
             crossings = [Crossing(s.api_key, s.instrument, round(s.price * 0.95 - 1.0, 1)) for s in subset]
+            interval = max(0.1, load_seconds / len(crossings)) if load_seconds and crossings else 0.1
+            cpu_before = {w.process.pid: sum(thread_cpu_seconds(w.process.pid)) for w in pool}
+            phase_began = time.monotonic()
 
             def set_price(crossing: Crossing) -> None:
                 sim.state.set_price(crossing.instrument, crossing.price)  # the SELL then fills at it
@@ -643,19 +659,33 @@ async def bench_stoploss(stack: Stack, clock: ScaledClock, sim: RunningSimulator
                 return _wait_placements(sim, "SELL", names, len(names), 120)
 
             published, background = await _crossings_under_load(
-                stack, settings.topic("ticks"), clock, trigger, crossings, rate, sizes, set_price, at_broker
+                stack, settings.topic("ticks"), clock, trigger, crossings, rate, sizes, set_price, at_broker, interval
             )
+            phase_seconds = time.monotonic() - phase_began
+            shares = [
+                (sum(thread_cpu_seconds(w.process.pid)) - cpu_before[w.process.pid]) / phase_seconds for w in pool
+            ]
             _stoploss_figures(stack, report, sim, orders, subset, published, background, offset)
-        worker.stop()
-        stack.services.remove(worker)
+            report.row(
+                f"  worker CPU over the {background:,.0f} ticks/s phase ({phase_seconds:.0f} s), each of {workers}",
+                " / ".join(f"{share:.0%}" for share in shares),
+            )
+            report.note(
+                f"{workers} worker(s) at {background:,.0f} ticks/s: {sum(shares):.0%} of a core in all, "
+                f"{sum(shares) / max(background / 1000, 1e-9):.1%} of a core per 1,000 ticks/s"
+            )
+        for each in pool:
+            each.stop()
+            stack.services.remove(each)
         # The same two loads and crossings again with no worker: the two Kafka hops alone.
         await _kafka_hops_alone(stack, clock, trigger, phases, sizes, report)
     finally:
         await trigger.stop()
         await orders.stop()
-        if worker in stack.services:
-            worker.stop()
-            stack.services.remove(worker)
+        for each in pool:
+            if each in stack.services:
+                each.stop()
+                stack.services.remove(each)
 
 
 @dataclass(frozen=True)
@@ -668,11 +698,11 @@ class Crossing:
 async def _crossings_under_load(
     stack: Stack, topic: str, clock: ScaledClock, trigger: AIOKafkaProducer, crossings: list[Crossing], rate: int,
     sizes: Sizes, before_each: Callable[[Crossing], None], arrived: Callable[[set[str]], Awaitable[None]],
+    interval: float = 0.1,
 ) -> tuple[dict[str, float], float]:  # fmt: skip
-    """Background ticks at `rate` from a child process; one crossing tick every 100 ms, then `arrived` waits
-    for them all. Returns name -> time.monotonic() just before each crossing was handed to Kafka, and the
+    """Background ticks at `rate` from a child process; one crossing tick every `interval` s, then `arrived`
+    waits for them all. Returns name -> time.monotonic() just before each crossing was handed to Kafka, and the
     background rate reached."""
-    interval = 0.1
     published: dict[str, float] = {}
     async with _background_load(stack, topic, rate, 1.5 + len(crossings) * interval + 0.5, sizes) as achieved:
         await asyncio.sleep(1.5)  # the background load settles first
@@ -889,10 +919,11 @@ async def bench_broker(stack: Stack, sizes: Sizes, report: Report) -> None:
 
 
 async def bench_burst(
-    stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report, egress: bool = False
-) -> None:
+    stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report, workers: int = 1,
+    egress: bool = False,
+) -> None:  # fmt: skip
     """The burst direct, then (`egress`) again with one real proxy per user, in the same run."""
-    await _burst(stack, clock, sim, sizes, report, "bu", None)
+    await _burst(stack, clock, sim, sizes, report, "bu", None, workers)
     if not egress:
         return
     from tests.fixtures.proxies import ProxyPool
@@ -901,16 +932,17 @@ async def bench_burst(
         started = time.monotonic()
         proxies = pool.start(sizes.burst_users)
         print(f"  {len(proxies)} egress proxies (tinyproxy) started in {time.monotonic() - started:.1f} s")
-        await _burst(stack, clock, sim, sizes, report, "be", [p.url for p in proxies])
+        await _burst(stack, clock, sim, sizes, report, "be", [p.url for p in proxies], workers)
 
 
 async def _burst(
     stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report, tag: str,
-    egress: list[str] | None,
+    egress: list[str] | None, workers: int = 1,
 ) -> None:  # fmt: skip
     total = sizes.burst_users * sizes.burst_per_user
     route = f"{len(egress)} egresses" if egress else "direct"
-    print(f"\n== burst ({route}): {total:,} strategies of {sizes.burst_users} users due at the same second")
+    print(f"\n== burst ({route}): {total:,} strategies of {sizes.burst_users} users due at the same second, "
+          f"{workers} worker(s)")  # fmt: skip
     # The grace for a missed BUY is widened: on a slow machine the tail of the burst would be skipped (as the
     # product should) and the benchmark would measure the skip rule instead of the throughput.
     settings = stack.settings(f"{tag}-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
@@ -918,10 +950,11 @@ async def _burst(
                               require_egress=bool(egress))  # fmt: skip
     await ensure_topics(settings)
     env = settings_env(settings, clock)
-    worker, scheduler = stack.start_service("worker", env), stack.start_service("scheduler", env)
+    pool = [stack.start_service("worker", env) for _ in range(workers)]
+    scheduler = stack.start_service("scheduler", env)
     seeded = await _seed(stack, settings, sim, tag, sizes.burst_users, sizes.burst_per_user, clock_time(15, 0), 0.5,
                          egress=egress)  # fmt: skip
-    await asyncio.gather(worker.wait_ready(), scheduler.wait_ready())
+    await asyncio.gather(*(w.wait_ready() for w in pool), scheduler.wait_ready())
     api_keys = {s.api_key for s in seeded}
     # The due second: far enough ahead for every START below to reach the scheduler first.
     margin = 4.0 + total * 0.03
@@ -951,14 +984,17 @@ async def _burst(
         print(f"  {total} STARTs in {start_seconds:.1f} s ({total / start_seconds:,.0f}/s); due in {slack:.1f} s")
         if slack < 1.0:
             raise RuntimeError(f"setup overran the due time ({slack:.1f} s left): raise the margin")
-        cpu_before = sum(thread_cpu_seconds(worker.process.pid))
+        cpu_before = {w.process.pid: sum(thread_cpu_seconds(w.process.pid)) for w in pool}
         await _wait_placements(sim, "BUY", api_keys, total, slack + 300)
         # CPU, not wall time: it varies much less with what else the machine is doing.
-        worker_cpu_ms = (sum(thread_cpu_seconds(worker.process.pid)) - cpu_before) * 1000 / total
+        per_worker_ms = [
+            (sum(thread_cpu_seconds(w.process.pid)) - cpu_before[w.process.pid]) * 1000 / total for w in pool
+        ]
+        worker_cpu_ms = sum(per_worker_ms)
         await watcher.wait_for(lambda rs: sum(r.topic.endswith("orders") for r in rs) >= total, 10)
     finally:
         await watcher.stop()
-        for service in (worker, scheduler):
+        for service in (*pool, scheduler):
             service.stop()
             stack.services.remove(service)
     buys = _placements(sim, "BUY", api_keys)
@@ -987,6 +1023,8 @@ async def _burst(
         )
     report.row("  STARTs through StrategyManager.start (16 concurrent)", f"{total / start_seconds:,.0f}/s")
     report.row("  worker CPU per BUY (all threads, from the STARTs' end to the last BUY)", f"{worker_cpu_ms:.1f} ms")
+    if workers > 1:
+        report.row("  ... of which each worker", " / ".join(f"{ms:.1f}" for ms in per_worker_ms) + " ms")
     stages = {
         "time event produced by the scheduler": [
             r.timestamp_ms - due_wall * 1000 for r in watcher.records if r.topic.endswith("time-events")
@@ -1280,10 +1318,33 @@ async def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     sizes = Sizes.for_run(args.quick)
-    report = Report()
-    clock = ScaledClock(start=TRADING_MORNING)
+    if args.background_rate:
+        sizes.background_rate = args.background_rate
     began = time.monotonic()
-    async with Stack(postgres=args.postgres, settings=dict(args.setting), kafka=args.kafka) as stack:
+    brokers = args.brokers or [args.kafka]
+    several = len(brokers) > 1 or args.workers != [1]
+    combined = Report()
+    for broker in brokers:
+        for workers in args.workers:
+            label = f"[{broker}, {workers} worker{'s' if workers > 1 else ''}] " if several else ""
+            report = await run_once(args, sizes, broker, workers, label, began)
+            combined.rows.extend(report.rows)
+            combined.notes.extend(report.label + note for note in report.notes)
+    if several:
+        print("\n\nall runs:")
+        width = max(len(r[0]) for r in combined.rows) if combined.rows else 10
+        for what, figure, target, verdict in combined.rows:
+            print(f"{what:<{width}}  {figure:>12}  {target:>10}  {verdict}")
+    return 0
+
+
+async def run_once(
+    args: argparse.Namespace, sizes: Sizes, broker: str, workers: int, label: str, began: float
+) -> Report:
+    """Every chosen scenario on a stack of its own (a fresh broker): one row of --brokers x --workers."""
+    report = Report(label=label)
+    clock = ScaledClock(start=TRADING_MORNING)
+    async with Stack(postgres=args.postgres, settings=dict(args.setting), kafka=broker) as stack:
         print(f"stack: Kafka {stack.kafka_bootstrap}, Redis {stack.redis_url}, {stack.database_kind}", flush=True)
         if args.scenario in ("ticks", "all"):
             await bench_ticks(stack, clock, sizes, report)
@@ -1295,16 +1356,16 @@ async def run(args: argparse.Namespace) -> int:
             # The broker in this process: its audit log stamps each order with time.monotonic().
             async with RunningSimulator(clock=clock, config=SimConfig(tick_interval=1.0), walk=False) as sim:
                 if args.scenario in ("stoploss", "all"):
-                    await bench_stoploss(stack, clock, sim, sizes, report)
+                    await bench_stoploss(stack, clock, sim, sizes, report, workers, args.load_seconds)
                     print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
                 if args.scenario in ("burst", "all"):
-                    await bench_burst(stack, clock, sim, sizes, report, egress=args.egress)
+                    await bench_burst(stack, clock, sim, sizes, report, workers, egress=args.egress)
                     print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
                 if args.scenario in ("exits", "all"):
                     await bench_exits(stack, clock, sim, sizes, report)
         print_report(report, stack)
         print(f"\n{time.monotonic() - began:.0f} s in all; load average at the end {load_average():.1f}")
-    return 0
+    return report
 
 
 def ceiling_main(argv: list[str]) -> None:
@@ -1366,6 +1427,32 @@ def main(argv: list[str] | None = None) -> int:
         choices=("auto", "apache", "tansu"),
         default="auto",
         help="the broker (auto: Apache Kafka where a JDK is present)",
+    )
+    parser.add_argument(
+        "--brokers",
+        nargs="+",
+        choices=("apache", "tansu"),
+        default=None,
+        help="run everything once per broker, each on a fresh stack (overrides --kafka)",
+    )
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="run stoploss and burst once per worker count, e.g. --workers 1 2 3",
+    )
+    parser.add_argument(
+        "--load-seconds",
+        type=float,
+        default=None,
+        help="stoploss: spread each phase's crossings over this long (e.g. 300 for 5 minutes)",
+    )
+    parser.add_argument(
+        "--background-rate",
+        type=int,
+        default=None,
+        help="stoploss: the second phase's background ticks/s (default 10,000)",
     )
     parser.add_argument("--setting", action="append", type=_setting, default=[], metavar="NAME=VALUE",
                         help="a Settings field for every service and client of the run, e.g. "

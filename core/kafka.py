@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from core.settings import Settings
 from schemas.events import Event
@@ -17,6 +19,13 @@ from streams.topics import faust_internal_topics, topic_specs
 log = logging.getLogger(__name__)
 
 CONSUMER_STOP_SECONDS = 3.0
+
+
+def process_client_id(role: str) -> str:
+    """The Kafka client id of this process's clients: `{role}-{host}-{pid}`. A consumer group's description
+    (`kafka-consumer-groups --describe`, the admin API) then says which process owns which partition, rather
+    than the library's name for every member."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
 async def stop_consumer(
@@ -95,7 +104,13 @@ async def kafka_reachable(bootstrap: str, wait_seconds: float = 3.0) -> str | No
 
 
 class EventProducer:
-    """Publishes schema'd events as JSON. acks=all: an acknowledged event survives a broker failover."""
+    """Publishes schema'd events as JSON. acks=all: an acknowledged event survives a broker failover.
+
+    Idempotent if `Settings.kafka_idempotent_producer` asks (off by default, see there): a send retried after
+    a lost acknowledgement is then written once, not twice. Apache Kafka grants the producer id such a producer
+    asks for; Tansu refuses it, and with `auto` the producer is then a plain one. A retried send written twice
+    is absorbed by the consumers' idempotent effects (docs/delivery-guarantees.md).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -107,16 +122,39 @@ class EventProducer:
             raise RuntimeError("EventProducer used before start()")
         return self._client
 
+    idempotent = False
+
     async def start(self) -> None:
         # Built here, not in __init__: aiokafka binds to the running loop (nothing at import or build time).
-        self._client = AIOKafkaProducer(
+        wanted = self.settings.kafka_idempotent_producer
+        if wanted != "off":
+            try:
+                self._client = await self._started(idempotent=True)
+                self.idempotent = True
+                return
+            except KafkaConnectionError:
+                raise  # no broker: nothing learnt about idempotence
+            except KafkaError as exc:
+                if wanted == "on":
+                    raise
+                log.warning("the Kafka broker refused an idempotent producer (%r): a retried send may be written "
+                            "twice (KAFKA_IDEMPOTENT_PRODUCER=auto)", exc)  # fmt: skip
+        self._client = await self._started(idempotent=False)
+
+    async def _started(self, idempotent: bool) -> AIOKafkaProducer:
+        client = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=process_client_id("algo-producer"),
             acks="all",
             linger_ms=2,
-            # Tansu refuses idempotent producers; at-least-once plus idempotent consumers instead.
-            enable_idempotence=False,
+            enable_idempotence=idempotent,
         )
-        await self._client.start()
+        try:
+            await client.start()  # an idempotent producer asks the broker for its producer id here
+        except BaseException:
+            await client.stop()
+            raise
+        return client
 
     async def stop(self) -> None:
         if self._client is not None:

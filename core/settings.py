@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     events_partitions: int = Field(8, ge=1, le=1024)
     # Consumer-group session: a dead worker's partitions move after this long. Apache Kafka refuses a session
     # below its group.min.session.timeout.ms (6 s by default; the tests' broker lowers it for their 3 s).
-    kafka_session_timeout_seconds: float = Field(10.0, ge=2, le=300)
+    # Measured (`python -m benchmarks.rebalance`, BENCHMARKS.md): a killed worker's stops go unchecked for the
+    # session plus up to 1.7 s (10 s: 11.7 s, 6 s: 6.8 s, 3 s: 3.4 s); a clean stop or a new worker, ~1 s
+    # whatever the session. 6 s: the lowest a stock broker accepts, and heartbeats (a sixth of it) that a
+    # loaded event loop still sends in time.
+    kafka_session_timeout_seconds: float = Field(6.0, ge=2, le=300)
     # How long a consumer's fetch may wait for data. Tansu answers a fetch only when the wait ends, so this is
     # per-hop latency there; Apache Kafka answers as soon as data arrives, whatever the value.
     kafka_fetch_max_wait_ms: int = Field(10, ge=1, le=5000)
@@ -50,6 +54,15 @@ class Settings(BaseSettings):
     # ticker's subscriptions), which are off the order's path: each fetch of an idle consumer costs CPU in the
     # process and in the broker, and at 10 ms an idle worker used 23 % of a core on fetching alone.
     kafka_lifecycle_fetch_max_wait_ms: int = Field(100, ge=1, le=5000)
+    # Idempotent producers (a send retried after a lost acknowledgement is written once): "on" requires them,
+    # "auto" falls back to plain producers on a broker that refuses them (Tansu), "off" never asks. Off by
+    # default: aiokafka's idempotent producer can stay wedged on OutOfOrderSequenceNumber after a broker restart
+    # (the multi-worker crash matrix saw a worker fail its exits for 17 s so), and the repeats it would remove
+    # are absorbed downstream anyway (docs/delivery-guarantees.md).
+    kafka_idempotent_producer: Literal["auto", "on", "off"] = "off"
+    # Every batch of ticks the stop-loss feed checks is logged (partition, offsets, when): how the crash matrix
+    # counts ticks lost or checked twice across a partition's handover. Off in production (a line per batch).
+    tick_feed_audit: bool = False
     execution_concurrency: int = Field(256, ge=1, le=10_000, description="Intents executed at once per worker.")
 
     # Runtime layer and database

@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 
+from core.kafka import process_client_id
 from core.logs import configure_logging
 from core.settings import Settings
 from streams.transport import register as register_transport
@@ -22,6 +23,7 @@ def build_faust_app(settings: Settings, name: str) -> faust.App:
     return faust.App(
         settings.topic(name),
         broker=brokers,
+        broker_client_id=process_client_id(name),
         store="memory://",
         web_enabled=False,
         topic_partitions=settings.ticks_partitions,

@@ -29,7 +29,7 @@ from functools import partial
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from core.kafka import stop_consumer
+from core.kafka import process_client_id, stop_consumer
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class IntentFeed:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=self.settings.topic("algo-worker-intents"),
+            client_id=process_client_id("algo-worker-intents"),
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a broker that restarted empty: everything published since
             fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,

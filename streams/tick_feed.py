@@ -14,6 +14,11 @@ they bypass the per-event machinery while keeping what Faust gives the join:
   only after every STOPLOSS a batch produced is acknowledged by Kafka, so the worker that takes over a
   partition re-reads what its dead owner had not finished; a crossing during the handover still exits.
   A re-read tick can only re-emit a STOPLOSS whose intent id is the same, which execution ignores.
+* Handover. When Faust revokes the lifecycle partitions, the feed stops reading and commits what it has
+  checked before the rebalance goes on (`release`, awaited by the revocation): the worker that takes a
+  partition over starts where this one stopped. Not awaited, the new owner read from the last periodic
+  commit and checked again up to COMMIT_SECONDS of ticks that this one had checked already (counted by the
+  crash matrix with several workers, `Settings.tick_feed_audit`).
 
 How late it reads is watched: a stop is checked no earlier than its tick is read, so a feed falling behind
 its publishers (a saturated worker, a slow broker: Tansu's fetches slow down as its log grows) is logged.
@@ -29,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from core.kafka import stop_consumer
+from core.kafka import process_client_id, stop_consumer
 from core.metrics import TICK_FEED_LATENESS_SECONDS, TICKS_READ
 from core.settings import Settings
 
@@ -41,6 +46,10 @@ COMMIT_SECONDS = 0.2  # offsets are committed beside the loop, not between two f
 LATE_AFTER_MS = 1000.0  # a stop checked a second after its tick is an exit a second late
 LATE_REPORT_SECONDS = 30.0  # at most one warning per this long, with the worst seen meanwhile
 SUMMARY_SECONDS = 60.0  # how far behind the feed read, summarised in one INFO line per this long
+# A revocation waits this long at most for the batch under way: beyond it the rebalance goes on, and the new
+# owner re-reads from the last commit (the rebalance must not wait on a broker that is gone).
+RELEASE_SECONDS = 2.0
+AUDIT_LINE = "tick audit"
 # After a start the feed first reads the backlog published meanwhile: no warning until it has read in time once,
 # or for this long, whichever comes first (a feed that never catches up is still warned about).
 CATCH_UP_SECONDS = 30.0
@@ -126,6 +135,8 @@ class TickFeed:
         self.handle = handle
         self._wanted: set[int] | None = None  # partitions to switch to between two batches
         self._changed = asyncio.Event()
+        self._applied = asyncio.Event()  # the last `follow` is in effect
+        self._applied.set()
         self._task: asyncio.Task[None] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._done: dict[TopicPartition, int] = {}  # processed and acknowledged, not yet committed
@@ -139,13 +150,27 @@ class TickFeed:
     def follow(self, partitions: set[int]) -> None:
         """Read these partitions from the next batch on (empty: read nothing, e.g. while rebalancing)."""
         self._wanted = set(partitions)
+        self._applied.clear()
         self._changed.set()
+
+    async def release(self, within: float = RELEASE_SECONDS) -> None:
+        """Stop reading every partition and commit what was checked; returns once done (or after `within`)."""
+        self.follow(set())
+        if self._task is None or self._task.done():
+            return
+        try:
+            async with asyncio.timeout(within):
+                await self._applied.wait()
+        except TimeoutError:
+            log.warning("tick feed: partitions not released within %.1fs; their new owner re-reads from the last "
+                        "commit", within)  # fmt: skip
 
     async def start(self) -> None:
         # Built here, not in __init__: the worker is assembled before its event loop exists.
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=self.settings.topic("algo-worker-ticks"),
+            client_id=process_client_id("algo-worker-ticks"),
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a partition nobody committed yet: from its first tick
             fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
@@ -163,11 +188,12 @@ class TickFeed:
     async def _apply_assignment(self) -> None:
         wanted, self._wanted = self._wanted, None
         self._changed.clear()
-        if wanted is None or wanted == self.partitions:
-            return
-        await self._commit()  # what this worker finished, before another one takes the partitions over
-        self.consumer.assign([TopicPartition(self.topic, partition) for partition in sorted(wanted)])
-        log.info("tick feed reads partitions %s of %s", sorted(wanted) or "none", self.topic)
+        if wanted is not None and wanted != self.partitions:
+            await self._commit()  # what this worker finished, before another one takes the partitions over
+            self.consumer.assign([TopicPartition(self.topic, partition) for partition in sorted(wanted)])
+            log.info("tick feed reads partitions %s of %s", sorted(wanted) or "none", self.topic)
+        if self._wanted is None:  # no newer `follow` came meanwhile
+            self._applied.set()
 
     async def _run(self) -> None:
         while True:
@@ -204,6 +230,12 @@ class TickFeed:
                 await asyncio.sleep(0.2)
                 continue
             self._done.update(offsets)
+            if self.settings.tick_feed_audit:
+                at = time.time()
+                for tp, records in batches.items():
+                    # The first record's CreateTime: how long its tick waited to be checked (a handover's gap).
+                    log.info("%s: partition %d offsets %d-%d created %.3f checked %.3f", AUDIT_LINE, tp.partition,
+                             records[0].offset, records[-1].offset, records[0].timestamp / 1000, at)  # fmt: skip
 
     async def _commit_every_while(self) -> None:
         while True:

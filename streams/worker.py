@@ -169,7 +169,9 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _stop_reading_ticks(sender: Any = None, *args: Any, **kwargs: Any) -> None:
-        feed.follow(set())  # until the rebalance says which instruments are ours
+        # Until the rebalance says which instruments are ours; awaited, so that what this worker checked is
+        # committed before another worker takes its partitions over (streams/tick_feed.py, "Handover").
+        await feed.release()
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
     async def _follow_assignment(sender: Any = None, **kwargs: Any) -> None:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,8 @@ from schemas.events import Action, broker_tag_for, intent_id_for
 from storage.db import create_engine
 from storage.migrate import upgrade_engine
 from storage.models import Notification, OrderLog, Strategy
+from tests.crash.ownership import OwnershipProbe, Sample
+from tests.crash.tick_ledger import Stint, TickCount, TickLedger
 from tests.fixtures.proxies import ProxyPool
 
 IST = ZoneInfo("Asia/Kolkata")
@@ -68,9 +71,16 @@ HIT_STOP = 0.97  # ... through stops at 97% ("hit" group) ...
 SAFE_STOP = 0.80  # ... and stays above stops at 80% ("safe" group)
 
 KILLS = ("worker", "worker_mid_order", "scheduler", "ticker", "api", "redis", "kafka")
+# With several workers: one killed in a BUY burst, one added while stops are crossing and one removed while BUYs
+# are due (rebalances under load), one scheduler of several killed.
+MULTI_KILLS = ("worker_mid_burst", "worker_mid_order", "add_worker", "remove_worker", "scheduler", "ticker", "api",
+               "redis", "kafka")  # fmt: skip
+OWNERSHIP_WITHIN = 15.0  # every partition has exactly one live owner this long (real s) after a rebalance's cause
+OWNERSHIP_SAMPLE_SECONDS = 0.5
 EXIT_WITHIN_SECONDS = 5.0  # a crossed stop exits within this long (real seconds) of the system being up
 SESSION_EXPIRED = "broker session expired, reconnect"
 WORKER_READY = "Worker]: Ready"
+FOLLOWS = re.compile(r"tick feed reads partitions (\[[\d, ]*\]|none)")
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -92,6 +102,15 @@ class MatrixConfig:
     workdir: Path | None = None
     verbose: bool = True
     kafka: str = "auto"  # the broker: "apache", "tansu", or auto (Apache Kafka where a JDK is present)
+    workers: int = 1
+    schedulers: int = 1
+    # Partitions of each topic; several workers get twice as many as workers, so that each has some to lose.
+    partitions: int = 0  # 0: 2 for one worker, 2 x workers for several
+
+    @property
+    def topic_partitions(self) -> int:
+        return self.partitions or (2 if self.workers == 1 else 2 * self.workers)
+
     egress: bool = False  # each user's orders through its own proxy (required), one proxy killed among the faults
 
 
@@ -116,6 +135,11 @@ class Service:
     seen: dict[str, int] = field(default_factory=dict)  # interesting line -> count
     starts: int = 0
     restarting: bool = False  # killed on purpose: the supervisor leaves it alone
+    # Each line of a start's output, with that start's number: the tick audit and the partitions followed.
+    on_line: Callable[[Service, int, str], None] | None = None
+    # How the last start ended, once it has: "killed" (SIGKILL, or it died by itself) or "stopped" (SIGTERM).
+    on_end: Callable[[Service, int, str], None] | None = None
+    ended: bool = True  # the last start has ended (or there was none)
 
     WATCH = ("Recovery Complete", "recovery needed", "Traceback", "retrying")
 
@@ -126,6 +150,7 @@ class Service:
         self.ready = threading.Event()
         self.restarting = False
         self.starts += 1
+        self.ended = False
         log = (self.cwd / f"{self.name}.log").open("a", encoding="utf-8")
         log.write(f"\n===== start #{self.starts} =====\n")
         self.process = subprocess.Popen(  # noqa: S603 - our own CLI
@@ -137,14 +162,16 @@ class Service:
             text=True,
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, args=(self.process, self.ready, log), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.process, self.ready, log, self.starts), daemon=True).start()
 
-    def _pump(self, process: subprocess.Popen[str], ready: threading.Event, log: Any) -> None:
+    def _pump(self, process: subprocess.Popen[str], ready: threading.Event, log: Any, start: int) -> None:
         assert process.stdout is not None
         with log:
             for line in process.stdout:
                 log.write(line)
                 self.tail.append(line.rstrip())
+                if self.on_line is not None:
+                    self.on_line(self, start, line)
                 if self.ready_line in line:
                     ready.set()
                 for word in self.WATCH:
@@ -158,7 +185,9 @@ class Service:
         self.restarting = True
         process = self.process
         if process is None or process.poll() is not None:
+            self.mark_ended("killed")
             return
+        self.mark_ended("killed" if sig == signal.SIGKILL else "stopped")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         try:
@@ -167,6 +196,13 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+    def mark_ended(self, how: str) -> None:
+        """Called when the current start ends (the first call wins: a process that died by itself was killed)."""
+        if not self.ended:
+            self.ended = True
+            if self.on_end is not None:
+                self.on_end(self, self.starts, how)
 
     async def wait_ready(self, within: float = 60.0) -> None:
         loop = asyncio.get_running_loop()
@@ -226,6 +262,7 @@ class Incident:
     at: float  # real seconds after the day's start
     kind: str
     detail: str = ""
+    target: str = ""  # the service it kills or removes, where there are several of its kind
 
 
 @dataclass
@@ -261,15 +298,40 @@ def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], d
         base = BASE_PRICES[instrument]
         stop = round(base * (HIT_STOP if group == "hit" else SAFE_STOP), 1)
         plans.append(Planned(index, user, instrument, group, buy, sell, stop))
+    burst = 0.0
+    if config.workers > 1:
+        # A BUY burst: a quarter of the healthy strategies are due at the same moment (a worker dies in it).
+        burst = rng.uniform(0.12 * day, 0.3 * day)
+        for plan in plans:
+            if plan.user < config.users and plan.sell_offset > burst + 0.2 * day and rng.random() < 0.25:
+                plan.buy_offset = burst
     drops = {instrument: rng.uniform(0.2 * day, 0.75 * day) for instrument in config.instruments}
     incidents = [Incident(0.5, "expire_token")]
+    workers = worker_names(config.workers)
+
+    def down() -> str:
+        return f"down {rng.uniform(0.3, 2.0):.2f}s"
+
     for kind in config.kills:
-        if kind == "worker_mid_order":
+        if kind == "worker_mid_burst":
+            incidents.append(Incident(burst + 0.1, kind, down(), rng.choice(workers)))
+        elif kind == "add_worker":
+            # As an instrument's price drops through its stops.
+            incidents.append(Incident(rng.choice(list(drops.values())) - 0.2, kind, "", f"worker-{config.workers + 1}"))
+        elif kind == "remove_worker":
+            # As a strategy's BUY falls due; never the first worker (the mid-order kill's target).
+            due = rng.choice([p.buy_offset for p in plans if 0.1 * day < p.buy_offset < 0.8 * day])
+            incidents.append(Incident(due - 0.1, kind, "", rng.choice(workers[1:])))
+        elif kind == "scheduler" and config.schedulers > 1:
+            at = rng.uniform(0.1 * day, 0.85 * day)
+            incidents.append(Incident(at, kind, down(), rng.choice(scheduler_names(config.schedulers))))
+        elif kind == "worker_mid_order":
             # Just before a BUY is due, while the simulator holds order requests (a latency fault).
             target = rng.choice([p for p in plans if p.user < config.users and p.buy_offset > 0.1 * day])
             incidents.append(Incident(target.buy_offset - 0.3, kind, f"BUY of #{target.index} in flight"))
         else:
-            incidents.append(Incident(rng.uniform(0.1 * day, 0.85 * day), kind, f"down {rng.uniform(0.3, 2.0):.2f}s"))
+            at = rng.uniform(0.1 * day, 0.85 * day)
+            incidents.append(Incident(at, kind, down()))
     incidents.append(Incident(rng.uniform(0.1 * day, 0.8 * day), "drop_ticker_socket"))
     if config.egress:  # drawn after everything else: a seed without egress plans the same day as before
         victim = rng.randrange(config.users)
@@ -281,6 +343,14 @@ def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], d
         incidents.append(Incident(at, "square_off", str(target.index)))
     incidents.sort(key=lambda i: i.at)
     return plans, drops, incidents
+
+
+def worker_names(count: int) -> list[str]:
+    return ["worker"] + [f"worker-{n}" for n in range(2, count + 1)]
+
+
+def scheduler_names(count: int) -> list[str]:
+    return ["scheduler"] + [f"scheduler-{n}" for n in range(2, count + 1)]
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -302,6 +372,10 @@ class MatrixResult:
     recoveries: int = 0
     wall_seconds: float = 0.0
     workdir: str = ""
+    # With several workers: (what moved the partitions, seconds from its cause / from its end until every partition
+    # had exactly one live owner), and the ticks counted across handovers.
+    rebalances: list[tuple[str, float, float]] = field(default_factory=list)
+    ticks: TickCount = field(default_factory=TickCount)
 
     @property
     def passed(self) -> bool:
@@ -318,6 +392,24 @@ class MatrixResult:
             f"worst_past_bound={excess:.2f}s "
             f"violations={len(self.violations)} late_stop_exits={len(self.late_exits)} wall={self.wall_seconds:.0f}s"
         )
+
+    def handover_lines(self) -> list[str]:
+        """The partitions' moves and the ticks across them (several workers)."""
+        lines = [f"rebalance after {what}: every partition owned once {total:.1f}s after its cause "
+                 f"({after_end:.1f}s after it ended)" for what, total, after_end in self.rebalances]  # fmt: skip
+        t = self.ticks
+        waits = sorted(h.unchecked_seconds for h in t.handovers)
+        lines.append(
+            f"ticks: {t.checked} checked, {len(t.lost)} partitions with ticks lost, {len(t.twice)} checked twice "
+            f"across a clean handover, {t.reread} re-read after a kill; {len(waits)} handovers, unchecked "
+            f"p50 {_pick(waits, 0.5):.2f}s / max {_pick(waits, 1.0):.2f}s"
+        )
+        lines.extend(f"  handover {h.line()}" for h in t.handovers)
+        return lines
+
+
+def _pick(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else 0.0
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -341,6 +433,14 @@ class CrashMatrix:
         self.drop_mono: dict[str, float] = {}
         # Incidents run concurrently at their seeded moments; one restart of a given part at a time.
         self.locks: dict[str, asyncio.Lock] = {}
+        self.workers = worker_names(config.workers)  # the workers in service (a removed one leaves the list)
+        self.schedulers = scheduler_names(config.schedulers)
+        self.ledger = TickLedger()
+        self.kafka_restarts: list[float] = []  # time.monotonic() of each empty broker's start: the epochs
+        self.stint_started: dict[tuple[str, int], float] = {}
+        self.followed: dict[int, set[int] | None] = {}  # worker pid -> tick partitions it last said it reads
+        self.samples: list[Sample] = []
+        self.moves: list[tuple[str, float, float]] = []  # (cause, began, ended): what moved partitions
         self.proxies: ProxyPool | None = None  # with `egress`: user i's proxy is self.proxies.proxies[i]
 
     def say(self, text: str) -> None:
@@ -354,6 +454,7 @@ class CrashMatrix:
 
     async def start_stack(self) -> None:
         kafka_port, redis_port, api_port = free_port(), free_port(), free_port()
+        partitions = self.config.topic_partitions
         # The test broker's settings: the services here use a 3 s consumer session (a killed worker's
         # partitions must move within the day's seconds), below Apache Kafka's default minimum.
         self.kafka = EmbeddedKafka(self.workdir / "kafka", kafka_port, self.config.kafka, TEST_CONFIG)
@@ -387,9 +488,10 @@ class CrashMatrix:
                 "kite_api_root": self.sim.rest_root,
                 "kite_ticker_root": self.sim.ticker_root,
                 "broker_timeout_seconds": 2.0,
-                "ticks_partitions": 2,
-                "orders_partitions": 2,
-                "events_partitions": 2,
+                "ticks_partitions": partitions,
+                "orders_partitions": partitions,
+                "events_partitions": partitions,
+                "tick_feed_audit": True,
                 "kafka_session_timeout_seconds": 3.0,
                 # A BUY delayed by a crash still goes within 20 real seconds of its time.
                 "missed_buy_grace_seconds": 20 * self.config.speed,
@@ -403,11 +505,44 @@ class CrashMatrix:
         await ensure_topics(self.settings)
         self.env = self._env()
         self.api_root = f"http://127.0.0.1:{api_port}"
-        for name, ready in (("api", "api ready"), ("worker", WORKER_READY),
-                            ("scheduler", WORKER_READY)):  # fmt: skip
-            self.services[name] = Service(name, [sys.executable, "-m", "cli.main", name], self.env, self.workdir, ready)
-            self.services[name].start()
+        self.services["api"] = Service("api", [sys.executable, "-m", "cli.main", "api"], self.env, self.workdir,
+                                       "api ready")  # fmt: skip
+        for name in self.schedulers:
+            self.services[name] = Service(name, [sys.executable, "-m", "cli.main", "scheduler"], self.env,
+                                          self.workdir, WORKER_READY)  # fmt: skip
+        for name in self.workers:
+            self.services[name] = self._worker_service(name)
+        for service in self.services.values():
+            self._start(service)
         await asyncio.gather(*(s.wait_ready() for s in self.services.values()))
+
+    def _worker_service(self, name: str) -> Service:
+        service = Service(name, [sys.executable, "-m", "cli.main", "worker"], self.env, self.workdir, WORKER_READY)
+        service.on_line = self._worker_line
+        service.on_end = self._worker_end
+        return service
+
+    def _start(self, service: Service) -> None:
+        service.start()
+        self.stint_started[(service.name, service.starts)] = time.monotonic()
+
+    def _stint(self, service: Service, start: int) -> Stint:
+        started = self.stint_started.get((service.name, start), time.monotonic())
+        return Stint(service.name, start, sum(1 for t in self.kafka_restarts if t <= started))
+
+    def _worker_line(self, service: Service, start: int, line: str) -> None:
+        # From the service's output thread: plain appends and assignments only.
+        if "tick audit" in line:
+            self.ledger.line(self._stint(service, start), line)
+        elif (follows := FOLLOWS.search(line)) is not None and service.process is not None and service.starts == start:
+            partitions = set() if follows[1] == "none" else set(map(int, re.findall(r"\d+", follows[1])))
+            self.followed[service.process.pid] = partitions
+
+    def _worker_end(self, service: Service, start: int, how: str) -> None:
+        self.ledger.end(self._stint(service, start), how)
+
+    def live_workers(self) -> list[Service]:
+        return [self.services[name] for name in self.workers if self.services[name].alive()]
 
     def _env(self) -> dict[str, str]:
         env = child_environment(self.settings, self.clock)
@@ -429,7 +564,7 @@ class CrashMatrix:
 
     # --------------------------------------------------------------------------------------------- HTTP
 
-    async def call(self, method: str, path: str, within: float = 30.0, **kwargs: Any) -> httpx.Response:
+    async def call(self, method: str, path: str, within: float = 60.0, **kwargs: Any) -> httpx.Response:
         """An API call that rides out an API restart (connection refused, 5xx) until `within` passes."""
         deadline = time.monotonic() + within
         while True:
@@ -482,7 +617,8 @@ class CrashMatrix:
             await self.make_user(expired=False)
         await self.make_user(expired=True)
         # The day starts once every strategy can be created; creation speed bounds it (~20 ms each).
-        lead = 4.0 + 0.03 * len(plans)
+        # Several workers and schedulers share the two cores with the API while the strategies are created.
+        lead = (4.0 + 0.03 * len(plans)) * (1.0 if self.config.workers == 1 else 2.0)
         self.day_clock = (self.clock.now() + timedelta(seconds=lead * self.config.speed)).replace(microsecond=0)
         self.day_mono = time.monotonic() + self.clock.seconds_until(self.day_clock)
         gate = asyncio.Semaphore(16)
@@ -503,12 +639,18 @@ class CrashMatrix:
                 assert started.status_code == 200, started.text
 
         await asyncio.gather(*(create(p) for p in plans))
+        # The session expires now, before the day: its BUYs, due from 15% of the day on, must find it expired
+        # even when a loaded machine starts the day late (three workers and two schedulers on two cores did).
+        early = [i for i in incidents if i.kind == "expire_token"]
+        for incident in early:
+            await self.incident(incident)
+        incidents = [i for i in incidents if i not in early]
         if time.monotonic() > self.day_mono:
             self.say(f"WARNING: setup overran the day's start by {time.monotonic() - self.day_mono:.1f}s")
         assert self.sim is not None
         for instrument, offset in drops.items():
             self.drop_mono[instrument] = self.day_mono + offset
-            self.sim.state.script_path(instrument, [(self.clock_at(offset), round(BASE_PRICES[instrument] * DROP, 2))])
+            self.sim.state.script_path(instrument, self.price_path(instrument, offset))
         # The tick connector streams with a healthy user's session.
         ticker_env = dict(self.env)
         ticker_env.update(TICKER_API_KEY=self.users[0].api_key, TICKER_ACCESS_TOKEN=self.users[0].creds.access_token)  # type: ignore[union-attr]
@@ -517,6 +659,21 @@ class CrashMatrix:
         self.services["ticker"].start()
         await self.services["ticker"].wait_ready()
         return incidents
+
+    def price_path(self, instrument: str, drop: float) -> list[tuple[datetime, float]]:
+        """The instrument's price: the base, then from `drop` on the dropped price. With several workers it also
+        wavers by 0.1% four times a second, so that each tick partition carries a steady flow to count across
+        its handovers (a tick is sent when the price moves); the stops stay on their side of it."""
+        base = BASE_PRICES[instrument]
+        steps = [(self.clock_at(drop), round(base * DROP, 2))]
+        if self.config.workers > 1:
+            end = max(p.sell_offset for p in self.plans) + self.config.settle_seconds
+            for step in range(int(end / 0.25)):
+                at = step * 0.25
+                level = base if at < drop else base * DROP
+                steps.append((self.clock_at(at), round(level * (1.001 if step % 2 else 0.999), 2)))
+            steps.sort()
+        return steps
 
     def inject_faults(self) -> None:
         assert self.sim is not None
@@ -541,9 +698,11 @@ class CrashMatrix:
             began = time.monotonic()
             service.kill(signal.SIGKILL)
             await asyncio.sleep(down)  # the outage itself is what is being simulated
-            service.start()
+            self._start(service)
             await service.wait_ready()
             self.down.append((name, began, time.monotonic()))
+            if name in self.workers:
+                self.moves.append((f"{name} killed", began, time.monotonic()))
 
     async def incident(self, incident: Incident) -> None:
         assert self.sim is not None
@@ -556,7 +715,26 @@ class CrashMatrix:
             for user in expired:
                 state.expire_tokens(user.api_key)
         elif kind in ("worker", "scheduler", "ticker", "api"):
-            await self.restart(kind, down)
+            await self.restart(incident.target or kind, down)
+        elif kind == "worker_mid_burst":
+            target = incident.target if incident.target in self.workers else self.workers[-1]
+            incident.detail += f" ({target})"
+            await self.restart(target, down)
+        elif kind == "add_worker":
+            # "workers": not while the broker restarts, which stops and starts every worker there is.
+            async with self.lock("workers"), self.lock(incident.target):
+                self.services[incident.target] = service = self._worker_service(incident.target)
+                self.workers.append(incident.target)
+                self._start(service)
+                await service.wait_ready()
+                self.moves.append((f"{incident.target} added", began, time.monotonic()))
+        elif kind == "remove_worker":
+            target = incident.target if incident.target in self.workers[1:] else self.workers[-1]
+            async with self.lock("workers"), self.lock(target):
+                self.workers.remove(target)
+                await asyncio.to_thread(self.services[target].kill, signal.SIGTERM)
+                incident.detail = f"{target} stopped"
+                self.moves.append((f"{target} removed", began, time.monotonic()))
         elif kind == "worker_mid_order":
             fault = state.inject_fault("latency", scope="orders", latency_ms=1500)
             try:
@@ -606,22 +784,26 @@ class CrashMatrix:
         declares their changelogs and whose recovery republishes every running strategy from the database.
         """
         async with contextlib.AsyncExitStack() as stack:
-            for name in ("kafka", "worker", "scheduler", "ticker"):
+            await stack.enter_async_context(self.lock("workers"))  # no worker added or removed meanwhile
+            for name in ("kafka", *self.workers, *self.schedulers, "ticker"):
                 await stack.enter_async_context(self.lock(name))
             kafka = self.kafka
             assert kafka is not None  # noqa: S101 - started with the stack
             began = time.monotonic()
             kafka.kill()
-            streaming = [self.services[name] for name in ("worker", "scheduler", "ticker") if name in self.services]
+            names = (*self.workers, *self.schedulers, "ticker")
+            streaming = [self.services[name] for name in names if name in self.services]
             for service in streaming:
                 service.kill(signal.SIGKILL)
             await asyncio.sleep(down)
             await asyncio.to_thread(kafka.start)
+            self.kafka_restarts.append(time.monotonic())
             await ensure_topics(self.settings)
             for service in streaming:
-                service.start()
+                self._start(service)
             await asyncio.gather(*(service.wait_ready() for service in streaming))
             self.down.append(("kafka", began, time.monotonic()))
+            self.moves.append(("kafka restarted", began, time.monotonic()))
 
     async def supervise(self) -> None:
         """Restart a service that exited by itself, as the compose file's `restart: unless-stopped` does."""
@@ -634,10 +816,12 @@ class CrashMatrix:
                                                  f"(code {code}); restarted by the supervisor")  # fmt: skip
                     self.say(f"{service.name} exited by itself (code {code}): restarting it")
                     began = time.monotonic()
-                    service.start()
+                    self._start(service)
                     with contextlib.suppress(RuntimeError):
                         await service.wait_ready()
                     self.down.append((service.name, began, time.monotonic()))
+                    if service.name in self.workers:
+                        self.moves.append((f"{service.name} died", began, time.monotonic()))
 
     async def _poll(self, condition: Callable[[], Any], within: float) -> Any:
         deadline = time.monotonic() + within
@@ -650,15 +834,36 @@ class CrashMatrix:
             await asyncio.sleep(0.02)
         return None
 
+    async def watch_ownership(self) -> None:
+        """Sample who owns which partition, all day (tests/crash/ownership.py)."""
+        probe = OwnershipProbe(self.settings)
+        try:
+            while True:
+                live = {service.process.pid for service in self.live_workers() if service.process is not None}
+                if self.lock("kafka").locked():  # the broker is being restarted: nothing to ask
+                    problems = ["the broker is restarting"]
+                    await probe.close()
+                else:
+                    problems = await probe.problems(live, dict(self.followed))
+                if not self.samples or problems != self.samples[-1].problems:
+                    with (self.workdir / "ownership.log").open("a", encoding="utf-8") as log:
+                        log.write(f"t={self.now_offset():6.1f} {'; '.join(problems) or 'settled'}\n")
+                self.samples.append(Sample(time.monotonic(), problems))
+                await asyncio.sleep(OWNERSHIP_SAMPLE_SECONDS)
+        finally:
+            await probe.close()
+
     async def run_day(self, incidents: list[Incident]) -> None:
         self.inject_faults()
-        supervisor = asyncio.create_task(self.supervise())
+        background = [asyncio.create_task(self.supervise())]
+        if self.config.workers > 1:  # one worker owns everything there is
+            background.append(asyncio.create_task(self.watch_ownership()))
         try:
             await self._run_day(incidents)
         finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
 
     async def _run_day(self, incidents: list[Incident]) -> None:
         async def at_its_moment(incident: Incident) -> None:
@@ -675,14 +880,18 @@ class CrashMatrix:
         self.sim.state.clear_faults()  # type: ignore[union-attr]
         self.say("day over; waiting for every position to be closed")
         settled = await self._poll(self._settled, self.config.settle_seconds)
+        # The last move of partitions (a worker added late in the day) is judged too: watch until it settles.
+        if self.config.workers > 1:
+            last_move = max((ended for _, _, ended in self.moves), default=0.0)
+            await self._poll(lambda: any(s.at >= last_move and s.settled for s in self.samples[-3:]), OWNERSHIP_WITHIN)
         if not settled:
             self.say("not settled in time")
-            worker = self.services.get("worker")
-            if worker is not None and worker.process is not None and worker.alive():
-                # The worker logs where each of its tasks is waiting (streams/worker.py): the evidence for
-                # whatever held the missing exit back.
-                os.kill(worker.process.pid, signal.SIGUSR1)
-                await self._poll(lambda: any(" tasks:" in line for line in worker.tail), 5.0)
+            for worker in self.live_workers():
+                if worker.process is not None:
+                    # The worker logs where each of its tasks is waiting (streams/worker.py): the evidence for
+                    # whatever held the missing exit back.
+                    os.kill(worker.process.pid, signal.SIGUSR1)
+                    await self._poll(lambda w=worker: any(" tasks:" in line for line in w.tail), 5.0)  # type: ignore[misc]
 
     async def _settled(self) -> bool:
         """Every filled BUY has a filled exit at the broker, and the database has caught up with it."""
@@ -725,16 +934,53 @@ class CrashMatrix:
         while changed:
             changed = False
             for component, began, ended in self.down:
-                if component in parts and began < moment + EXIT_WITHIN_SECONDS:
+                down = component in parts or component.startswith("worker") or component == "rebalance"
+                if down and began < moment + EXIT_WITHIN_SECONDS:
                     if moment < ended:
                         moment, changed = ended, True
         return moment
+
+    def judge_handovers(self) -> None:
+        """Every partition owned by exactly one live worker soon after each move; no tick lost or checked twice.
+
+        A partition is unwatched from a move's cause until ownership settles: that window counts as the system
+        being down for the stop-exit bound (`effective_up`)."""
+        v = self.result.violations
+        for cause, began, ended in self.moves if self.config.workers > 1 else []:
+            settled = next((s.at for s in self.samples if s.at >= ended and s.settled), None)
+            # A move that begins before this one has settled (the broker restarted meanwhile) extends its time.
+            deadline, extended = ended, True
+            while extended:
+                extended = False
+                for _, other_began, other_ended in self.moves:
+                    if other_began < deadline + OWNERSHIP_WITHIN and other_ended > deadline:
+                        deadline, extended = other_ended, True
+            if settled is None or settled > deadline + OWNERSHIP_WITHIN:
+                last = next((s for s in reversed(self.samples) if s.at <= deadline + OWNERSHIP_WITHIN), None)
+                v.append(f"after {cause}: partitions not owned by exactly one live worker within "
+                         f"{OWNERSHIP_WITHIN:.0f}s: {last.problems[:4] if last else 'no sample'}")  # fmt: skip
+                continue
+            if deadline != ended:  # its figures include the later move's
+                cause += " (and the moves that followed before it settled)"
+            self.result.rebalances.append((cause, settled - began, settled - ended))
+            self.down.append(("rebalance", began, settled))
+        if self.config.workers > 1 and self.samples and not self.samples[-1].settled:
+            v.append(f"at the end of the day the partitions are not owned once: {self.samples[-1].problems[:4]}")
+        for service in self.live_workers():
+            self.ledger.end(self._stint(service, service.starts), "running")
+        ticks = self.ledger.count()
+        self.result.ticks = ticks
+        v.extend(f"ticks lost: {line}" for line in ticks.lost)
+        v.extend(f"tick checked twice across a clean handover: {line}" for line in ticks.twice[:10])
+        if not ticks.checked:
+            v.append("no tick audit line: the handovers were not counted")
 
     async def judge(self) -> None:
         assert self.sim is not None
         state = self.sim.state
         result = self.result
         v = result.violations
+        self.judge_handovers()
         logs, strategies, notes = await self._db_rows()
         by_id = {s.id: s for s in strategies}
         day = self.day_clock.astimezone(IST).date()
@@ -915,4 +1161,4 @@ def service_tails(result: MatrixResult, lines: int = 40) -> Iterator[str]:
         yield f"--- {log.name} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
 
 
-__all__ = ["KILLS", "MatrixConfig", "MatrixResult", "run_matrix", "service_tails"]
+__all__ = ["KILLS", "MULTI_KILLS", "MatrixConfig", "MatrixResult", "run_matrix", "service_tails"]

@@ -6,6 +6,11 @@ expired session stops cleanly). Reported only: stop exits later than 5 s after t
 
 Not marked `slow` on purpose: the CI runs plain `pytest`, and the matrix must run there. The 20-seed run
 is `python -m benchmarks.crash_matrix --seeds 20` (results in BENCHMARKS.md, "Crash matrix").
+
+One more seed with three workers and two schedulers: the rebalances (a worker killed in a BUY burst, one
+added while stops cross, one removed while BUYs are due, a scheduler killed, the broker restarted) under
+the same judgement, plus every partition owned by exactly one live worker soon after each move and no tick
+lost or checked twice across a handover. The kills of the other parts are the first seed's business.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import pytest
 
 from tests.crash.harness import KILLS, MatrixConfig, run_matrix, service_tails
 
+MULTI_WORKER_KILLS = ("worker_mid_burst", "add_worker", "remove_worker", "scheduler", "kafka")
+
 CI_SEED = 1
+CI_MULTI_WORKER_SEED = 2
 
 
 @pytest.mark.timeout(240)
@@ -40,3 +48,22 @@ async def test_crash_matrix_fixed_seed_loses_and_doubles_no_order(tmp_path: Path
     # crossing exits exactly once is asserted above.
     for late in result.late_exits:
         print(f"  late stop exit: {late}")
+
+
+@pytest.mark.timeout(300)
+async def test_crash_matrix_with_three_workers_moves_every_partition_to_one_live_owner(tmp_path: Path) -> None:
+    config = MatrixConfig(seed=CI_MULTI_WORKER_SEED, strategies=120, kills=MULTI_WORKER_KILLS, workers=3,
+                          schedulers=2, workdir=tmp_path / "matrix", verbose=True)  # fmt: skip
+    result = await run_matrix(config)
+    print(result.line())
+    for line in result.handover_lines():
+        print(f"  {line}")
+    assert result.bought > 0, "no strategy bought: the matrix tested nothing"
+    assert len(result.rebalances) >= 4, f"too few partition moves were judged: {result.rebalances}"
+    assert result.ticks.handovers, "no tick partition changed hands: the handover was not tested"
+    assert result.passed, (
+        f"crash matrix seed {CI_MULTI_WORKER_SEED} with 3 workers failed:\n"
+        + "\n".join(result.violations[:40])
+        + "\n"
+        + "\n".join(service_tails(result))
+    )

@@ -10,6 +10,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from core.kafka import ensure_topics
+from streams import tick_feed
 from streams.tick_feed import Lateness, TickFeed
 from tests.fixtures.services import build_settings
 
@@ -99,3 +100,53 @@ async def test_the_feed_warns_of_a_tick_read_long_after_it_was_published(
     finally:
         await producer.stop()
         await feed.stop()
+
+
+@pytest.mark.tansu
+async def test_a_released_partition_is_taken_over_where_its_checks_ended(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebalance awaits `release`: the ticks checked so far are committed by then, so the next owner
+    checks none of them again (no periodic commit helps here: its period is set beyond the test)."""
+    monkeypatch.setattr(tick_feed, "COMMIT_SECONDS", 3600.0)
+    caplog.set_level(logging.INFO, logger="streams.tick_feed")
+    settings = build_settings(
+        kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, ticks_partitions=1, tick_feed_audit=True
+    )
+    await ensure_topics(settings)
+    first: asyncio.Queue[bytes] = asyncio.Queue()
+    second: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def check_first(values: list[bytes]) -> None:
+        for value in values:
+            first.put_nowait(value)
+
+    async def check_second(values: list[bytes]) -> None:
+        for value in values:
+            second.put_nowait(value)
+
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    old_owner, new_owner = TickFeed(settings, check_first), TickFeed(settings, check_second)
+    await producer.start()
+    await old_owner.start()
+    await new_owner.start()
+    try:
+        old_owner.follow({0})
+        for n in range(5):
+            await producer.send_and_wait(settings.topic("ticks"), b'{"n": %d}' % n, key=b"NSE:INFY")
+        async with asyncio.timeout(20):
+            for _ in range(5):
+                await first.get()
+        await old_owner.release()
+        assert old_owner.partitions == set()
+        new_owner.follow({0})
+        await producer.send_and_wait(settings.topic("ticks"), b'{"n": 5}', key=b"NSE:INFY")
+        async with asyncio.timeout(20):
+            taken_over = await second.get()
+        assert taken_over == b'{"n": 5}', "the new owner checked again ticks the old one had checked"
+        audit = [r.getMessage() for r in caplog.records if r.getMessage().startswith(tick_feed.AUDIT_LINE)]
+        assert audit and all("partition 0 offsets" in line for line in audit)
+    finally:
+        await producer.stop()
+        await old_owner.stop()
+        await new_owner.stop()
