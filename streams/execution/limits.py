@@ -271,19 +271,26 @@ class BrokerRateLimiter:
     @asynccontextmanager
     async def permit(self, user_id: int, priority: int) -> AsyncIterator[None]:
         """Wait for a grant, run the block (the broker call), then date the grant at the block's end."""
-        member = await self._granted(user_id, priority)
+        async with self.dated(user_id, await self._granted(user_id, priority)):
+            yield
+
+    @asynccontextmanager
+    async def dated(self, user_id: int, grant: str) -> AsyncIterator[None]:
+        """Run the block (the broker call) on a grant already made, then date the grant at the block's end."""
         try:
             yield
         finally:
             with contextlib.suppress(Exception):  # the grant stays dated when asked: still within the limit
                 await self._sent(
-                    keys=[self._key(user_id)], args=[member, time.time(), int(WINDOW_SECONDS * 1000) + 1000]
+                    keys=[self._key(user_id)], args=[grant, time.time(), int(WINDOW_SECONDS * 1000) + 1000]
                 )
 
-    async def reserve(self, user_id: int, at: float) -> bool:
-        """Take a BUY's grant for the (unix) instant `at`, now, if the user's budget has room then; no waiting."""
-        granted, _, _ = await self._grant(user_id, 1, max(at, time.time()), buy=True)
-        return granted == 1
+    async def reserve(self, user_id: int, at: float) -> str | None:
+        """Take a BUY's grant for the (unix) instant `at`, now, if the user's budget has room then; no waiting.
+        The grant, to be run with `dated` (a held BUY reaches the broker a little after its instant, and the
+        next grants must count from then), or None."""
+        granted, _, prefix = await self._grant(user_id, 1, max(at, time.time()), buy=True)
+        return f"{prefix}:1" if granted == 1 else None
 
     async def _granted(self, user_id: int, priority: int) -> str:
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()

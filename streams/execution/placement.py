@@ -131,7 +131,11 @@ class Placement:
         try:
             async with (
                 self._held_until_due(intent) as reserved,
-                contextlib.nullcontext() if reserved else self.rate_limiter.permit(intent.user_id, priority),
+                (
+                    self.rate_limiter.dated(intent.user_id, reserved)
+                    if reserved
+                    else self.rate_limiter.permit(intent.user_id, priority)
+                ),
             ):
                 if not held:  # a BUY held until its time waited for the clock, not for the rate limit
                     RATE_LIMIT_WAIT_SECONDS.labels(intent.action.value).observe(time.perf_counter() - waited_from)
@@ -181,16 +185,16 @@ class Placement:
             raise
 
     @asynccontextmanager
-    async def _held_until_due(self, intent: OrderIntent) -> AsyncIterator[bool]:
+    async def _held_until_due(self, intent: OrderIntent) -> AsyncIterator[str | None]:
         """A BUY handed over before its time (`buy_lead_seconds`) is held here, its checks and attempt row done,
         until it is due; then only the broker call is left. It waits and is placed outside the worker's execution
         slots: the BUYs of one instant are all sent at that instant, and a STOPLOSS never waits for a slot
         behind them. The trader may have stopped the strategy meanwhile: then nothing is sent.
 
-        Yields whether the user's rate-limit grant for the due instant was reserved while waiting (if not, the
+        Yields the user's rate-limit grant for the due instant if one was reserved while waiting (if not, the
         order takes one the usual way)."""
         if not self.early(intent):
-            yield False
+            yield None
             return
         clock = self.context.clock
         priority = PRIORITY[intent.action]

@@ -416,14 +416,30 @@ async def test_grants_reserved_for_an_instant_take_that_instants_budget_only(
 ) -> None:
     limiter = BrokerRateLimiter(redis, per_second=10)
     due = virtual.now + 10
-    assert [await limiter.reserve(4, due) for _ in range(11)] == [True] * 10 + [False]
+    assert [await limiter.reserve(4, due) is not None for _ in range(11)] == [True] * 10 + [False]
     for _ in range(10):
         await take(limiter, user_id=4)  # now is 10 s away from those: this second's budget is whole
     assert virtual.waits == []
     # The grants for now did not shorten the key's life: the reservations outlive them.
     assert await redis.pttl("ratelimit:orders:4") > 10_000
-    assert not await limiter.reserve(4, due + 0.5)  # within a second of ten reserved grants
-    assert await limiter.reserve(4, due + 1.0)
+    assert await limiter.reserve(4, due + 0.5) is None  # within a second of ten reserved grants
+    assert await limiter.reserve(4, due + 1.0) is not None
+
+
+async def test_a_reserved_grant_is_dated_when_its_call_returns_so_the_next_second_counts_from_there(
+    redis: Redis, virtual: VirtualTime
+) -> None:
+    """Ten BUYs held for one instant reach the broker a little after it: the next grants count from then."""
+    limiter = BrokerRateLimiter(redis, per_second=10)
+    due = virtual.now
+    grants = [await limiter.reserve(6, due) for _ in range(10)]
+    virtual.now = due + 0.03  # the held BUYs' calls return 30 ms after their instant
+    for grant in grants:
+        assert grant is not None
+        async with limiter.dated(6, grant):
+            pass
+    await take(limiter, user_id=6)
+    assert virtual.now >= due + 1.03  # without the re-dating: due + 1.0, 30 ms inside the broker's second
 
 
 async def test_reserved_and_immediate_grants_together_never_put_more_than_the_rate_in_a_second(
