@@ -21,6 +21,7 @@ from api.deps import (
     authenticate,
 )
 from api.errors import JSON, FieldError, not_found
+from api.exit_levels import check_exit_sides
 from api.openapi import responses
 from api.services import Services
 from api.status import StatusNotFound
@@ -122,6 +123,7 @@ async def create_strategy(
     instrument = await broker.lookup(body.exchange.value, body.tradingsymbol)
     if instrument is None:
         raise FieldError("symbol", f"unknown instrument {body.instrument}: not in the broker's instrument list")
+    await check_exit_sides(broker, f"{instrument.exchange}:{instrument.tradingsymbol}", body.stop_loss)
     strategy = Strategy(
         user_id=user.id,
         exchange=instrument.exchange,
@@ -190,8 +192,10 @@ async def _start(
 ) -> StartResponse:  # fmt: skip
     strategy = await owned_strategy(session, strategy_id, user.id)
     if strategy.status != StrategyStatus.RUNNING.value:
-        # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead.
-        await live_broker(session, user.id, box, settings, clock.now())
+        # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead. The market
+        # may have moved since create: a stop now at or above it is refused as at create.
+        broker = await live_broker(session, user.id, box, settings, clock.now())
+        await check_exit_sides(broker, strategy.instrument, strategy.stop_loss)
     await session.close()
     return start_response(await manager.start(strategy_id, user_id=user.id))
 

@@ -94,6 +94,25 @@ async def test_malformed_and_missing_bodies(client: httpx.AsyncClient, make_user
         assert wrong_type.status_code == 422, path
 
 
+async def test_create_refuses_a_stop_at_or_above_the_last_price(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, simulator: Any
+) -> None:
+    """The issue's case: INFY at 1,496 and a stop of 1,571 was accepted, bought and sold in the same second."""
+    simulator.state.set_price("NSE:HCLTECH", 1496.0)
+    user = await make_user()
+    await make_strategy(user, symbol="NSE:HCLTECH", stop_loss=1495.95)  # just under the market: accepted
+    for stop in (1571, 1496):
+        response = await client.post(
+            "/strategy/create", json=strategy_body(symbol="NSE:HCLTECH", stop_loss=stop), headers=user.headers
+        )
+        assert response.status_code == 422, response.text
+        [problem] = response.json()["detail"]
+        assert problem["field"] == "stop_loss"
+        assert "last price 1496.00 of NSE:HCLTECH" in problem["message"], problem
+    listed = (await client.get("/strategies", headers=user.headers)).json()["strategies"]
+    assert len(listed) == 1
+
+
 # ------------------------------------------------------------------------------------------------- start
 
 
@@ -169,6 +188,30 @@ async def test_start_after_sell_time_runs_next_trading_day(
     assert body["trading_day"] == "2025-01-16"
     assert body["trading_day_is_today"] is False
     assert "next trading day" in body["message"]
+
+
+async def test_start_refuses_a_stop_the_market_has_fallen_through(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, simulator: Any,
+    api_settings: Settings,
+) -> None:  # fmt: skip
+    simulator.state.set_price("NSE:TITAN", 3700.0)
+    user = await make_user()
+    sid = (await make_strategy(user, symbol="NSE:TITAN", stop_loss=3650))["strategy_id"]
+    simulator.state.set_price("NSE:TITAN", 3640.0)  # the market moved under the stop after create
+    refused = await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    assert refused.status_code == 422, refused.text
+    [problem] = refused.json()["detail"]
+    assert problem["field"] == "stop_loss"
+    assert "last price 3640.00 of NSE:TITAN" in problem["message"]
+    strategy = (await client.get(f"/strategy/{sid}", headers=user.headers)).json()
+    assert (strategy["status"], strategy["run"]) == ("created", 0)
+    assert await read_topic(api_settings, "strategy-lifecycle", expect=1, wait_seconds=1) == []
+    assert [r for r in simulator.state.audit_records(api_key=user.broker.api_key) if r.action == "place"] == []
+
+    simulator.state.set_price("NSE:TITAN", 3700.0)  # back above it: the start goes through
+    started = await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    assert started.status_code == 200, started.text
+    assert started.json()["run"] == 1
 
 
 async def test_stop_then_restart_is_a_new_run(
