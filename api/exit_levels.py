@@ -14,7 +14,7 @@ from api.errors import FieldError
 from connectors.broker import KiteBroker
 
 
-def refuse_wrong_side(instrument: str, last_price: float, stop_loss: Decimal | None) -> None:
+def refuse_wrong_side(instrument: str, last_price: float, stop_loss: Decimal | None, target: Decimal | None) -> None:
     """FieldError (422) for the first exit price on the wrong side of `last_price`."""
     last = Decimal(str(last_price)).quantize(Decimal("0.01"))
     if stop_loss is not None and stop_loss >= last:
@@ -23,10 +23,18 @@ def refuse_wrong_side(instrument: str, last_price: float, stop_loss: Decimal | N
             f"stop_loss {stop_loss} must be below the last price {last} of {instrument}: a stop at or above the "
             "market would sell as soon as the position opens",
         )
+    if target is not None and target <= last:
+        raise FieldError(
+            "target",
+            f"target {target} must be above the last price {last} of {instrument}: a target at or under the "
+            "market would sell as soon as the position opens",
+        )
 
 
-async def check_exit_sides(broker: KiteBroker, instrument: str, stop_loss: Decimal | None) -> None:
+async def check_exit_sides(
+    broker: KiteBroker, instrument: str, stop_loss: Decimal | None, target: Decimal | None = None
+) -> None:
     """Ask the broker for the instrument's last price and refuse exit prices on its wrong side."""
-    if stop_loss is None:
+    if stop_loss is None and target is None:
         return
-    refuse_wrong_side(instrument, await broker.last_price(instrument), stop_loss)
+    refuse_wrong_side(instrument, await broker.last_price(instrument), stop_loss, target)

@@ -96,10 +96,27 @@ def spec_for(strategy: Strategy) -> StrategySpec:
         quantity=strategy.quantity,
         buy_time=strategy.buy_time,
         sell_time=strategy.sell_time,
-        stop_loss=float(strategy.stop_loss),
+        stop_loss=strategy.exits.stop_loss,
+        stop_loss_points=strategy.exits.stop_loss_points,
+        stop_loss_percent=strategy.exits.stop_loss_percent,
+        target=strategy.exits.target,
+        target_points=strategy.exits.target_points,
+        target_percent=strategy.exits.target_percent,
         product=Product(strategy.product),
         protective_stop=bool(strategy.protective_stop),
     )
+
+
+def armed_event(
+    spec: StrategySpec, run: int, trading_day: date, occurred_at: datetime, entry_price: float | None,
+    opened_at: datetime | None, reason: str | None = None,
+) -> StrategyLifecycle:  # fmt: skip
+    """ARMED: the position is open; its stop and target travel as prices, resolved from this entry."""
+    return StrategyLifecycle(
+        kind=LifecycleKind.ARMED, spec=spec, run=run, trading_day=trading_day, occurred_at=occurred_at,
+        entry_price=entry_price, opened_at=opened_at, reason=reason,
+        stop_price=spec.exits.stop_price(entry_price), target_price=spec.exits.target_price(entry_price),
+    )  # fmt: skip
 
 
 def initial_runtime(run: int, trading_day: date, started_at: datetime) -> dict[str, str]:

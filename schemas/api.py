@@ -295,6 +295,8 @@ class Exchange(StrEnum):
 
 
 _SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9&_.\-]{0,39}$")
+STOP_FIELDS = ("stop_loss", "stop_loss_points", "stop_loss_percent")
+TARGET_FIELDS = ("target", "target_points", "target_percent")
 SYMBOL_RULE = 'symbol must be "EXCHANGE:TRADINGSYMBOL" with exchange NSE or BSE, e.g. "NSE:INFY"'
 
 
@@ -307,12 +309,37 @@ class StrategyCreateRequest(ApiModel):
     quantity: int = Field(gt=0, le=MAX_QUANTITY, description="Shares per order")
     buy_time: ClockTime = Field(description='Exchange time "HH:MM" or "HH:MM:SS", within market hours')
     sell_time: ClockTime = Field(description="Exchange time, after buy_time, within market hours")
-    stop_loss: Decimal = Field(
-        gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2, description="Price (INR) on a 0.05 tick"
+    stop_loss: Decimal | None = Field(
+        None,
+        gt=0,
+        le=MAX_STOP_LOSS,
+        max_digits=9,
+        decimal_places=2,
+        description="The stop as a price (INR) on a 0.05 tick, below the last price. Give exactly one of "
+        "stop_loss, stop_loss_points, stop_loss_percent",
+    )
+    stop_loss_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="The stop this many rupees below the entry (the BUY's average price), on a 0.05 tick",
+    )  # fmt: skip
+    stop_loss_percent: Decimal | None = Field(
+        None, gt=0, lt=100, max_digits=5, decimal_places=2, description="The stop this percent below the entry"
+    )
+    target: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Take profit at this price (INR, 0.05 tick), above the last price. At most one of target, "
+        "target_points, target_percent",
+    )  # fmt: skip
+    target_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Take profit this many rupees above the entry, on a 0.05 tick",
+    )  # fmt: skip
+    target_percent: Decimal | None = Field(
+        None, gt=0, le=1000, max_digits=6, decimal_places=2, description="Take profit this percent above the entry"
     )
     product: Product = Product.MIS
     protective_stop: bool = Field(
-        False, description="Also keep an SL-M order at the broker at stop_loss while in a position"
+        False, description="Also keep an SL-M order at the broker at the stop's price while in a position"
     )
 
     model_config = ConfigDict(
@@ -333,6 +360,14 @@ class StrategyCreateRequest(ApiModel):
                     "buy_time": "10:00:00",
                     "sell_time": "15:00:00",
                     "stop_loss": "3900.50",
+                },
+                {
+                    "symbol": "NSE:RELIANCE",
+                    "quantity": 5,
+                    "buy_time": "09:20",
+                    "sell_time": "15:10",
+                    "stop_loss_percent": "1.5",
+                    "target_points": "30",
                 },
             ]
         }
@@ -356,12 +391,27 @@ class StrategyCreateRequest(ApiModel):
             raise ValueError(SYMBOL_RULE)
         return f"{exchange}:{tradingsymbol}"
 
-    @field_validator("stop_loss")
+    @field_validator("stop_loss", "stop_loss_points", "target", "target_points")
     @classmethod
-    def _on_tick(cls, value: Decimal) -> Decimal:
-        if value % TICK != 0:
-            raise ValueError("stop_loss must be a multiple of the 0.05 tick size, e.g. 101.05")
+    def _on_tick(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if value is not None and value % TICK != 0:
+            raise ValueError(f"{info.field_name} must be a multiple of the 0.05 tick size, e.g. 101.05")
         return value
+
+    @model_validator(mode="after")
+    def _one_stop_at_most_one_target(self) -> Self:
+        stops = [name for name in STOP_FIELDS if getattr(self, name) is not None]
+        if not stops:
+            raise ValueError("stop_loss: required: give one of stop_loss (a price), stop_loss_points or "
+                             "stop_loss_percent")  # fmt: skip
+        if len(stops) > 1:
+            raise ValueError(f"{stops[1]}: give only one of {', '.join(STOP_FIELDS)}")
+        targets = [name for name in TARGET_FIELDS if getattr(self, name) is not None]
+        if len(targets) > 1:
+            raise ValueError(f"{targets[1]}: give at most one of {', '.join(TARGET_FIELDS)}")
+        if self.stop_loss is not None and self.target is not None and self.target <= self.stop_loss:
+            raise ValueError("target: must be above stop_loss")
+        return self
 
     @field_validator("tradingsymbol")
     @classmethod
@@ -439,7 +489,12 @@ class StrategyResponse(BaseModel):
     quantity: int
     buy_time: ClockTime
     sell_time: ClockTime
-    stop_loss: Decimal
+    stop_loss: Decimal | None = None
+    stop_loss_points: Decimal | None = None
+    stop_loss_percent: Decimal | None = None
+    target: Decimal | None = None
+    target_points: Decimal | None = None
+    target_percent: Decimal | None = None
     product: str
     protective_stop: bool = False
     status: str
@@ -526,7 +581,11 @@ class StatusResponse(BaseModel):
         "checked that much after the price moved. Absent (null) when prices are read in time.",
     )
     quantity: int | None = None
-    stop_loss: float | None = None
+    stop_loss: float | None = Field(
+        None, description="The stop's price; given in points or percent, it is resolved from the entry once bought "
+        "(null until then)",
+    )  # fmt: skip
+    target: float | None = Field(None, description="The target's price (resolved like stop_loss); null: none")
     entry_price: float | None = None
     entry_at: str | None = None
     exit_price: float | None = None

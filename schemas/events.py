@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.exit_prices import ExitRule
+
 
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -46,7 +48,12 @@ class StrategySpec(Event):
     quantity: int
     buy_time: time
     sell_time: time
-    stop_loss: float
+    stop_loss: float | None = Field(description="The stop as a price; null when given relative to the entry")
+    stop_loss_points: float | None = Field(None, description="The stop, this many rupees below the entry")
+    stop_loss_percent: float | None = Field(None, description="The stop, this percent below the entry")
+    target: float | None = Field(None, description="Take profit at this price (TARGET exit)")
+    target_points: float | None = Field(None, description="Take profit this many rupees above the entry")
+    target_percent: float | None = Field(None, description="Take profit this percent above the entry")
     product: Product = Product.MIS
     protective_stop: bool = False
 
@@ -54,11 +61,18 @@ class StrategySpec(Event):
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
 
+    @property
+    def exits(self) -> ExitRule:
+        return ExitRule(
+            self.stop_loss, self.stop_loss_points, self.stop_loss_percent,
+            self.target, self.target_points, self.target_percent,
+        )  # fmt: skip
+
 
 class LifecycleKind(StrEnum):
     STARTED = "started"  # schedule BUY/SELL jobs
     ARMED = "armed"  # BUY filled: the stop-loss agent watches the price
-    EXITED = "exited"  # position closed (SELL, STOPLOSS or square-off): disarm, cancel jobs
+    EXITED = "exited"  # position closed (SELL, STOPLOSS, TARGET or square-off): disarm, cancel jobs
     STOPPED = "stopped"  # user stop or auto-stop: disarm, cancel jobs
     FAILED = "failed"  # order failed after retries: disarm, cancel jobs
 
@@ -77,13 +91,18 @@ class StrategyLifecycle(Event):
         description="ARMED: when the position's BUY was due (it is never sent earlier). The stop judges only "
         "ticks received from then on: an older price predates the position.",
     )
+    stop_price: float | None = Field(
+        None, description="ARMED: the stop as a price, resolved from the entry when given in points or percent"
+    )
+    target_price: float | None = Field(None, description="ARMED: the target as a price, when the strategy has one")
     reason: str | None = None
 
 
 class Action(StrEnum):
     BUY = "BUY"
     SELL = "SELL"  # time exit at sell_time
-    STOPLOSS = "STOPLOSS"  # price exit
+    STOPLOSS = "STOPLOSS"  # price exit at or under the stop
+    TARGET = "TARGET"  # price exit at or above the target; the priority of a STOPLOSS
     EXIT = "EXIT"  # square-off on user stop or recovery
     PROTECT = "PROTECT"  # the optional SL-M at the broker; in the order log and results, never on `orders`
 
@@ -158,7 +177,7 @@ class OrderIntent(Event):
     cycle: int = Field(1, ge=1, description="Entry/exit cycle within the run (1 unless the strategy re-enters)")
     due_at: datetime = Field(description="When the decision was due (time) or made (price, user)")
     created_at: datetime
-    trigger_price: float | None = Field(None, description="The tick price that crossed the stop")
+    trigger_price: float | None = Field(None, description="The tick price that crossed the stop or the target")
     source_published_at: datetime | None = Field(None, description="Tick receive time, for latency")
 
     @property
@@ -208,6 +227,7 @@ class OrderResult(Event):
 class NotificationKind(StrEnum):
     ORDER_FILLED = "order_filled"
     STOPLOSS_TRIGGERED = "stoploss_triggered"
+    TARGET_REACHED = "target_reached"
     ORDER_FAILED = "order_failed"
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"

@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core.exit_prices import ExitRule
+
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -103,7 +105,13 @@ class Strategy(Base):
     quantity: Mapped[int] = mapped_column(Integer)
     buy_time: Mapped[time] = mapped_column(Time)
     sell_time: Mapped[time] = mapped_column(Time)
-    stop_loss: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    # Exactly one of the three stop forms, at most one of the target forms (core/exit_prices.py).
+    stop_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    stop_loss_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    stop_loss_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    target: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    target_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    target_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
     product: Mapped[str] = mapped_column(String(8), default="MIS")
     # Also keep an SL-M order at the broker while in a position: protected even while this system is down.
     protective_stop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -122,6 +130,13 @@ class Strategy(Base):
     @property
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
+
+    @property
+    def exits(self) -> ExitRule:
+        return ExitRule(*(None if v is None else float(v) for v in (
+            self.stop_loss, self.stop_loss_points, self.stop_loss_percent,
+            self.target, self.target_points, self.target_percent,
+        )))  # fmt: skip
 
 
 class StrategyStatusChange(Base):

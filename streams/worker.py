@@ -48,9 +48,9 @@ from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
 from streams.execution.lanes import StrategyLanes
+from streams.exit_index import ExitIndex
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
-from streams.stop_index import StopIndex
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class WorkerServices:
         self.clock = clock
         self.calendar = MarketCalendar(settings)
         self.ready = asyncio.Event()
-        self.index = StopIndex()
+        self.index = ExitIndex()
         self.index_stale = True
         self.latest: dict[str, float] = {}  # instrument -> last price this worker knows
         # ... and when it was seen (the tick's received_at, ISO, project clock): parsed only for a crossing
@@ -161,7 +161,9 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     def rebuild_index() -> None:
         services.index.clear()
         for key, stop in armed.items():
-            services.index.arm(int(key), stop["instrument"], stop["stop_loss"], stop.get("opened_at"))
+            services.index.arm(
+                int(key), stop["instrument"], stop["stop_loss"], stop.get("target"), stop.get("opened_at")
+            )
         services.index_stale = False
         log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
 
@@ -206,9 +208,23 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             event = StrategyLifecycle.model_validate_json(value)
             key = str(event.spec.strategy_id)
             if event.kind is LifecycleKind.ARMED:
+                instrument = event.spec.instrument
+                exits = event.spec.exits
+                stop_price = event.stop_price if event.stop_price is not None else exits.stop_price(event.entry_price)
+                target_price = (
+                    event.target_price if event.target_price is not None else exits.target_price(event.entry_price)
+                )
+                if stop_price is None or (exits.has_target and target_price is None):
+                    # A relative exit with no entry price (an ARMED from before the entry was known): the last
+                    # price seen stands in for it rather than leaving the position unwatched.
+                    stand_in = services.latest.get(instrument) or await services.runtime.last_price(instrument)
+                    log.error("strategy %s armed without an entry price: exits resolved from %s", key, stand_in)
+                    stop_price = exits.stop_price(stand_in) if stop_price is None else stop_price
+                    target_price = exits.target_price(stand_in) if target_price is None else target_price
                 armed[key] = {
-                    "instrument": event.spec.instrument,
-                    "stop_loss": event.spec.stop_loss,
+                    "instrument": instrument,
+                    "stop_loss": stop_price if stop_price is not None else 0.0,
+                    "target": target_price,
                     "user_id": event.spec.user_id,
                     "run": event.run,
                     "trading_day": event.trading_day.isoformat(),
@@ -216,8 +232,8 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
                 }
                 opened_at = armed[key]["opened_at"]
-                instrument = event.spec.instrument
-                services.index.arm(event.spec.strategy_id, instrument, event.spec.stop_loss, opened_at)
+                stop = armed[key]
+                services.index.arm(event.spec.strategy_id, instrument, stop["stop_loss"], stop["target"], opened_at)
                 if instrument not in services.latest and (known := await services.runtime.last_price(instrument)):
                     services.remember_price(instrument, known)
                 if instrument not in services.latest or services.seen_at(instrument) < (opened_at or -math.inf):
@@ -238,7 +254,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         await services.ready.wait()
         if services.index_stale:
             rebuild_index()
-        hits: list[tuple[int, dict[str, Any]]] = []
+        hits: list[tuple[int, Action, dict[str, Any]]] = []
         for value in values:
             try:
                 tick = orjson.loads(value)
@@ -250,11 +266,11 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             services.latest_seen[instrument] = tick.get("received_at") or ""
             if services.index.crossed(instrument, price):
                 seen_at = _seconds(tick.get("received_at"))
-                hits.extend((strategy_id, tick) for strategy_id in services.index.trigger(instrument, price, seen_at))
-        await emit_stoplosses(hits)
+                hits.extend((sid, action, tick) for sid, action in services.index.trigger(instrument, price, seen_at))
+        await emit_exits(hits)
 
-    async def emit_stoplosses(hits: list[tuple[int, dict[str, Any]]]) -> None:
-        """Publish one STOPLOSS per hit and wait until Kafka has them all.
+    async def emit_exits(hits: list[tuple[int, Action, dict[str, Any]]]) -> None:
+        """Publish one STOPLOSS or TARGET per hit and wait until Kafka has them all.
 
         The index forgot the hit stops when it returned them (one exit per position, not one per tick); if a
         publish fails they are armed again and the error propagates, so the ticks are read again and the
@@ -263,15 +279,16 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if not hits:
             return
         outcomes = await asyncio.gather(
-            *(_delivered(_emit_stoploss(strategy_id, tick)) for strategy_id, tick in hits), return_exceptions=True
+            *(_delivered(_emit_exit(sid, action, tick)) for sid, action, tick in hits), return_exceptions=True
         )
-        failed = [strategy_id for (strategy_id, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
+        failed = [sid for (sid, _, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
         for strategy_id in failed:
             stop = armed.get(str(strategy_id))
             if stop is not None:
-                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"], stop.get("opened_at"))
+                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"], stop.get("target"),
+                                   stop.get("opened_at"))  # fmt: skip
         if failed:
-            raise RuntimeError(f"{len(failed)} STOPLOSS intents not acknowledged by Kafka; their stops are re-armed")
+            raise RuntimeError(f"{len(failed)} exit intents not acknowledged by Kafka; their stops are re-armed")
 
     async def _delivered(queued: Awaitable[Awaitable[object] | None]) -> None:
         acknowledgement = await queued
@@ -280,19 +297,20 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
 
     feed = TickFeed(settings, check_ticks)
 
-    async def _emit_stoploss(strategy_id: int, tick: dict[str, Any]) -> Awaitable[object] | None:
-        """Queue the STOPLOSS intent; returns Kafka's acknowledgement to await (one price may cross many)."""
+    async def _emit_exit(strategy_id: int, action: Action, tick: dict[str, Any]) -> Awaitable[object] | None:
+        """Queue the STOPLOSS or TARGET intent; returns Kafka's acknowledgement to await (one price may cross
+        many)."""
         stop = armed.get(str(strategy_id))
         if stop is None:
             return None
         now = services.clock.now()
         trading_day = date.fromisoformat(stop["trading_day"])
         intent = OrderIntent(
-            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], Action.STOPLOSS),
+            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], action),
             strategy_id=strategy_id,
             user_id=stop["user_id"],
             run=stop["run"],
-            action=Action.STOPLOSS,
+            action=action,
             trigger=Trigger.PRICE,
             trading_day=trading_day,
             instrument=stop["instrument"],
@@ -302,7 +320,8 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             trigger_price=tick["last_price"],
             source_published_at=datetime.fromisoformat(tick["received_at"]) if tick.get("received_at") else None,
         )
-        log.info("stop-loss hit: strategy %s at %s (stop %s)", strategy_id, tick["last_price"], stop["stop_loss"])
+        log.info("%s hit: strategy %s at %s (stop %s, target %s)", action.value, strategy_id, tick["last_price"],
+                 stop["stop_loss"], stop.get("target"))  # fmt: skip
         return await services.producer.publish_nowait("orders", strategy_id, intent)
 
     @app.timer(LAST_PRICE_FLUSH_SECONDS)
@@ -329,11 +348,11 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             for instrument, value in zip(unknown, await services.redis.hmget(LTP_KEY, unknown), strict=True):
                 if value is not None:
                     services.remember_price(instrument, float(value))
-        await emit_stoplosses([
-            (strategy_id, {"last_price": price})
+        await emit_exits([
+            (strategy_id, action, {"last_price": price})
             for instrument, price in list(services.latest.items())
             if services.index.crossed(instrument, price)
-            for strategy_id in services.index.trigger(instrument, price, services.seen_at(instrument))
+            for strategy_id, action in services.index.trigger(instrument, price, services.seen_at(instrument))
         ])  # fmt: skip
 
     async def check_recovery() -> bool:

@@ -58,6 +58,11 @@ def strategy_response(strategy: Strategy) -> StrategyResponse:
         buy_time=strategy.buy_time,
         sell_time=strategy.sell_time,
         stop_loss=strategy.stop_loss,
+        stop_loss_points=strategy.stop_loss_points,
+        stop_loss_percent=strategy.stop_loss_percent,
+        target=strategy.target,
+        target_points=strategy.target_points,
+        target_percent=strategy.target_percent,
         product=strategy.product,
         protective_stop=strategy.protective_stop,
         status=strategy.status,
@@ -123,7 +128,7 @@ async def create_strategy(
     instrument = await broker.lookup(body.exchange.value, body.tradingsymbol)
     if instrument is None:
         raise FieldError("symbol", f"unknown instrument {body.instrument}: not in the broker's instrument list")
-    await check_exit_sides(broker, f"{instrument.exchange}:{instrument.tradingsymbol}", body.stop_loss)
+    await check_exit_sides(broker, f"{instrument.exchange}:{instrument.tradingsymbol}", body.stop_loss, body.target)
     strategy = Strategy(
         user_id=user.id,
         exchange=instrument.exchange,
@@ -133,6 +138,11 @@ async def create_strategy(
         buy_time=body.buy_time,
         sell_time=body.sell_time,
         stop_loss=body.stop_loss,
+        stop_loss_points=body.stop_loss_points,
+        stop_loss_percent=body.stop_loss_percent,
+        target=body.target,
+        target_points=body.target_points,
+        target_percent=body.target_percent,
         product=body.product.value,
         protective_stop=body.protective_stop,
         status=StrategyStatus.CREATED.value,
@@ -195,7 +205,7 @@ async def _start(
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead. The market
         # may have moved since create: a stop now at or above it is refused as at create.
         broker = await live_broker(session, user.id, box, settings, clock.now())
-        await check_exit_sides(broker, strategy.instrument, strategy.stop_loss)
+        await check_exit_sides(broker, strategy.instrument, strategy.stop_loss, strategy.target)
     await session.close()
     return start_response(await manager.start(strategy_id, user_id=user.id))
 

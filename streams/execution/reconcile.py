@@ -22,7 +22,9 @@ from streams.execution.retrying import broker_retries
 
 log = logging.getLogger(__name__)
 
-EXITS = frozenset({Action.SELL, Action.STOPLOSS, Action.EXIT})  # a resting protective stop (PROTECT) is released
+EXITS = frozenset(
+    {Action.SELL, Action.STOPLOSS, Action.TARGET, Action.EXIT}
+)  # a resting protective stop (PROTECT) is released
 
 
 def apply(order: TrackedOrder, event: OrderEvent) -> bool:

@@ -62,6 +62,13 @@ CREATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"stop_loss": 100.123}, "stop_loss", "decimal places"),
     ({"stop_loss": 100.03}, "stop_loss", "0.05 tick"),
     ({"stop_loss": "NaN"}, "stop_loss", ""),
+    ({"stop_loss": 1400, "stop_loss_points": 10}, "stop_loss_points", "only one of"),
+    ({"stop_loss": ..., "stop_loss_percent": 100}, "stop_loss_percent", "less than 100"),
+    ({"stop_loss": ..., "stop_loss_points": 10.02}, "stop_loss_points", "0.05 tick"),
+    ({"target_points": 10, "target_percent": 2}, "target_percent", "at most one of"),
+    ({"target": 1300}, "target", "above stop_loss"),
+    ({"target": 1600.01}, "target", "0.05 tick"),
+    ({"target_percent": 0}, "target_percent", "greater than 0"),
     ({"product": "BO"}, "product", "MIS"),
     ({"unexpected": 1}, "unexpected", "not allowed"),
 ]
@@ -109,8 +116,29 @@ async def test_create_refuses_a_stop_at_or_above_the_last_price(
         [problem] = response.json()["detail"]
         assert problem["field"] == "stop_loss"
         assert "last price 1496.00 of NSE:HCLTECH" in problem["message"], problem
+    target = await client.post(
+        "/strategy/create", json=strategy_body(symbol="NSE:HCLTECH", stop_loss=1490, target=1496), headers=user.headers
+    )
+    assert target.status_code == 422, target.text
+    assert target.json()["detail"][0]["field"] == "target"
+    assert "above the last price 1496.00" in target.json()["detail"][0]["message"]
     listed = (await client.get("/strategies", headers=user.headers)).json()["strategies"]
     assert len(listed) == 1
+
+
+async def test_create_with_a_relative_stop_and_a_target(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy
+) -> None:
+    user = await make_user()
+    body = await make_strategy(user, stop_loss=..., stop_loss_percent="1.5", target_points=30)
+    assert body["stop_loss"] is None
+    assert (Decimal(body["stop_loss_percent"]), Decimal(body["target_points"])) == (Decimal("1.5"), 30)
+    again = (await client.get(f"/strategy/{body['strategy_id']}", headers=user.headers)).json()
+    assert (Decimal(again["stop_loss_percent"]), again["target"], again["target_percent"]) == (
+        Decimal("1.5"),
+        None,
+        None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- start

@@ -1,0 +1,38 @@
+"""exit vocabulary: stop-loss in points or percent of the entry, and a target
+
+Revision ID: 0007
+Revises: 0004
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_NEW = (
+    ("stop_loss_points", sa.Numeric(12, 2)),
+    ("stop_loss_percent", sa.Numeric(6, 2)),
+    ("target", sa.Numeric(12, 2)),
+    ("target_points", sa.Numeric(12, 2)),
+    ("target_percent", sa.Numeric(6, 2)),
+)
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("strategies") as batch:
+        # A stop given relative to the entry has no price until the BUY fills.
+        batch.alter_column("stop_loss", existing_type=sa.Numeric(12, 2), nullable=True)
+        for name, kind in _NEW:
+            batch.add_column(sa.Column(name, kind, nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("strategies") as batch:
+        for name, _ in _NEW:
+            batch.drop_column(name)
+        batch.alter_column("stop_loss", existing_type=sa.Numeric(12, 2), nullable=False)
