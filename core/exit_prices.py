@@ -17,6 +17,14 @@ TICK = Decimal("0.05")
 PAISA = Decimal("0.01")
 
 
+EXIT_FIELDS = (
+    "stop_loss", "stop_loss_points", "stop_loss_percent", "target", "target_points", "target_percent",
+    "trail_points", "trail_percent", "trail_activation_points", "trail_activation_percent",
+    "move_to_cost_points", "move_to_cost_percent",
+)  # fmt: skip
+"""Every field of a strategy that says how it exits, in ExitRule's order (API, database, events, Redis)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExitRule:
     """At most one of each group is set; a strategy has exactly one stop and at most one target."""
@@ -27,6 +35,12 @@ class ExitRule:
     target: float | None = None
     target_points: float | None = None
     target_percent: float | None = None
+    trail_points: float | None = None
+    trail_percent: float | None = None
+    trail_activation_points: float | None = None
+    trail_activation_percent: float | None = None
+    move_to_cost_points: float | None = None
+    move_to_cost_percent: float | None = None
 
     @property
     def stop_is_relative(self) -> bool:
@@ -67,12 +81,32 @@ class ExitRule:
             return None
         return _on_tick(price, ROUND_FLOOR)
 
+    @property
+    def trails(self) -> bool:
+        return self.trail_points is not None or self.trail_percent is not None
+
+    def trail_activation_price(self, entry: float | None) -> float | None:
+        """Where a trailing stop with an activation starts trailing (rounded up: never earlier than asked)."""
+        return _above(entry, self.trail_activation_points, self.trail_activation_percent)
+
+    def move_to_cost_price(self, entry: float | None) -> float | None:
+        """The price at which the stop becomes the entry price (rounded up: never earlier than asked)."""
+        return _above(entry, self.move_to_cost_points, self.move_to_cost_percent)
+
     def describe_stop(self) -> str:
         if self.stop_loss is not None:
             return f"{self.stop_loss:.2f}"
         if self.stop_loss_points is not None:
             return f"{self.stop_loss_points:g} points below entry"
         return f"{self.stop_loss_percent:g}% below entry"
+
+
+def _above(entry: float | None, points: float | None, percent: float | None) -> float | None:
+    if entry is None or (points is None and percent is None):
+        return None
+    base = _entry(entry)
+    price = base + Decimal(str(points)) if points is not None else base * (1 + Decimal(str(percent)) / 100)
+    return _on_tick(price, ROUND_CEILING)
 
 
 def _entry(entry: float) -> Decimal:

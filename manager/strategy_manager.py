@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.clock import Clock
+from core.exit_prices import EXIT_FIELDS
 from core.market import MarketCalendar
 from schemas.events import (
     Action,
@@ -96,12 +97,7 @@ def spec_for(strategy: Strategy) -> StrategySpec:
         quantity=strategy.quantity,
         buy_time=strategy.buy_time,
         sell_time=strategy.sell_time,
-        stop_loss=strategy.exits.stop_loss,
-        stop_loss_points=strategy.exits.stop_loss_points,
-        stop_loss_percent=strategy.exits.stop_loss_percent,
-        target=strategy.exits.target,
-        target_points=strategy.exits.target_points,
-        target_percent=strategy.exits.target_percent,
+        **{name: getattr(strategy.exits, name) for name in EXIT_FIELDS},
         product=Product(strategy.product),
         protective_stop=bool(strategy.protective_stop),
     )
@@ -116,6 +112,8 @@ def armed_event(
         kind=LifecycleKind.ARMED, spec=spec, run=run, trading_day=trading_day, occurred_at=occurred_at,
         entry_price=entry_price, opened_at=opened_at, reason=reason,
         stop_price=spec.exits.stop_price(entry_price), target_price=spec.exits.target_price(entry_price),
+        trail_activation_price=spec.exits.trail_activation_price(entry_price),
+        move_to_cost_price=spec.exits.move_to_cost_price(entry_price),
     )  # fmt: skip
 
 

@@ -297,6 +297,9 @@ class Exchange(StrEnum):
 _SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9&_.\-]{0,39}$")
 STOP_FIELDS = ("stop_loss", "stop_loss_points", "stop_loss_percent")
 TARGET_FIELDS = ("target", "target_points", "target_percent")
+TRAIL_FIELDS = ("trail_points", "trail_percent")
+TRAIL_ACTIVATION_FIELDS = ("trail_activation_points", "trail_activation_percent")
+MOVE_TO_COST_FIELDS = ("move_to_cost_points", "move_to_cost_percent")
 SYMBOL_RULE = 'symbol must be "EXCHANGE:TRADINGSYMBOL" with exchange NSE or BSE, e.g. "NSE:INFY"'
 
 
@@ -337,6 +340,30 @@ class StrategyCreateRequest(ApiModel):
     target_percent: Decimal | None = Field(
         None, gt=0, le=1000, max_digits=6, decimal_places=2, description="Take profit this percent above the entry"
     )
+    trail_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Trailing stop: this many rupees under the highest price since activation (0.05 tick); it only "
+        "ever rises, and the exit comes at the higher of it and the stop. At most one of trail_points, trail_percent",
+    )  # fmt: skip
+    trail_percent: Decimal | None = Field(
+        None, gt=0, lt=100, max_digits=5, decimal_places=2, description="Trailing stop: this percent under the high"
+    )
+    trail_activation_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="The trailing stop starts once the price is this many rupees above the entry (default: at once)",
+    )  # fmt: skip
+    trail_activation_percent: Decimal | None = Field(
+        None, gt=0, le=1000, max_digits=6, decimal_places=2,
+        description="The trailing stop starts once the price is this percent above the entry",
+    )  # fmt: skip
+    move_to_cost_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Move to cost: the stop becomes the entry price once the price is this many rupees above it",
+    )  # fmt: skip
+    move_to_cost_percent: Decimal | None = Field(
+        None, gt=0, le=1000, max_digits=6, decimal_places=2,
+        description="Move to cost: the stop becomes the entry price once the price is this percent above it",
+    )  # fmt: skip
     product: Product = Product.MIS
     protective_stop: bool = Field(
         False, description="Also keep an SL-M order at the broker at the stop's price while in a position"
@@ -369,6 +396,16 @@ class StrategyCreateRequest(ApiModel):
                     "stop_loss_percent": "1.5",
                     "target_points": "30",
                 },
+                {
+                    "symbol": "NSE:SBIN",
+                    "quantity": 20,
+                    "buy_time": "09:30",
+                    "sell_time": "15:10",
+                    "stop_loss_points": "8",
+                    "trail_points": "5",
+                    "trail_activation_points": "4",
+                    "move_to_cost_points": "3",
+                },
             ]
         }
     )
@@ -391,7 +428,15 @@ class StrategyCreateRequest(ApiModel):
             raise ValueError(SYMBOL_RULE)
         return f"{exchange}:{tradingsymbol}"
 
-    @field_validator("stop_loss", "stop_loss_points", "target", "target_points")
+    @field_validator(
+        "stop_loss",
+        "stop_loss_points",
+        "target",
+        "target_points",
+        "trail_points",
+        "trail_activation_points",
+        "move_to_cost_points",
+    )
     @classmethod
     def _on_tick(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
         if value is not None and value % TICK != 0:
@@ -406,9 +451,13 @@ class StrategyCreateRequest(ApiModel):
                              "stop_loss_percent")  # fmt: skip
         if len(stops) > 1:
             raise ValueError(f"{stops[1]}: give only one of {', '.join(STOP_FIELDS)}")
-        targets = [name for name in TARGET_FIELDS if getattr(self, name) is not None]
-        if len(targets) > 1:
-            raise ValueError(f"{targets[1]}: give at most one of {', '.join(TARGET_FIELDS)}")
+        for group in (TARGET_FIELDS, TRAIL_FIELDS, TRAIL_ACTIVATION_FIELDS, MOVE_TO_COST_FIELDS):
+            given = [name for name in group if getattr(self, name) is not None]
+            if len(given) > 1:
+                raise ValueError(f"{given[1]}: give at most one of {', '.join(group)}")
+        if self.trail_points is None and self.trail_percent is None:
+            if (named := next((n for n in TRAIL_ACTIVATION_FIELDS if getattr(self, n) is not None), None)) is not None:
+                raise ValueError(f"{named}: an activation needs a trailing stop (trail_points or trail_percent)")
         if self.stop_loss is not None and self.target is not None and self.target <= self.stop_loss:
             raise ValueError("target: must be above stop_loss")
         return self
@@ -495,6 +544,12 @@ class StrategyResponse(BaseModel):
     target: Decimal | None = None
     target_points: Decimal | None = None
     target_percent: Decimal | None = None
+    trail_points: Decimal | None = None
+    trail_percent: Decimal | None = None
+    trail_activation_points: Decimal | None = None
+    trail_activation_percent: Decimal | None = None
+    move_to_cost_points: Decimal | None = None
+    move_to_cost_percent: Decimal | None = None
     product: str
     protective_stop: bool = False
     status: str

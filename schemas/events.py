@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.exit_prices import ExitRule
+from core.exit_prices import EXIT_FIELDS, ExitRule
 
 
 class Event(BaseModel):
@@ -54,6 +54,20 @@ class StrategySpec(Event):
     target: float | None = Field(None, description="Take profit at this price (TARGET exit)")
     target_points: float | None = Field(None, description="Take profit this many rupees above the entry")
     target_percent: float | None = Field(None, description="Take profit this percent above the entry")
+    trail_points: float | None = Field(None, description="Trailing stop: this many rupees under the high")
+    trail_percent: float | None = Field(None, description="Trailing stop: this percent under the high")
+    trail_activation_points: float | None = Field(
+        None, description="The trailing stop starts once the price is this many rupees above the entry"
+    )
+    trail_activation_percent: float | None = Field(
+        None, description="The trailing stop starts once the price is this percent above the entry"
+    )
+    move_to_cost_points: float | None = Field(
+        None, description="The stop becomes the entry price once the price is this many rupees above the entry"
+    )
+    move_to_cost_percent: float | None = Field(
+        None, description="The stop becomes the entry price once the price is this percent above the entry"
+    )
     product: Product = Product.MIS
     protective_stop: bool = False
 
@@ -63,10 +77,7 @@ class StrategySpec(Event):
 
     @property
     def exits(self) -> ExitRule:
-        return ExitRule(
-            self.stop_loss, self.stop_loss_points, self.stop_loss_percent,
-            self.target, self.target_points, self.target_percent,
-        )  # fmt: skip
+        return ExitRule(*(getattr(self, name) for name in EXIT_FIELDS))
 
 
 class LifecycleKind(StrEnum):
@@ -95,6 +106,10 @@ class StrategyLifecycle(Event):
         None, description="ARMED: the stop as a price, resolved from the entry when given in points or percent"
     )
     target_price: float | None = Field(None, description="ARMED: the target as a price, when the strategy has one")
+    trail_activation_price: float | None = Field(
+        None, description="ARMED: where the trailing stop starts trailing (null: at once, from the entry)"
+    )
+    move_to_cost_price: float | None = Field(None, description="ARMED: where the stop moves up to the entry price")
     reason: str | None = None
 
 
@@ -113,6 +128,15 @@ class Action(StrEnum):
     @property
     def is_exit(self) -> bool:
         return self is not Action.BUY
+
+
+class ExitKind(StrEnum):
+    """Which of a position's price exits decided it (a STOPLOSS intent is one of the three stops)."""
+
+    STOP = "stop"  # the stop as given (price, points or percent of the entry)
+    COST_STOP = "cost_stop"  # the stop after it moved to the entry price
+    TRAILING_STOP = "trailing_stop"  # the trailing stop, at the highest price since activation minus the trail
+    TARGET = "target"
 
 
 class TimeEvent(Event):
@@ -178,6 +202,11 @@ class OrderIntent(Event):
     due_at: datetime = Field(description="When the decision was due (time) or made (price, user)")
     created_at: datetime
     trigger_price: float | None = Field(None, description="The tick price that crossed the stop or the target")
+    exit_kind: ExitKind | None = Field(None, description="A price exit: which stop, or the target")
+    exit_level: float | None = Field(
+        None,
+        description="A price exit: the stop or target price the tick reached (a trailing stop: where it had risen to)",
+    )
     source_published_at: datetime | None = Field(None, description="Tick receive time, for latency")
 
     @property

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from core.exit_prices import ExitRule
+from core.exit_prices import EXIT_FIELDS, ExitRule
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
@@ -105,13 +105,19 @@ class Strategy(Base):
     quantity: Mapped[int] = mapped_column(Integer)
     buy_time: Mapped[time] = mapped_column(Time)
     sell_time: Mapped[time] = mapped_column(Time)
-    # Exactly one of the three stop forms, at most one of the target forms (core/exit_prices.py).
+    # Exactly one of the three stop forms; at most one of each other group (core/exit_prices.py).
     stop_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     stop_loss_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     stop_loss_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
     target: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     target_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     target_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    trail_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    trail_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    trail_activation_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    trail_activation_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    move_to_cost_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    move_to_cost_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
     product: Mapped[str] = mapped_column(String(8), default="MIS")
     # Also keep an SL-M order at the broker while in a position: protected even while this system is down.
     protective_stop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -133,10 +139,7 @@ class Strategy(Base):
 
     @property
     def exits(self) -> ExitRule:
-        return ExitRule(*(None if v is None else float(v) for v in (
-            self.stop_loss, self.stop_loss_points, self.stop_loss_percent,
-            self.target, self.target_points, self.target_percent,
-        )))  # fmt: skip
+        return ExitRule(*(None if (v := getattr(self, name)) is None else float(v) for name in EXIT_FIELDS))
 
 
 class StrategyStatusChange(Base):

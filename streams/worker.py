@@ -33,7 +33,6 @@ from core.settings import Settings
 from manager.recovery import Recovery
 from manager.strategy_manager import StrategyManager
 from schemas.events import (
-    Action,
     LifecycleKind,
     OrderIntent,
     StrategyLifecycle,
@@ -48,7 +47,7 @@ from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
 from streams.execution.lanes import StrategyLanes
-from streams.exit_index import ExitIndex
+from streams.exit_index import ExitHit, ExitIndex, Trail
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
@@ -158,12 +157,19 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     # i.e. the instrument's partition, so it recovers on the worker that gets that instrument's ticks.
     armed = app.Table("armed-stops", default=None, partitions=settings.ticks_partitions)
 
+    def arm(strategy_id: int, stop: dict[str, Any]) -> None:
+        """Arm a position's exits as the `armed-stops` table holds them. (A trailing stop's high and a stop moved
+        to cost are not in the table: re-armed after a restart or a rebalance, they start again from the entry.)"""
+        trail = stop.get("trail")
+        services.index.arm(
+            strategy_id, stop["instrument"], stop["stop_loss"], stop.get("target"), stop.get("opened_at"),
+            trail=Trail(**trail) if trail else None, cost_at=stop.get("cost_at"), entry=stop.get("entry"),
+        )  # fmt: skip
+
     def rebuild_index() -> None:
         services.index.clear()
         for key, stop in armed.items():
-            services.index.arm(
-                int(key), stop["instrument"], stop["stop_loss"], stop.get("target"), stop.get("opened_at")
-            )
+            arm(int(key), stop)
         services.index_stale = False
         log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
 
@@ -221,10 +227,19 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     log.error("strategy %s armed without an entry price: exits resolved from %s", key, stand_in)
                     stop_price = exits.stop_price(stand_in) if stop_price is None else stop_price
                     target_price = exits.target_price(stand_in) if target_price is None else target_price
+                entry = event.entry_price or services.latest.get(instrument)
+                trail = None
+                if exits.trails and entry is not None:
+                    activate_at = event.trail_activation_price or exits.trail_activation_price(entry)
+                    trail = {"high": entry, "points": exits.trail_points, "percent": exits.trail_percent,
+                             "activate_at": activate_at}  # fmt: skip
                 armed[key] = {
                     "instrument": instrument,
                     "stop_loss": stop_price if stop_price is not None else 0.0,
                     "target": target_price,
+                    "trail": trail,
+                    "cost_at": event.move_to_cost_price or exits.move_to_cost_price(entry),
+                    "entry": entry,
                     "user_id": event.spec.user_id,
                     "run": event.run,
                     "trading_day": event.trading_day.isoformat(),
@@ -232,8 +247,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
                 }
                 opened_at = armed[key]["opened_at"]
-                stop = armed[key]
-                services.index.arm(event.spec.strategy_id, instrument, stop["stop_loss"], stop["target"], opened_at)
+                arm(event.spec.strategy_id, armed[key])
                 if instrument not in services.latest and (known := await services.runtime.last_price(instrument)):
                     services.remember_price(instrument, known)
                 if instrument not in services.latest or services.seen_at(instrument) < (opened_at or -math.inf):
@@ -254,7 +268,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         await services.ready.wait()
         if services.index_stale:
             rebuild_index()
-        hits: list[tuple[int, Action, dict[str, Any]]] = []
+        hits: list[tuple[ExitHit, dict[str, Any]]] = []
         for value in values:
             try:
                 tick = orjson.loads(value)
@@ -266,10 +280,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             services.latest_seen[instrument] = tick.get("received_at") or ""
             if services.index.crossed(instrument, price):
                 seen_at = _seconds(tick.get("received_at"))
-                hits.extend((sid, action, tick) for sid, action in services.index.trigger(instrument, price, seen_at))
+                hits.extend((hit, tick) for hit in services.index.trigger(instrument, price, seen_at))
         await emit_exits(hits)
 
-    async def emit_exits(hits: list[tuple[int, Action, dict[str, Any]]]) -> None:
+    async def emit_exits(hits: list[tuple[ExitHit, dict[str, Any]]]) -> None:
         """Publish one STOPLOSS or TARGET per hit and wait until Kafka has them all.
 
         The index forgot the hit stops when it returned them (one exit per position, not one per tick); if a
@@ -279,14 +293,13 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if not hits:
             return
         outcomes = await asyncio.gather(
-            *(_delivered(_emit_exit(sid, action, tick)) for sid, action, tick in hits), return_exceptions=True
+            *(_delivered(_emit_exit(hit, tick)) for hit, tick in hits), return_exceptions=True
         )
-        failed = [sid for (sid, _, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
+        failed = [hit.strategy_id for (hit, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
         for strategy_id in failed:
             stop = armed.get(str(strategy_id))
             if stop is not None:
-                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"], stop.get("target"),
-                                   stop.get("opened_at"))  # fmt: skip
+                arm(strategy_id, stop)
         if failed:
             raise RuntimeError(f"{len(failed)} exit intents not acknowledged by Kafka; their stops are re-armed")
 
@@ -297,9 +310,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
 
     feed = TickFeed(settings, check_ticks)
 
-    async def _emit_exit(strategy_id: int, action: Action, tick: dict[str, Any]) -> Awaitable[object] | None:
+    async def _emit_exit(hit: ExitHit, tick: dict[str, Any]) -> Awaitable[object] | None:
         """Queue the STOPLOSS or TARGET intent; returns Kafka's acknowledgement to await (one price may cross
         many)."""
+        strategy_id, action = hit.strategy_id, hit.action
         stop = armed.get(str(strategy_id))
         if stop is None:
             return None
@@ -318,10 +332,12 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             due_at=now,
             created_at=now,
             trigger_price=tick["last_price"],
+            exit_kind=hit.kind,
+            exit_level=hit.level,
             source_published_at=datetime.fromisoformat(tick["received_at"]) if tick.get("received_at") else None,
         )
-        log.info("%s hit: strategy %s at %s (stop %s, target %s)", action.value, strategy_id, tick["last_price"],
-                 stop["stop_loss"], stop.get("target"))  # fmt: skip
+        log.info("%s hit: strategy %s at %s (%s %s)", action.value, strategy_id, tick["last_price"], hit.kind.value,
+                 hit.level)  # fmt: skip
         return await services.producer.publish_nowait("orders", strategy_id, intent)
 
     @app.timer(LAST_PRICE_FLUSH_SECONDS)
@@ -349,10 +365,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 if value is not None:
                     services.remember_price(instrument, float(value))
         await emit_exits([
-            (strategy_id, action, {"last_price": price})
+            (hit, {"last_price": price})
             for instrument, price in list(services.latest.items())
             if services.index.crossed(instrument, price)
-            for strategy_id, action in services.index.trigger(instrument, price, services.seen_at(instrument))
+            for hit in services.index.trigger(instrument, price, services.seen_at(instrument))
         ])  # fmt: skip
 
     async def check_recovery() -> bool:

@@ -25,6 +25,7 @@ from api.exit_levels import check_exit_sides
 from api.openapi import responses
 from api.services import Services
 from api.status import StatusNotFound
+from core.exit_prices import EXIT_FIELDS
 from manager.strategy_manager import StartOutcome, StopOutcome
 from schemas.api import (
     MAX_ID,
@@ -57,12 +58,7 @@ def strategy_response(strategy: Strategy) -> StrategyResponse:
         quantity=strategy.quantity,
         buy_time=strategy.buy_time,
         sell_time=strategy.sell_time,
-        stop_loss=strategy.stop_loss,
-        stop_loss_points=strategy.stop_loss_points,
-        stop_loss_percent=strategy.stop_loss_percent,
-        target=strategy.target,
-        target_points=strategy.target_points,
-        target_percent=strategy.target_percent,
+        **{name: getattr(strategy, name) for name in EXIT_FIELDS},
         product=strategy.product,
         protective_stop=strategy.protective_stop,
         status=strategy.status,
@@ -137,12 +133,7 @@ async def create_strategy(
         quantity=body.quantity,
         buy_time=body.buy_time,
         sell_time=body.sell_time,
-        stop_loss=body.stop_loss,
-        stop_loss_points=body.stop_loss_points,
-        stop_loss_percent=body.stop_loss_percent,
-        target=body.target,
-        target_points=body.target_points,
-        target_percent=body.target_percent,
+        **{name: getattr(body, name) for name in EXIT_FIELDS},
         product=body.product.value,
         protective_stop=body.protective_stop,
         status=StrategyStatus.CREATED.value,

@@ -20,6 +20,7 @@ from connectors.orders import BrokerOrder
 from manager.strategy_manager import armed_event, spec_for
 from schemas.events import (
     Action,
+    ExitKind,
     LifecycleKind,
     NotificationKind,
     OrderIntent,
@@ -107,7 +108,10 @@ class Outcomes:
         )  # fmt: skip
         sold = f"Sold {strategy.quantity} {spec.instrument} at {broker_order.average_price}"
         if intent.action is Action.STOPLOSS:
-            stop = spec.exits.stop_price(position.entry_price) or spec.exits.describe_stop()
+            # The stop the price reached: a trailing stop, or one moved to cost, is above the one configured.
+            stop = intent.exit_level or spec.exits.stop_price(position.entry_price) or spec.exits.describe_stop()
+            if intent.exit_kind is not None and intent.exit_kind is not ExitKind.STOP:
+                stop = f"{intent.exit_kind.value.replace('_', ' ')} {stop}"
             notice = self.ledger.notice(intent, NotificationKind.STOPLOSS_TRIGGERED, "STOP-LOSS Triggered",
                                         f"{sold} (stop {stop})")  # fmt: skip
         elif intent.action is Action.TARGET:

@@ -69,6 +69,15 @@ CREATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"target": 1300}, "target", "above stop_loss"),
     ({"target": 1600.01}, "target", "0.05 tick"),
     ({"target_percent": 0}, "target_percent", "greater than 0"),
+    ({"trail_points": 5, "trail_percent": 1}, "trail_percent", "at most one of"),
+    ({"trail_points": 5.01}, "trail_points", "0.05 tick"),
+    ({"trail_activation_points": 5}, "trail_activation_points", "needs a trailing stop"),
+    (
+        {"trail_points": 5, "trail_activation_points": 5, "trail_activation_percent": 1},
+        "trail_activation_percent",
+        "at most one of",
+    ),  # fmt: skip
+    ({"move_to_cost_points": 5, "move_to_cost_percent": 1}, "move_to_cost_percent", "at most one of"),
     ({"product": "BO"}, "product", "MIS"),
     ({"unexpected": 1}, "unexpected", "not allowed"),
 ]

@@ -134,3 +134,48 @@ async def test_a_target_exits_at_the_first_tick_at_or_above_it_and_the_stop_goes
     assert sides(simulator, user.broker.api_key, "ASIANPAINT") == ["BUY", "SELL"]
     detail = (await client.get(f"/strategy/{sid}", headers=user.headers)).json()
     assert (detail["status"], Decimal(detail["target_points"])) == ("completed", 20)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
+async def test_a_trailing_stop_exits_at_the_first_tick_at_or_under_the_high_since_activation_minus_the_trail(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    user = await make_user()
+    # Bought at 2,000.00; the trailing stop starts at 2,005.00 and trails 10.00 under the high since then.
+    sid = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:NESTLEIND", 2000.0,
+                       stop_loss=..., stop_loss_points=50, trail_points=10, trail_activation_points=5)  # fmt: skip
+    # 1,999 and 2,004.95: not active (a trail from 2,004.95 would be at 1,994.95; 1,995 would not reach it anyway).
+    # Active at 2,030 (stop 2,020); 2,025 and 2,020.05 stay above it; 2,020.00 is the first at or under it.
+    await tick(pipeline, pinned_clock, simulator, "NSE:NESTLEIND",
+               [1999.0, 2004.95, 1995.0, 2030.0, 2025.0, 2020.05, 2020.0])  # fmt: skip
+    await eventually(lambda: sides(simulator, user.broker.api_key, "NESTLEIND") == ["BUY", "SELL"], 20,
+                     "the trailing stop's exit", pipeline)  # fmt: skip
+    await tick(pipeline, pinned_clock, simulator, "NSE:NESTLEIND", [2010.0])
+    [intent] = await exit_intents(pipeline, sid)
+    assert (intent["action"], intent["exit_kind"], intent["exit_level"], intent["trigger_price"]) == (
+        "STOPLOSS", "trailing_stop", 2020.0, 2020.0,
+    )  # fmt: skip
+    assert sides(simulator, user.broker.api_key, "NESTLEIND") == ["BUY", "SELL"]
+    notices = (await client.get("/notifications", headers=user.headers)).json()["notifications"]
+    assert any(n["kind"] == "stoploss_triggered" and "trailing stop 2020.0" in n["message"] for n in notices), notices
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
+async def test_move_to_cost_makes_the_entry_the_stop_once_the_price_is_far_enough_above_it(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    user = await make_user()
+    # Bought at 900.00 with a 2% stop (882.00); 6 points above the entry (906.00) the stop becomes 900.00.
+    sid = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:BAJFINANCE", 900.0,
+                       stop_loss=..., stop_loss_percent=2, move_to_cost_points=6)  # fmt: skip
+    await tick(pipeline, pinned_clock, simulator, "NSE:BAJFINANCE", [895.0, 905.95, 906.0, 901.0, 900.05, 900.0])
+    await eventually(lambda: sides(simulator, user.broker.api_key, "BAJFINANCE") == ["BUY", "SELL"], 20,
+                     "the exit at cost", pipeline)  # fmt: skip
+    [intent] = await exit_intents(pipeline, sid)
+    assert (intent["action"], intent["exit_kind"], intent["exit_level"], intent["trigger_price"]) == (
+        "STOPLOSS", "cost_stop", 900.0, 900.0,
+    )  # fmt: skip
+    status = await status_of(client, user, sid)
+    assert (status["state"], status["entry_price"]) == ("exited_by_sl", 900.0)

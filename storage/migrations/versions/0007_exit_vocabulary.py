@@ -1,4 +1,4 @@
-"""exit vocabulary: stop-loss in points or percent of the entry, and a target
+"""exit vocabulary: stop-loss in points or percent of the entry, a target, a trailing stop, move to cost
 
 Revision ID: 0007
 Revises: 0004
@@ -20,6 +20,12 @@ _NEW = (
     ("target", sa.Numeric(12, 2)),
     ("target_points", sa.Numeric(12, 2)),
     ("target_percent", sa.Numeric(6, 2)),
+    ("trail_points", sa.Numeric(12, 2)),
+    ("trail_percent", sa.Numeric(6, 2)),
+    ("trail_activation_points", sa.Numeric(12, 2)),
+    ("trail_activation_percent", sa.Numeric(6, 2)),
+    ("move_to_cost_points", sa.Numeric(12, 2)),
+    ("move_to_cost_percent", sa.Numeric(6, 2)),
 )
 
 
