@@ -796,3 +796,26 @@ class HealthResponse(BaseModel):
             ]
         }
     )
+
+
+class KillSwitchResponse(BaseModel):
+    engaged: bool
+    trading_day: date | None = Field(None, description="The exchange day it holds (it ends with that day)")
+    strategies_stopped: int = 0
+    positions_squared_off: int = 0
+    message: str
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "engaged": True,
+                    "trading_day": "2025-01-15",
+                    "strategies_stopped": 3,
+                    "positions_squared_off": 2,
+                    "message": "kill switch engaged for 2025-01-15: 3 strategies stopped, EXIT sent for 2 open "
+                    "positions; no strategy starts until you release it (DELETE /kill-switch) or the day ends",
+                }
+            ]
+        }
+    )

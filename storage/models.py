@@ -54,6 +54,8 @@ class User(Base):
     # Closed accounts keep their row (and broker account) until their square-off orders are done, then are
     # purged; meanwhile nobody can log in to them and their email is free again.
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    # The trading day (exchange date) the trader's kill switch holds: no START that day until released.
+    kill_switch_day: Mapped[date | None] = mapped_column(Date)
 
     broker_account: Mapped[BrokerAccount | None] = relationship(back_populates="user", uselist=False)
 

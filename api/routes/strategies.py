@@ -23,6 +23,7 @@ from api.deps import (
 from api.errors import JSON, FieldError, not_found
 from api.exit_levels import check_exit_sides
 from api.openapi import responses
+from api.routes.kill_switch import refuse_start_if_engaged
 from api.services import Services
 from api.status import StatusNotFound
 from core.exit_prices import EXIT_FIELDS
@@ -193,6 +194,7 @@ async def _start(
 ) -> StartResponse:  # fmt: skip
     strategy = await owned_strategy(session, strategy_id, user.id)
     if strategy.status != StrategyStatus.RUNNING.value:
+        await refuse_start_if_engaged(session, user.id, manager.calendar.local(clock.now()).date())
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead. The market
         # may have moved since create: a stop now at or above it is refused as at create.
         broker = await live_broker(session, user.id, box, settings, clock.now())

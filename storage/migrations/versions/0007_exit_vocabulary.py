@@ -1,4 +1,5 @@
-"""exit vocabulary: stop-loss in points or percent of the entry, a target, a trailing stop, move to cost
+"""exit vocabulary: stop-loss in points or percent of the entry, a target, a trailing stop, move to cost,
+and the trader's kill switch
 
 Revision ID: 0007
 Revises: 0004
@@ -30,6 +31,8 @@ _NEW = (
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("users") as batch:
+        batch.add_column(sa.Column("kill_switch_day", sa.Date(), nullable=True))
     with op.batch_alter_table("strategies") as batch:
         # A stop given relative to the entry has no price until the BUY fills.
         batch.alter_column("stop_loss", existing_type=sa.Numeric(12, 2), nullable=True)
@@ -42,3 +45,5 @@ def downgrade() -> None:
         for name, _ in _NEW:
             batch.drop_column(name)
         batch.alter_column("stop_loss", existing_type=sa.Numeric(12, 2), nullable=False)
+    with op.batch_alter_table("users") as batch:
+        batch.drop_column("kill_switch_day")
