@@ -20,7 +20,7 @@ PAISA = Decimal("0.01")
 EXIT_FIELDS = (
     "stop_loss", "stop_loss_points", "stop_loss_percent", "target", "target_points", "target_percent",
     "trail_points", "trail_percent", "trail_activation_points", "trail_activation_percent",
-    "move_to_cost_points", "move_to_cost_percent",
+    "move_to_cost_points", "move_to_cost_percent", "max_loss",
 )  # fmt: skip
 """Every field of a strategy that says how it exits, in ExitRule's order (API, database, events, Redis)."""
 
@@ -41,6 +41,7 @@ class ExitRule:
     trail_activation_percent: float | None = None
     move_to_cost_points: float | None = None
     move_to_cost_percent: float | None = None
+    max_loss: float | None = None  # rupees: the strategy's loss limit
 
     @property
     def stop_is_relative(self) -> bool:
@@ -92,6 +93,14 @@ class ExitRule:
     def move_to_cost_price(self, entry: float | None) -> float | None:
         """The price at which the stop becomes the entry price (rounded up: never earlier than asked)."""
         return _above(entry, self.move_to_cost_points, self.move_to_cost_percent)
+
+    def loss_limit_price(self, entry: float | None, quantity: int) -> float | None:
+        """The price at which the position has lost `max_loss` rupees (rounded up: never a larger loss). With one
+        position a run and nothing realised before it, the strategy's loss limit is this stop."""
+        if self.max_loss is None or entry is None or quantity <= 0:
+            return None
+        price = _entry(entry) - Decimal(str(self.max_loss)) / quantity
+        return _on_tick(max(price, TICK), ROUND_CEILING)
 
     def describe_stop(self) -> str:
         if self.stop_loss is not None:

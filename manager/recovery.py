@@ -374,6 +374,9 @@ class Recovery:
             price = prices.get(strategy.instrument)
             entry = positions.get(strategy.id, RunPosition()).entry_price
             stop, target = strategy.exits.stop_price(entry), strategy.exits.target_price(entry)
+            loss_at = strategy.exits.loss_limit_price(entry, strategy.quantity)
+            if loss_at is not None and (stop is None or loss_at > stop):
+                stop = loss_at
             if price is None:
                 continue
             if stop is not None and price <= stop:

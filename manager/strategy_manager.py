@@ -114,6 +114,7 @@ def armed_event(
         stop_price=spec.exits.stop_price(entry_price), target_price=spec.exits.target_price(entry_price),
         trail_activation_price=spec.exits.trail_activation_price(entry_price),
         move_to_cost_price=spec.exits.move_to_cost_price(entry_price),
+        loss_limit_price=spec.exits.loss_limit_price(entry_price, spec.quantity),
     )  # fmt: skip
 
 

@@ -364,6 +364,11 @@ class StrategyCreateRequest(ApiModel):
         None, gt=0, le=1000, max_digits=6, decimal_places=2,
         description="Move to cost: the stop becomes the entry price once the price is this percent above it",
     )  # fmt: skip
+    max_loss: Decimal | None = Field(
+        None, gt=0, le=Decimal("100000000"), max_digits=11, decimal_places=2,
+        description="Loss limit in rupees: once the position has lost this much at the last price, it is sold and "
+        "the strategy is done for the day",
+    )  # fmt: skip
     product: Product = Product.MIS
     protective_stop: bool = Field(
         False, description="Also keep an SL-M order at the broker at the stop's price while in a position"
@@ -550,6 +555,7 @@ class StrategyResponse(BaseModel):
     trail_activation_percent: Decimal | None = None
     move_to_cost_points: Decimal | None = None
     move_to_cost_percent: Decimal | None = None
+    max_loss: Decimal | None = None
     product: str
     protective_stop: bool = False
     status: str

@@ -68,6 +68,9 @@ class StrategySpec(Event):
     move_to_cost_percent: float | None = Field(
         None, description="The stop becomes the entry price once the price is this percent above the entry"
     )
+    max_loss: float | None = Field(
+        None, description="The strategy's loss limit in rupees: the position is sold once it has lost this much"
+    )
     product: Product = Product.MIS
     protective_stop: bool = False
 
@@ -110,6 +113,7 @@ class StrategyLifecycle(Event):
         None, description="ARMED: where the trailing stop starts trailing (null: at once, from the entry)"
     )
     move_to_cost_price: float | None = Field(None, description="ARMED: where the stop moves up to the entry price")
+    loss_limit_price: float | None = Field(None, description="ARMED: the price at which the loss limit is reached")
     reason: str | None = None
 
 
@@ -137,6 +141,7 @@ class ExitKind(StrEnum):
     COST_STOP = "cost_stop"  # the stop after it moved to the entry price
     TRAILING_STOP = "trailing_stop"  # the trailing stop, at the highest price since activation minus the trail
     TARGET = "target"
+    LOSS_LIMIT = "loss_limit"  # the strategy's max_loss reached (a stop at entry - max_loss / quantity)
 
 
 class TimeEvent(Event):
@@ -257,6 +262,7 @@ class NotificationKind(StrEnum):
     ORDER_FILLED = "order_filled"
     STOPLOSS_TRIGGERED = "stoploss_triggered"
     TARGET_REACHED = "target_reached"
+    LOSS_LIMIT_REACHED = "loss_limit_reached"
     ORDER_FAILED = "order_failed"
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"

@@ -120,6 +120,7 @@ class Strategy(Base):
     trail_activation_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
     move_to_cost_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     move_to_cost_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    max_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     product: Mapped[str] = mapped_column(String(8), default="MIS")
     # Also keep an SL-M order at the broker while in a position: protected even while this system is down.
     protective_stop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

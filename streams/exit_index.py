@@ -59,11 +59,15 @@ class ExitIndex:
     def arm(
         self, strategy_id: int, instrument: str, stop: float, target: float | None = None,
         opened_at: float | None = None, *, trail: Trail | None = None, cost_at: float | None = None,
-        entry: float | None = None,
+        entry: float | None = None, loss_at: float | None = None,
     ) -> None:  # fmt: skip
+        """`loss_at`: where the strategy's loss limit is reached; the position's stop is the higher of the two."""
         self.disarm(strategy_id)
+        kind = ExitKind.STOP
+        if loss_at is not None and loss_at > stop:
+            stop, kind = loss_at, ExitKind.LOSS_LIMIT
         self.stops.arm(strategy_id, instrument, stop, opened_at)
-        self._levels[strategy_id] = (stop, ExitKind.STOP)
+        self._levels[strategy_id] = (stop, kind)
         if target is not None:
             self.targets.arm(strategy_id, instrument, -target, opened_at)
             self._target_levels[strategy_id] = target

@@ -164,6 +164,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         services.index.arm(
             strategy_id, stop["instrument"], stop["stop_loss"], stop.get("target"), stop.get("opened_at"),
             trail=Trail(**trail) if trail else None, cost_at=stop.get("cost_at"), entry=stop.get("entry"),
+            loss_at=stop.get("loss_at"),
         )  # fmt: skip
 
     def rebuild_index() -> None:
@@ -240,6 +241,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "trail": trail,
                     "cost_at": event.move_to_cost_price or exits.move_to_cost_price(entry),
                     "entry": entry,
+                    "loss_at": event.loss_limit_price or exits.loss_limit_price(entry, event.spec.quantity),
                     "user_id": event.spec.user_id,
                     "run": event.run,
                     "trading_day": event.trading_day.isoformat(),

@@ -107,7 +107,12 @@ class Outcomes:
             exit_price=f"{broker_order.average_price or 0:.2f}", exit_at=now.isoformat(),
         )  # fmt: skip
         sold = f"Sold {strategy.quantity} {spec.instrument} at {broker_order.average_price}"
-        if intent.action is Action.STOPLOSS:
+        if intent.action is Action.STOPLOSS and intent.exit_kind is ExitKind.LOSS_LIMIT:
+            notice = self.ledger.notice(
+                intent, NotificationKind.LOSS_LIMIT_REACHED, "Loss Limit Reached – Strategy Done for the Day",
+                f"{sold} (loss limit {spec.max_loss} reached at {intent.exit_level})",
+            )  # fmt: skip
+        elif intent.action is Action.STOPLOSS:
             # The stop the price reached: a trailing stop, or one moved to cost, is above the one configured.
             stop = intent.exit_level or spec.exits.stop_price(position.entry_price) or spec.exits.describe_stop()
             if intent.exit_kind is not None and intent.exit_kind is not ExitKind.STOP:

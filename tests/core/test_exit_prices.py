@@ -40,3 +40,11 @@ def test_relative_exits_resolve_on_the_tick(rule: ExitRule, entry: float, stop: 
 def test_the_entry_is_taken_in_paise_as_the_order_log_keeps_it() -> None:
     rule = ExitRule(stop_loss_percent=1)
     assert rule.stop_price(1000.004) == rule.stop_price(1000.00)
+
+
+def test_a_loss_limit_is_the_price_at_which_the_position_has_lost_it() -> None:
+    rule = ExitRule(stop_loss_points=100, max_loss=250)
+    assert rule.loss_limit_price(1500.0, 10) == 1475.0
+    assert rule.loss_limit_price(1500.0, 3) == 1416.7  # 1,416.666... rounded up: never a larger loss
+    assert rule.loss_limit_price(None, 10) is None
+    assert ExitRule(stop_loss=1400).loss_limit_price(1500.0, 10) is None

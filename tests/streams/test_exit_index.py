@@ -63,3 +63,14 @@ def test_move_to_cost_raises_the_stop_to_the_entry_once_the_price_is_far_enough_
     [hit] = step(index, "NSE:ITC", 449.5)
     assert (hit.action, hit.kind, hit.level) == (Action.STOPLOSS, ExitKind.COST_STOP, 450.0)
     assert step(index, "NSE:ITC", 490.0) == []  # its target went with it
+
+
+def test_a_loss_limit_above_the_stop_is_the_stop_and_says_so() -> None:
+    index = ExitIndex()
+    index.arm(1, "NSE:WIPRO", 1400.0, loss_at=1475.0)
+    index.arm(2, "NSE:WIPRO", 1480.0, loss_at=1475.0)  # its stop is higher: the loss limit adds nothing
+    hits = sorted(step(index, "NSE:WIPRO", 1470.0), key=lambda hit: hit.strategy_id)
+    assert [(h.strategy_id, h.kind, h.level) for h in hits] == [
+        (1, ExitKind.LOSS_LIMIT, 1475.0),
+        (2, ExitKind.STOP, 1480.0),
+    ]

@@ -179,3 +179,29 @@ async def test_move_to_cost_makes_the_entry_the_stop_once_the_price_is_far_enoug
     )  # fmt: skip
     status = await status_of(client, user, sid)
     assert (status["state"], status["entry_price"]) == ("exited_by_sl", 900.0)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
+async def test_a_strategy_loss_limit_sells_once_and_ends_its_day(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    user = await make_user()
+    # 10 shares bought at 1,500.00 with a 100-point stop (1,400.00) and a loss limit of 250 rupees: 1,475.00.
+    sid = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:WIPRO", 1500.0,
+                       stop_loss=..., stop_loss_points=100, max_loss=250)  # fmt: skip
+    await tick(pipeline, pinned_clock, simulator, "NSE:WIPRO", [1480.0, 1475.05, 1475.0])
+    await eventually(lambda: sides(simulator, user.broker.api_key, "WIPRO") == ["BUY", "SELL"], 20,
+                     "the loss limit's exit", pipeline)  # fmt: skip
+    await tick(pipeline, pinned_clock, simulator, "NSE:WIPRO", [1390.0])  # under the stop too: nothing more
+    [intent] = await exit_intents(pipeline, sid)
+    assert (intent["action"], intent["exit_kind"], intent["exit_level"]) == ("STOPLOSS", "loss_limit", 1475.0)
+
+    async def told() -> bool:
+        notices = (await client.get("/notifications", headers=user.headers)).json()["notifications"]
+        return any(n["kind"] == "loss_limit_reached" and n["strategy_id"] == sid for n in notices)
+
+    await eventually(told, 10, "the trader told of the loss limit", pipeline)
+    detail = (await client.get(f"/strategy/{sid}", headers=user.headers)).json()
+    assert detail["status"] == "completed"
+    assert sides(simulator, user.broker.api_key, "WIPRO") == ["BUY", "SELL"]

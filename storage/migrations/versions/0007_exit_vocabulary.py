@@ -27,6 +27,7 @@ _NEW = (
     ("trail_activation_percent", sa.Numeric(6, 2)),
     ("move_to_cost_points", sa.Numeric(12, 2)),
     ("move_to_cost_percent", sa.Numeric(6, 2)),
+    ("max_loss", sa.Numeric(12, 2)),
 )
 
 
