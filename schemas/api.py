@@ -825,3 +825,13 @@ class KillSwitchResponse(BaseModel):
             ]
         }
     )
+
+
+class DailyLossLimit(ApiModel):
+    daily_max_loss: Decimal | None = Field(
+        gt=0, le=Decimal("100000000"), max_digits=11, decimal_places=2,
+        description="Rupees lost today across all strategies (realised + unrealised at the last price) at which every "
+        "strategy is stopped and every position squared off for the day (the kill switch); null: no limit",
+    )  # fmt: skip
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"daily_max_loss": "5000"}, {"daily_max_loss": None}]})

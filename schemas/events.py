@@ -263,6 +263,7 @@ class NotificationKind(StrEnum):
     STOPLOSS_TRIGGERED = "stoploss_triggered"
     TARGET_REACHED = "target_reached"
     LOSS_LIMIT_REACHED = "loss_limit_reached"
+    DAILY_LOSS_LIMIT = "daily_loss_limit"
     ORDER_FAILED = "order_failed"
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"

@@ -56,6 +56,8 @@ class User(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     # The trading day (exchange date) the trader's kill switch holds: no START that day until released.
     kill_switch_day: Mapped[date | None] = mapped_column(Date)
+    # The trader's daily loss limit across all strategies (rupees, realised + unrealised); reached, the kill switch.
+    daily_max_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
 
     broker_account: Mapped[BrokerAccount | None] = relationship(back_populates="user", uselist=False)
 

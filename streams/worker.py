@@ -30,6 +30,7 @@ from core.clock import Clock, get_clock
 from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
 from core.settings import Settings
+from manager.daily_loss import DailyLossLimits
 from manager.recovery import Recovery
 from manager.strategy_manager import StrategyManager
 from schemas.events import (
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 LAST_PRICE_FLUSH_SECONDS = 0.25
 RECOVERY_CHECK_SECONDS = 2.0
+DAILY_LOSS_CHECK_SECONDS = 1.0  # a trader's loss across strategies, from the order log and the last prices
 
 
 BROKER_THREADS = 64
@@ -117,7 +119,13 @@ class WorkerServices:
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
         self.broker_prices = BrokerPrices(self.recovery.last_prices, self.broker_price)
+        self.daily_loss = DailyLossLimits(self.sessions, self.manager, self.producer, self.redis_prices)
         self.ready.set()
+
+    async def redis_prices(self, instruments: list[str]) -> dict[str, float]:
+        """The last prices the workers wrote to Redis (every LAST_PRICE_FLUSH_SECONDS)."""
+        values = await self.redis.hmget(LTP_KEY, instruments)
+        return {i: float(v) for i, v in zip(instruments, values, strict=True) if v is not None}
 
     def remember_price(self, instrument: str, price: float) -> None:
         """A price of unknown age (Redis's last price), unless a tick already told this worker one: it
@@ -399,6 +407,15 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         while not await check_recovery():
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECOVERY_CHECK_SECONDS)
+
+    @app.timer(DAILY_LOSS_CHECK_SECONDS)
+    async def _check_daily_loss_limits() -> None:
+        if not services.ready.is_set():
+            return
+        try:
+            await services.daily_loss.check()
+        except Exception:
+            log.exception("daily loss limit check failed; retrying at the next interval")
 
     @app.timer(RECOVERY_CHECK_SECONDS)
     async def _recover_when_needed() -> None:

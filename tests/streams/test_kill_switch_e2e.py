@@ -12,8 +12,8 @@ import pytest
 
 from core.clock import ScaledClock
 from tests.fixtures.pipeline import Pipeline
-from tests.streams.test_exits_e2e import bought, sides, status_of
-from tests.streams.test_pipeline_e2e import clock_time, start
+from tests.streams.test_exits_e2e import bought, sides, status_of, tick
+from tests.streams.test_pipeline_e2e import clock_time, eventually, start
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
@@ -56,3 +56,46 @@ async def test_kill_switch_squares_off_stops_everything_and_refuses_starts_until
     again = await client.post(f"/strategy/{waiting}/start", headers=user.headers)
     assert again.status_code == 200, again.text
     assert sides(simulator, user.broker.api_key, "HDFCBANK") == ["BUY", "SELL"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
+async def test_a_traders_daily_loss_limit_squares_everything_off_once_and_stops_the_day(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    user = await make_user()
+    assert (
+        await client.put("/daily-loss-limit", json={"daily_max_loss": 300}, headers=user.headers)
+    ).status_code == 200
+    # 10 shares each; stops far below: only the limit across both can sell them.
+    first = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:SUNPHARMA", 1700.0,
+                         stop_loss=1500)  # fmt: skip
+    second = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:TITAN", 3700.0,
+                          stop_loss=3500)  # fmt: skip
+    await tick(pipeline, pinned_clock, simulator, "NSE:SUNPHARMA", [1685.0])  # -150: under the limit
+    await tick(pipeline, pinned_clock, simulator, "NSE:TITAN", [3684.0])  # -160 more: -310, past it
+
+    def both_sold() -> bool:
+        key = user.broker.api_key
+        return sides(simulator, key, "SUNPHARMA") == ["BUY", "SELL"] and sides(simulator, key, "TITAN") == [
+            "BUY",
+            "SELL",
+        ]
+
+    await eventually(both_sold, 20, "both positions squared off", pipeline)
+
+    async def told() -> list[Any]:
+        notices = (await client.get("/notifications", headers=user.headers)).json()["notifications"]
+        return [n for n in notices if n["kind"] == "daily_loss_limit"]
+
+    [notice] = await eventually(told, 10, "the trader told", pipeline)
+    assert "310.00" in notice["message"], notice
+    for sid in (first, second):
+        detail = (await client.get(f"/strategy/{sid}", headers=user.headers)).json()
+        assert (detail["status"], detail["status_reason"]) == ("stopped", "daily loss limit")
+    refused = await client.post(f"/strategy/{first}/start", headers=user.headers)
+    assert refused.status_code == 409, refused.text
+    await tick(pipeline, pinned_clock, simulator, "NSE:TITAN", [3600.0])  # more loss: nothing more to do
+    assert len(await told()) == 1
+    assert sides(simulator, user.broker.api_key, "SUNPHARMA") == ["BUY", "SELL"]
+    assert sides(simulator, user.broker.api_key, "TITAN") == ["BUY", "SELL"]

@@ -34,6 +34,7 @@ _NEW = (
 def upgrade() -> None:
     with op.batch_alter_table("users") as batch:
         batch.add_column(sa.Column("kill_switch_day", sa.Date(), nullable=True))
+        batch.add_column(sa.Column("daily_max_loss", sa.Numeric(12, 2), nullable=True))
     with op.batch_alter_table("strategies") as batch:
         # A stop given relative to the entry has no price until the BUY fills.
         batch.alter_column("stop_loss", existing_type=sa.Numeric(12, 2), nullable=True)
@@ -48,3 +49,4 @@ def downgrade() -> None:
         batch.alter_column("stop_loss", existing_type=sa.Numeric(12, 2), nullable=False)
     with op.batch_alter_table("users") as batch:
         batch.drop_column("kill_switch_day")
+        batch.drop_column("daily_max_loss")
