@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest pytest-tansu install services schemas bench clean
+.PHONY: run test lint typecheck pytest pytest-tansu docs install services schemas bench clean
 
 $(STAMP): pyproject.toml scripts/install-services
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ services: $(STAMP)
 run: $(STAMP)
 	$(BIN)/algo up --demo
 
-test: $(STAMP) lint typecheck pytest pytest-tansu
+test: $(STAMP) lint typecheck docs pytest pytest-tansu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,8 +39,12 @@ pytest: $(STAMP)
 pytest-tansu: $(STAMP)
 	TEST_KAFKA=tansu $(BIN)/pytest -m tansu
 
+# The documentation site (mkdocs + material) into site/; --strict: a broken link or a warning fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 schemas: $(STAMP)
 	$(BIN)/algo schemas export schemas/json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.egress import require_egress
 from api.errors import ApiError
 from connectors.broker import KiteBroker
 from core.crypto import SecretBox
@@ -46,14 +47,17 @@ def is_expired(account: BrokerAccount, now: datetime) -> bool:
 
 
 async def live_broker(
-    session: AsyncSession, user_id: int, box: SecretBox, settings: Settings, now: datetime
+    session: AsyncSession, user_id: int, box: SecretBox, settings: Settings, now: datetime, *, orders: bool = False
 ) -> KiteBroker:
-    """The user's broker session, or a 409 saying what to do (connect, or reconnect after expiry)."""
+    """The user's broker session, or a 409 saying what to do (connect, or reconnect after expiry; with `orders`,
+    configure the egress this deployment requires for order calls)."""
     account = await load_account(session, user_id)
     if account is None:
         raise ApiError(409, "broker not connected: POST /broker/connect with your Kite API key first")
     if is_expired(account, now):
         expired_at = as_aware(account.token_expires_at).isoformat()
         raise ApiError(409, f"broker session expired at {expired_at}; reconnect with POST /broker/connect")
+    if orders:
+        require_egress(account, settings)
     credentials = decrypt(box, account)
     return KiteBroker(settings, credentials.api_key, credentials.access_token)

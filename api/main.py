@@ -13,12 +13,13 @@ from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.body_limit import BodyLimitMiddleware
+from api.book_metrics import BookMetrics
 from api.errors import RequestIdMiddleware, install_error_handlers
 from api.login_throttle import LoginThrottle
 from api.passwords import PasswordService
 from api.readiness import ReadinessCache
 from api.revocation import Revocations
-from api.routes import account, auth, broker, health, kill_switch, loss_limit, notifications, strategies
+from api.routes import account, auth, broker, health, kill_switch, loss_limit, metrics, notifications, strategies
 from api.services import EventBus, Services
 from api.status import StatusReader
 from api.tokens import TokenService
@@ -41,7 +42,7 @@ TAGS = [
     {"name": "broker", "description": "Connect a Zerodha Kite account (sequence 2)."},
     {"name": "strategies", "description": "Create, start, stop and poll strategies (sequences 3, 4, 8, 12)."},
     {"name": "notifications", "description": "Messages for the trader."},
-    {"name": "health", "description": "Liveness for anyone; dependency readiness for operators."},
+    {"name": "health", "description": "Liveness for anyone; dependency readiness and metrics for operators."},
 ]
 
 
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = build_services(settings)
         app.state.services = services
+        app.state.book_metrics = BookMetrics(services.session_factory)
         try:
             # Topics and the producer up front when Kafka answers; if it does not, the API still serves
             # (reads, /health says why) and the producer starts on first use.
@@ -124,6 +126,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Strategies first: routes match in order, and the status poll is the hot path.
-    for module in (strategies, kill_switch, loss_limit, auth, account, broker, notifications, health):
+    for module in (strategies, kill_switch, loss_limit, auth, account, broker, notifications, health, metrics):
         app.include_router(module.router)
     return app

@@ -1,5 +1,8 @@
 """The crash matrix over many seeds: `python -m benchmarks.crash_matrix --seeds 20 [--first 1] [--strategies 200]`.
 
+`--egress`: every user's order calls through its own real proxy (tinyproxy) on its own loopback address, the
+simulator checking each call's source address, and one user's proxy killed and restarted among the faults.
+
 Each seed runs `tests.crash.harness.run_matrix` on a stack of its own (Apache Kafka, or Tansu with
 `--kafka tansu` or without a JDK; redis-server, SQLite, the
 simulator, `algo api|worker|scheduler|ticker`), killing and restarting every part at moments drawn from the
@@ -37,6 +40,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the broker each seed runs (auto: Apache Kafka where a JDK is present)",
     )
+    parser.add_argument(
+        "--egress",
+        action="store_true",
+        help="each user's orders through its own tinyproxy on its own loopback address; one proxy is killed",
+    )
     parser.add_argument("--show-late", type=int, default=5, help="late stop exits listed per seed")
     return parser.parse_args(argv)
 
@@ -61,6 +69,7 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             workdir=args.workdir / f"seed-{seed}" if args.workdir else None,
             verbose=not args.quiet,
             kafka=args.kafka,
+            egress=args.egress,
         )
         try:
             result = await run_matrix(config)

@@ -20,7 +20,9 @@ then measures:
   second, and the broker's CPU. Tansu's memory storage lists every batch stored in a partition on each fetch
   of that partition, so its lag grows with the log (see BENCHMARKS.md).
 * burst - many strategies of many users due at the same buy_time: due instant -> the simulator receiving
-  the BUY, p50/p99, with the scheduler and the worker running on a pinned clock.
+  the BUY, p50/p99, with the scheduler and the worker running on a pinned clock. With `--egress`, the same
+  burst again in the same run with every user's orders through its own real proxy (tinyproxy, one per user
+  on its own loopback address, whitelisted at the simulator): both figures side by side.
 * exits - many traders' bought strategies, their stops crossed by one tick per instrument at the same instant:
   how far beyond the broker's rate-limit floor (Kite: 10 orders/s per api_key, so a trader's k-th exit cannot
   arrive before k // 10 seconds) each STOPLOSS reaches the simulator, p50/p99, and that each arrives once.
@@ -53,6 +55,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from benchmarks import plots
 from benchmarks._support import (
     Received,
     Service,
@@ -126,6 +129,9 @@ class Report:
 
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Raw samples for the plots (benchmarks/plots.py): latency distributions, and (stops armed, ticks/s).
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    throughput: list[tuple[int, float]] = field(default_factory=list)
 
     def row(self, what: str, figure: str, target: str = "", verdict: str = "") -> None:
         self.rows.append((what, figure, target, verdict))
@@ -334,6 +340,7 @@ async def bench_ticks(stack: Stack, clock: ScaledClock, sizes: Sizes, report: Re
     print(f"  worker, {many.stops:,} stops: {many.worker_rate:,.0f} ticks/s (armed at {many.arm_rate:,.0f} events/s)")
     one = await _worker_tick_run(stack, clock, sizes, 1)
     print(f"  worker, 1 stop: {one.worker_rate:,.0f} ticks/s")
+    report.throughput += [(1, one.worker_rate), (many.stops, many.worker_rate)]
 
     # The same ticks (the last run's topic) read by a plain consumer, then with the agent's own work.
     # Same fetch wait as the worker's consumer: Tansu holds a fetch for that long when a partition is dry.
@@ -415,13 +422,15 @@ class Seeded:
 
 async def _seed(
     stack: Stack, settings: Settings, sim: RunningSimulator, tag: str, users: int, per_user: int,
-    buy_time: clock_time, stop_fraction: float, spread: int | None = None,
+    buy_time: clock_time, stop_fraction: float, spread: int | None = None, egress: list[str] | None = None,
 ) -> list[Seeded]:  # fmt: skip
     """Simulator accounts, users with encrypted broker credentials and created strategies, straight into the
     database (the API's own tests cover the REST path; here only the pipeline is measured). A user's strategies
-    go round the NSE instruments, or round the first `spread` of them."""
+    go round the NSE instruments, or round the first `spread` of them. `egress`: one proxy URL per user, its
+    host whitelisted for that user's account at the simulator."""
     from sqlalchemy import insert
 
+    from connectors.egress import Egress
     from core.crypto import SecretBox
     from storage.db import create_engine
     from storage.models import BrokerAccount, Strategy, User
@@ -430,6 +439,10 @@ async def _seed(
     now = datetime.now(UTC)
     instruments = [i for i in sim.state.master.instruments if i.tradable and i.exchange == "NSE"][:spread]
     creds = [sim.state.create_account(f"{tag}{n}", api_secret=SIM_SECRET, balance=1e12) for n in range(users)]
+    egresses: list[Egress | None] = [Egress.parse(url) for url in egress] if egress else [None] * users
+    for c, route in zip(creds, egresses, strict=True):
+        if route is not None:
+            sim.state.set_ip_whitelist(c.api_key, [route.host])
     engine = create_engine(stack.database_url)
     try:
         async with engine.begin() as conn:
@@ -449,8 +462,10 @@ async def _seed(
                      "api_secret_encrypted": box.encrypt(c.api_secret),
                      "access_token_encrypted": box.encrypt(c.access_token), "broker_user_id": c.user_id,
                      "broker_user_name": None, "token_issued_at": now,
-                     "token_expires_at": datetime(2100, 1, 1, tzinfo=UTC), "created_at": now, "updated_at": now}
-                    for uid, c in zip(user_ids, creds, strict=True)
+                     "token_expires_at": datetime(2100, 1, 1, tzinfo=UTC), "created_at": now, "updated_at": now,
+                     "egress_url_encrypted": box.encrypt(route.url) if route else None,
+                     "egress_display": route.display if route else None}
+                    for uid, c, route in zip(user_ids, creds, egresses, strict=True)
                 ],
             )  # fmt: skip
             plan = []
@@ -719,6 +734,8 @@ def _stoploss_figures(
         hop1.append(r.timestamp_ms - (published[key] + offset) * 1000)
         hop2.append((sells[key].received_monotonic + offset) * 1000 - r.timestamp_ms)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    nominal = "1,000" if background < 5_000 else "10,000"  # the phase's target rate (the measured one varies)
+    report.latencies_ms[f"tick-to-STOPLOSS at {nominal} ticks-per-s"] = latencies
     verdict = "meets" if p99 < STOPLOSS_P99_TARGET_MS else "MISSES"
     report.row(
         f"tick publish -> STOPLOSS at the broker, p50 / p99 / max (n={len(latencies)}, "
@@ -871,17 +888,39 @@ async def bench_broker(stack: Stack, sizes: Sizes, report: Report) -> None:
 # ------------------------------------------------------------------------------------------------- burst
 
 
-async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report) -> None:
+async def bench_burst(
+    stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report, egress: bool = False
+) -> None:
+    """The burst direct, then (`egress`) again with one real proxy per user, in the same run."""
+    await _burst(stack, clock, sim, sizes, report, "bu", None)
+    if not egress:
+        return
+    from tests.fixtures.proxies import ProxyPool
+
+    with ProxyPool() as pool:
+        started = time.monotonic()
+        proxies = pool.start(sizes.burst_users)
+        print(f"  {len(proxies)} egress proxies (tinyproxy) started in {time.monotonic() - started:.1f} s")
+        await _burst(stack, clock, sim, sizes, report, "be", [p.url for p in proxies])
+
+
+async def _burst(
+    stack: Stack, clock: ScaledClock, sim: RunningSimulator, sizes: Sizes, report: Report, tag: str,
+    egress: list[str] | None,
+) -> None:  # fmt: skip
     total = sizes.burst_users * sizes.burst_per_user
-    print(f"\n== burst: {total:,} strategies of {sizes.burst_users} users due at the same second")
+    route = f"{len(egress)} egresses" if egress else "direct"
+    print(f"\n== burst ({route}): {total:,} strategies of {sizes.burst_users} users due at the same second")
     # The grace for a missed BUY is widened: on a slow machine the tail of the burst would be skipped (as the
     # product should) and the benchmark would measure the skip rule instead of the throughput.
-    settings = stack.settings("bu-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
-                              kafka_session_timeout_seconds=6.0, missed_buy_grace_seconds=600.0)  # fmt: skip
+    settings = stack.settings(f"{tag}-", kite_api_root=sim.rest_root, broker_timeout_seconds=5.0,
+                              kafka_session_timeout_seconds=6.0, missed_buy_grace_seconds=600.0,
+                              require_egress=bool(egress))  # fmt: skip
     await ensure_topics(settings)
     env = settings_env(settings, clock)
     worker, scheduler = stack.start_service("worker", env), stack.start_service("scheduler", env)
-    seeded = await _seed(stack, settings, sim, "bu", sizes.burst_users, sizes.burst_per_user, clock_time(15, 0), 0.5)
+    seeded = await _seed(stack, settings, sim, tag, sizes.burst_users, sizes.burst_per_user, clock_time(15, 0), 0.5,
+                         egress=egress)  # fmt: skip
     await asyncio.gather(worker.wait_ready(), scheduler.wait_ready())
     api_keys = {s.api_key for s in seeded}
     # The due second: far enough ahead for every START below to reach the scheduler first.
@@ -926,19 +965,26 @@ async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
     latencies = [(r.received_monotonic - due_monotonic) * 1000 for r in buys]
     refused = sum(1 for r in buys if r.http_status == 429)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    report.latencies_ms[f"BUY burst of {total}"] = latencies
     verdict = "meets" if p99 < BURST_P99_TARGET_MS else "MISSES"
     db = stack.database_kind.split(" ")[0]
     report.row(
-        f"BUY due -> at the broker, {total:,} strategies / {sizes.burst_users} users in one second, p50 / p99 ({db})",
+        f"BUY due -> at the broker, {total:,} strategies / {sizes.burst_users} users in one second, p50 / p99 ({db}, "
+        f"{route})",
         f"{p50:.0f} / {p99:.0f} ms", f"p99 < {BURST_P99_TARGET_MS:.0f} ms", verdict,
     )  # fmt: skip
     report.row("  first / last BUY at the broker after due", f"{min(latencies):.0f} / {max(latencies):.0f} ms")
-    # What the official client alone reaches here: the floor under the burst on this machine.
-    alone = await _broker_call_ceiling(sim, sizes.burst_users, sizes.burst_per_user)
-    report.row(
-        f"  the same {total:,} broker calls alone (kiteconnect, one process, {BROKER_THREADS} threads), p50 / p99",
-        f"{percentile(alone, 0.5):.0f} / {percentile(alone, 0.99):.0f} ms",
-    )
+    if egress:
+        by_key = {s.api_key: egress[n // sizes.burst_per_user] for n, s in enumerate(seeded)}
+        astray = sum(1 for r in buys if f"//{r.source_ip}:" not in by_key[r.api_key or ""] or r.http_status != 200)
+        report.row("  BUYs not from their trader's egress address, or refused", f"{astray}")
+    else:
+        # What the official client alone reaches here: the floor under the burst on this machine.
+        alone = await _broker_call_ceiling(sim, sizes.burst_users, sizes.burst_per_user)
+        report.row(
+            f"  the same {total:,} broker calls alone (kiteconnect, one process, {BROKER_THREADS} threads), p50 / p99",
+            f"{percentile(alone, 0.5):.0f} / {percentile(alone, 0.99):.0f} ms",
+        )
     report.row("  STARTs through StrategyManager.start (16 concurrent)", f"{total / start_seconds:,.0f}/s")
     report.row("  worker CPU per BUY (all threads, from the STARTs' end to the last BUY)", f"{worker_cpu_ms:.1f} ms")
     stages = {
@@ -955,7 +1001,7 @@ async def bench_burst(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
         for name, values in stages.items()
         if values
     ]
-    report.note(f"BUY burst ({db}), measured from the due instant: " + "; ".join(parts) + ".")
+    report.note(f"BUY burst ({db}, {route}), measured from the due instant: " + "; ".join(parts) + ".")
     if refused:
         report.note(f"WARNING: the broker refused {refused} BUYs with 429 (rate limit).")
 
@@ -1218,6 +1264,10 @@ def print_report(report: Report, stack: Stack) -> None:
     for what, figure, target, verdict in report.rows:
         print(f"{what:<{width}}  {figure:>12}  {target:>10}  {verdict}")
     print(f"\nmachine: {_machine_note(stack)}")
+    if report.latencies_ms or report.throughput:
+        plots.save(report.latencies_ms, report.throughput, plots.run_label(_machine_note(stack)))
+        for path in plots.draw():
+            print(f"plot: {path}")
     print("\nwhere the time goes:")
     for note in report.notes:
         print(f"- {note}")
@@ -1248,7 +1298,7 @@ async def run(args: argparse.Namespace) -> int:
                     await bench_stoploss(stack, clock, sim, sizes, report)
                     print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
                 if args.scenario in ("burst", "all"):
-                    await bench_burst(stack, clock, sim, sizes, report)
+                    await bench_burst(stack, clock, sim, sizes, report, egress=args.egress)
                     print(f"  ({time.monotonic() - began:.0f} s so far)", flush=True)
                 if args.scenario in ("exits", "all"):
                     await bench_exits(stack, clock, sim, sizes, report)
@@ -1309,6 +1359,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 90 s)")
     parser.add_argument("--postgres", action="store_true", help="a private PostgreSQL cluster instead of SQLite")
+    parser.add_argument("--egress", action="store_true",
+                        help="burst: run it again with every user's orders through its own real proxy")  # fmt: skip
     parser.add_argument(
         "--kafka",
         choices=("auto", "apache", "tansu"),

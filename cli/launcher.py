@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,11 +54,18 @@ from core.health import ComponentHealth, check_dependencies, kafka_unreachable_r
 from core.settings import Settings
 
 GRACE_SECONDS = 10.0
+QUIET_LINES_KEPT = 30
 READY_TIMEOUT_SECONDS = 45.0
 HEALTH_POLL_SECONDS = 2.0
 DEMO_DATABASE = Path("var") / "demo.db"
 KAFKA_WORKDIR = Path("var") / "kafka"  # formatted anew at each start: the launcher's broker starts empty
 DEMO_CLOCK_SPEED = 10.0
+# The services that serve Prometheus metrics on a port of their own, and the setting that names it.
+METRICS_PORT_SETTINGS = {
+    "worker": "WORKER_METRICS_PORT",
+    "scheduler": "SCHEDULER_METRICS_PORT",
+    "ticker": "TICKER_METRICS_PORT",
+}
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta", "bright_green"]
 
 PR_SET_PDEATHSIG = 1
@@ -112,6 +120,7 @@ class UpOptions:
     duration: float | None = None
     health_table: bool | None = None
     restart: bool = False
+    prometheus: bool = False
 
 
 @dataclass
@@ -122,6 +131,8 @@ class ServiceSpec:
     infrastructure: bool = False  # stopped last, after every service that uses it
     unavailable: str | None = None  # why it is not started (its module is not in this build)
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None  # its Prometheus endpoint (the API's is /metrics on its own port)
+    quiet: bool = False  # its output is shown only if it dies (the local Redis's start-up banner and notices)
 
 
 @dataclass
@@ -134,6 +145,7 @@ class Child:
     restarts: int = 0
     stopping: bool = False
     last_line: str = ""
+    held: deque[str] = field(default_factory=lambda: deque(maxlen=QUIET_LINES_KEPT))  # a quiet child's last lines
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -155,6 +167,7 @@ class Launcher:
         self.started = time.monotonic()
         self.ready_after: float | None = None
         self.demo_lines: list[str] = []
+        self.prometheus_port: int | None = None
 
     # --- public --------------------------------------------------------------------------------------
 
@@ -208,6 +221,7 @@ class Launcher:
             port = self._choose_port(redis_port, "redis")
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             infrastructure.append(self._infra("redis", redis_command, port))
+            infrastructure[-1].quiet = True
 
         # Database: as configured (SQLite under ./var by default); the demo starts from a fresh file.
         if self.options.demo and "DATABASE_URL" not in explicit:
@@ -314,11 +328,35 @@ class Launcher:
         ]
         for index in range(1, self.options.workers + 1):
             spec = service("worker", f"worker-{index}")
-            # Each Faust worker serves its own web endpoint; they cannot share a port.
+            # Each Faust worker serves its own web and metrics endpoints; they cannot share a port.
             spec.env["WORKER_WEB_PORT"] = str(free_port())
             specs.append(spec)
         specs += [service("scheduler"), service("ticker")]
+        for spec in specs:
+            if variable := METRICS_PORT_SETTINGS.get(spec.argv[-1]):
+                spec.metrics_port = free_port()
+                spec.env[variable] = str(spec.metrics_port)
         return specs
+
+    def _prometheus(self, services: list[ServiceSpec]) -> list[ServiceSpec]:
+        """A real Prometheus scraping every service, if one is installed; else a line saying so."""
+        from cli import prometheus
+
+        assert self.settings is not None and self.settings.operator_token is not None  # noqa: S101 - set by _plan
+        binary = prometheus.prometheus_binary()
+        if binary is None:
+            self._say("prometheus: not installed (Debian's prometheus package); --prometheus ignored", "yellow")
+            return []
+        targets: dict[str, list[int]] = {}
+        for spec in services:
+            if spec.metrics_port is not None:
+                targets.setdefault(spec.argv[-1], []).append(spec.metrics_port)
+        config = prometheus.write_config(
+            self.settings.api_port, self.settings.operator_token.get_secret_value(), targets
+        )
+        port = self._choose_port(9090, "prometheus")
+        self.prometheus_port = port
+        return [ServiceSpec("prometheus", prometheus.command(binary, config, port), port=port)]
 
     # --- children ------------------------------------------------------------------------------------
 
@@ -347,7 +385,10 @@ class Launcher:
         async for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
             child.last_line = line
-            self.console.print(Text.assemble(prefix, line), soft_wrap=True)
+            if child.spec.quiet:
+                child.held.append(line)
+                continue
+            self.console.print(Text.assemble(prefix, (line, line_style(line))), soft_wrap=True)
 
     async def _watch(self, child: Child, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
@@ -355,6 +396,9 @@ class Launcher:
         if child.stopping or self.stop.is_set():
             return
         await asyncio.gather(*child.tasks[:1])  # the last log line tells why
+        prefix = Text(f"{child.spec.name:>10} | ", style=child.colour)
+        for line in child.held:  # a quiet child's last words, now that they matter
+            self.console.print(Text.assemble(prefix, line), soft_wrap=True)
         if code == EXIT_CONFIG and "not available yet" in child.last_line:
             child.spec.unavailable = child.last_line.removeprefix("error: ")
             self._say(f"{child.spec.name}: {child.spec.unavailable}", style="yellow")
@@ -495,6 +539,10 @@ class Launcher:
         ]
         if settings.clock_start is not None:
             lines.append(f"Clock           starts {settings.clock_start}, speed x{settings.clock_speed:g}")
+        ports = [f"{c.spec.name} :{c.spec.metrics_port}" for c in self.children if c.spec.metrics_port and c.running]
+        lines.append(f"Metrics         {api}/metrics (operator token); {', '.join(ports)}")
+        if self.prometheus_port is not None:
+            lines.append(f"Prometheus      http://127.0.0.1:{self.prometheus_port}  (alerts: /alerts)")
         for line in [*lines, *self.demo_lines]:
             self._say(line, style="")
 
@@ -535,6 +583,8 @@ class Launcher:
         self._say(f"database migrated: {mask_url(self.settings.database_url)}", style="")
 
         services = self._services()
+        if self.options.prometheus:
+            services += self._prometheus(services)
         started = await self._start(services)
         missing = [s.name for s in services if s.unavailable is not None]
         if missing:
@@ -602,6 +652,19 @@ class Launcher:
                     self._say(f"health: {name} {result.status} ({result.detail})", style="")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), HEALTH_POLL_SECONDS)
+
+
+# A service's text log line (core/logs.py: "HH:MM:SS LEVEL logger: message") -> its colour in `algo up`.
+LEVEL_STYLES = {" WARNING ": "yellow", " ERROR ": "bold red", " CRITICAL ": "bold red"}
+OUTCOME_STYLES = {" orders: ": "bold green"}
+
+
+def line_style(line: str) -> str:
+    head = line[:40]
+    for marker, style in (*LEVEL_STYLES.items(), *OUTCOME_STYLES.items()):
+        if marker in head:
+            return style
+    return ""
 
 
 def describe_exit(code: int | None) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 from cli import entrypoints
 from cli.errors import CliError, load_settings, one_line_errors
 from core.health import COMPONENTS, ComponentHealth, all_up, check_dependencies, mask_url
+from core.logs import configure_logging
 from core.settings import Settings
 
 app = typer.Typer(
@@ -34,21 +35,19 @@ app.add_typer(schemas_app, name="schemas")
 console = Console(highlight=False)
 
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    # httpx logs every request at INFO: the broker calls are logged by the project where they matter.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+def _configure_logging(settings: Settings, service: str) -> None:
+    # httpx logs every request at INFO: the broker calls are logged by the project where they matter. It is
+    # one of the libraries core.logs keeps at LIBRARY_LOG_LEVEL.
+    configure_logging(settings, service)
 
 
 class _WithoutHealthChecks(logging.Filter):
-    """Drops access-log lines of GET /health: polled every few seconds by `algo up` and load balancers."""
+    """Drops access-log lines of GET /health and /metrics: polled every few seconds by `algo up`, load balancers
+    and Prometheus."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        return not (len(args) >= 3 and args[2] in {"/health", "/health/ready"})
+        return not (len(args) >= 3 and args[2] in {"/health", "/health/ready", "/metrics"})
 
 
 def _preflight(settings: Settings, *components: str) -> None:
@@ -61,11 +60,11 @@ def _preflight(settings: Settings, *components: str) -> None:
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
 
 
-def _service_settings(*needs: str) -> Settings:
+def _service_settings(*needs: str, service: str = "algo") -> Settings:
     settings = load_settings()
     if needs:
         _preflight(settings, *needs)  # before logging is configured: a refusal is one line, nothing else
-    _configure_logging(settings)
+    _configure_logging(settings, service)
     return settings
 
 
@@ -88,12 +87,17 @@ def up(
     restart: Annotated[
         bool, typer.Option("--restart", help="Restart a service that dies, with backoff (announced).")
     ] = False,
+    prometheus: Annotated[
+        bool, typer.Option("--prometheus", help="Also run Prometheus (where installed) scraping every service.")
+    ] = False,
 ) -> None:
     """Run the whole stack on this machine: Kafka (Tansu), Redis, SQLite, simulator, API, workers."""
     from cli.launcher import Launcher, UpOptions
 
     load_settings()  # a bad setting fails here, in one line, before anything starts
-    options = UpOptions(demo=demo, workers=workers, duration=duration, health_table=health_table, restart=restart)
+    options = UpOptions(
+        demo=demo, workers=workers, duration=duration, health_table=health_table, restart=restart, prometheus=prometheus
+    )
     raise typer.Exit(Launcher(options).run())
 
 
@@ -106,12 +110,13 @@ def api() -> None:
     """Serve the REST API (uvicorn) on API_HOST:API_PORT."""
     import uvicorn
 
-    settings = _service_settings("database", "redis", "kafka")
+    settings = _service_settings("database", "redis", "kafka", service="api")
     application = entrypoints.resolve("api")(settings)
+    # No logging set-up of uvicorn's own: its lines go through core.logs like every other (text or JSON).
     config = uvicorn.Config(
-        application, host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower()
+        application, host=settings.api_host, port=settings.api_port, log_config=None, log_level=None
     )
-    logging.getLogger("uvicorn.access").addFilter(_WithoutHealthChecks())  # after uvicorn set up logging
+    logging.getLogger("uvicorn.access").addFilter(_WithoutHealthChecks())
     uvicorn.Server(config).run()
 
 
@@ -119,7 +124,7 @@ def api() -> None:
 @one_line_errors
 def worker() -> None:
     """Run one Faust worker (stop-loss and execution agents). Run several to scale."""
-    settings = _service_settings("kafka", "redis", "database")
+    settings = _service_settings("kafka", "redis", "database", service="worker")
     entrypoints.run("worker", settings)
 
 
@@ -127,7 +132,7 @@ def worker() -> None:
 @one_line_errors
 def scheduler() -> None:
     """Publish BUY/SELL time events at each strategy's buy_time and sell_time."""
-    settings = _service_settings("kafka", "redis", "database")
+    settings = _service_settings("kafka", "redis", "database", service="scheduler")
     entrypoints.run("scheduler", settings)
 
 
@@ -135,7 +140,7 @@ def scheduler() -> None:
 @one_line_errors
 def ticker() -> None:
     """Stream broker ticks (KiteTicker) into the `ticks` topic."""
-    settings = _service_settings("kafka", "redis", "database")
+    settings = _service_settings("kafka", "redis", "database", service="ticker")
     entrypoints.run("ticker", settings)
 
 
@@ -143,7 +148,7 @@ def ticker() -> None:
 @one_line_errors
 def sim() -> None:
     """Serve the Kite Connect simulator (REST + ticker websocket) on SIM_HOST:SIM_PORT."""
-    settings = _service_settings()
+    settings = _service_settings(service="sim")
     entrypoints.run("sim", settings)
 
 
@@ -157,7 +162,7 @@ def replay(
     ] = False,
 ) -> None:
     """Replay recorded ticks through the real pipeline, faster than real time if asked."""
-    settings = _service_settings("kafka")
+    settings = _service_settings("kafka", service="replay")
     # speed=None is the entry point's "as fast as possible".
     entrypoints.run("replay", settings, file, None if as_fast_as_possible else speed)
 

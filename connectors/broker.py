@@ -7,6 +7,9 @@ the broker. Its exceptions are mapped to three project exceptions, which is all 
 - `BrokerTokenExpired` permanent until the trader logs in again (403 TokenException)
 - `BrokerUnavailable`  transient: timeout, network, 5xx, 429, unparseable answer; worth retrying
 
+and two refinements for the egress (docs/egress.md): `BrokerSourceRefused` (a rejection: the order came from
+an address not registered with Kite) and `BrokerEgressDown` (transient: the trader's proxy did not answer).
+
 The execution engine adds order calls to `KiteBroker` the same way: a sync client method wrapped by `_call`.
 """
 
@@ -16,6 +19,7 @@ import asyncio
 import csv
 import io
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +31,8 @@ import requests
 from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kite_exceptions
 
+from connectors.egress import EGRESS_SESSIONS, Egress
+from core.metrics import BROKER_CALL_SECONDS
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,24 @@ class BrokerUnavailable(BrokerError):
     """Transient: timeout, network failure, 5xx, rate limit. Safe to retry (reads) or to look up (orders)."""
 
 
+class BrokerSourceRefused(BrokerRejected):
+    """The broker refused an order call for its source address (not the static IP registered on the trader's
+    Kite developer account). Permanent: every retry would leave from the same address."""
+
+
+class BrokerEgressDown(BrokerUnavailable):
+    """The trader's egress proxy did not answer or could not reach the broker: transient, retried."""
+
+
+# Kite answers an order from an unregistered address with a PermissionException (403); its exact wording is not
+# published, so any permission refusal that names the IP is taken as one.
+_NAMES_IP = re.compile(r"\bIP\b|\bwhitelist", re.IGNORECASE)
+SOURCE_REFUSED_ADVICE = (
+    "the broker refused the order's source address: register your egress's static IP on your Kite Connect "
+    "developer account (IP whitelist), or fix the egress in your broker connection"
+)
+
+
 class BrokerThrottled(BrokerUnavailable):
     """429: the broker refused the request unread, at its rate limit; an order so answered was not placed."""
 
@@ -71,6 +95,8 @@ def map_kite_exception(exc: BaseException) -> BrokerError:
         message = str(exc) or type(exc).__name__
         if isinstance(exc, kite_exceptions.TokenException):
             return BrokerTokenExpired(message, http_status=code)
+        if isinstance(exc, kite_exceptions.PermissionException) and _NAMES_IP.search(message):
+            return BrokerSourceRefused(f"{SOURCE_REFUSED_ADVICE} ({message})", http_status=code)
         if code == 429:
             return BrokerThrottled(message, http_status=code)
         if isinstance(exc, kite_exceptions.NetworkException | kite_exceptions.DataException):
@@ -80,6 +106,8 @@ def map_kite_exception(exc: BaseException) -> BrokerError:
         if code is not None and code >= 500 and not isinstance(exc, kite_exceptions.OrderException):
             return BrokerUnavailable(message, http_status=code)
         return BrokerRejected(message, http_status=code)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return BrokerEgressDown("the egress proxy is unreachable or could not reach the broker")
     if isinstance(exc, requests.Timeout):
         return BrokerUnavailable("broker did not answer in time")
     if isinstance(exc, requests.ConnectionError):
@@ -217,10 +245,16 @@ class BrokerProfile:
 
 
 class KiteBroker:
-    """One trader's Kite Connect session. Cheap to build: one per request or per strategy is fine."""
+    """One trader's Kite Connect session. Cheap to build: one per request or per strategy is fine.
 
-    def __init__(self, settings: Settings, api_key: str, access_token: str | None = None) -> None:
+    With an `egress`, order calls (`order_client`, `order_call`) leave through the trader's proxy over the
+    connections pooled for that egress; reads (`client`) go direct, as Kite answers them from any address."""
+
+    def __init__(
+        self, settings: Settings, api_key: str, access_token: str | None = None, egress: Egress | None = None
+    ) -> None:
         self.settings = settings
+        self.egress = egress
         self._kite = KiteConnect(
             api_key,
             access_token=access_token,
@@ -230,18 +264,50 @@ class KiteBroker:
         # requests otherwise reads proxy variables and ~/.netrc from the environment on every call: a file
         # lookup per order in a burst. A deployment behind a proxy gives it to KiteConnect explicitly.
         self._kite.reqsession.trust_env = False
+        self._orders_kite = self._kite
+        if egress is not None:
+            self._orders_kite = KiteConnect(
+                api_key,
+                access_token=access_token,
+                root=settings.kite_api_root,
+                timeout=settings.broker_timeout_seconds,
+                proxies=egress.proxies,
+            )
+            self._orders_kite.reqsession = EGRESS_SESSIONS.session(egress)
 
     @property
     def client(self) -> KiteConnect:
         """The underlying official client, for calls not wrapped here yet (wrap them with `call`)."""
         return self._kite
 
+    @property
+    def order_client(self) -> KiteConnect:
+        """The client for order calls (place, modify, cancel): through the egress when there is one."""
+        return self._orders_kite
+
+    async def order_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call` for a method of `order_client`: through an egress, a connection failure is the egress's."""
+        try:
+            return await self.call(method, *args, **kwargs)
+        except BrokerUnavailable as exc:
+            if self.egress is None or isinstance(exc, BrokerEgressDown):
+                raise
+            if isinstance(exc.__cause__, requests.ConnectionError) and not isinstance(exc.__cause__, requests.Timeout):
+                # A SOCKS proxy that is down fails as a plain connection error.
+                raise BrokerEgressDown(f"the egress {self.egress.display} is unreachable") from exc.__cause__
+            raise
+
     async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a sync client method in a thread and map its failures to BrokerError subclasses."""
+        name = getattr(method, "__name__", "call")
+        started = time.perf_counter()
         try:
-            return await asyncio.to_thread(method, *args, **kwargs)
+            answer = await asyncio.to_thread(method, *args, **kwargs)
+            BROKER_CALL_SECONDS.labels(name, "ok").observe(time.perf_counter() - started)
+            return answer
         except Exception as exc:
             mapped = map_kite_exception(exc)
+            BROKER_CALL_SECONDS.labels(name, type(mapped).__name__).observe(time.perf_counter() - started)
             # Type and broker message only: the client's exceptions never carry credentials.
             log.info("broker call %s failed: %s: %s", getattr(method, "__name__", method), type(mapped).__name__,
                      mapped.message)  # fmt: skip
@@ -310,10 +376,12 @@ def _opt_str(value: object) -> str | None:
 
 
 __all__ = [
+    "BrokerEgressDown",
     "BrokerError",
     "BrokerProfile",
     "BrokerRejected",
     "BrokerSession",
+    "BrokerSourceRefused",
     "BrokerTokenExpired",
     "BrokerUnavailable",
     "INSTRUMENT_CACHE",

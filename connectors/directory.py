@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connectors.broker import BrokerTokenExpired, KiteBroker
+from connectors.egress import Egress
 from connectors.orders import KiteOrderGateway, OrderGateway
 from connectors.paper import PaperOrderGateway
 from core.clock import Clock
@@ -65,13 +66,16 @@ class BrokerDirectory:
             return paper
         api_key = self.secrets.decrypt(account.api_key_encrypted)
         token = self.secrets.decrypt(account.access_token_encrypted)
+        # Order calls leave through the trader's egress when there is one (pooled per egress, in this process).
+        egress_url = self.secrets.decrypt(account.egress_url_encrypted) if account.egress_url_encrypted else ""
         # The same session as before is kept (its connections, its shared order-book reads) unless the trader
-        # reconnected: only a new key or token makes a new client.
-        fingerprint = hashlib.blake2b(f"{api_key}\0{token}".encode(), digest_size=16).digest()
+        # reconnected: only a new key, token or egress makes a new client.
+        fingerprint = hashlib.blake2b(f"{api_key}\0{token}\0{egress_url}".encode(), digest_size=16).digest()
         cached = self._cache.get(user_id)
         if cached is not None and cached[2] == fingerprint:
             self._cache[user_id] = (time.monotonic(), cached[1], fingerprint)
             return cached[1]
-        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token))
+        egress = Egress.parse(egress_url) if egress_url else None
+        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token, egress))
         self._cache[user_id] = (time.monotonic(), gateway, fingerprint)
         return gateway

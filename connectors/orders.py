@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from connectors.broker import BrokerRejected, BrokerUnavailable, KiteBroker
+from connectors.broker import BrokerRejected, BrokerSourceRefused, BrokerUnavailable, KiteBroker
 
 TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
 # Kite allows 10 requests a second per api_key on its "other endpoints" (the order book among them); the
@@ -123,8 +123,8 @@ class KiteOrderGateway:
     async def place_market_order(
         self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
     ) -> str:
-        order_id = await self.broker.call(
-            self.broker.client.place_order,
+        order_id = await self.broker.order_call(
+            self.broker.order_client.place_order,
             variety="regular",
             exchange=exchange,
             tradingsymbol=tradingsymbol,
@@ -140,8 +140,8 @@ class KiteOrderGateway:
         self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
     ) -> str:
         """A SELL SL-M resting at the broker: it becomes a market order when the price trades at the trigger."""
-        order_id = await self.broker.call(
-            self.broker.client.place_order,
+        order_id = await self.broker.order_call(
+            self.broker.order_client.place_order,
             variety="regular",
             exchange=exchange,
             tradingsymbol=tradingsymbol,
@@ -157,7 +157,9 @@ class KiteOrderGateway:
     async def cancel_order(self, order_id: str) -> BrokerOrder:
         """Cancel and return the order's final state; an order that executed first comes back COMPLETE."""
         try:
-            await self.broker.call(self.broker.client.cancel_order, variety="regular", order_id=order_id)
+            await self.broker.order_call(self.broker.order_client.cancel_order, variety="regular", order_id=order_id)
+        except BrokerSourceRefused:
+            raise  # not an answer about the order: the cancel never reached it
         except BrokerRejected:
             pass  # Kite refuses to cancel a completed order: its status below says what happened
         return await self.order_status(order_id)

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
+from core import metrics
 from core.clock import Clock, get_clock
 from core.crypto import SecretBox
 from core.kafka import ensure_topics
@@ -82,6 +83,7 @@ class TickConnector:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        metrics.serve(self.settings.ticker_metrics_port, self.settings.metrics_host, "ticker")
         await ensure_topics(self.settings)
         api_key, access_token = await self.credentials()
         redis = connect_redis(self.settings.redis_url)
@@ -111,6 +113,8 @@ class TickConnector:
                 ws.subscribe(tokens)
                 ws.set_mode(ws.MODE_QUOTE, tokens)
             loop.call_soon_threadsafe(self.connected.set)
+            metrics.TICKER_CONNECTED.set(1)
+            metrics.TICKER_CONNECTIONS.inc()
 
         def on_message(ws: Any, payload: bytes, is_binary: bool) -> None:
             now = time.monotonic()
@@ -124,6 +128,7 @@ class TickConnector:
         def on_close(ws: Any, code: Any, reason: Any) -> None:
             log.warning("ticker socket closed (%s %s); the client reconnects", code, reason)
             loop.call_soon_threadsafe(self.connected.clear)
+            metrics.TICKER_CONNECTED.set(0)
 
         ticker.on_connect = on_connect
         ticker.on_message = on_message
@@ -187,6 +192,8 @@ class TickConnector:
                 settled = time.monotonic() - self.settings.ticker_resync_seconds
                 unused = [t for t in self.instruments if t not in needed and recently_added.get(t, 0.0) < settled]
                 unsubscribe(unused)
+                metrics.TICKER_SUBSCRIPTIONS.set(len(self.instruments))
+                await metrics.record_consumer_lag(lifecycle, self.settings.topic("algo-ticker"))
 
         async def publish_ticks() -> None:
             topic = self.settings.topic("ticks")
@@ -205,6 +212,7 @@ class TickConnector:
                         "received_at": received,
                     })  # fmt: skip
                     await producer.send(topic, value=value, key=instrument.encode())
+                    metrics.TICKS_PUBLISHED.inc()
 
         async def watchdog() -> None:
             while True:

@@ -124,6 +124,9 @@ def redis_command(port: int) -> list[str]:
         "",
         "--appendonly",
         "no",
+        # Its start-up banner and notices are not the operator's business on a local stack; warnings are.
+        "--loglevel",
+        "warning",
     ]
 
 

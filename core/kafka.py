@@ -12,7 +12,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from core.settings import Settings
 from schemas.events import Event
-from streams.topics import topic_specs
+from streams.topics import faust_internal_topics, topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,25 @@ async def ensure_topics(settings: Settings, wait_seconds: float = 30.0) -> dict[
         specs = topic_specs(settings)
         existing = set(await admin.list_topics())
         missing = [NewTopic(s.name, s.partitions, 1) for s in specs if s.name not in existing]
+        missing += [
+            NewTopic(name, partitions, 1, topic_configs=config)
+            for name, (partitions, config) in faust_internal_topics(settings).items()
+            if name not in existing
+        ]
         if missing:
             try:
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 pass  # another service created them first
-        described = await admin.describe_topics([s.name for s in specs])
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        # Created is not yet known to every metadata request: wait (bounded) until each topic has partitions, so
+        # whatever starts next (a health check, a Faust app) finds them all.
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            described = await admin.describe_topics([s.name for s in specs])
+            counts = {d["topic"]: len(d["partitions"]) for d in described if not d["error_code"]}
+            if all(counts.get(s.name) for s in specs) or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
         for spec in specs:
             if counts.get(spec.name) != spec.partitions:
                 log.warning(

@@ -74,6 +74,22 @@ class Settings(BaseSettings):
         "lane, and the exit queued behind it, for ever. Above the worst legitimate case (every retry timing out).",
     )
 
+    # Egress (docs/egress.md): Kite takes order calls only from the static IP registered on the trader's developer
+    # account, shared at most within a family; each trader's orders leave through that trader's own proxy.
+    single_trader: bool = Field(
+        False,
+        description="This deployment serves one trader (or one family) and its own address is the registered "
+        "static IP: order calls may leave directly.",
+    )
+    require_egress: bool | None = Field(
+        None,
+        description="Refuse START for a trader whose broker connection has no egress. Unset: required in "
+        "production unless SINGLE_TRADER.",
+    )
+    egress_check_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="How long /broker/connect waits for the broker through a new egress."
+    )
+
     # Market data session for the tick connector; unset: the most recently connected trader's session.
     ticker_api_key: str | None = None
     ticker_access_token: SecretStr | None = None
@@ -151,7 +167,23 @@ class Settings(BaseSettings):
     sim_host: str = "127.0.0.1"
     sim_port: int = Field(8100, ge=1, le=65535)
     worker_web_port: int = Field(6066, ge=1, le=65535)
+
+    # Observability (docs/operations.md): Prometheus endpoints and log format. The API serves GET /metrics on its
+    # own port; each other service serves /metrics on its port below (0: not served). `algo up` gives each
+    # worker a free port of its own.
+    metrics_host: str = Field("127.0.0.1", description="Address the services' metrics ports listen on.")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    scheduler_metrics_port: int = Field(9102, ge=0, le=65535)
+    ticker_metrics_port: int = Field(9103, ge=0, le=65535)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line, for collectors."
+    )
+    library_log_level: str = Field(
+        "WARNING",
+        description="Log level of Faust, mode and aiokafka, whose start-up detail (offsets, assignments) is noise "
+        "to an operator; INFO or DEBUG to see it.",
+    )
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Self:
@@ -180,6 +212,14 @@ class Settings(BaseSettings):
             name = (info.field_name or "").upper()
             raise ValueError(f'{name}: expected rates like "5/minute;20/hour" ({exc})') from None
         return value
+
+    @property
+    def egress_required(self) -> bool:
+        if self.broker_mode == "paper":
+            return False  # paper orders never reach Kite
+        if self.require_egress is not None:
+            return self.require_egress
+        return self.environment is Environment.PRODUCTION and not self.single_trader
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

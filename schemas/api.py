@@ -243,6 +243,13 @@ class BrokerConnectRequest(ApiModel):
     api_secret: BrokerKey
     access_token: BrokerKey | None = None
     request_token: BrokerKey | None = None
+    egress: str | None = Field(
+        None,
+        max_length=2048,
+        description="Proxy your orders leave through, from the static IP registered with Kite: "
+        "http://host:port (HTTP CONNECT) or socks5://host:port, optionally with user:password@. Stored "
+        "encrypted, never returned. Omitted: the stored egress stays; empty string: removed. See docs/egress.md",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -268,6 +275,7 @@ class BrokerStatusResponse(BaseModel):
     token_issued_at: datetime | None = None
     token_expires_at: datetime | None = None
     token_expired: bool | None = Field(None, description="Kite tokens expire at 06:00 IST the next day")
+    egress: str | None = Field(None, description="The egress orders leave through (no credentials); null: direct")
 
     model_config = ConfigDict(
         json_schema_extra={

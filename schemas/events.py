@@ -268,6 +268,7 @@ class NotificationKind(StrEnum):
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"
     BROKER_SESSION_EXPIRED = "broker_session_expired"
+    EGRESS_DOWN = "egress_down"  # an exit could not reach the broker through the trader's egress: still retrying
 
 
 class UserNotification(Event):

@@ -88,6 +88,10 @@ class BrokerAccount(Base):
     api_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     api_secret_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     access_token_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    # The trader's egress proxy URL (credentials included), encrypted; its host and port without credentials
+    # apart, for the status. Both null: order calls leave directly.
+    egress_url_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    egress_display: Mapped[str | None] = mapped_column(String(300), nullable=True)
     broker_user_id: Mapped[str] = mapped_column(String(64))
     broker_user_name: Mapped[str | None] = mapped_column(String(255))
     token_issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

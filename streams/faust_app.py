@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
 
 import faust
 
+from core.logs import configure_logging
 from core.settings import Settings
 from streams.transport import register as register_transport
 
@@ -59,9 +61,19 @@ def freeze_startup_heap() -> int:
 
 class ServiceWorker(faust.Worker):
     """The Faust worker of our services: once the app is up (group joined, tables recovered, agents and
-    timers running), the start-up heap is frozen, before the worker says it is ready."""
+    timers running), the start-up heap is frozen, before the worker says it is ready. It logs as every other
+    service does (core/logs.py), not with Faust's own set-up."""
+
+    def __init__(self, *services: Any, settings: Settings, service: str, **kwargs: Any) -> None:
+        super().__init__(*services, loglevel=settings.log_level.lower(), redirect_stdouts=False, **kwargs)
+        self.settings = settings
+        self.service = service
+
+    def _setup_logging(self) -> None:
+        configure_logging(self.settings, self.service)
+        self.spinner = None  # no terminal spinner: "Ready" is a log line like any other
 
     async def on_startup_finished(self) -> None:
         frozen = freeze_startup_heap()
-        log.info("%d start-up objects frozen: full garbage collections no longer walk them", frozen)
+        log.debug("%d start-up objects frozen: full garbage collections no longer walk them", frozen)
         await super().on_startup_finished()

@@ -19,6 +19,7 @@ from typing import Any
 import faust
 import mode
 
+from core import metrics
 from core.clock import Clock, get_clock
 from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
@@ -141,6 +142,7 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
 
     async def publish(event: TimeEvent) -> None:
         await producer.publish("time-events", event.strategy_id, event)
+        metrics.TIME_EVENTS.labels(event.action.value).inc()
 
     core = SchedulerCore(settings, clock, publish)
 
@@ -160,6 +162,8 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
 
     class _Producer(mode.Service):
         async def on_start(self) -> None:
+            metrics.serve(settings.scheduler_metrics_port, settings.metrics_host, "scheduler")
+            metrics.SCHEDULED_JOBS.set_function(lambda: len(core.book))
             await producer.start()
 
         async def on_stop(self) -> None:
@@ -203,4 +207,4 @@ def run_scheduler(settings: Settings) -> None:
 
 
 def scheduler_process(settings: Settings) -> ServiceWorker:
-    return ServiceWorker(build_scheduler(settings), loglevel=settings.log_level.lower(), redirect_stdouts=False)
+    return ServiceWorker(build_scheduler(settings), settings=settings, service="scheduler")

@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from core.kafka import stop_consumer
+from core.metrics import TICK_FEED_LATENESS_SECONDS, TICKS_READ
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ COMMIT_SECONDS = 0.2  # offsets are committed beside the loop, not between two f
 LATE_AFTER_MS = 1000.0  # a stop checked a second after its tick is an exit a second late
 LATE_REPORT_SECONDS = 30.0  # at most one warning per this long, with the worst seen meanwhile
 SUMMARY_SECONDS = 60.0  # how far behind the feed read, summarised in one INFO line per this long
+# After a start the feed first reads the backlog published meanwhile: no warning until it has read in time once,
+# or for this long, whichever comes first (a feed that never catches up is still warned about).
+CATCH_UP_SECONDS = 30.0
 
 
 class Lateness:
@@ -52,6 +56,7 @@ class Lateness:
         late_after_ms: float = LATE_AFTER_MS,
         every_seconds: float = LATE_REPORT_SECONDS,
         summary_seconds: float = SUMMARY_SECONDS,
+        catch_up_seconds: float = CATCH_UP_SECONDS,
     ) -> None:
         self.late_after_ms = late_after_ms
         self.every_seconds = every_seconds
@@ -63,6 +68,9 @@ class Lateness:
         self.recent_ms = 0.0  # since the last `take_recent`: what the trader's status shows
         self.warned_at: float | None = None  # time.monotonic()
         self.warnings = 0
+        self.catch_up_seconds = catch_up_seconds
+        self.first_batch_at: float | None = None  # time.monotonic()
+        self.caught_up = False
 
     def take_recent(self) -> float:
         """The worst lateness since the last call (ms)."""
@@ -71,9 +79,19 @@ class Lateness:
 
     def observe(self, oldest_created_ms: float, now_ms: float, now: float, ticks: int = 0) -> None:
         behind = now_ms - oldest_created_ms
+        TICK_FEED_LATENESS_SECONDS.observe(max(behind, 0.0) / 1000)
+        TICKS_READ.inc(ticks)
         self.worst_ms = max(self.worst_ms, behind)
         self.recent_ms = max(self.recent_ms, behind)
         self._summarise(behind, now, ticks)
+        if not self.caught_up:
+            # Until the feed reads in time once (or has had CATCH_UP_SECONDS), lateness is the backlog a start
+            # begins with, and a warning would only say the feed is doing its job; from then on, it is news.
+            self.first_batch_at = now if self.first_batch_at is None else self.first_batch_at
+            self.caught_up = behind < self.late_after_ms or now - self.first_batch_at >= self.catch_up_seconds
+            if not self.caught_up:
+                self.worst_ms = 0.0
+                return
         if behind < self.late_after_ms or (self.warned_at is not None and now - self.warned_at < self.every_seconds):
             return
         log.warning(

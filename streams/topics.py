@@ -39,3 +39,20 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t("order-results"), "strategy id", OrderResult, settings.orders_partitions),
         TopicSpec(t("notifications"), "user id", UserNotification, settings.events_partitions),
     ]
+
+
+# The Faust apps' own topics (their tables' changelogs and the assignor's leader topic). Faust creates them itself
+# when it starts, but under load its producer may not yet know the new changelog's partitions when the first
+# lifecycle event arrives: the agent then crashes with PartitionsMismatch and that event (a strategy's START)
+# is lost. Created up front with the rest, they exist before Faust looks for them.
+FAUST_TABLES = {"algo-worker": "armed-stops", "algo-scheduler": "scheduled-jobs"}
+
+
+def faust_internal_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    """name -> (partitions, topic config) of the Faust apps' changelog and assignor topics."""
+    topics: dict[str, tuple[int, dict[str, str]]] = {}
+    for app, table in FAUST_TABLES.items():
+        app_id = settings.topic(app)
+        topics[f"{app_id}-{table}-changelog"] = (settings.ticks_partitions, {"cleanup.policy": "compact"})
+        topics[f"{app_id}-__assignor-__leader"] = (1, {})
+    return topics

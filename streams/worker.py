@@ -26,6 +26,7 @@ import orjson
 from pydantic import ValidationError
 
 from connectors.directory import BrokerDirectory
+from core import metrics
 from core.clock import Clock, get_clock
 from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 LAST_PRICE_FLUSH_SECONDS = 0.25
 RECOVERY_CHECK_SECONDS = 2.0
 DAILY_LOSS_CHECK_SECONDS = 1.0  # a trader's loss across strategies, from the order log and the last prices
+METRICS_SECONDS = 5.0  # gauges sampled this often (Prometheus scrapes every 15 s by default)
 
 
 BROKER_THREADS = 64
@@ -202,6 +204,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         async def on_start(self) -> None:
             # `kill -USR1 <pid>` logs where every task is waiting: what an operator needs when a lane stalls.
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _log_task_stacks)
+            metrics.serve(settings.worker_metrics_port, settings.metrics_host, "worker")
             await services.start()
             await feed.start()  # reads nothing until the rebalance says which instruments are ours
             await intents.start()
@@ -302,6 +305,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         """
         if not hits:
             return
+        metrics.STOPLOSS_TRIGGERED.inc(len(hits))
         outcomes = await asyncio.gather(
             *(_delivered(_emit_exit(hit, tick)) for hit, tick in hits), return_exceptions=True
         )
@@ -422,6 +426,14 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if services.ready.is_set():
             await check_recovery()
 
+    @app.timer(METRICS_SECONDS)
+    async def _gauges() -> None:
+        metrics.STOPS_ARMED.set(len(services.index))
+        for consumer, group in ((getattr(feed, "consumer", None), "algo-worker-ticks"),
+                                (getattr(intents, "consumer", None), "algo-worker-intents")):  # fmt: skip
+            if consumer is not None:  # started
+                await metrics.record_consumer_lag(consumer, settings.topic(group))
+
     async def intents_from_time_events(values: list[bytes]) -> None:
         # A batch at a time, sent together and acknowledged together: 1,000 BUYs due in the same second must
         # not wait for each other's broker acknowledgement one by one.
@@ -498,4 +510,4 @@ def run_worker(settings: Settings) -> None:
 def worker_process(settings: Settings) -> ServiceWorker:
     app, resources = build_worker(settings)
     # A Faust worker starts its services in the order given, and the app after them (see `_Resources`).
-    return ServiceWorker(app, resources, loglevel=settings.log_level.lower(), redirect_stdouts=False)
+    return ServiceWorker(app, resources, settings=settings, service="worker")

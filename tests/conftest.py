@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.simulator",
     "tests.fixtures.pipeline",
     "tests.fixtures.api",
+    "tests.fixtures.proxies",
 ]
 
 

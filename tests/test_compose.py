@@ -90,3 +90,36 @@ def test_dockerfile_builds_one_non_root_image() -> None:
     assert 'ENTRYPOINT ["algo"]' in dockerfile
     for package in ("core", "cli", "api", "streams", "connectors", "storage", "schemas", "manager"):
         assert f"COPY {package} " in dockerfile
+
+
+def test_prometheus_and_grafana_run_from_the_files_in_the_repository() -> None:
+    prometheus, grafana = SERVICES["prometheus"], SERVICES["grafana"]
+    assert prometheus["image"].startswith("prom/prometheus:") and grafana["image"].startswith("grafana/grafana:")
+    for service in (prometheus, grafana):
+        for volume in service["volumes"]:
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{source} is mounted but not in the repository"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def test_prometheus_scrapes_every_service_where_it_serves_its_metrics() -> None:
+    config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    defaults = Settings()
+    ports = {
+        "api": PROJECT["api"]["environment"]["API_PORT"],
+        "worker": defaults.worker_metrics_port,
+        "scheduler": defaults.scheduler_metrics_port,
+        "ticker": defaults.ticker_metrics_port,
+    }
+    for service, port in ports.items():
+        (target,) = jobs[service]["dns_sd_configs"]
+        assert target["names"] == [service] and target["port"] == int(port), service
+    assert PROJECT["worker"]["environment"]["METRICS_HOST"] == "0.0.0.0"  # reachable from the Prometheus container
+    # The API's /metrics wants the operator token: Prometheus reads it from the compose secret the API's comes from.
+    assert jobs["api"]["authorization"]["credentials_file"] == "/run/secrets/operator_token"
+    assert "operator_token" in SERVICES["prometheus"]["secrets"]
+    assert COMPOSE["secrets"]["operator_token"] == {"environment": "OPERATOR_TOKEN"}
+    assert PROJECT["api"]["environment"]["OPERATOR_TOKEN"].startswith("${OPERATOR_TOKEN:?")

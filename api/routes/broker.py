@@ -8,6 +8,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.broker_accounts import as_aware, is_expired, load_account
 from api.deps import ClockDep, CurrentUser, SecretsDep, SessionDep, SettingsDep
+from api.egress import check_reachable, egress_change
 from api.errors import ApiError
 from api.openapi import responses
 from connectors.broker import BrokerTokenExpired, KiteBroker, token_expiry
@@ -27,6 +28,7 @@ def _status(account: BrokerAccount | None, expired: bool) -> BrokerStatusRespons
         token_issued_at=as_aware(account.token_issued_at),
         token_expires_at=as_aware(account.token_expires_at),
         token_expired=expired,
+        egress=account.egress_display,
     )
 
 
@@ -35,6 +37,8 @@ def _status(account: BrokerAccount | None, expired: bool) -> BrokerStatusRespons
     response_model=BrokerStatusResponse,
     summary="Validate Kite credentials with the broker, then store them encrypted",
     responses=responses(400, 401, 422, 503),
+    description="With `egress`, the proxy must answer and the broker be reachable through it, or nothing is saved "
+    "(422 naming `egress` and the reason).",
 )
 async def connect(
     body: BrokerConnectRequest,
@@ -44,6 +48,7 @@ async def connect(
     box: SecretsDep,
     clock: ClockDep,
 ) -> BrokerStatusResponse:
+    change = egress_change(body.egress)  # a malformed URL is refused before anything reaches the broker
     broker = KiteBroker(settings, body.api_key, body.access_token)
     try:
         if body.request_token is not None:
@@ -57,6 +62,8 @@ async def connect(
     except BrokerTokenExpired as exc:
         # At connect time an invalid token is the trader's input error, not a session to renew.
         raise ApiError(400, f"broker refused the credentials: {exc.message}") from exc
+    if change is not None and change.egress is not None:
+        await check_reachable(settings, body.api_key, access_token, change.egress)
 
     now = clock.now()
     account = await load_account(session, user.id)
@@ -66,6 +73,9 @@ async def connect(
     account.api_key_encrypted = box.encrypt(body.api_key)
     account.api_secret_encrypted = box.encrypt(body.api_secret)
     account.access_token_encrypted = box.encrypt(access_token)
+    if change is not None:  # omitted: the stored egress stays (the daily login need not repeat it)
+        account.egress_url_encrypted = box.encrypt(change.egress.url) if change.egress else None
+        account.egress_display = change.egress.display if change.egress else None
     account.broker_user_id = profile.broker_user_id
     account.broker_user_name = profile.user_name
     account.token_issued_at = now

@@ -197,7 +197,7 @@ async def _start(
         await refuse_start_if_engaged(session, user.id, manager.calendar.local(clock.now()).date())
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead. The market
         # may have moved since create: a stop now at or above it is refused as at create.
-        broker = await live_broker(session, user.id, box, settings, clock.now())
+        broker = await live_broker(session, user.id, box, settings, clock.now(), orders=True)
         await check_exit_sides(broker, strategy.instrument, strategy.stop_loss, strategy.target)
     await session.close()
     return start_response(await manager.start(strategy_id, user_id=user.id))

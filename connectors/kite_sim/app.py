@@ -108,10 +108,13 @@ class OrderGateway:
         authorization: str | None,
         received_at: datetime,
         received_monotonic: float,
+        source_ip: str | None = None,
     ) -> tuple[int, bytes]:
         sim = self.state
         api_key = _api_key_of(authorization)
-        record = sim.audit.open(action, received_at, received_monotonic, api_key, variety, params, target)
+        record = sim.audit.open(
+            action, received_at, received_monotonic, api_key, variety, params, target, source_ip=source_ip
+        )
         placement = action == "place"
         terminal = None
         reject_message = None
@@ -129,6 +132,7 @@ class OrderGateway:
                         await self.holds.wait(terminal.hold_seconds)
                     raise _fault_error(terminal)
             account = sim.authenticate(authorization)
+            sim.check_source_address(account, source_ip)
             if placement:
                 sim.check_rate_limit(account)
                 order = sim.place_order(account, variety, params, reject_message)
@@ -221,9 +225,15 @@ class KiteMiddleware:
             _header(scope, b"authorization"),
             received_at,
             received_monotonic,
+            _client_host(scope),
         )
         await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
         await send({"type": "http.response.body", "body": body})
+
+
+def _client_host(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -246,6 +256,11 @@ class AccountIn(BaseModel):
     access_token: str | None = None
     redirect_url: str | None = None
     holdings: list[tuple[str, int, float]] = []
+
+
+class IpWhitelistIn(BaseModel):
+    ips: list[str] = Field(min_length=1)
+    force: bool = False  # skip the once-a-week limit (test setup)
 
 
 class StepIn(BaseModel):
@@ -287,6 +302,7 @@ class ConfigIn(BaseModel):
     max_connections_per_key: int | None = Field(default=None, ge=1)
     max_packets_per_frame: int | None = Field(default=None, ge=1, le=65535)
     request_token_ttl_seconds: float | None = Field(default=None, gt=0)
+    static_ip_check: bool | None = None
     walk: bool | None = None
     move_probability: float | None = Field(default=None, ge=0, le=1)
 
@@ -437,6 +453,7 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
             request.headers.get("authorization"),
             received_at,
             received_monotonic,
+            _client_host(request.scope),
         )
         return Response(body, status_code=status, media_type=errors.JSON_CONTENT_TYPE)
 
@@ -574,6 +591,18 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
         sim.account(api_key)
         body = orjson.loads(await request.body() or b"{}")
         return _json({"expired": sim.expire_tokens(api_key, body.get("access_token"))})
+
+    @app.put("/_sim/accounts/{api_key}/ip_whitelist")
+    async def control_set_ip_whitelist(api_key: str, body: IpWhitelistIn) -> Response:
+        ips = sim.set_ip_whitelist(api_key, body.ips, force=body.force)
+        return _json({"api_key": api_key, "ips": list(ips)})
+
+    @app.get("/_sim/accounts/{api_key}/ip_whitelist")
+    async def control_ip_whitelist(api_key: str) -> Response:
+        account = sim.account(api_key)
+        changed = account.ip_whitelist_changed_at
+        changed_at = changed.isoformat() if changed else None
+        return _json({"api_key": api_key, "ips": list(account.ip_whitelist), "changed_at": changed_at})
 
     @app.get("/_sim/prices/{exchange}/{symbol}")
     async def control_get_price(exchange: str, symbol: str) -> Response:

@@ -31,6 +31,7 @@ class AuditRecord:
     order_status: str | None = None  # order status when the answer was decided (e.g. REJECTED, COMPLETE)
     completed_monotonic: float | None = None
     faults: list[str] = field(default_factory=list)
+    source_ip: str | None = None  # the address the request came from (Kite checks it against the whitelist)
 
     @property
     def latency_seconds(self) -> float | None:
@@ -56,6 +57,7 @@ class AuditRecord:
             "message": self.message,
             "order_status": self.order_status,
             "faults": list(self.faults),
+            "source_ip": self.source_ip,
             "params": dict(self.params),
         }
 
@@ -77,6 +79,7 @@ class AuditLog:
         variety: str | None,
         params: dict[str, str],
         order_id: str | None = None,
+        source_ip: str | None = None,
     ) -> AuditRecord:
         with self._lock:
             self._seq += 1
@@ -90,6 +93,7 @@ class AuditLog:
                 params=params,
                 tag=params.get("tag") or None,
                 order_id=order_id,
+                source_ip=source_ip,
             )
             self._records.append(record)
             return record

@@ -11,6 +11,7 @@ Money is integer paise throughout; rupees appear only at the JSON boundary.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import secrets
 import threading
@@ -56,8 +57,16 @@ from core.clock import Clock, get_clock
 from core.market import MarketCalendar
 from core.settings import Settings, get_settings
 
+# Kite takes a primary and an optional secondary static IP, changed at most once a week.
+MAX_WHITELISTED_IPS = 2
+IP_WHITELIST_CHANGE_INTERVAL = timedelta(days=7)
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9]{1,20}$")
 BROKER = "ZERODHA"
+# Kite's exact wording for this refusal is not published (see docs/egress.md); this text names the cause.
+SOURCE_IP_REFUSED = (
+    "Order request from IP {source} is not allowed: the IP is not whitelisted for this app. "
+    "Register your static IP on the Kite Connect developer console."
+)
 
 
 @dataclass(slots=True)
@@ -74,6 +83,9 @@ class SimConfig:
     max_connections_per_key: int = 3
     max_packets_per_frame: int = 1000
     request_token_ttl_seconds: float = 300.0
+    # Kite refuses order calls (place, modify, cancel) from addresses not on the account's IP whitelist. The
+    # check applies only to accounts that have a whitelist; this switch turns it off for all of them.
+    static_ip_check: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -103,6 +115,8 @@ class Account:
     positions: dict[tuple[str, str, str], Position] = field(default_factory=dict)
     holdings: list[Holding] = field(default_factory=list)
     rate_window: deque[float] = field(default_factory=lambda: deque(maxlen=10))
+    ip_whitelist: tuple[str, ...] = ()  # empty: no whitelist registered, order calls answer from anywhere
+    ip_whitelist_changed_at: datetime | None = None  # simulator clock
 
     @property
     def available(self) -> int:
@@ -377,6 +391,42 @@ class SimulatorState:
 
     def authenticate_ws(self, api_key: str, access_token: str) -> Account | None:
         return self._token_account(api_key, access_token)
+
+    # --- static IP whitelist (Kite's developer console) -----------------------------------------------
+
+    def set_ip_whitelist(self, api_key: str, ips: Iterable[str], force: bool = False) -> tuple[str, ...]:
+        """Register the account's static IPs (1 or 2), at most once a week on the simulator clock, as Kite
+        allows; `force` skips the weekly limit (test setup only). Returns the normalised whitelist."""
+        normalised: list[str] = []
+        for raw in ips:
+            try:
+                address = str(ipaddress.ip_address(str(raw).strip()))
+            except ValueError:
+                raise errors.input_error(f"Invalid IP address `{raw}`.") from None
+            if address not in normalised:
+                normalised.append(address)
+        if not 1 <= len(normalised) <= MAX_WHITELISTED_IPS:
+            raise errors.input_error(f"Give one primary and at most {MAX_WHITELISTED_IPS - 1} secondary IP.")
+        with self._lock:
+            account = self.account(api_key)
+            now = self.clock.now()
+            changed = account.ip_whitelist_changed_at
+            if not force and changed is not None and now - changed < IP_WHITELIST_CHANGE_INTERVAL:
+                next_change = (changed + IP_WHITELIST_CHANGE_INTERVAL).astimezone(EXCHANGE_TZ)
+                raise errors.input_error(
+                    "The IP whitelist can be changed once a week; "
+                    f"next change allowed after {next_change:%Y-%m-%d %H:%M}."
+                )
+            account.ip_whitelist = tuple(normalised)
+            account.ip_whitelist_changed_at = now
+            return account.ip_whitelist
+
+    def check_source_address(self, account: Account, source: str | None) -> None:
+        """Refuse an order call from an address off the account's whitelist (accounts without one: any)."""
+        if not self.config.static_ip_check or not account.ip_whitelist:
+            return
+        if source not in account.ip_whitelist:
+            raise errors.permission_error(SOURCE_IP_REFUSED.format(source=source or "unknown"))
 
     # --- prices (test API) -----------------------------------------------------------------------
 

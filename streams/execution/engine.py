@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connectors.broker import BrokerError, BrokerRejected
 from core.clock import Clock
+from core.logs import log_outcome
+from core.metrics import ORDERS
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager
 from schemas.events import Action, NotificationKind, OrderIntent, OrderResult
@@ -131,7 +133,11 @@ class Executor:
             deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
             try:
                 async with deadline:
-                    return await self._execute_locked(intent)
+                    result = await self._execute_locked(intent)
+                    if result is not None:
+                        ORDERS.labels(intent.action.value, result.status.value).inc()
+                        log_outcome(result)
+                    return result
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise

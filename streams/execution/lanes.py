@@ -20,6 +20,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from core.logs import intent_context
+from core.metrics import LANES_BUSY, LANES_OPEN, PendingExits
 from schemas.events import OrderIntent
 from streams.execution import Executor
 from streams.execution.limits import PRIORITY, PriorityGate
@@ -41,6 +43,7 @@ class StrategyLanes:
         self._copies: dict[str, list[Callable[[], Any]]] = {}
         self._backlog = asyncio.Semaphore(MAX_BACKLOG)
         self.coalesced = 0
+        self.pending_exits = PendingExits(lambda due: -executor.context.clock.seconds_until(due))
 
     async def submit(self, intent: OrderIntent, done: Callable[[], Any]) -> None:
         copies = self._copies.get(intent.intent_id)
@@ -49,11 +52,14 @@ class StrategyLanes:
             copies.append(done)
             return
         self._copies[intent.intent_id] = []
+        if intent.action.is_exit:
+            self.pending_exits.add(intent.intent_id, intent.due_at)
         await self._backlog.acquire()  # back-pressure on the consumer when far behind
         queue = self._queues.get(intent.strategy_id)
         if queue is None:
             queue = self._queues[intent.strategy_id] = asyncio.Queue()
             self._tasks[intent.strategy_id] = asyncio.create_task(self._drain(intent.strategy_id, queue))
+            LANES_OPEN.set(len(self._tasks))
         queue.put_nowait((intent, done))
 
     async def _drain(self, strategy_id: int, queue: asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]) -> None:
@@ -66,6 +72,7 @@ class StrategyLanes:
                         return
                     continue
                 await self._run(intent)
+                self.pending_exits.discard(intent.intent_id)
                 done()
                 for copy_done in self._copies.pop(intent.intent_id, []):
                     copy_done()
@@ -73,13 +80,15 @@ class StrategyLanes:
         finally:
             self._queues.pop(strategy_id, None)
             self._tasks.pop(strategy_id, None)
+            LANES_OPEN.set(len(self._tasks))
 
     async def _run(self, intent: OrderIntent) -> None:
         delay = 0.2  # short: a STOPLOSS of the same strategy may be queued behind this intent
         while True:
             try:
                 async with self.gate.slot(PRIORITY[intent.action]):
-                    await self.executor.execute(intent)
+                    with LANES_BUSY.track_inprogress(), intent_context(intent.intent_id, intent.strategy_id):
+                        await self.executor.execute(intent)
                 return
             except asyncio.CancelledError:
                 raise

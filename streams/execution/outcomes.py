@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from connectors.broker import BrokerError, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder
+from core.metrics import AUTO_STOPS
 from manager.strategy_manager import armed_event, spec_for
 from schemas.events import (
     Action,
@@ -157,6 +158,7 @@ class Outcomes:
         kind = NotificationKind.BROKER_SESSION_EXPIRED if expired else NotificationKind.ORDER_FAILED
         await self.ledger.notify(intent, kind, "Order Failed – Strategy Stopped", f"{intent.action.value}: {message}")
         if strategy.status == StrategyStatus.RUNNING.value and strategy.run == intent.run:
+            AUTO_STOPS.labels(intent.action.value).inc()
             # The auto-stop is sequence 8's STOP: an exit the broker could not be reached for leaves the shares
             # held, so the stop squares them off, as a trader's STOP would (its EXIT first asks the broker about
             # the exit given up here). A refusal (the broker answered no) or an expired session would refuse the

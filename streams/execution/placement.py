@@ -17,10 +17,11 @@ from datetime import UTC
 
 from redis.exceptions import RedisError
 
-from connectors.broker import BrokerError, BrokerThrottled, BrokerUnavailable
+from connectors.broker import BrokerEgressDown, BrokerError, BrokerThrottled, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.coalesce import Coalesced
-from schemas.events import Action, OrderIntent
+from core.metrics import INTENT_LAG_SECONDS, ORDER_RETRIES, RATE_LIMIT_WAIT_SECONDS
+from schemas.events import Action, NotificationKind, OrderIntent
 from storage.models import Strategy
 from storage.runtime import RuntimeState, runtime_key, strategy_key
 from streams.execution.context import EngineContext
@@ -84,6 +85,8 @@ class Placement:
         retrying = broker_retries(self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1)
         try:
             async for try_ in retrying:
+                if try_.retry_state.attempt_number > 1:
+                    ORDER_RETRIES.labels(intent.action.value).inc()
                 with try_:
                     if order.state is not OrderState.INTENDED:
                         # An earlier attempt's fate is unknown to us, not to the broker: ask before sending again.
@@ -116,11 +119,17 @@ class Placement:
         sent_at = max(self.context.clock.now(), intent.due_at.astimezone(UTC))
         await self.ledger.sent(intent, order, sent_at)
         priority = PRIORITY[intent.action]
+        held, waited_from = self.early(intent), time.perf_counter()
         try:
             async with (
                 self._held_until_due(intent) as reserved,
                 contextlib.nullcontext() if reserved else self.rate_limiter.permit(intent.user_id, priority),
             ):
+                if not held:  # a BUY held until its time waited for the clock, not for the rate limit
+                    RATE_LIMIT_WAIT_SECONDS.labels(intent.action.value).observe(time.perf_counter() - waited_from)
+                INTENT_LAG_SECONDS.labels(intent.action.value).observe(
+                    max(-self.context.clock.seconds_until(intent.due_at), 0.0)
+                )
                 try:
                     order_id = await gateway.place_market_order(
                         exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
@@ -136,6 +145,14 @@ class Placement:
             raise
         except BrokerUnavailable as exc:
             await self.ledger.moved(intent, order, OrderEvent.TIMED_OUT, message=exc.message)
+            if isinstance(exc, BrokerEgressDown) and intent.action.is_exit:
+                # The position is at risk while the exit cannot leave: the trader hears now, not after the retries.
+                # Once per intent (the notice's id is the intent's); failing to tell must not stop the retries.
+                try:
+                    await self.ledger.notify(intent, NotificationKind.EGRESS_DOWN, "Exit delayed – egress down",
+                                             f"{intent.action.value}: {exc.message}; retrying")  # fmt: skip
+                except Exception:
+                    log.exception("intent %s: egress-down notice not delivered", intent.intent_id)
             raise
         except BrokerError as exc:
             await self.ledger.moved(intent, order, OrderEvent.REJECTED, message=exc.message)

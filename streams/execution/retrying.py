@@ -8,7 +8,9 @@ from connectors.broker import BrokerThrottled, BrokerUnavailable
 
 
 def broker_retries(attempts: int, initial: float, most: float, jitter: float) -> AsyncRetrying:
-    """Retry on BrokerUnavailable (timeout, 5xx, 429) up to `attempts` tries; re-raise the last failure.
+    """Retry on BrokerUnavailable (timeout, 5xx, 429, the trader's egress down) up to `attempts` tries; re-raise
+    the last failure. A refusal (BrokerRejected, among them BrokerSourceRefused: the order's source address is
+    not the trader's registered IP) is never retried: every retry would be refused alike.
 
     A 429 is retried without backing off: the rate limiter in front of the call already waits for the
     trader's budget, and an exit must not lose seconds to a refusal that placed nothing."""

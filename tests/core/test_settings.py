@@ -29,3 +29,24 @@ def test_production_accepts_its_own_secrets() -> None:
 
 def test_development_keeps_working_with_the_defaults() -> None:
     assert Settings(environment=Environment.DEVELOPMENT).jwt_secret.get_secret_value()
+
+
+@pytest.mark.parametrize(
+    ("options", "required"),
+    [
+        ({}, True),
+        ({"single_trader": True}, False),
+        ({"require_egress": False}, False),
+        ({"single_trader": True, "require_egress": True}, True),
+        ({"broker_mode": "paper"}, False),
+    ],
+)
+def test_production_requires_an_egress_unless_single_trader(options: dict[str, object], required: bool) -> None:
+    secrets = {"jwt_secret": "x" * 40, "encryption_keys": Fernet.generate_key().decode()}
+    settings = Settings(environment=Environment.PRODUCTION, **secrets, **options)  # type: ignore[arg-type]
+    assert settings.egress_required is required
+
+
+def test_development_requires_no_egress_unless_told() -> None:
+    assert Settings().egress_required is False
+    assert Settings(require_egress=True).egress_required is True

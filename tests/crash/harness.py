@@ -14,7 +14,8 @@ and above the stops of the "safe" group. At moments drawn from `random.Random(se
 with SIGKILL and restarts the worker (also while the simulator holds an order), the scheduler, the tick
 connector and the API; restarts Redis empty and the Kafka broker empty; drops the ticker socket; squares
 off some positions through the API; and expires one user's broker session. Broker faults (timeouts, 5xx,
-429) run at a set rate throughout.
+429) run at a set rate throughout. With `egress`, each user's order calls leave through a tinyproxy of its own
+on its own loopback address (whitelisted at the simulator), and one user's proxy is killed and restarted.
 
 The verdict comes from the simulator's order book and audit and from the database (`judge`).
 """
@@ -54,6 +55,7 @@ from schemas.events import Action, broker_tag_for, intent_id_for
 from storage.db import create_engine
 from storage.migrate import upgrade_engine
 from storage.models import Notification, OrderLog, Strategy
+from tests.fixtures.proxies import ProxyPool
 
 IST = ZoneInfo("Asia/Kolkata")
 # Wednesday 15 January 2025, 09:40 IST: an NSE trading day, inside market hours.
@@ -90,6 +92,7 @@ class MatrixConfig:
     workdir: Path | None = None
     verbose: bool = True
     kafka: str = "auto"  # the broker: "apache", "tansu", or auto (Apache Kafka where a JDK is present)
+    egress: bool = False  # each user's orders through its own proxy (required), one proxy killed among the faults
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -268,6 +271,10 @@ def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], d
         else:
             incidents.append(Incident(rng.uniform(0.1 * day, 0.85 * day), kind, f"down {rng.uniform(0.3, 2.0):.2f}s"))
     incidents.append(Incident(rng.uniform(0.1 * day, 0.8 * day), "drop_ticker_socket"))
+    if config.egress:  # drawn after everything else: a seed without egress plans the same day as before
+        victim = rng.randrange(config.users)
+        incidents.append(Incident(rng.uniform(0.1 * day, 0.85 * day), "egress", f"down {rng.uniform(0.3, 2.0):.2f}s "
+                                  f"user {victim}"))  # fmt: skip
     candidates = [p for p in plans if p.user < config.users and p.group == "safe" and p.sell_offset - p.buy_offset > 6]
     for target in rng.sample(candidates, min(config.square_offs, len(candidates))):
         at = rng.uniform(target.buy_offset + 2, target.sell_offset - 2)
@@ -334,6 +341,7 @@ class CrashMatrix:
         self.drop_mono: dict[str, float] = {}
         # Incidents run concurrently at their seeded moments; one restart of a given part at a time.
         self.locks: dict[str, asyncio.Lock] = {}
+        self.proxies: ProxyPool | None = None  # with `egress`: user i's proxy is self.proxies.proxies[i]
 
     def say(self, text: str) -> None:
         if self.config.verbose:
@@ -357,6 +365,10 @@ class CrashMatrix:
         engine = create_engine(database_url)
         await upgrade_engine(engine)
         await engine.dispose()
+
+        if self.config.egress:
+            self.proxies = ProxyPool(self.workdir)
+            self.proxies.start(self.config.users + 1)  # the expired user needs one too
 
         self.clock = ScaledClock(start=DAY_START, speed=self.config.speed)
         self.sim = RunningSimulator(clock=self.clock, config=SimConfig(tick_interval=0.05), seed=self.config.seed,
@@ -385,6 +397,7 @@ class CrashMatrix:
                 "api_port": api_port,
                 "ticker_silence_seconds": 3.0,
                 "log_level": "INFO",
+                "require_egress": self.config.egress,
             }
         )
         await ensure_topics(self.settings)
@@ -411,6 +424,8 @@ class CrashMatrix:
             self.kafka.kill()
         if self.sim is not None:
             self.sim.stop()
+        if self.proxies is not None:
+            self.proxies.close()
 
     # --------------------------------------------------------------------------------------------- HTTP
 
@@ -441,6 +456,10 @@ class CrashMatrix:
         )
         connect = {"api_key": user.creds.api_key, "api_secret": user.creds.api_secret,
                    "request_token": user.creds.request_token}  # fmt: skip
+        if self.proxies is not None:
+            proxy = self.proxies.proxies[len(self.users)]
+            self.sim.state.set_ip_whitelist(user.creds.api_key, [proxy.listen])
+            connect["egress"] = proxy.url
         response = await self.call("POST", "/broker/connect", json=connect, headers=user.headers)
         assert response.status_code == 200, response.text
         self.users.append(user)
@@ -555,6 +574,15 @@ class CrashMatrix:
                 self.down.append(("redis", began, time.monotonic()))
         elif kind == "kafka":
             await self.restart_kafka(down)
+        elif kind == "egress":
+            user_index = int(incident.detail.split()[-1])
+            assert self.proxies is not None
+            proxy = self.proxies.proxies[user_index]
+            async with self.lock(f"egress:{user_index}"):
+                proxy.kill()
+                await asyncio.sleep(down)  # the outage itself is what is being simulated
+                await asyncio.to_thread(proxy.start)
+                self.down.append((f"egress:{user_index}", began, time.monotonic()))
         elif kind == "drop_ticker_socket":
             incident.detail = f"{state.drop_connections()} connection(s) dropped"
         elif kind == "square_off":
@@ -686,16 +714,18 @@ class CrashMatrix:
 
     # ------------------------------------------------------------------------------------------ verdict
 
-    def effective_up(self, moment: float) -> float:
-        """When the system is next up for EXIT_WITHIN_SECONDS in a row, at or after `moment`.
+    def effective_up(self, moment: float, user: int | None = None) -> float:
+        """When the system is next up for EXIT_WITHIN_SECONDS in a row, at or after `moment` (for `user`: its
+        egress too).
 
         Outages chain: one that begins within that window after another ended pushes the moment on.
         """
+        parts = {"worker", "ticker", "kafka", "redis"} | ({f"egress:{user}"} if user is not None else set())
         changed = True
         while changed:
             changed = False
             for component, began, ended in self.down:
-                if component in ("worker", "ticker", "kafka", "redis") and began < moment + EXIT_WITHIN_SECONDS:
+                if component in parts and began < moment + EXIT_WITHIN_SECONDS:
                     if moment < ended:
                         moment, changed = ended, True
         return moment
@@ -790,7 +820,7 @@ class CrashMatrix:
             crossed = max(self.drop_mono[plan.instrument], placed_at.get(buy_tag, 0.0))
             if crossed >= self.day_mono + plan.sell_offset:
                 continue  # the SELL was due first
-            allowed = self.effective_up(crossed) + EXIT_WITHIN_SECONDS
+            allowed = self.effective_up(crossed, plan.user) + EXIT_WITHIN_SECONDS
             # Each broker fault on the exit costs a retry (a timeout costs the broker timeout).
             allowed += faulted_by_tag.get(exit_tag or "", 0) * (self.settings.broker_timeout_seconds + 2.5)
             exited = placed_at.get(exit_tag or "")
@@ -799,12 +829,13 @@ class CrashMatrix:
             # Kite takes at most BROKER_ORDERS_PER_SECOND orders a second from one user: exits of the same
             # user that reached the broker first (dozens of stops crossed at once) delay this one however
             # fast the system is.
-            ahead = sum(1 for t in exits_placed.get(user.api_key or "", []) if self.effective_up(crossed) <= t < exited)
+            up_at = self.effective_up(crossed, plan.user)
+            ahead = sum(1 for t in exits_placed.get(user.api_key or "", []) if up_at <= t < exited)
             allowed += ahead / self.settings.broker_orders_per_second
-            result.stop_exit_delays.append(exited - self.effective_up(crossed))
+            result.stop_exit_delays.append(exited - up_at)
             result.stop_exit_excess.append(exited - allowed)
             if exited > allowed:
-                up = self.effective_up(crossed) - self.day_mono
+                up = up_at - self.day_mono
                 # Kept apart from the integrity violations: a late exit is still exactly one exit.
                 result.late_exits.append(
                     f"#{plan.index} (strategy {plan.strategy_id}, {plan.instrument}) stop crossed at "
@@ -831,6 +862,17 @@ class CrashMatrix:
                     v.append(f"expired session: #{plan.index} is {strategy.status}, not failed/stopped")
                 if not any(n.strategy_id == plan.strategy_id and SESSION_EXPIRED in n.message for n in notes):
                     v.append(f"expired session: #{plan.index} has no '{SESSION_EXPIRED}' notification")
+        if self.proxies is not None:
+            # Every order call of a user left from that user's egress address, and none was refused for it.
+            for index, user in enumerate(self.users):
+                address = self.proxies.proxies[index].listen
+                calls = [r for r in audits if r.api_key == user.api_key]
+                stray = sorted({str(r.source_ip) for r in calls if r.source_ip != address})
+                if stray:
+                    v.append(f"egress: user {index}'s order calls also came from {stray}, not only {address}")
+                refused = [r for r in calls if r.error_type == "PermissionException"]
+                if refused:
+                    v.append(f"egress: {len(refused)} order call(s) of user {index} refused for their address")
         result.strategies = len(self.plans)
         result.recoveries = sum(s.seen.get("Recovery Complete", 0) for s in self.services.values())
 

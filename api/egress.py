@@ -1,0 +1,60 @@
+"""The trader's egress at the API: reading it from /broker/connect, checking it before it is saved, and the
+START rule (a deployment that requires an egress refuses to start a strategy without one)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from api.errors import ApiError, FieldError
+from connectors.broker import BrokerEgressDown, BrokerTokenExpired, BrokerUnavailable, KiteBroker
+from connectors.egress import Egress, EgressUrlError
+from core.settings import Settings
+from storage.models import BrokerAccount
+
+
+@dataclass(frozen=True, slots=True)
+class EgressChange:
+    """What /broker/connect asked for: a new egress, or none (`egress` None: remove the stored one)."""
+
+    egress: Egress | None
+
+
+def egress_change(raw: str | None) -> EgressChange | None:
+    """None: the request leaves the stored egress as it is; an empty string removes it."""
+    if raw is None:
+        return None
+    if not raw.strip():
+        return EgressChange(None)
+    try:
+        return EgressChange(Egress.parse(raw))
+    except EgressUrlError as exc:
+        raise FieldError("egress", f"egress: {exc}") from None
+
+
+async def check_reachable(settings: Settings, api_key: str, access_token: str, egress: Egress) -> None:
+    """The proxy answers and the broker answers through it (a read: Kite serves it from any address, so this
+    cannot tell whether the egress's address is the registered one; the first order can)."""
+    quick = settings.model_copy(update={"broker_timeout_seconds": settings.egress_check_timeout_seconds})
+    broker = KiteBroker(quick, api_key, access_token, egress)
+    try:
+        async with asyncio.timeout(settings.egress_check_timeout_seconds + 1):
+            await broker.order_call(broker.order_client.profile)
+    except BrokerTokenExpired as exc:
+        raise ApiError(400, f"broker refused the credentials: {exc.message}") from exc
+    except BrokerEgressDown as exc:
+        raise FieldError("egress", f"egress {egress.display} did not answer: {exc.message}") from None
+    except (BrokerUnavailable, TimeoutError) as exc:
+        reason = exc.message if isinstance(exc, BrokerUnavailable) else "no answer in time"
+        raise FieldError("egress", f"the broker is not reachable through egress {egress.display}: {reason}") from None
+
+
+def require_egress(account: BrokerAccount, settings: Settings) -> None:
+    """START's rule: 409 naming what to configure when this deployment requires an egress and there is none."""
+    if settings.egress_required and account.egress_url_encrypted is None:
+        raise ApiError(
+            409,
+            "no egress configured: this deployment sends each trader's orders through the trader's own static IP; "
+            "POST /broker/connect with `egress` (http://host:port or socks5://host:port of a proxy leaving from "
+            "the IP registered on your Kite developer account), or run the deployment with SINGLE_TRADER=true",
+        )
