@@ -19,7 +19,7 @@ from api.login_throttle import LoginThrottle
 from api.passwords import PasswordService
 from api.readiness import ReadinessCache
 from api.revocation import Revocations
-from api.routes import account, auth, broker, health, metrics, notifications, strategies
+from api.routes import account, auth, broker, health, kill_switch, loss_limit, metrics, notifications, strategies
 from api.services import EventBus, Services
 from api.status import StatusReader
 from api.tokens import TokenService
@@ -128,6 +128,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Strategies first: routes match in order, and the status poll is the hot path.
-    for module in (strategies, auth, account, broker, notifications, health, metrics):
+    for module in (strategies, kill_switch, loss_limit, auth, account, broker, notifications, health, metrics):
         app.include_router(module.router)
     return app

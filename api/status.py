@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.coalesce import Coalesced
+from core.exit_prices import ExitRule
 from storage.models import OrderLog, OrderLogKind, Strategy
 from storage.runtime import FEED_BEHIND_KEY, LTP_KEY, RuntimeState, runtime_key, strategy_key
 
@@ -50,7 +51,8 @@ FEED_MARK_FRESH_SECONDS = 10.0
 HOLDING_STATES = frozenset({RuntimeState.BOUGHT.value, RuntimeState.SELLING.value})
 
 # What an order result does to the position, for answers built from the order log.
-_FILLED_STATE = {"BUY": "bought", "SELL": "sold", "STOPLOSS": "exited_by_sl", "EXIT": "sold"}
+_FILLED_STATE = {"BUY": "bought", "SELL": "sold", "STOPLOSS": "exited_by_sl", "TARGET": "exited_by_target",
+                 "EXIT": "sold"}  # fmt: skip
 
 
 class StatusNotFound(LookupError):
@@ -65,6 +67,13 @@ def _float(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return result if result == result and abs(result) != float("inf") else None
+
+
+def _exit_rule(static: Mapping[str, str]) -> ExitRule:
+    """The stop and target as the strategy's static hash holds them (older hashes: only `stop_loss`)."""
+    return ExitRule(*(_float(static.get(name)) for name in (
+        "stop_loss", "stop_loss_points", "stop_loss_percent", "target", "target_points", "target_percent",
+    )))  # fmt: skip
 
 
 def _int(value: object) -> int | None:
@@ -101,6 +110,7 @@ def status_from_runtime(
     state = runtime.get("state") or RuntimeState.IDLE.value
     quantity = _int(static.get("quantity"))
     entry_price = _float(runtime.get("entry_price"))
+    exits = _exit_rule(static)
     return {
         "strategy_id": strategy_id,
         "symbol": static.get("instrument") or f"{static.get('exchange')}:{static.get('tradingsymbol')}",
@@ -111,7 +121,8 @@ def status_from_runtime(
         "last_price": last_price,
         "market_data_delay_seconds": market_data_delay,
         "quantity": quantity,
-        "stop_loss": _float(static.get("stop_loss")),
+        "stop_loss": exits.stop_price(entry_price),
+        "target": exits.target_price(entry_price),
         "entry_price": entry_price,
         "entry_at": runtime.get("entry_at") or None,
         "exit_price": _float(runtime.get("exit_price")),
@@ -240,7 +251,8 @@ class StatusReader:
             "last_price": last_price,
             "market_data_delay_seconds": None,
             "quantity": strategy.quantity,
-            "stop_loss": float(strategy.stop_loss),
+            "stop_loss": strategy.exits.stop_price(entry),
+            "target": strategy.exits.target_price(entry),
             "entry_price": entry,
             "entry_at": entry_at,
             "exit_price": float(exit_price) if exit_price is not None else None,

@@ -361,6 +361,15 @@ class KiteBroker:
         master = await self.instruments()
         return master.get(exchange, tradingsymbol)
 
+    async def last_price(self, instrument: str) -> float:
+        """The broker's last traded price of "EXCHANGE:TRADINGSYMBOL" (Kite's /quote/ltp)."""
+        data = await self.call(self._kite.ltp, [instrument])
+        quote = data.get(instrument) if isinstance(data, dict) else None
+        price = quote.get("last_price") if isinstance(quote, dict) else None
+        if not isinstance(price, int | float) or price <= 0:
+            raise BrokerUnavailable(f"broker has no last price for {instrument}")
+        return float(price)
+
 
 def _opt_str(value: object) -> str | None:
     return str(value) if value not in (None, "") else None

@@ -35,7 +35,14 @@ from connectors.broker import BrokerError, BrokerThrottled, BrokerUnavailable, K
 from core.crypto import SecretBox
 from core.settings import Settings
 from manager.broker_loss import LifecycleWatch
-from manager.strategy_manager import LIFECYCLE_TOPIC, ORDERS_TOPIC, StrategyManager, initial_runtime, spec_for
+from manager.strategy_manager import (
+    LIFECYCLE_TOPIC,
+    ORDERS_TOPIC,
+    StrategyManager,
+    armed_event,
+    initial_runtime,
+    spec_for,
+)
 from schemas.events import (
     Action,
     Event,
@@ -173,10 +180,17 @@ class Recovery:
             events.append(StrategyLifecycle(kind=LifecycleKind.STARTED, spec=spec, run=strategy.run, trading_day=day,
                                             occurred_at=now, reason="recovery"))  # fmt: skip
             if position.open:
-                events.append(StrategyLifecycle(kind=LifecycleKind.ARMED, spec=spec, run=strategy.run, trading_day=day,
-                                                occurred_at=now, entry_price=position.entry_price,
-                                                opened_at=self.manager.calendar.at(day, strategy.buy_time),
-                                                reason="recovery"))  # fmt: skip
+                events.append(
+                    armed_event(
+                        spec,
+                        strategy.run,
+                        day,
+                        now,
+                        position.entry_price,
+                        self.manager.calendar.at(day, strategy.buy_time),
+                        reason="recovery",
+                    )
+                )
         # One pipelined round trip per thousand strategies, on one connection: the lanes keep the rest.
         await self.manager.runtime.load_many(loads)
         await self._publish_all([(LIFECYCLE_TOPIC, e.spec.instrument, e) for e in events])
@@ -189,7 +203,7 @@ class Recovery:
 
         if republish:
             await self.lifecycle.rebase()  # the republished topic is the new baseline for "went back"
-        exits = await self._exit_crossed_stops(open_positions)
+        exits = await self._exit_crossed_stops(open_positions, positions)
         report = RecoveryReport(len(strategies), len(open_positions), len(unresolved), exits,
                                 time.perf_counter() - started)  # fmt: skip
         log.warning(
@@ -214,7 +228,8 @@ class Recovery:
             orphans = await self._orphaned_positions(session)
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
         await self._square_off(orphans)
-        exits = await self._exit_crossed_stops([s for s in strategies if positions.get(s.id, RunPosition()).open])
+        holding = [s for s in strategies if positions.get(s.id, RunPosition()).open]
+        exits = await self._exit_crossed_stops(holding, positions)
         if exits:
             log.warning("%d stop-loss crossings found at start: exits sent", exits)
         return exits
@@ -348,7 +363,9 @@ class Recovery:
             # Recorded before it is sent, under the EXIT's own intent id: a STOP's EXIT racing it is the same.
             await self.manager.square_off_orphan(strategy, strategy.trading_day or today)
 
-    async def _exit_crossed_stops(self, open_positions: list[Strategy]) -> int:
+    async def _exit_crossed_stops(self, open_positions: list[Strategy], positions: dict[int, RunPosition]) -> int:
+        """A STOPLOSS for each position whose stop the broker's last price is at or under, a TARGET for each whose
+        target it is at or above (stops and targets in points or percent resolved from the recorded entry)."""
         if not open_positions:
             return 0
         prices = await self.last_prices(sorted({s.instrument for s in open_positions}))
@@ -356,13 +373,24 @@ class Recovery:
         intents = []
         for strategy in open_positions:
             price = prices.get(strategy.instrument)
-            if price is None or price > float(strategy.stop_loss):
+            entry = positions.get(strategy.id, RunPosition()).entry_price
+            stop, target = strategy.exits.stop_price(entry), strategy.exits.target_price(entry)
+            loss_at = strategy.exits.loss_limit_price(entry, strategy.quantity)
+            if loss_at is not None and (stop is None or loss_at > stop):
+                stop = loss_at
+            if price is None:
+                continue
+            if stop is not None and price <= stop:
+                action = Action.STOPLOSS
+            elif target is not None and price >= target:
+                action = Action.TARGET
+            else:
                 continue
             day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
             intents.append(
                 OrderIntent(
-                    intent_id=intent_id_for(strategy.id, day, strategy.run, Action.STOPLOSS), strategy_id=strategy.id,
-                    user_id=strategy.user_id, run=strategy.run, action=Action.STOPLOSS, trigger=Trigger.RECOVERY,
+                    intent_id=intent_id_for(strategy.id, day, strategy.run, action), strategy_id=strategy.id,
+                    user_id=strategy.user_id, run=strategy.run, action=action, trigger=Trigger.RECOVERY,
                     trading_day=day, instrument=strategy.instrument, quantity=strategy.quantity, due_at=now,
                     created_at=now, trigger_price=price,
                 )

@@ -311,6 +311,11 @@ class Exchange(StrEnum):
 
 
 _SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9&_.\-]{0,39}$")
+STOP_FIELDS = ("stop_loss", "stop_loss_points", "stop_loss_percent")
+TARGET_FIELDS = ("target", "target_points", "target_percent")
+TRAIL_FIELDS = ("trail_points", "trail_percent")
+TRAIL_ACTIVATION_FIELDS = ("trail_activation_points", "trail_activation_percent")
+MOVE_TO_COST_FIELDS = ("move_to_cost_points", "move_to_cost_percent")
 SYMBOL_RULE = 'symbol must be "EXCHANGE:TRADINGSYMBOL" with exchange NSE or BSE, e.g. "NSE:INFY"'
 
 
@@ -323,12 +328,66 @@ class StrategyCreateRequest(ApiModel):
     quantity: int = Field(gt=0, le=MAX_QUANTITY, description="Shares per order")
     buy_time: ClockTime = Field(description='Exchange time "HH:MM" or "HH:MM:SS", within market hours')
     sell_time: ClockTime = Field(description="Exchange time, after buy_time, within market hours")
-    stop_loss: Decimal = Field(
-        gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2, description="Price (INR) on a 0.05 tick"
+    stop_loss: Decimal | None = Field(
+        None,
+        gt=0,
+        le=MAX_STOP_LOSS,
+        max_digits=9,
+        decimal_places=2,
+        description="The stop as a price (INR) on a 0.05 tick, below the last price. Give exactly one of "
+        "stop_loss, stop_loss_points, stop_loss_percent",
     )
+    stop_loss_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="The stop this many rupees below the entry (the BUY's average price), on a 0.05 tick",
+    )  # fmt: skip
+    stop_loss_percent: Decimal | None = Field(
+        None, gt=0, lt=100, max_digits=5, decimal_places=2, description="The stop this percent below the entry"
+    )
+    target: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Take profit at this price (INR, 0.05 tick), above the last price. At most one of target, "
+        "target_points, target_percent",
+    )  # fmt: skip
+    target_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Take profit this many rupees above the entry, on a 0.05 tick",
+    )  # fmt: skip
+    target_percent: Decimal | None = Field(
+        None, gt=0, le=1000, max_digits=6, decimal_places=2, description="Take profit this percent above the entry"
+    )
+    trail_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Trailing stop: this many rupees under the highest price since activation (0.05 tick); it only "
+        "ever rises, and the exit comes at the higher of it and the stop. At most one of trail_points, trail_percent",
+    )  # fmt: skip
+    trail_percent: Decimal | None = Field(
+        None, gt=0, lt=100, max_digits=5, decimal_places=2, description="Trailing stop: this percent under the high"
+    )
+    trail_activation_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="The trailing stop starts once the price is this many rupees above the entry (default: at once)",
+    )  # fmt: skip
+    trail_activation_percent: Decimal | None = Field(
+        None, gt=0, le=1000, max_digits=6, decimal_places=2,
+        description="The trailing stop starts once the price is this percent above the entry",
+    )  # fmt: skip
+    move_to_cost_points: Decimal | None = Field(
+        None, gt=0, le=MAX_STOP_LOSS, max_digits=9, decimal_places=2,
+        description="Move to cost: the stop becomes the entry price once the price is this many rupees above it",
+    )  # fmt: skip
+    move_to_cost_percent: Decimal | None = Field(
+        None, gt=0, le=1000, max_digits=6, decimal_places=2,
+        description="Move to cost: the stop becomes the entry price once the price is this percent above it",
+    )  # fmt: skip
+    max_loss: Decimal | None = Field(
+        None, gt=0, le=Decimal("100000000"), max_digits=11, decimal_places=2,
+        description="Loss limit in rupees: once the position has lost this much at the last price, it is sold and "
+        "the strategy is done for the day",
+    )  # fmt: skip
     product: Product = Product.MIS
     protective_stop: bool = Field(
-        False, description="Also keep an SL-M order at the broker at stop_loss while in a position"
+        False, description="Also keep an SL-M order at the broker at the stop's price while in a position"
     )
 
     model_config = ConfigDict(
@@ -349,6 +408,24 @@ class StrategyCreateRequest(ApiModel):
                     "buy_time": "10:00:00",
                     "sell_time": "15:00:00",
                     "stop_loss": "3900.50",
+                },
+                {
+                    "symbol": "NSE:RELIANCE",
+                    "quantity": 5,
+                    "buy_time": "09:20",
+                    "sell_time": "15:10",
+                    "stop_loss_percent": "1.5",
+                    "target_points": "30",
+                },
+                {
+                    "symbol": "NSE:SBIN",
+                    "quantity": 20,
+                    "buy_time": "09:30",
+                    "sell_time": "15:10",
+                    "stop_loss_points": "8",
+                    "trail_points": "5",
+                    "trail_activation_points": "4",
+                    "move_to_cost_points": "3",
                 },
             ]
         }
@@ -372,12 +449,39 @@ class StrategyCreateRequest(ApiModel):
             raise ValueError(SYMBOL_RULE)
         return f"{exchange}:{tradingsymbol}"
 
-    @field_validator("stop_loss")
+    @field_validator(
+        "stop_loss",
+        "stop_loss_points",
+        "target",
+        "target_points",
+        "trail_points",
+        "trail_activation_points",
+        "move_to_cost_points",
+    )
     @classmethod
-    def _on_tick(cls, value: Decimal) -> Decimal:
-        if value % TICK != 0:
-            raise ValueError("stop_loss must be a multiple of the 0.05 tick size, e.g. 101.05")
+    def _on_tick(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if value is not None and value % TICK != 0:
+            raise ValueError(f"{info.field_name} must be a multiple of the 0.05 tick size, e.g. 101.05")
         return value
+
+    @model_validator(mode="after")
+    def _one_stop_at_most_one_target(self) -> Self:
+        stops = [name for name in STOP_FIELDS if getattr(self, name) is not None]
+        if not stops:
+            raise ValueError("stop_loss: required: give one of stop_loss (a price), stop_loss_points or "
+                             "stop_loss_percent")  # fmt: skip
+        if len(stops) > 1:
+            raise ValueError(f"{stops[1]}: give only one of {', '.join(STOP_FIELDS)}")
+        for group in (TARGET_FIELDS, TRAIL_FIELDS, TRAIL_ACTIVATION_FIELDS, MOVE_TO_COST_FIELDS):
+            given = [name for name in group if getattr(self, name) is not None]
+            if len(given) > 1:
+                raise ValueError(f"{given[1]}: give at most one of {', '.join(group)}")
+        if self.trail_points is None and self.trail_percent is None:
+            if (named := next((n for n in TRAIL_ACTIVATION_FIELDS if getattr(self, n) is not None), None)) is not None:
+                raise ValueError(f"{named}: an activation needs a trailing stop (trail_points or trail_percent)")
+        if self.stop_loss is not None and self.target is not None and self.target <= self.stop_loss:
+            raise ValueError("target: must be above stop_loss")
+        return self
 
     @field_validator("tradingsymbol")
     @classmethod
@@ -455,7 +559,19 @@ class StrategyResponse(BaseModel):
     quantity: int
     buy_time: ClockTime
     sell_time: ClockTime
-    stop_loss: Decimal
+    stop_loss: Decimal | None = None
+    stop_loss_points: Decimal | None = None
+    stop_loss_percent: Decimal | None = None
+    target: Decimal | None = None
+    target_points: Decimal | None = None
+    target_percent: Decimal | None = None
+    trail_points: Decimal | None = None
+    trail_percent: Decimal | None = None
+    trail_activation_points: Decimal | None = None
+    trail_activation_percent: Decimal | None = None
+    move_to_cost_points: Decimal | None = None
+    move_to_cost_percent: Decimal | None = None
+    max_loss: Decimal | None = None
     product: str
     protective_stop: bool = False
     status: str
@@ -542,7 +658,11 @@ class StatusResponse(BaseModel):
         "checked that much after the price moved. Absent (null) when prices are read in time.",
     )
     quantity: int | None = None
-    stop_loss: float | None = None
+    stop_loss: float | None = Field(
+        None, description="The stop's price; given in points or percent, it is resolved from the entry once bought "
+        "(null until then)",
+    )  # fmt: skip
+    target: float | None = Field(None, description="The target's price (resolved like stop_loss); null: none")
     entry_price: float | None = None
     entry_at: str | None = None
     exit_price: float | None = None
@@ -698,3 +818,36 @@ class HealthResponse(BaseModel):
             ]
         }
     )
+
+
+class KillSwitchResponse(BaseModel):
+    engaged: bool
+    trading_day: date | None = Field(None, description="The exchange day it holds (it ends with that day)")
+    strategies_stopped: int = 0
+    positions_squared_off: int = 0
+    message: str
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "engaged": True,
+                    "trading_day": "2025-01-15",
+                    "strategies_stopped": 3,
+                    "positions_squared_off": 2,
+                    "message": "kill switch engaged for 2025-01-15: 3 strategies stopped, EXIT sent for 2 open "
+                    "positions; no strategy starts until you release it (DELETE /kill-switch) or the day ends",
+                }
+            ]
+        }
+    )
+
+
+class DailyLossLimit(ApiModel):
+    daily_max_loss: Decimal | None = Field(
+        gt=0, le=Decimal("100000000"), max_digits=11, decimal_places=2,
+        description="Rupees lost today across all strategies (realised + unrealised at the last price) at which every "
+        "strategy is stopped and every position squared off for the day (the kill switch); null: no limit",
+    )  # fmt: skip
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"daily_max_loss": "5000"}, {"daily_max_loss": None}]})

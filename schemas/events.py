@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.exit_prices import EXIT_FIELDS, ExitRule
+
 
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -46,7 +48,29 @@ class StrategySpec(Event):
     quantity: int
     buy_time: time
     sell_time: time
-    stop_loss: float
+    stop_loss: float | None = Field(description="The stop as a price; null when given relative to the entry")
+    stop_loss_points: float | None = Field(None, description="The stop, this many rupees below the entry")
+    stop_loss_percent: float | None = Field(None, description="The stop, this percent below the entry")
+    target: float | None = Field(None, description="Take profit at this price (TARGET exit)")
+    target_points: float | None = Field(None, description="Take profit this many rupees above the entry")
+    target_percent: float | None = Field(None, description="Take profit this percent above the entry")
+    trail_points: float | None = Field(None, description="Trailing stop: this many rupees under the high")
+    trail_percent: float | None = Field(None, description="Trailing stop: this percent under the high")
+    trail_activation_points: float | None = Field(
+        None, description="The trailing stop starts once the price is this many rupees above the entry"
+    )
+    trail_activation_percent: float | None = Field(
+        None, description="The trailing stop starts once the price is this percent above the entry"
+    )
+    move_to_cost_points: float | None = Field(
+        None, description="The stop becomes the entry price once the price is this many rupees above the entry"
+    )
+    move_to_cost_percent: float | None = Field(
+        None, description="The stop becomes the entry price once the price is this percent above the entry"
+    )
+    max_loss: float | None = Field(
+        None, description="The strategy's loss limit in rupees: the position is sold once it has lost this much"
+    )
     product: Product = Product.MIS
     protective_stop: bool = False
 
@@ -54,11 +78,15 @@ class StrategySpec(Event):
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
 
+    @property
+    def exits(self) -> ExitRule:
+        return ExitRule(*(getattr(self, name) for name in EXIT_FIELDS))
+
 
 class LifecycleKind(StrEnum):
     STARTED = "started"  # schedule BUY/SELL jobs
     ARMED = "armed"  # BUY filled: the stop-loss agent watches the price
-    EXITED = "exited"  # position closed (SELL, STOPLOSS or square-off): disarm, cancel jobs
+    EXITED = "exited"  # position closed (SELL, STOPLOSS, TARGET or square-off): disarm, cancel jobs
     STOPPED = "stopped"  # user stop or auto-stop: disarm, cancel jobs
     FAILED = "failed"  # order failed after retries: disarm, cancel jobs
 
@@ -77,13 +105,23 @@ class StrategyLifecycle(Event):
         description="ARMED: when the position's BUY was due (it is never sent earlier). The stop judges only "
         "ticks received from then on: an older price predates the position.",
     )
+    stop_price: float | None = Field(
+        None, description="ARMED: the stop as a price, resolved from the entry when given in points or percent"
+    )
+    target_price: float | None = Field(None, description="ARMED: the target as a price, when the strategy has one")
+    trail_activation_price: float | None = Field(
+        None, description="ARMED: where the trailing stop starts trailing (null: at once, from the entry)"
+    )
+    move_to_cost_price: float | None = Field(None, description="ARMED: where the stop moves up to the entry price")
+    loss_limit_price: float | None = Field(None, description="ARMED: the price at which the loss limit is reached")
     reason: str | None = None
 
 
 class Action(StrEnum):
     BUY = "BUY"
     SELL = "SELL"  # time exit at sell_time
-    STOPLOSS = "STOPLOSS"  # price exit
+    STOPLOSS = "STOPLOSS"  # price exit at or under the stop
+    TARGET = "TARGET"  # price exit at or above the target; the priority of a STOPLOSS
     EXIT = "EXIT"  # square-off on user stop or recovery
     PROTECT = "PROTECT"  # the optional SL-M at the broker; in the order log and results, never on `orders`
 
@@ -94,6 +132,16 @@ class Action(StrEnum):
     @property
     def is_exit(self) -> bool:
         return self is not Action.BUY
+
+
+class ExitKind(StrEnum):
+    """Which of a position's price exits decided it (a STOPLOSS intent is one of the three stops)."""
+
+    STOP = "stop"  # the stop as given (price, points or percent of the entry)
+    COST_STOP = "cost_stop"  # the stop after it moved to the entry price
+    TRAILING_STOP = "trailing_stop"  # the trailing stop, at the highest price since activation minus the trail
+    TARGET = "target"
+    LOSS_LIMIT = "loss_limit"  # the strategy's max_loss reached (a stop at entry - max_loss / quantity)
 
 
 class TimeEvent(Event):
@@ -158,7 +206,12 @@ class OrderIntent(Event):
     cycle: int = Field(1, ge=1, description="Entry/exit cycle within the run (1 unless the strategy re-enters)")
     due_at: datetime = Field(description="When the decision was due (time) or made (price, user)")
     created_at: datetime
-    trigger_price: float | None = Field(None, description="The tick price that crossed the stop")
+    trigger_price: float | None = Field(None, description="The tick price that crossed the stop or the target")
+    exit_kind: ExitKind | None = Field(None, description="A price exit: which stop, or the target")
+    exit_level: float | None = Field(
+        None,
+        description="A price exit: the stop or target price the tick reached (a trailing stop: where it had risen to)",
+    )
     source_published_at: datetime | None = Field(None, description="Tick receive time, for latency")
 
     @property
@@ -208,6 +261,9 @@ class OrderResult(Event):
 class NotificationKind(StrEnum):
     ORDER_FILLED = "order_filled"
     STOPLOSS_TRIGGERED = "stoploss_triggered"
+    TARGET_REACHED = "target_reached"
+    LOSS_LIMIT_REACHED = "loss_limit_reached"
+    DAILY_LOSS_LIMIT = "daily_loss_limit"
     ORDER_FAILED = "order_failed"
     STRATEGY_STOPPED = "strategy_stopped"
     BUY_SKIPPED = "buy_skipped"

@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core.exit_prices import EXIT_FIELDS, ExitRule
+
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -52,6 +54,10 @@ class User(Base):
     # Closed accounts keep their row (and broker account) until their square-off orders are done, then are
     # purged; meanwhile nobody can log in to them and their email is free again.
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    # The trading day (exchange date) the trader's kill switch holds: no START that day until released.
+    kill_switch_day: Mapped[date | None] = mapped_column(Date)
+    # The trader's daily loss limit across all strategies (rupees, realised + unrealised); reached, the kill switch.
+    daily_max_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
 
     broker_account: Mapped[BrokerAccount | None] = relationship(back_populates="user", uselist=False)
 
@@ -109,7 +115,20 @@ class Strategy(Base):
     quantity: Mapped[int] = mapped_column(Integer)
     buy_time: Mapped[time] = mapped_column(Time)
     sell_time: Mapped[time] = mapped_column(Time)
-    stop_loss: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    # Exactly one of the three stop forms; at most one of each other group (core/exit_prices.py).
+    stop_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    stop_loss_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    stop_loss_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    target: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    target_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    target_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    trail_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    trail_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    trail_activation_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    trail_activation_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    move_to_cost_points: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
+    move_to_cost_percent: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    max_loss: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     product: Mapped[str] = mapped_column(String(8), default="MIS")
     # Also keep an SL-M order at the broker while in a position: protected even while this system is down.
     protective_stop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -128,6 +147,10 @@ class Strategy(Base):
     @property
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
+
+    @property
+    def exits(self) -> ExitRule:
+        return ExitRule(*(None if (v := getattr(self, name)) is None else float(v) for name in EXIT_FIELDS))
 
 
 class StrategyStatusChange(Base):

@@ -26,7 +26,8 @@ from schemas.events import StrategySpec
 
 
 class RuntimeState(StrEnum):
-    """DESIGN.md section 6: idle -> buying -> bought -> selling -> sold | exited_by_sl; any -> failed | stopped."""
+    """DESIGN.md section 6: idle -> buying -> bought -> selling -> sold | exited_by_sl | exited_by_target;
+    any -> failed | stopped."""
 
     IDLE = "idle"
     BUYING = "buying"
@@ -34,6 +35,7 @@ class RuntimeState(StrEnum):
     SELLING = "selling"
     SOLD = "sold"
     EXITED_BY_SL = "exited_by_sl"
+    EXITED_BY_TARGET = "exited_by_target"
     FAILED = "failed"
     STOPPED = "stopped"
 
@@ -71,7 +73,17 @@ def spec_to_hash(spec: StrategySpec, run: int, trading_day: date) -> dict[str, s
         "quantity": str(spec.quantity),
         "buy_time": spec.buy_time.isoformat(),
         "sell_time": spec.sell_time.isoformat(),
-        "stop_loss": f"{spec.stop_loss:.2f}",
+        **{
+            name: "" if value is None else f"{value:.2f}"
+            for name, value in (
+                ("stop_loss", spec.stop_loss),
+                ("stop_loss_points", spec.stop_loss_points),
+                ("stop_loss_percent", spec.stop_loss_percent),
+                ("target", spec.target),
+                ("target_points", spec.target_points),
+                ("target_percent", spec.target_percent),
+            )
+        },  # fmt: skip
         "product": spec.product.value,
         "protective_stop": "true" if spec.protective_stop else "false",
         "run": str(run),

@@ -48,6 +48,9 @@ class StopIndex:
         bisect.insort(stops.keys, (stop, strategy_id))
         self._armed[strategy_id] = (instrument, stop)
 
+    def opened_at(self, strategy_id: int) -> float | None:
+        return self._opened.get(strategy_id)
+
     def disarm(self, strategy_id: int) -> bool:
         entry = self._armed.pop(strategy_id, None)
         self._opened.pop(strategy_id, None)

@@ -31,10 +31,10 @@ from core.clock import Clock, get_clock
 from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
 from core.settings import Settings
+from manager.daily_loss import DailyLossLimits
 from manager.recovery import Recovery
 from manager.strategy_manager import StrategyManager
 from schemas.events import (
-    Action,
     LifecycleKind,
     OrderIntent,
     StrategyLifecycle,
@@ -49,15 +49,16 @@ from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
 from streams.execution.lanes import StrategyLanes
+from streams.exit_index import ExitHit, ExitIndex, Trail
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
-from streams.stop_index import StopIndex
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
 
 log = logging.getLogger(__name__)
 
 LAST_PRICE_FLUSH_SECONDS = 0.25
 RECOVERY_CHECK_SECONDS = 2.0
+DAILY_LOSS_CHECK_SECONDS = 1.0  # a trader's loss across strategies, from the order log and the last prices
 METRICS_SECONDS = 5.0  # gauges sampled this often (Prometheus scrapes every 15 s by default)
 
 
@@ -79,7 +80,7 @@ class WorkerServices:
         self.clock = clock
         self.calendar = MarketCalendar(settings)
         self.ready = asyncio.Event()
-        self.index = StopIndex()
+        self.index = ExitIndex()
         self.index_stale = True
         self.latest: dict[str, float] = {}  # instrument -> last price this worker knows
         # ... and when it was seen (the tick's received_at, ISO, project clock): parsed only for a crossing
@@ -120,7 +121,13 @@ class WorkerServices:
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
         self.broker_prices = BrokerPrices(self.recovery.last_prices, self.broker_price)
+        self.daily_loss = DailyLossLimits(self.sessions, self.manager, self.producer, self.redis_prices)
         self.ready.set()
+
+    async def redis_prices(self, instruments: list[str]) -> dict[str, float]:
+        """The last prices the workers wrote to Redis (every LAST_PRICE_FLUSH_SECONDS)."""
+        values = await self.redis.hmget(LTP_KEY, instruments)
+        return {i: float(v) for i, v in zip(instruments, values, strict=True) if v is not None}
 
     def remember_price(self, instrument: str, price: float) -> None:
         """A price of unknown age (Redis's last price), unless a tick already told this worker one: it
@@ -160,10 +167,20 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     # i.e. the instrument's partition, so it recovers on the worker that gets that instrument's ticks.
     armed = app.Table("armed-stops", default=None, partitions=settings.ticks_partitions)
 
+    def arm(strategy_id: int, stop: dict[str, Any]) -> None:
+        """Arm a position's exits as the `armed-stops` table holds them. (A trailing stop's high and a stop moved
+        to cost are not in the table: re-armed after a restart or a rebalance, they start again from the entry.)"""
+        trail = stop.get("trail")
+        services.index.arm(
+            strategy_id, stop["instrument"], stop["stop_loss"], stop.get("target"), stop.get("opened_at"),
+            trail=Trail(**trail) if trail else None, cost_at=stop.get("cost_at"), entry=stop.get("entry"),
+            loss_at=stop.get("loss_at"),
+        )  # fmt: skip
+
     def rebuild_index() -> None:
         services.index.clear()
         for key, stop in armed.items():
-            services.index.arm(int(key), stop["instrument"], stop["stop_loss"], stop.get("opened_at"))
+            arm(int(key), stop)
         services.index_stale = False
         log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
 
@@ -211,9 +228,33 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             event = StrategyLifecycle.model_validate_json(value)
             key = str(event.spec.strategy_id)
             if event.kind is LifecycleKind.ARMED:
+                instrument = event.spec.instrument
+                exits = event.spec.exits
+                stop_price = event.stop_price if event.stop_price is not None else exits.stop_price(event.entry_price)
+                target_price = (
+                    event.target_price if event.target_price is not None else exits.target_price(event.entry_price)
+                )
+                if stop_price is None or (exits.has_target and target_price is None):
+                    # A relative exit with no entry price (an ARMED from before the entry was known): the last
+                    # price seen stands in for it rather than leaving the position unwatched.
+                    stand_in = services.latest.get(instrument) or await services.runtime.last_price(instrument)
+                    log.error("strategy %s armed without an entry price: exits resolved from %s", key, stand_in)
+                    stop_price = exits.stop_price(stand_in) if stop_price is None else stop_price
+                    target_price = exits.target_price(stand_in) if target_price is None else target_price
+                entry = event.entry_price or services.latest.get(instrument)
+                trail = None
+                if exits.trails and entry is not None:
+                    activate_at = event.trail_activation_price or exits.trail_activation_price(entry)
+                    trail = {"high": entry, "points": exits.trail_points, "percent": exits.trail_percent,
+                             "activate_at": activate_at}  # fmt: skip
                 armed[key] = {
-                    "instrument": event.spec.instrument,
-                    "stop_loss": event.spec.stop_loss,
+                    "instrument": instrument,
+                    "stop_loss": stop_price if stop_price is not None else 0.0,
+                    "target": target_price,
+                    "trail": trail,
+                    "cost_at": event.move_to_cost_price or exits.move_to_cost_price(entry),
+                    "entry": entry,
+                    "loss_at": event.loss_limit_price or exits.loss_limit_price(entry, event.spec.quantity),
                     "user_id": event.spec.user_id,
                     "run": event.run,
                     "trading_day": event.trading_day.isoformat(),
@@ -221,8 +262,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
                 }
                 opened_at = armed[key]["opened_at"]
-                instrument = event.spec.instrument
-                services.index.arm(event.spec.strategy_id, instrument, event.spec.stop_loss, opened_at)
+                arm(event.spec.strategy_id, armed[key])
                 if instrument not in services.latest and (known := await services.runtime.last_price(instrument)):
                     services.remember_price(instrument, known)
                 if instrument not in services.latest or services.seen_at(instrument) < (opened_at or -math.inf):
@@ -243,7 +283,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         await services.ready.wait()
         if services.index_stale:
             rebuild_index()
-        hits: list[tuple[int, dict[str, Any]]] = []
+        hits: list[tuple[ExitHit, dict[str, Any]]] = []
         for value in values:
             try:
                 tick = orjson.loads(value)
@@ -255,11 +295,11 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             services.latest_seen[instrument] = tick.get("received_at") or ""
             if services.index.crossed(instrument, price):
                 seen_at = _seconds(tick.get("received_at"))
-                hits.extend((strategy_id, tick) for strategy_id in services.index.trigger(instrument, price, seen_at))
-        await emit_stoplosses(hits)
+                hits.extend((hit, tick) for hit in services.index.trigger(instrument, price, seen_at))
+        await emit_exits(hits)
 
-    async def emit_stoplosses(hits: list[tuple[int, dict[str, Any]]]) -> None:
-        """Publish one STOPLOSS per hit and wait until Kafka has them all.
+    async def emit_exits(hits: list[tuple[ExitHit, dict[str, Any]]]) -> None:
+        """Publish one STOPLOSS or TARGET per hit and wait until Kafka has them all.
 
         The index forgot the hit stops when it returned them (one exit per position, not one per tick); if a
         publish fails they are armed again and the error propagates, so the ticks are read again and the
@@ -269,15 +309,15 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             return
         metrics.STOPLOSS_TRIGGERED.inc(len(hits))
         outcomes = await asyncio.gather(
-            *(_delivered(_emit_stoploss(strategy_id, tick)) for strategy_id, tick in hits), return_exceptions=True
+            *(_delivered(_emit_exit(hit, tick)) for hit, tick in hits), return_exceptions=True
         )
-        failed = [strategy_id for (strategy_id, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
+        failed = [hit.strategy_id for (hit, _), outcome in zip(hits, outcomes, strict=True) if outcome is not None]
         for strategy_id in failed:
             stop = armed.get(str(strategy_id))
             if stop is not None:
-                services.index.arm(strategy_id, stop["instrument"], stop["stop_loss"], stop.get("opened_at"))
+                arm(strategy_id, stop)
         if failed:
-            raise RuntimeError(f"{len(failed)} STOPLOSS intents not acknowledged by Kafka; their stops are re-armed")
+            raise RuntimeError(f"{len(failed)} exit intents not acknowledged by Kafka; their stops are re-armed")
 
     async def _delivered(queued: Awaitable[Awaitable[object] | None]) -> None:
         acknowledgement = await queued
@@ -286,19 +326,21 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
 
     feed = TickFeed(settings, check_ticks)
 
-    async def _emit_stoploss(strategy_id: int, tick: dict[str, Any]) -> Awaitable[object] | None:
-        """Queue the STOPLOSS intent; returns Kafka's acknowledgement to await (one price may cross many)."""
+    async def _emit_exit(hit: ExitHit, tick: dict[str, Any]) -> Awaitable[object] | None:
+        """Queue the STOPLOSS or TARGET intent; returns Kafka's acknowledgement to await (one price may cross
+        many)."""
+        strategy_id, action = hit.strategy_id, hit.action
         stop = armed.get(str(strategy_id))
         if stop is None:
             return None
         now = services.clock.now()
         trading_day = date.fromisoformat(stop["trading_day"])
         intent = OrderIntent(
-            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], Action.STOPLOSS),
+            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], action),
             strategy_id=strategy_id,
             user_id=stop["user_id"],
             run=stop["run"],
-            action=Action.STOPLOSS,
+            action=action,
             trigger=Trigger.PRICE,
             trading_day=trading_day,
             instrument=stop["instrument"],
@@ -306,9 +348,12 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             due_at=now,
             created_at=now,
             trigger_price=tick["last_price"],
+            exit_kind=hit.kind,
+            exit_level=hit.level,
             source_published_at=datetime.fromisoformat(tick["received_at"]) if tick.get("received_at") else None,
         )
-        log.info("stop-loss hit: strategy %s at %s (stop %s)", strategy_id, tick["last_price"], stop["stop_loss"])
+        log.info("%s hit: strategy %s at %s (%s %s)", action.value, strategy_id, tick["last_price"], hit.kind.value,
+                 hit.level)  # fmt: skip
         return await services.producer.publish_nowait("orders", strategy_id, intent)
 
     @app.timer(LAST_PRICE_FLUSH_SECONDS)
@@ -335,11 +380,11 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             for instrument, value in zip(unknown, await services.redis.hmget(LTP_KEY, unknown), strict=True):
                 if value is not None:
                     services.remember_price(instrument, float(value))
-        await emit_stoplosses([
-            (strategy_id, {"last_price": price})
+        await emit_exits([
+            (hit, {"last_price": price})
             for instrument, price in list(services.latest.items())
             if services.index.crossed(instrument, price)
-            for strategy_id in services.index.trigger(instrument, price, services.seen_at(instrument))
+            for hit in services.index.trigger(instrument, price, services.seen_at(instrument))
         ])  # fmt: skip
 
     async def check_recovery() -> bool:
@@ -368,6 +413,15 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         while not await check_recovery():
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECOVERY_CHECK_SECONDS)
+
+    @app.timer(DAILY_LOSS_CHECK_SECONDS)
+    async def _check_daily_loss_limits() -> None:
+        if not services.ready.is_set():
+            return
+        try:
+            await services.daily_loss.check()
+        except Exception:
+            log.exception("daily loss limit check failed; retrying at the next interval")
 
     @app.timer(RECOVERY_CHECK_SECONDS)
     async def _recover_when_needed() -> None:

@@ -21,10 +21,13 @@ from api.deps import (
     authenticate,
 )
 from api.errors import JSON, ApiError, FieldError, not_found
+from api.exit_levels import check_exit_sides
 from api.openapi import responses
 from api.order_budget import start_refusal
+from api.routes.kill_switch import refuse_start_if_engaged
 from api.services import Services
 from api.status import StatusNotFound
+from core.exit_prices import EXIT_FIELDS
 from manager.strategy_manager import StartOutcome, StopOutcome
 from schemas.api import (
     MAX_ID,
@@ -58,7 +61,7 @@ def strategy_response(strategy: Strategy) -> StrategyResponse:
         quantity=strategy.quantity,
         buy_time=strategy.buy_time,
         sell_time=strategy.sell_time,
-        stop_loss=strategy.stop_loss,
+        **{name: getattr(strategy, name) for name in EXIT_FIELDS},
         product=strategy.product,
         protective_stop=strategy.protective_stop,
         status=strategy.status,
@@ -132,6 +135,7 @@ async def create_strategy(
     instrument = await broker.lookup(body.exchange.value, body.tradingsymbol)
     if instrument is None:
         raise FieldError("symbol", f"unknown instrument {body.instrument}: not in the broker's instrument list")
+    await check_exit_sides(broker, f"{instrument.exchange}:{instrument.tradingsymbol}", body.stop_loss, body.target)
     strategy = Strategy(
         user_id=user.id,
         exchange=instrument.exchange,
@@ -140,7 +144,7 @@ async def create_strategy(
         quantity=body.quantity,
         buy_time=body.buy_time,
         sell_time=body.sell_time,
-        stop_loss=body.stop_loss,
+        **{name: getattr(body, name) for name in EXIT_FIELDS},
         product=body.product.value,
         protective_stop=body.protective_stop,
         status=StrategyStatus.CREATED.value,
@@ -200,8 +204,11 @@ async def _start(
 ) -> StartResponse:  # fmt: skip
     strategy = await owned_strategy(session, strategy_id, user.id)
     if strategy.status != StrategyStatus.RUNNING.value:
-        # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead.
-        await live_broker(session, user.id, box, settings, clock.now(), orders=True)
+        await refuse_start_if_engaged(session, user.id, manager.calendar.local(clock.now()).date())
+        # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead. The market
+        # may have moved since create: a stop now at or above it is refused as at create.
+        broker = await live_broker(session, user.id, box, settings, clock.now(), orders=True)
+        await check_exit_sides(broker, strategy.instrument, strategy.stop_loss, strategy.target)
         if (refusal := await start_refusal(session, strategy, settings, calendar, clock)) is not None:
             raise ApiError(409, f"START refused: {refusal}")
     await session.close()

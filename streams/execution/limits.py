@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from schemas.events import Action
 
 EXCHANGE_TZ = ZoneInfo("Asia/Kolkata")
-PRIORITY = {Action.STOPLOSS: 0, Action.EXIT: 1, Action.SELL: 1, Action.PROTECT: 1, Action.BUY: 2}
+PRIORITY = {Action.STOPLOSS: 0, Action.TARGET: 0, Action.EXIT: 1, Action.SELL: 1, Action.PROTECT: 1, Action.BUY: 2}
 
 
 class PriorityGate:

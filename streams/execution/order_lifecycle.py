@@ -199,6 +199,9 @@ RESULT_STATES = {
 }
 
 
+EXITED_STATE = {Action.STOPLOSS: RuntimeState.EXITED_BY_SL, Action.TARGET: RuntimeState.EXITED_BY_TARGET}
+
+
 def strategy_state(
     orders: Mapping[Action, OrderState] | Iterable[tuple[Action, OrderState]], status: str | None = None
 ) -> RuntimeState:
@@ -210,7 +213,7 @@ def strategy_state(
     filled_exit = next((action for action, state in exits.items() if state is OrderState.FILLED), None)
     buy = states.get(Action.BUY)
     if filled_exit is not None:
-        return RuntimeState.EXITED_BY_SL if filled_exit is Action.STOPLOSS else RuntimeState.SOLD
+        return EXITED_STATE.get(filled_exit, RuntimeState.SOLD)
     if buy in (OrderState.FILLED, OrderState.OPEN):
         in_flight = any(state in UNCLEAR or state in WORKING for state in exits.values())
         return RuntimeState.SELLING if in_flight else RuntimeState.BOUGHT

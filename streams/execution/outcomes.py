@@ -18,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from connectors.broker import BrokerError, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder
 from core.metrics import AUTO_STOPS
-from manager.strategy_manager import spec_for
+from manager.strategy_manager import armed_event, spec_for
 from schemas.events import (
     Action,
+    ExitKind,
     LifecycleKind,
     NotificationKind,
     OrderIntent,
@@ -94,11 +95,9 @@ class Outcomes:
                 await self.announce(intent, told)
                 return result
             if strategy.protective_stop and filled:
-                await self.protection.place(await self.context.gateways(intent.user_id), intent, strategy)
-            armed = StrategyLifecycle(
-                kind=LifecycleKind.ARMED, spec=spec, run=intent.run, trading_day=intent.trading_day,
-                occurred_at=now, entry_price=broker_order.average_price, opened_at=intent.due_at,
-            )  # fmt: skip
+                gateway = await self.context.gateways(intent.user_id)
+                await self.protection.place(gateway, intent, strategy, broker_order.average_price)
+            armed = armed_event(spec, intent.run, intent.trading_day, now, broker_order.average_price, intent.due_at)
             await self.announce(intent, told, armed)
             return result
 
@@ -109,9 +108,21 @@ class Outcomes:
             exit_price=f"{broker_order.average_price or 0:.2f}", exit_at=now.isoformat(),
         )  # fmt: skip
         sold = f"Sold {strategy.quantity} {spec.instrument} at {broker_order.average_price}"
-        if intent.action is Action.STOPLOSS:
+        if intent.action is Action.STOPLOSS and intent.exit_kind is ExitKind.LOSS_LIMIT:
+            notice = self.ledger.notice(
+                intent, NotificationKind.LOSS_LIMIT_REACHED, "Loss Limit Reached – Strategy Done for the Day",
+                f"{sold} (loss limit {spec.max_loss} reached at {intent.exit_level})",
+            )  # fmt: skip
+        elif intent.action is Action.STOPLOSS:
+            # The stop the price reached: a trailing stop, or one moved to cost, is above the one configured.
+            stop = intent.exit_level or spec.exits.stop_price(position.entry_price) or spec.exits.describe_stop()
+            if intent.exit_kind is not None and intent.exit_kind is not ExitKind.STOP:
+                stop = f"{intent.exit_kind.value.replace('_', ' ')} {stop}"
             notice = self.ledger.notice(intent, NotificationKind.STOPLOSS_TRIGGERED, "STOP-LOSS Triggered",
-                                        f"{sold} (stop {spec.stop_loss})")  # fmt: skip
+                                        f"{sold} (stop {stop})")  # fmt: skip
+        elif intent.action is Action.TARGET:
+            notice = self.ledger.notice(intent, NotificationKind.TARGET_REACHED, "TARGET Reached",
+                                        f"{sold} (target {spec.exits.target_price(position.entry_price)})")  # fmt: skip
         else:
             notice = self.ledger.notice(intent, NotificationKind.ORDER_FILLED, f"{intent.action.value} filled", sold)
         # A SELL or STOPLOSS ends the strategy's day (an EXIT is the trader's STOP, which sets its own status).
@@ -184,10 +195,12 @@ class Outcomes:
         else:
             return
         spec = spec_for(strategy)
-        await self.context.publisher.publish(LIFECYCLE_TOPIC, spec.instrument, StrategyLifecycle(
-            kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day, occurred_at=self.context.clock.now(),
-            entry_price=position.entry_price, reason=reason,
-            opened_at=intent.due_at if kind is LifecycleKind.ARMED else None,
+        now = self.context.clock.now()
+        await self.context.publisher.publish(LIFECYCLE_TOPIC, spec.instrument, (
+            armed_event(spec, intent.run, intent.trading_day, now, position.entry_price, intent.due_at)
+            if kind is LifecycleKind.ARMED
+            else StrategyLifecycle(kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day,
+                                   occurred_at=now, entry_price=position.entry_price, reason=reason)
         ))  # fmt: skip
 
     async def announce(self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None) -> None:

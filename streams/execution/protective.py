@@ -38,7 +38,13 @@ class ProtectiveStops:
         protect_id = intent_id_for(intent.strategy_id, intent.trading_day, intent.run, Action.PROTECT, intent.cycle)
         return intent.model_copy(update={"intent_id": protect_id, "action": Action.PROTECT})
 
-    async def place(self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy) -> None:
+    async def place(
+        self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, entry_price: float | None
+    ) -> None:
+        stop_price = strategy.exits.stop_price(entry_price)  # a stop in points or percent, from this entry
+        if stop_price is None:
+            log.warning("protective stop for strategy %s not placed: no entry price to resolve it", strategy.id)
+            return
         protect = self.intent(intent)
         order = TrackedOrder(protect.intent_id, Action.PROTECT, protect.broker_tag)
         await self.ledger.sent(protect, order, self.context.clock.now())
@@ -46,7 +52,7 @@ class ProtectiveStops:
             async with self.rate_limiter.permit(intent.user_id, PRIORITY[Action.PROTECT]):
                 order.order_id = await gateway.place_stop_order(
                     exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
-                    product=strategy.product, trigger_price=float(strategy.stop_loss), tag=order.tag,
+                    product=strategy.product, trigger_price=stop_price, tag=order.tag,
                 )  # fmt: skip
         except BrokerError as exc:
             # The pipeline's own stop still guards the position; the trader is told the broker-side one is off.

@@ -22,7 +22,8 @@ from streams.execution.retrying import broker_retries
 
 log = logging.getLogger(__name__)
 
-EXITS = frozenset({Action.SELL, Action.STOPLOSS, Action.EXIT})  # a resting protective stop (PROTECT) is released
+# The orders that close a position (a resting protective stop, PROTECT, is released, not settled as one).
+EXITS = frozenset({Action.SELL, Action.STOPLOSS, Action.TARGET, Action.EXIT})
 
 
 def apply(order: TrackedOrder, event: OrderEvent) -> bool:

@@ -31,10 +31,11 @@ from streams.execution.ledger import Ledger
 from streams.execution.limits import PRIORITY
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
 from streams.execution.placement import Placement
+from streams.execution.reconcile import EXITS
 
 log = logging.getLogger(__name__)
 
-CHASED = frozenset({Action.SELL, Action.STOPLOSS, Action.EXIT})
+CHASED = EXITS  # a protective stop (PROTECT) is meant to rest: it is never chased
 TICK = 0.05  # NSE equity tick: the stop-loss and every strategy price are on it
 
 

@@ -64,6 +64,22 @@ CREATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"stop_loss": 100.123}, "stop_loss", "decimal places"),
     ({"stop_loss": 100.03}, "stop_loss", "0.05 tick"),
     ({"stop_loss": "NaN"}, "stop_loss", ""),
+    ({"stop_loss": 1400, "stop_loss_points": 10}, "stop_loss_points", "only one of"),
+    ({"stop_loss": ..., "stop_loss_percent": 100}, "stop_loss_percent", "less than 100"),
+    ({"stop_loss": ..., "stop_loss_points": 10.02}, "stop_loss_points", "0.05 tick"),
+    ({"target_points": 10, "target_percent": 2}, "target_percent", "at most one of"),
+    ({"target": 1300}, "target", "above stop_loss"),
+    ({"target": 1600.01}, "target", "0.05 tick"),
+    ({"target_percent": 0}, "target_percent", "greater than 0"),
+    ({"trail_points": 5, "trail_percent": 1}, "trail_percent", "at most one of"),
+    ({"trail_points": 5.01}, "trail_points", "0.05 tick"),
+    ({"trail_activation_points": 5}, "trail_activation_points", "needs a trailing stop"),
+    (
+        {"trail_points": 5, "trail_activation_points": 5, "trail_activation_percent": 1},
+        "trail_activation_percent",
+        "at most one of",
+    ),  # fmt: skip
+    ({"move_to_cost_points": 5, "move_to_cost_percent": 1}, "move_to_cost_percent", "at most one of"),
     ({"product": "BO"}, "product", "MIS"),
     ({"unexpected": 1}, "unexpected", "not allowed"),
 ]
@@ -94,6 +110,46 @@ async def test_malformed_and_missing_bodies(client: httpx.AsyncClient, make_user
         assert missing.status_code == 422, path
         wrong_type = await client.post(path, json=[1, 2], headers=user.headers)
         assert wrong_type.status_code == 422, path
+
+
+async def test_create_refuses_a_stop_at_or_above_the_last_price(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, simulator: Any
+) -> None:
+    """The issue's case: INFY at 1,496 and a stop of 1,571 was accepted, bought and sold in the same second."""
+    simulator.state.set_price("NSE:HCLTECH", 1496.0)
+    user = await make_user()
+    await make_strategy(user, symbol="NSE:HCLTECH", stop_loss=1495.95)  # just under the market: accepted
+    for stop in (1571, 1496):
+        response = await client.post(
+            "/strategy/create", json=strategy_body(symbol="NSE:HCLTECH", stop_loss=stop), headers=user.headers
+        )
+        assert response.status_code == 422, response.text
+        [problem] = response.json()["detail"]
+        assert problem["field"] == "stop_loss"
+        assert "last price 1496.00 of NSE:HCLTECH" in problem["message"], problem
+    target = await client.post(
+        "/strategy/create", json=strategy_body(symbol="NSE:HCLTECH", stop_loss=1490, target=1496), headers=user.headers
+    )
+    assert target.status_code == 422, target.text
+    assert target.json()["detail"][0]["field"] == "target"
+    assert "above the last price 1496.00" in target.json()["detail"][0]["message"]
+    listed = (await client.get("/strategies", headers=user.headers)).json()["strategies"]
+    assert len(listed) == 1
+
+
+async def test_create_with_a_relative_stop_and_a_target(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy
+) -> None:
+    user = await make_user()
+    body = await make_strategy(user, stop_loss=..., stop_loss_percent="1.5", target_points=30)
+    assert body["stop_loss"] is None
+    assert (Decimal(body["stop_loss_percent"]), Decimal(body["target_points"])) == (Decimal("1.5"), 30)
+    again = (await client.get(f"/strategy/{body['strategy_id']}", headers=user.headers)).json()
+    assert (Decimal(again["stop_loss_percent"]), again["target"], again["target_percent"]) == (
+        Decimal("1.5"),
+        None,
+        None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- start
@@ -171,6 +227,30 @@ async def test_start_after_sell_time_runs_next_trading_day(
     assert body["trading_day"] == "2025-01-16"
     assert body["trading_day_is_today"] is False
     assert "next trading day" in body["message"]
+
+
+async def test_start_refuses_a_stop_the_market_has_fallen_through(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, simulator: Any,
+    api_settings: Settings,
+) -> None:  # fmt: skip
+    simulator.state.set_price("NSE:TITAN", 3700.0)
+    user = await make_user()
+    sid = (await make_strategy(user, symbol="NSE:TITAN", stop_loss=3650))["strategy_id"]
+    simulator.state.set_price("NSE:TITAN", 3640.0)  # the market moved under the stop after create
+    refused = await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    assert refused.status_code == 422, refused.text
+    [problem] = refused.json()["detail"]
+    assert problem["field"] == "stop_loss"
+    assert "last price 3640.00 of NSE:TITAN" in problem["message"]
+    strategy = (await client.get(f"/strategy/{sid}", headers=user.headers)).json()
+    assert (strategy["status"], strategy["run"]) == ("created", 0)
+    assert await read_topic(api_settings, "strategy-lifecycle", expect=1, wait_seconds=1) == []
+    assert [r for r in simulator.state.audit_records(api_key=user.broker.api_key) if r.action == "place"] == []
+
+    simulator.state.set_price("NSE:TITAN", 3700.0)  # back above it: the start goes through
+    started = await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    assert started.status_code == 200, started.text
+    assert started.json()["run"] == 1
 
 
 async def test_stop_then_restart_is_a_new_run(

@@ -1,0 +1,146 @@
+"""A trader's daily loss limit across all their strategies: realised (today's closed positions, from the order
+log) plus unrealised (open positions at the last price). Reached, the trader's kill switch is engaged for the day
+(every strategy stopped, every position squared off, no START), and the trader is told once.
+
+Checked by every worker on a timer, O(positions of traders with a limit); the actions are idempotent (the kill
+switch day is a column, a stop of a stopped strategy does nothing, the notice has a deterministic id), so two
+workers checking at once do no harm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from manager.strategy_manager import EventPublisher, StrategyManager
+from schemas.events import NotificationKind, UserNotification
+from storage.models import Notification, OrderLog, OrderLogKind, Strategy, StrategyStatus, User
+from storage.positions import fold
+
+log = logging.getLogger(__name__)
+
+NOTIFICATIONS_TOPIC = "notifications"
+
+LastPrices = Callable[[list[str]], Awaitable[dict[str, float]]]
+
+
+@dataclass(frozen=True, slots=True)
+class DayPnl:
+    realised: float
+    unrealised: float
+
+    @property
+    def total(self) -> float:
+        return self.realised + self.unrealised
+
+
+Runs = dict[tuple[int, int], tuple[str, int, list[tuple[str, str, object, str | None]]]]
+
+
+async def runs_since(session: AsyncSession, user_id: int, since: datetime) -> Runs:
+    """The user's strategy runs with an order result since `since`: (strategy, run) -> (instrument, quantity,
+    result rows oldest first)."""
+    rows = await session.execute(
+        select(Strategy.id, Strategy.exchange, Strategy.tradingsymbol, Strategy.quantity, OrderLog.run,
+               OrderLog.action, OrderLog.status, OrderLog.price, OrderLog.broker_order_id)
+        .join(OrderLog, and_(OrderLog.strategy_id == Strategy.id, OrderLog.kind == OrderLogKind.RESULT.value))
+        .where(Strategy.user_id == user_id, OrderLog.created_at >= since)
+        .order_by(OrderLog.id)
+    )  # fmt: skip
+    runs: Runs = {}
+    for sid, exchange, symbol, quantity, run, action, status, price, order_id in rows:
+        runs.setdefault((sid, run), (f"{exchange}:{symbol}", quantity, []))[2].append((action, status, price, order_id))
+    return runs
+
+
+def open_instruments(runs: Runs) -> set[str]:
+    return {instrument for instrument, _, history in runs.values() if fold(history).open}
+
+
+def day_pnl(runs: Runs, last_prices: dict[str, float]) -> DayPnl:
+    """Realised from the fills of closed positions, unrealised from the last price of open ones."""
+    realised = unrealised = 0.0
+    for instrument, quantity, history in runs.values():
+        position = fold(history)
+        if not position.bought or position.entry_price is None:
+            continue
+        if position.exited and position.exit_price is not None:
+            realised += (position.exit_price - position.entry_price) * quantity
+        elif position.open and (price := last_prices.get(instrument)) is not None:
+            unrealised += (price - position.entry_price) * quantity
+    return DayPnl(round(realised, 2), round(unrealised, 2))
+
+
+class DailyLossLimits:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], manager: StrategyManager, publisher: EventPublisher,
+        last_prices: LastPrices,
+    ) -> None:  # fmt: skip
+        self.sessions = sessions
+        self.manager = manager
+        self.publisher = publisher
+        self.last_prices = last_prices
+
+    async def check(self) -> list[int]:
+        """Engage the kill switch of every trader whose day's loss reached their limit; returns their ids."""
+        now = self.manager.clock.now()
+        local = self.manager.calendar.local(now)
+        today = local.date()
+        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
+        async with self.sessions() as session:
+            users = (
+                await session.execute(
+                    select(User.id, User.daily_max_loss)
+                    .where(User.daily_max_loss.is_not(None))
+                    .where((User.kill_switch_day.is_(None)) | (User.kill_switch_day < today))
+                    .where(User.id.in_(select(Strategy.user_id).where(Strategy.status == StrategyStatus.RUNNING.value)))
+                )
+            ).all()
+            reached: list[tuple[int, float, DayPnl]] = []
+            for user_id, max_loss in users:
+                runs = await runs_since(session, user_id, day_start)
+                holding = open_instruments(runs)
+                pnl = day_pnl(runs, await self.last_prices(sorted(holding)) if holding else {})
+                if max_loss is not None and -pnl.total >= float(max_loss):
+                    reached.append((user_id, float(max_loss), pnl))
+        for user_id, limit, pnl in reached:
+            await self._stop_the_day(user_id, limit, pnl, today, now)
+        return [user_id for user_id, _, _ in reached]
+
+    async def _stop_the_day(self, user_id: int, limit: float, pnl: DayPnl, today: date, now: datetime) -> None:
+        log.warning("user %s reached the daily loss limit %.2f (realised %.2f, unrealised %.2f): stopping the day",
+                    user_id, limit, pnl.realised, pnl.unrealised)  # fmt: skip
+        async with self.sessions() as session:
+            await session.execute(update(User).where(User.id == user_id).values(kill_switch_day=today))
+            await session.commit()
+            running = (
+                await session.scalars(
+                    select(Strategy.id).where(Strategy.user_id == user_id,
+                                              Strategy.status == StrategyStatus.RUNNING.value)
+                )
+            ).all()  # fmt: skip
+        for strategy_id in running:
+            await self.manager.stop(strategy_id, user_id=user_id, square_off=True, reason="daily loss limit")
+        notice = UserNotification(
+            notification_id=f"user:{user_id}:{today.isoformat()}:{NotificationKind.DAILY_LOSS_LIMIT.value}",
+            user_id=user_id, kind=NotificationKind.DAILY_LOSS_LIMIT, title="Daily Loss Limit Reached – Trading Stopped",
+            message=f"Today's loss {-pnl.total:.2f} (realised {-pnl.realised:.2f}, open {-pnl.unrealised:.2f}) reached "
+            f"your limit {limit:.2f}: every strategy stopped and every position squared off for the day",
+            occurred_at=now,
+        )  # fmt: skip
+        try:
+            async with self.sessions() as session:
+                session.add(Notification(
+                    notification_id=notice.notification_id, user_id=user_id, strategy_id=None, kind=notice.kind.value,
+                    title=notice.title, message=notice.message, created_at=now,
+                ))  # fmt: skip
+                await session.commit()
+        except IntegrityError:
+            return  # already told
+        await self.publisher.publish(NOTIFICATIONS_TOPIC, user_id, notice)
