@@ -23,7 +23,7 @@ import math
 from connectors.broker import BrokerRejected, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.settings import Settings
-from schemas.events import Action, NotificationKind, OrderIntent
+from schemas.events import NotificationKind, OrderIntent
 from storage.models import Strategy
 from storage.runtime import RuntimeStore
 from streams.execution.context import EngineContext
