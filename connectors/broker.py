@@ -244,6 +244,30 @@ class BrokerProfile:
     broker: str | None
 
 
+class QuotePace:
+    """Kite answers one quote request a second per api_key (429 beyond). Quote calls of one api_key in this
+    process are spaced a second apart: each takes the next free second before it awaits, so callers queue in
+    order without a lock (nothing to bind to one event loop). Another process of ours may still take the same
+    second: the caller retries that 429 once the second is over."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next_free: dict[str, float] = {}
+
+    async def turn(self, api_key: str) -> None:
+        now = time.monotonic()
+        at = max(now, self._next_free.get(api_key, now))
+        self._next_free[api_key] = at + self.interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+
+QUOTE_PACE = QuotePace()
+QUOTE_ATTEMPTS = 3
+QUOTE_FRESH_SECONDS = 1.0
+FRESH_PRICES: dict[tuple[str, str], tuple[float, float]] = {}  # (api root, instrument) -> (monotonic, price)
+
+
 class KiteBroker:
     """One trader's Kite Connect session. Cheap to build: one per request or per strategy is fine.
 
@@ -362,12 +386,26 @@ class KiteBroker:
         return master.get(exchange, tradingsymbol)
 
     async def last_price(self, instrument: str) -> float:
-        """The broker's last traded price of "EXCHANGE:TRADINGSYMBOL" (Kite's /quote/ltp)."""
-        data = await self.call(self._kite.ltp, [instrument])
+        """The broker's last traded price of "EXCHANGE:TRADINGSYMBOL" (Kite's /quote/ltp), paced to Kite's one
+        quote request a second per api_key (`QuotePace`). A price read in this process within the last second
+        is answered from memory: market data is the same whoever asked, and a burst of creates needs no call each."""
+        fresh_key = (self.settings.kite_api_root, instrument)
+        read_at, fresh = FRESH_PRICES.get(fresh_key, (-float("inf"), 0.0))
+        if time.monotonic() - read_at < QUOTE_FRESH_SECONDS:
+            return fresh
+        for attempt in range(QUOTE_ATTEMPTS):
+            await QUOTE_PACE.turn(self._kite.api_key)
+            try:
+                data = await self.call(self._kite.ltp, [instrument])
+                break
+            except BrokerThrottled:  # another process of ours took this api_key's second
+                if attempt == QUOTE_ATTEMPTS - 1:
+                    raise
         quote = data.get(instrument) if isinstance(data, dict) else None
         price = quote.get("last_price") if isinstance(quote, dict) else None
         if not isinstance(price, int | float) or price <= 0:
             raise BrokerUnavailable(f"broker has no last price for {instrument}")
+        FRESH_PRICES[fresh_key] = (time.monotonic(), float(price))
         return float(price)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -15,6 +17,7 @@ from connectors.broker import (
     BrokerTokenExpired,
     BrokerUnavailable,
     KiteBroker,
+    QuotePace,
     map_kite_exception,
     token_expiry,
 )
@@ -75,6 +78,31 @@ async def test_session_profile_and_instruments(simulator: SimulatorLike) -> None
     master = await authed.instruments()
     assert master.token_for("NSE:INFY") == infy.instrument_token
     assert await authed.instruments() is master  # cached
+
+
+async def test_quote_reads_of_one_api_key_keep_to_kites_one_a_second(simulator: SimulatorLike) -> None:
+    """The simulator answers a second quote request within a second with 429, as Kite does: three reads of one
+    api_key at once all get their price (a strategy create and start each ask for one)."""
+    settings = build_settings(kite_api_root=simulator.rest_root)
+    creds = simulator.state.create_account(api_key=api_key())
+    authed = KiteBroker(settings, creds.api_key, creds.access_token)
+    simulator.state.set_price("NSE:INFY", 1500.0)
+    prices = await asyncio.gather(*(authed.last_price("NSE:INFY") for _ in range(3)))
+    assert prices == [1500.0] * 3
+
+
+async def test_quote_pace_spaces_one_keys_calls_and_not_anothers() -> None:
+    pace = QuotePace(interval=0.05)
+    started = time.monotonic()
+    times: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def read(key: str) -> None:
+        await pace.turn(key)
+        times[key].append(time.monotonic() - started)
+
+    await asyncio.gather(*(read("a") for _ in range(3)), read("b"))
+    assert all(later - earlier >= 0.045 for earlier, later in zip(times["a"], times["a"][1:], strict=False))
+    assert times["b"][0] < 0.045  # another api_key has its own second
 
 
 async def test_refusals_and_outages(simulator: SimulatorLike) -> None:

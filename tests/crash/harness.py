@@ -472,8 +472,10 @@ class CrashMatrix:
             self.proxies.start(self.config.users + 1)  # the expired user needs one too
 
         self.clock = ScaledClock(start=DAY_START, speed=self.config.speed)
-        self.sim = RunningSimulator(clock=self.clock, config=SimConfig(tick_interval=0.05), seed=self.config.seed,
-                                    walk=False)  # fmt: skip
+        # Every Kite rule is on (the simulator's defaults), and fast moves too: a protected exit sent into a drop
+        # can rest beyond its band and must be chased until it fills.
+        self.sim = RunningSimulator(clock=self.clock, config=SimConfig(tick_interval=0.05, fast_move_slippage=True),
+                                    seed=self.config.seed, walk=False)  # fmt: skip
         await asyncio.to_thread(self.sim.start)
         for instrument in self.config.instruments:
             self.sim.state.set_price(instrument, BASE_PRICES[instrument])
