@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from connectors.broker import FRESH_PRICES
 from core.settings import Settings
 from storage.models import Notification, OrderLog, Strategy, StrategyStatusChange
 from storage.runtime import runtime_key, strategy_key, symbol_key
@@ -237,6 +238,7 @@ async def test_start_refuses_a_stop_the_market_has_fallen_through(
     user = await make_user()
     sid = (await make_strategy(user, symbol="NSE:TITAN", stop_loss=3650))["strategy_id"]
     simulator.state.set_price("NSE:TITAN", 3640.0)  # the market moved under the stop after create
+    FRESH_PRICES.clear()  # in life the START comes more than the second a price read is reused for
     refused = await client.post(f"/strategy/{sid}/start", headers=user.headers)
     assert refused.status_code == 422, refused.text
     [problem] = refused.json()["detail"]
@@ -248,6 +250,7 @@ async def test_start_refuses_a_stop_the_market_has_fallen_through(
     assert [r for r in simulator.state.audit_records(api_key=user.broker.api_key) if r.action == "place"] == []
 
     simulator.state.set_price("NSE:TITAN", 3700.0)  # back above it: the start goes through
+    FRESH_PRICES.clear()
     started = await client.post(f"/strategy/{sid}/start", headers=user.headers)
     assert started.status_code == 200, started.text
     assert started.json()["run"] == 1
