@@ -104,10 +104,17 @@ def test_every_service_exports_metrics_that_move_when_a_trade_happens(  # type: 
     assert total(worker, "algo_intent_lag_seconds_count", action="BUY") >= 2
     assert total(worker, "algo_ticks_read_total") > 0
     assert total(worker, "algo_tick_feed_lateness_seconds_count") > 0
+
     # The positions: bought and held (or already exited by their stop, then counted as a STOPLOSS order).
-    held = total(after["api"], "algo_open_positions", status="running")
-    stopped_out = total(worker, "algo_orders_total", action="STOPLOSS", outcome="filled")
-    assert held + stopped_out >= 2 and total(before["api"], "algo_open_positions") == 0
+    # The API's book is read at most every few seconds: wait for the read after the fills.
+    def positions_counted() -> bool:
+        held = total(scrape(api, OPERATOR_TOKEN), "algo_open_positions", status="running")
+        stopped_out = total(scrape(endpoints["worker-1"]), "algo_orders_total", action="STOPLOSS", outcome="filled")
+        return held + stopped_out >= 2
+
+    eventually(positions_counted, 30, "the demo's two positions counted (algo_open_positions)", stack)
+    assert total(before["api"], "algo_open_positions") == 0
+    after["api"] = scrape(api, OPERATOR_TOKEN)
     assert total(after["api"], "algo_positions_without_live_stop") == 0
     assert total(after["scheduler"], "algo_time_events_total", action="BUY") >= 2
     assert total(after["ticker"], "algo_ticks_published_total") > total(before["ticker"], "algo_ticks_published_total")

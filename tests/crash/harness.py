@@ -80,6 +80,8 @@ OWNERSHIP_SAMPLE_SECONDS = 0.5
 EXIT_WITHIN_SECONDS = 5.0  # a crossed stop exits within this long (real seconds) of the system being up
 SESSION_EXPIRED = "broker session expired, reconnect"
 WORKER_READY = "Worker]: Ready"
+# A chased exit is cancelled and placed anew under its intent's next tag; more than this many is a violation.
+MAX_ORDERS_PER_INTENT = 8
 FOLLOWS = re.compile(r"tick feed reads partitions (\[[\d, ]*\]|none)")
 
 
@@ -987,10 +989,15 @@ class CrashMatrix:
         by_id = {s.id: s for s in strategies}
         day = self.day_clock.astimezone(IST).date()
         tags: dict[str, tuple[Planned, Action]] = {}
+        first_tag: dict[str, str] = {}  # the tag of an intent's every order -> the tag of its first order
+        replaced: set[str] = set()  # tags of orders a later order of the same intent replaced (a chased exit)
         for plan in self.plans:
             run = by_id[plan.strategy_id].run if plan.strategy_id in by_id else 1
             for action in Action:
-                tags[broker_tag_for(intent_id_for(plan.strategy_id, day, run, action))] = (plan, action)
+                intent_id = intent_id_for(plan.strategy_id, day, run, action)
+                for seq in range(1, MAX_ORDERS_PER_INTENT + 1):
+                    tags[broker_tag_for(intent_id, seq)] = (plan, action)
+                    first_tag[broker_tag_for(intent_id, seq)] = broker_tag_for(intent_id)
         logged_tags = {row.broker_tag for row in logs}
         logged_orders = {row.broker_order_id for row in logs if row.broker_order_id}
         audits = state.audit_records()
@@ -1009,6 +1016,10 @@ class CrashMatrix:
 
         broker_ids: set[str] = set()
         per_strategy: dict[int, dict[str, list[Any]]] = {}
+        placed_tags = set(placed_at)
+        for tag, first in first_tag.items():
+            if tag != first and tag in placed_tags:
+                replaced.add(first)  # the second order of an intent: its first was cancelled and replaced
         for user in self.users:
             per_tag: dict[str, int] = {}
             for order in state.find_orders(user.api_key):
@@ -1021,6 +1032,8 @@ class CrashMatrix:
                 plan, action = tags[order.tag]
                 if order.tag not in logged_tags or order.order_id not in logged_orders:
                     v.append(f"broker order {order.order_id} ({action.value} of #{plan.index}) has no order-log row")
+                if order.status == "CANCELLED" and order.tag in replaced:
+                    continue  # a resting exit cancelled to be placed anew: its replacement is judged instead
                 if order.status != "REJECTED":
                     side = "BUY" if order.transaction_type == "BUY" else "EXIT"
                     per_strategy.setdefault(plan.strategy_id, {}).setdefault(side, []).append((order, action))
@@ -1064,7 +1077,7 @@ class CrashMatrix:
                 continue
             # The stop is crossed when the price has dropped and the position is held, whichever is later.
             buy_tag = filled_buy[0].tag
-            exit_tag = exit_order.tag
+            exit_tag = first_tag.get(exit_order.tag or "", exit_order.tag)  # a chased exit left with its first order
             crossed = max(self.drop_mono[plan.instrument], placed_at.get(buy_tag, 0.0))
             if crossed >= self.day_mono + plan.sell_offset:
                 continue  # the SELL was due first
