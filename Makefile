@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest pytest-tansu docs install services schemas bench clean
+.PHONY: run test lint typecheck pytest pytest-tansu pytest-slow docs install services schemas bench clean
 
 $(STAMP): pyproject.toml scripts/install-services
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ typecheck: $(STAMP)
 # The whole suite on Apache Kafka (Tansu where no JDK is present: the summary says which).
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# The `slow` tests (crash matrix seeds, a replayed day, the whole stack up): CI runs them after `make test`.
+pytest-slow: $(STAMP)
+	$(BIN)/pytest -m slow
 
 # The `tansu` marked subset again on the Tansu broker, the fallback of machines without a JDK.
 pytest-tansu: $(STAMP)

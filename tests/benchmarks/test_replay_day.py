@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks.replay_day import DayRun, run_one
 
+pytestmark = pytest.mark.slow  # minutes each: `make pytest-slow`, which CI runs
+
 
 @pytest.mark.tansu
 @pytest.mark.timeout(300)

@@ -21,6 +21,8 @@ import pytest
 
 from tests.crash.harness import KILLS, MatrixConfig, run_matrix, service_tails
 
+pytestmark = pytest.mark.slow  # minutes each: `make pytest-slow`, which CI runs
+
 MULTI_WORKER_KILLS = ("worker_mid_burst", "add_worker", "remove_worker", "scheduler", "kafka")
 
 CI_SEED = 1
