@@ -238,7 +238,7 @@ async def test_start_refuses_a_stop_the_market_has_fallen_through(
     user = await make_user()
     sid = (await make_strategy(user, symbol="NSE:TITAN", stop_loss=3650))["strategy_id"]
     simulator.state.set_price("NSE:TITAN", 3640.0)  # the market moved under the stop after create
-    FRESH_PRICES.clear()  # in life the START comes more than the second a price read is reused for
+    FRESH_PRICES.clear()  # in life the START comes later than the few seconds a price read is reused for
     refused = await client.post(f"/strategy/{sid}/start", headers=user.headers)
     assert refused.status_code == 422, refused.text
     [problem] = refused.json()["detail"]
