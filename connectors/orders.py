@@ -167,8 +167,8 @@ class KiteOrderGateway:
 
     async def modify_order(self, order_id: str, *, price: float) -> None:
         """Re-price a resting order as a limit at `price` (a resting exit being chased)."""
-        await self.broker.call(
-            self.broker.client.modify_order, variety="regular", order_id=order_id, order_type="LIMIT", price=price
+        await self.broker.order_call(
+            self.broker.order_client.modify_order, variety="regular", order_id=order_id, order_type="LIMIT", price=price
         )
 
     async def cancel_order(self, order_id: str) -> BrokerOrder:
