@@ -31,7 +31,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from connectors.broker import BrokerError, BrokerThrottled, BrokerUnavailable, KiteBroker
+from connectors.broker import QUOTE_PACE, BrokerError, BrokerUnavailable, KiteBroker
 from core.crypto import SecretBox
 from core.settings import Settings
 from manager.broker_loss import LifecycleWatch
@@ -73,7 +73,6 @@ RECOVERY_SECONDS = 60.0
 BATCH = 100  # concurrent Redis/Kafka calls per step: recovery shares the pool with the order lanes
 LTP_ACCOUNTS = 5  # broker sessions tried for last prices (some may have expired)
 LTP_ATTEMPTS = 3
-QUOTE_WINDOW_SECONDS = 1.0
 OVERDUE_RESEND_SECONDS = 30.0  # an overdue SELL sent by the safety net is not sent again sooner
 
 
@@ -424,13 +423,13 @@ class Recovery:
             for attempt in range(1, LTP_ATTEMPTS + 1):
                 try:
                     for offset in range(0, len(instruments), 500):  # Kite answers up to 1,000 instruments a call
+                        await QUOTE_PACE.turn(broker.client.api_key)  # one quote call a second per api_key
                         quotes = await broker.call(broker.client.ltp, instruments[offset : offset + 500])
                         prices.update({key: float(q["last_price"]) for key, q in quotes.items()})
                     return prices
                 except BrokerUnavailable as exc:
                     log.warning("recovery: last prices failed (%s), attempt %d/%d", exc.message, attempt, LTP_ATTEMPTS)
-                    # Kite answers one quote request a second per api_key: a 429 is retried once that second is over.
-                    await asyncio.sleep(QUOTE_WINDOW_SECONDS if isinstance(exc, BrokerThrottled) else 0.2 * attempt)
+                    await asyncio.sleep(0.2 * attempt)  # after a 429 the pace waits out the rest of the second
                 except BrokerError as exc:
                     log.warning("recovery: broker session of user %s refused last prices (%s): trying another",
                                 account.user_id, exc.message)  # fmt: skip
