@@ -990,7 +990,7 @@ class CrashMatrix:
         day = self.day_clock.astimezone(IST).date()
         tags: dict[str, tuple[Planned, Action]] = {}
         first_tag: dict[str, str] = {}  # the tag of an intent's every order -> the tag of its first order
-        replaced: set[str] = set()  # tags of orders a later order of the same intent replaced (a chased exit)
+        order_seq: dict[str, int] = {}  # the tag of an intent's every order -> its sequence within the intent
         for plan in self.plans:
             run = by_id[plan.strategy_id].run if plan.strategy_id in by_id else 1
             for action in Action:
@@ -998,28 +998,36 @@ class CrashMatrix:
                 for seq in range(1, MAX_ORDERS_PER_INTENT + 1):
                     tags[broker_tag_for(intent_id, seq)] = (plan, action)
                     first_tag[broker_tag_for(intent_id, seq)] = broker_tag_for(intent_id)
+                    order_seq[broker_tag_for(intent_id, seq)] = seq
         logged_tags = {row.broker_tag for row in logs}
         logged_orders = {row.broker_order_id for row in logs if row.broker_order_id}
         audits = state.audit_records()
         result.faulted_requests = sum(1 for r in audits if r.faults)
         placed_at: dict[str, float] = {}
-        exits_placed: dict[str, list[float]] = {}  # api_key -> when each of its exit orders reached the broker
+        # api_key -> when each of its exit-side order calls reached the broker: exit placements, and the modify and
+        # cancel calls of chased exits and protective stops, which take the same per-user order budget at Kite.
+        exit_calls: dict[str, list[float]] = {}
         faulted_by_tag: dict[str, int] = {}
         for record in audits:
+            if record.action != "place" and record.http_status != 429:
+                exit_calls.setdefault(record.api_key or "", []).append(record.received_monotonic)
             if record.action == "place" and record.tag:
                 if record.outcome == "placed":
                     placed_at.setdefault(record.tag, record.received_monotonic)
                     if record.tag in tags and tags[record.tag][1].is_exit:
-                        exits_placed.setdefault(record.api_key or "", []).append(record.received_monotonic)
+                        exit_calls.setdefault(record.api_key or "", []).append(record.received_monotonic)
                 if record.faults:
                     faulted_by_tag[record.tag] = faulted_by_tag.get(record.tag, 0) + 1
 
         broker_ids: set[str] = set()
         per_strategy: dict[int, dict[str, list[Any]]] = {}
-        placed_tags = set(placed_at)
-        for tag, first in first_tag.items():
-            if tag != first and tag in placed_tags:
-                replaced.add(first)  # the second order of an intent: its first was cancelled and replaced
+        # A chased exit is cancelled and placed anew under its intent's next tag, possibly more than once: every
+        # order of an intent below the last one the broker took was replaced, and only the last is judged.
+        last_placed: dict[str, int] = {}  # an intent's first tag -> the highest sequence the broker took
+        for tag in placed_at:
+            if tag in first_tag:
+                last_placed[first_tag[tag]] = max(last_placed.get(first_tag[tag], 0), order_seq[tag])
+        replaced = {tag for tag, first in first_tag.items() if order_seq[tag] < last_placed.get(first, 0)}
         for user in self.users:
             per_tag: dict[str, int] = {}
             for order in state.find_orders(user.api_key):
@@ -1087,11 +1095,11 @@ class CrashMatrix:
             exited = placed_at.get(exit_tag or "")
             if exited is None:
                 continue
-            # Kite takes at most BROKER_ORDERS_PER_SECOND orders a second from one user: exits of the same
-            # user that reached the broker first (dozens of stops crossed at once) delay this one however
-            # fast the system is.
+            # Kite takes at most BROKER_ORDERS_PER_SECOND order calls a second from one user: exit calls of the
+            # same user that reached the broker first (dozens of stops crossed at once, resting exits chased)
+            # delay this one however fast the system is.
             up_at = self.effective_up(crossed, plan.user)
-            ahead = sum(1 for t in exits_placed.get(user.api_key or "", []) if up_at <= t < exited)
+            ahead = sum(1 for t in exit_calls.get(user.api_key or "", []) if up_at <= t < exited)
             allowed += ahead / self.settings.broker_orders_per_second
             result.stop_exit_delays.append(exited - up_at)
             result.stop_exit_excess.append(exited - allowed)
