@@ -36,10 +36,11 @@ from storage.positions import RunPosition
 from storage.runtime import lock_key
 from streams.execution.context import EngineContext, GatewayFactory, Publisher
 from streams.execution.ledger import Ledger, RunHistory
-from streams.execution.limits import PRIORITY, PriorityGate, UserPace
+from streams.execution.limits import PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn
+from streams.execution.priority import PRIORITY
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler
 from streams.execution.resting import CHASED, RestingOrders

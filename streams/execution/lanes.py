@@ -24,7 +24,8 @@ from core.logs import intent_context
 from core.metrics import LANES_BUSY, LANES_OPEN, PendingExits
 from schemas.events import OrderIntent
 from streams.execution import Executor
-from streams.execution.limits import PRIORITY, PriorityGate
+from streams.execution.limits import PriorityGate
+from streams.execution.priority import PRIORITY, Urgency, inherited
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class StrategyLanes:
         # intent id -> acknowledgements of the later copies, for an intent queued or running in this worker
         self._copies: dict[str, list[Callable[[], Any]]] = {}
         self._backlog = asyncio.Semaphore(MAX_BACKLOG)
+        # strategy -> the urgency of its running exit, and the priorities of the exits queued behind it
+        self._urgency: dict[int, Urgency] = {}
+        self._queued_exits: dict[int, list[int]] = {}
         self.coalesced = 0
         self.pending_exits = PendingExits(lambda due: -executor.context.clock.seconds_until(due))
 
@@ -54,6 +58,9 @@ class StrategyLanes:
         self._copies[intent.intent_id] = []
         if intent.action.is_exit:
             self.pending_exits.add(intent.intent_id, intent.due_at)
+            self._queued_exits.setdefault(intent.strategy_id, []).append(PRIORITY[intent.action])
+            if (running := self._urgency.get(intent.strategy_id)) is not None:
+                running.raise_to(PRIORITY[intent.action])
         await self._backlog.acquire()  # back-pressure on the consumer when far behind
         queue = self._queues.get(intent.strategy_id)
         if queue is None:
@@ -71,7 +78,12 @@ class StrategyLanes:
                     if queue.empty():
                         return
                     continue
-                await self._run(intent)
+                urgency = self._start(intent)
+                try:
+                    with inherited(urgency):
+                        await self._run(intent)
+                finally:
+                    self._urgency.pop(strategy_id, None)
                 self.pending_exits.discard(intent.intent_id)
                 done()
                 for copy_done in self._copies.pop(intent.intent_id, []):
@@ -80,7 +92,20 @@ class StrategyLanes:
         finally:
             self._queues.pop(strategy_id, None)
             self._tasks.pop(strategy_id, None)
+            self._queued_exits.pop(strategy_id, None)
             LANES_OPEN.set(len(self._tasks))
+
+    def _start(self, intent: OrderIntent) -> Urgency | None:
+        """An exit starts at the most urgent priority of its own and the exits queued behind it (any of them
+        closes the position); a BUY at its own, never raised."""
+        if not intent.action.is_exit:
+            return None
+        queued = self._queued_exits.get(intent.strategy_id, [])
+        own = PRIORITY[intent.action]
+        if own in queued:
+            queued.remove(own)
+        urgency = self._urgency[intent.strategy_id] = Urgency(min([own, *queued]))
+        return urgency
 
     async def _run(self, intent: OrderIntent) -> None:
         delay = 0.2  # short: a STOPLOSS of the same strategy may be queued behind this intent

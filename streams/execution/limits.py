@@ -21,10 +21,9 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
-from schemas.events import Action
+from streams.execution.priority import BUY_PRIORITY, effective, waiting_in
 
 EXCHANGE_TZ = ZoneInfo("Asia/Kolkata")
-PRIORITY = {Action.STOPLOSS: 0, Action.TARGET: 0, Action.EXIT: 1, Action.SELL: 1, Action.PROTECT: 1, Action.BUY: 2}
 
 
 class PriorityGate:
@@ -111,9 +110,15 @@ class PriorityGate:
             self._free -= 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        priority, urgency = effective(priority)
         heapq.heappush(self._waiters, (priority, next(self._seq), future))
+
+        def requeue(raised: int) -> None:  # a second entry, further up; whichever is reached first admits it
+            heapq.heappush(self._waiters, (raised, next(self._seq), future))
+
         try:
-            await future
+            with waiting_in(urgency, requeue):
+                await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._release()  # it was handed a slot just as it was cancelled
@@ -222,7 +227,6 @@ return 0
 
 WINDOW_SECONDS = 1.0
 MINUTE_SECONDS = 60.0
-BUY_PRIORITY = PRIORITY[Action.BUY]
 
 
 class DayBudgetExhausted(Exception):
@@ -294,17 +298,27 @@ class BrokerRateLimiter:
 
     async def _granted(self, user_id: int, priority: int) -> str:
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        priority, urgency = effective(priority)
         heapq.heappush(self._waiters.setdefault(user_id, []), (priority, next(self._seq), answer))
         drainer = self._drainers.get(user_id)
         if drainer is None or drainer.done():
             self._drainers[user_id] = asyncio.create_task(self._drain(user_id))
-        return await answer  # cancelled: the drainer skips it (a grant handed to it just then goes unused)
+
+        def requeue(raised: int) -> None:  # a second entry, further up; whichever is handed a grant first
+            if not answer.done() and (waiters := self._waiters.get(user_id)) is not None:
+                heapq.heappush(waiters, (raised, next(self._seq), answer))
+
+        with waiting_in(urgency, requeue):
+            return await answer  # cancelled: the drainer skips it (a grant handed to it just then goes unused)
 
     async def _drain(self, user_id: int) -> None:
         waiters = self._waiters[user_id]
         while waiters:
-            exits = sum(1 for priority, _, answer in waiters if not answer.done() and priority < BUY_PRIORITY)
-            wanted = exits or sum(1 for _, _, answer in waiters if not answer.done())
+            # Distinct answers: a waiter moved up by an inherited priority has a second entry.
+            exits = len(
+                {id(answer) for priority, _, answer in waiters if not answer.done() and priority < BUY_PRIORITY}
+            )
+            wanted = exits or len({id(answer) for _, _, answer in waiters if not answer.done()})
             if wanted == 0:
                 break
             try:

@@ -26,8 +26,9 @@ from storage.models import Strategy
 from storage.runtime import RuntimeState, runtime_key, strategy_key
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger
-from streams.execution.limits import PRIORITY, BrokerRateLimiter, DayBudgetExhausted, PriorityGate
+from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
+from streams.execution.priority import PRIORITY
 from streams.execution.reconcile import Reconciler
 from streams.execution.retrying import broker_retries
 

@@ -15,8 +15,9 @@ from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
 from storage.models import Strategy
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger, RunHistory
-from streams.execution.limits import PRIORITY, BrokerRateLimiter
+from streams.execution.limits import BrokerRateLimiter
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
+from streams.execution.priority import PRIORITY
 from streams.execution.reconcile import Reconciler, apply
 from streams.execution.retrying import broker_retries
 

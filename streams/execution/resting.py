@@ -28,9 +28,9 @@ from storage.models import Strategy
 from storage.runtime import RuntimeStore
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger
-from streams.execution.limits import PRIORITY
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
 from streams.execution.placement import Placement
+from streams.execution.priority import PRIORITY, chase_priority
 from streams.execution.reconcile import EXITS
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class RestingOrders:
         settings = self._settings
         budget = settings.exit_chase_modifications
         repriced = 0 if fresh else budget
-        priority = PRIORITY[intent.action]
+        priority = chase_priority(intent.action)
         told = False
         while True:
             if current is not None and current.status == "COMPLETE":

@@ -31,7 +31,8 @@ from storage.db import aware
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled
-from streams.execution.limits import PRIORITY, PriorityGate
+from streams.execution.limits import PriorityGate
+from streams.execution.priority import PRIORITY
 from tests.streams.execution.engine_bench import (
     IST,
     Engine,

@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 
 from schemas.events import Action
 from streams.execution import limits
-from streams.execution.limits import PRIORITY, BrokerRateLimiter, DayBudgetExhausted, PriorityGate
+from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
+from streams.execution.priority import PRIORITY
 
 
 async def settle(rounds: int = 5) -> None:
