@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -19,6 +24,8 @@ from core.crypto import SecretBox
 from core.settings import Settings
 from storage.models import BrokerAccount
 
+log = logging.getLogger(__name__)
+
 # A reconnect (new access token) is picked up within this long without any signal between processes.
 CACHE_SECONDS = 30.0
 
@@ -30,6 +37,7 @@ class BrokerDirectory:
         session_factory: async_sessionmaker[AsyncSession],
         redis: Redis | None = None,
         clock: Clock | None = None,
+        book_reads: Callable[[int], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = session_factory
@@ -38,6 +46,9 @@ class BrokerDirectory:
         self.secrets = SecretBox(settings)
         self._cache: dict[int, tuple[float, OrderGateway, bytes]] = {}  # user -> (loaded at, gateway, keys' digest)
         self._loading: dict[int, asyncio.Future[OrderGateway]] = {}
+        # user -> a permit for one order-book read, counted across every process (Kite: 10 reads a second per
+        # api_key); None: each process only spaces its own reads
+        self.book_reads = book_reads
 
     async def gateway(self, user_id: int) -> OrderGateway:
         cached = self._cache.get(user_id)
@@ -78,6 +89,22 @@ class BrokerDirectory:
             self._cache[user_id] = (time.monotonic(), cached[1], fingerprint)
             return cached[1]
         egress = Egress.parse(egress_url) if egress_url else None
-        gateway = KiteOrderGateway(KiteBroker(self.settings, api_key, token, egress), algo_id=account.algo_id)
+        gateway = KiteOrderGateway(
+            KiteBroker(self.settings, api_key, token, egress),
+            algo_id=account.algo_id,
+            read_permit=(lambda: self._shared_read(user_id)) if self.book_reads is not None else None,
+        )
         self._cache[user_id] = (time.monotonic(), gateway, fingerprint)
         return gateway
+
+    @contextlib.asynccontextmanager
+    async def _shared_read(self, user_id: int) -> AsyncIterator[None]:
+        """The trader's permit for one order-book read; with Redis down the read goes ahead on this process's own
+        spacing: an order's status must not wait for Redis."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if self.book_reads is not None:
+                    await stack.enter_async_context(self.book_reads(user_id))
+            except RedisError as exc:
+                log.warning("order-book read of user %s without the shared pace: %s", user_id, exc)
+            yield

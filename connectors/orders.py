@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from connectors.broker import BrokerRejected, BrokerSourceRefused, BrokerUnavailable, KiteBroker
 
 TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
-# Kite allows 10 requests a second per api_key on its "other endpoints" (the order book among them); the
-# rest of the budget is left to the few other reads a trader's session makes.
-ORDER_BOOK_READS_PER_SECOND = 8
-
 T = TypeVar("T")
 
 
@@ -118,16 +115,28 @@ def _retrieved(answer: asyncio.Future[Any]) -> None:
 
 
 class KiteOrderGateway:
-    def __init__(self, broker: KiteBroker, algo_id: str | None = None) -> None:
+    def __init__(
+        self,
+        broker: KiteBroker,
+        algo_id: str | None = None,
+        read_permit: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
+        """`read_permit`: taken around each order-book read, so that the trader's reads from every process stay
+        under Kite's limit together (each process alone spaces its reads `broker_book_reads_per_second` apart)."""
         self.broker = broker
+        self._read_permit = read_permit
         # Kite refuses MARKET and SL-M orders without market protection (April 2026); the algo id is the
         # exchange's registration of the trader's strategy, when the account has one.
         self._order_extras: dict[str, Any] = {"market_protection": broker.settings.broker_market_protection}
         if algo_id:
             self._order_extras["algo_id"] = algo_id
-        self._order_book = FreshSharedRead(
-            lambda: self.broker.call(self.broker.client.orders), spacing=1 / ORDER_BOOK_READS_PER_SECOND
-        )
+        self._order_book = FreshSharedRead(self._read_book, spacing=1 / broker.settings.broker_book_reads_per_second)
+
+    async def _read_book(self) -> list[dict[str, Any]]:
+        if self._read_permit is None:
+            return await self.broker.call(self.broker.client.orders)
+        async with self._read_permit():
+            return await self.broker.call(self.broker.client.orders)
 
     async def place_market_order(
         self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
@@ -186,7 +195,7 @@ class KiteOrderGateway:
 
         An order is polled until it fills, and `order_history` would cost a request per order per poll: a
         trader's ten BUYs at 09:30 would go far over Kite's 10 a second for such calls. Orders followed at
-        the same time share a read, and a trader's reads start at most ORDER_BOOK_READS_PER_SECOND a second.
+        the same time share a read, and a trader's reads start at most `broker_book_reads_per_second` a second.
         """
         for row in await self._order_book():
             if str(row.get("order_id")) == order_id:

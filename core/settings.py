@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     broker_orders_per_day: int = Field(
         5000, ge=1, description="Kite's per-day order cap (2026 answers: 5,000, earlier 3,000)."
     )
+    broker_book_reads_per_second: float = Field(
+        8.0,
+        gt=0,
+        le=10,
+        description="A trader's order-book reads a second, shared by every process (Kite: 10 for every read "
+        "other than quotes; the rest is left to the egress check and the occasional profile read).",
+    )
     broker_exit_reserve: int = Field(
         50, ge=0, description="Orders of each minute and of the day BUYs leave to exits: an exit is never refused."
     )

@@ -49,6 +49,7 @@ from storage.runtime import LTP_KEY, RuntimeStore, connect_redis
 from streams.broker_prices import BrokerPrices
 from streams.execution import Executor
 from streams.execution.lanes import StrategyLanes
+from streams.execution.limits import BrokerRateLimiter
 from streams.exit_index import ExitHit, ExitIndex, Trail
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
@@ -106,7 +107,16 @@ class WorkerServices:
         await self.producer.start()
         self.runtime = RuntimeStore(self.redis)
         self.manager = StrategyManager(self.sessions, self.runtime, self.producer, self.clock, self.calendar)
-        self.directory = BrokerDirectory(self.settings, self.sessions, self.redis, self.clock)
+        book_reads = BrokerRateLimiter(
+            self.redis,
+            self.settings.broker_book_reads_per_second,
+            key_prefix="ratelimit:book-reads:",
+            per_minute=int(self.settings.broker_book_reads_per_second * 60),
+            exit_reserve=0,
+        )
+        self.directory = BrokerDirectory(
+            self.settings, self.sessions, self.redis, self.clock, lambda user_id: book_reads.permit(user_id, 0)
+        )
         self.executor = Executor(
             self.settings,
             self.clock,

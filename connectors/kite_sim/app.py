@@ -27,7 +27,7 @@ from connectors.kite_sim.errors import KiteError, success
 from connectors.kite_sim.faults import Fault, FaultKind, FaultScope
 from connectors.kite_sim.feed import FeedHub
 from connectors.kite_sim.prices import ReplaySource
-from connectors.kite_sim.state import SimulatorState
+from connectors.kite_sim.state import Account, SimulatorState
 from core.clock import Clock
 
 QUOTE_LIMIT = 500  # Kite's cap on instruments per /quote call (ltp/ohlc allow 1000)
@@ -318,6 +318,7 @@ class ConfigIn(BaseModel):
     rate_limit_counts_modify_cancel: bool | None = None
     read_limits_enabled: bool | None = None
     quotes_per_second: int | None = Field(default=None, ge=1)
+    other_reads_per_second: int | None = Field(default=None, ge=1)
     historical_per_second: int | None = Field(default=None, ge=1)
     static_ip_check: bool | None = None
     walk: bool | None = None
@@ -436,19 +437,25 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
         sim.invalidate_access_token(api_key, access_token)
         return success(True)
 
+    def reader(request: Request) -> Account:
+        """The account of an authenticated read other than a quote: Kite allows 10 such a second per api_key."""
+        account = auth(request)
+        sim.check_read_limit(account)
+        return account
+
     # --- user ---------------------------------------------------------------------------------------
 
     @app.get("/user/profile")
     async def profile(request: Request) -> Response:
-        return success(sim.profile_json(auth(request)))
+        return success(sim.profile_json(reader(request)))
 
     @app.get("/user/margins")
     async def margins(request: Request) -> Response:
-        return success(sim.margins_json(auth(request)))
+        return success(sim.margins_json(reader(request)))
 
     @app.get("/user/margins/{segment}")
     async def margins_segment(request: Request, segment: str) -> Response:
-        account = auth(request)
+        account = reader(request)
         if segment not in ("equity", "commodity"):
             raise errors.input_error("Invalid segment.")
         return success(sim.margins_json(account, segment))
@@ -488,29 +495,29 @@ def create_app(state: SimulatorState | None = None, clock: Clock | None = None) 
 
     @app.get("/orders")
     async def orders(request: Request) -> Response:
-        return success(sim.orders_json(auth(request)))
+        return success(sim.orders_json(reader(request)))
 
     @app.get("/orders/{order_id}")
     async def order_history(request: Request, order_id: str) -> Response:
-        return success(sim.get_order(auth(request), order_id).history_dicts())
+        return success(sim.get_order(reader(request), order_id).history_dicts())
 
     @app.get("/orders/{order_id}/trades")
     async def order_trades(request: Request, order_id: str) -> Response:
-        return success([t.to_dict() for t in sim.order_trades(auth(request), order_id)])
+        return success([t.to_dict() for t in sim.order_trades(reader(request), order_id)])
 
     @app.get("/trades")
     async def trades(request: Request) -> Response:
-        return success(sim.trades_json(auth(request)))
+        return success(sim.trades_json(reader(request)))
 
     # --- portfolio ----------------------------------------------------------------------------------
 
     @app.get("/portfolio/positions")
     async def positions(request: Request) -> Response:
-        return success(sim.positions_json(auth(request)))
+        return success(sim.positions_json(reader(request)))
 
     @app.get("/portfolio/holdings")
     async def holdings(request: Request) -> Response:
-        return success(sim.holdings_json(auth(request)))
+        return success(sim.holdings_json(reader(request)))
 
     # --- market data --------------------------------------------------------------------------------
 

@@ -106,6 +106,7 @@ class SimConfig:
     rate_limit_counts_modify_cancel: bool = True  # Kite's order limits cover place, modify and cancel
     read_limits_enabled: bool = True
     quotes_per_second: int = 1  # /quote, /quote/ltp, /quote/ohlc per api_key
+    other_reads_per_second: int = 10  # every other authenticated read (order book, positions, profile, ...)
     historical_per_second: int = 3  # no historical endpoint here yet: kept for when there is one
     # Kite refuses order calls (place, modify, cancel) from addresses not on the account's IP whitelist. The
     # check applies only to accounts that have a whitelist; this switch turns it off for all of them.
@@ -140,6 +141,7 @@ class Account:
     holdings: list[Holding] = field(default_factory=list)
     order_rate: rules.OrderRateWindows = field(default_factory=rules.OrderRateWindows)
     quote_rate: rules.ReadWindow = field(default_factory=rules.ReadWindow)
+    read_rate: rules.ReadWindow = field(default_factory=rules.ReadWindow)
     ip_whitelist: tuple[str, ...] = ()  # empty: no whitelist registered, order calls answer from anywhere
     ip_whitelist_changed_at: datetime | None = None  # simulator clock
 
@@ -532,6 +534,11 @@ class SimulatorState:
         if self.config.read_limits_enabled:
             with self._lock:
                 account.quote_rate.admit(monotonic_clock.monotonic(), max(1, self.config.quotes_per_second))
+
+    def check_read_limit(self, account: Account) -> None:
+        if self.config.read_limits_enabled:
+            with self._lock:
+                account.read_rate.admit(monotonic_clock.monotonic(), max(1, self.config.other_reads_per_second))
 
     def _after_mis_cutoff(self, now: datetime) -> bool:
         local = self.calendar.local(now)

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from connectors.broker import BrokerUnavailable, KiteBroker
 from connectors.kite_sim import RunningSimulator
 from connectors.orders import FreshSharedRead, KiteOrderGateway
+from streams.execution.limits import BrokerRateLimiter
 from tests.fixtures.services import build_settings
 from tests.fixtures.simulator import SimAccount
 
@@ -158,3 +160,27 @@ async def test_every_market_and_stop_order_carries_market_protection_and_the_alg
     assert {r.params.get("algo_id") for r in records} == {algo_id}
     orders = account.kite.orders()
     assert {(o["market_protection"], o["algo_id"]) for o in orders} == {(protection, algo_id)}
+
+
+async def test_one_traders_book_reads_from_several_processes_stay_under_kites_read_limit_together(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount], redis: Redis
+) -> None:
+    """Two workers following one trader's orders: each alone spaces its reads, together they share one budget
+    (Redis), so the simulator's 10-a-second limit on reads (here 5, and the product's pace 4) never answers 429."""
+    simulator.state.config.other_reads_per_second = 5
+    account = kite_account()
+    settings = build_settings(kite_api_root=simulator.rest_root, broker_book_reads_per_second=4)
+    shared = BrokerRateLimiter(redis, 4, key_prefix="ratelimit:book-reads:", per_minute=240, exit_reserve=0)
+    workers = [
+        KiteOrderGateway(
+            KiteBroker(settings, account.api_key, account.access_token),
+            read_permit=lambda: shared.permit(7, 0),
+        )
+        for _ in range(2)
+    ]
+
+    async def follow(gateway: KiteOrderGateway) -> None:
+        for _ in range(5):
+            assert await gateway.find_by_tag("none") is None  # a 429 would raise BrokerUnavailable
+
+    await asyncio.wait_for(asyncio.gather(*(follow(gateway) for gateway in workers)), 10)

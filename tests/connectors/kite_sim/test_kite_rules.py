@@ -305,6 +305,20 @@ def test_quotes_are_limited_to_one_a_second(simulator: RunningSimulator, kite_ac
     assert not _rate_limited(lambda: kite.ltp(["NSE:INFY"]))
 
 
+def test_other_reads_are_limited_to_ten_a_second_apart_from_quotes(
+    simulator: RunningSimulator, kite_account: MakeAccount
+) -> None:
+    simulator.state.config.other_reads_per_second = 3
+    kite, other = kite_account().kite, kite_account().kite
+    reads = [kite.orders, kite.positions, kite.profile]
+    assert all(not _rate_limited(read) for read in reads)
+    assert _rate_limited(kite.margins)  # the fourth read of any kind in the second
+    assert not _rate_limited(lambda: kite.ltp(["NSE:INFY"]))  # quotes have a window of their own
+    assert not _rate_limited(other.orders)  # and so has every api_key
+    simulator.state.config.read_limits_enabled = False
+    assert not _rate_limited(kite.trades)
+
+
 # --- fields of Kite's fixtures -----------------------------------------------------------------------------------
 
 
