@@ -4,7 +4,9 @@ START rule (a deployment that requires an egress refuses to start a strategy wit
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
+from ipaddress import ip_address
 
 from api.errors import ApiError, FieldError
 from connectors.broker import BrokerEgressDown, BrokerTokenExpired, BrokerUnavailable, KiteBroker
@@ -32,9 +34,29 @@ def egress_change(raw: str | None) -> EgressChange | None:
         raise FieldError("egress", f"egress: {exc}") from None
 
 
+async def refuse_internal(settings: Settings, egress: Egress) -> None:
+    """A 422 unless every address the proxy's host resolves to is public or in EGRESS_ALLOWED_NETWORKS: the check
+    below connects wherever a user points it, and its answers must not map the deployment's own network."""
+    try:
+        async with asyncio.timeout(settings.egress_check_timeout_seconds):
+            found = await asyncio.get_running_loop().getaddrinfo(egress.host, egress.port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError):
+        raise FieldError("egress", f"egress host {egress.host} does not resolve") from None
+    allowed = settings.egress_networks
+    for *_, sockaddr in found:
+        address = ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if not address.is_global and not any(address in network for network in allowed):
+            raise FieldError(
+                "egress",
+                f"egress {egress.display} is a private, loopback or reserved address, which this deployment does "
+                "not allow (an operator lists the proxies' networks in EGRESS_ALLOWED_NETWORKS)",
+            )
+
+
 async def check_reachable(settings: Settings, api_key: str, access_token: str, egress: Egress) -> None:
     """The proxy answers and the broker answers through it (a read: Kite serves it from any address, so this
     cannot tell whether the egress's address is the registered one; the first order can)."""
+    await refuse_internal(settings, egress)
     quick = settings.model_copy(update={"broker_timeout_seconds": settings.egress_check_timeout_seconds})
     broker = KiteBroker(quick, api_key, access_token, egress)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import time
 from enum import StrEnum
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Literal, Self
 
 from limits import parse_many
@@ -117,6 +118,12 @@ class Settings(BaseSettings):
     )
     egress_check_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="How long /broker/connect waits for the broker through a new egress."
+    )
+    egress_allowed_networks: str = Field(
+        "",
+        description="Comma-separated networks (CIDR) an egress proxy may be in besides public addresses. A private, "
+        "loopback or link-local proxy is refused unless listed: /broker/connect must not let a user probe the "
+        "deployment's own network.",
     )
 
     # Market data session for the tick connector; unset: the most recently connected trader's session.
@@ -269,6 +276,20 @@ class Settings(BaseSettings):
         except ValueError as exc:
             name = (info.field_name or "").upper()
             raise ValueError(f'{name}: expected rates like "5/minute;20/hour" ({exc})') from None
+        return value
+
+    @property
+    def egress_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ip_network(part.strip()) for part in self.egress_allowed_networks.split(",") if part.strip())
+
+    @field_validator("egress_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ip_network(part)
+            except ValueError:
+                raise ValueError(f"{part!r} is not a network (for example 10.8.0.0/16)") from None
         return value
 
     @property

@@ -88,6 +88,21 @@ async def test_an_egress_that_does_not_answer_is_refused_and_nothing_saved(
     assert (await client.get("/broker/status", headers=user.headers)).json()["connected"] is False
 
 
+@pytest.mark.parametrize("host", ["10.0.0.7", "192.168.1.1", "169.254.169.254", "[::1]", "100.64.0.1"])
+async def test_an_egress_on_a_network_the_deployment_does_not_allow_is_refused(
+    client: httpx.AsyncClient, make_user: MakeUser, simulator: SimulatorLike, host: str
+) -> None:
+    """/broker/connect must not connect wherever a user points it: its answers would map the deployment's own
+    network (the fixtures allow only 127.0.0.0/8, where the tests' proxies listen)."""
+    user = await make_user()
+    body = await _connect_body(simulator, f"http://{host}:8888")
+    response = await client.post("/broker/connect", json=body, headers=user.headers)
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["detail"]
+    assert problem["field"] == "egress" and "EGRESS_ALLOWED_NETWORKS" in problem["message"]
+    assert (await client.get("/broker/status", headers=user.headers)).json()["connected"] is False
+
+
 async def test_start_without_a_required_egress_is_409_naming_it(
     client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy
 ) -> None:

@@ -504,6 +504,7 @@ class CrashMatrix:
                 "ticker_silence_seconds": 3.0,
                 "log_level": "INFO",
                 "require_egress": self.config.egress,
+                "egress_allowed_networks": "127.0.0.0/8",  # the proxies listen on loopback addresses
             }
         )
         await ensure_topics(self.settings)
