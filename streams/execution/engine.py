@@ -42,7 +42,7 @@ from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn
 from streams.execution.priority import PRIORITY
 from streams.execution.protective import ProtectiveStops
-from streams.execution.reconcile import Reconciler
+from streams.execution.reconcile import Reconciler, RestingExit
 from streams.execution.resting import CHASED, RestingOrders
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,10 @@ class Executor:
                 return await self.outcomes.skip(intent, order, "withdrawn before it was sent")
             return await self.outcomes.fail(intent, strategy, order, BrokerRejected("refused by the broker"))
         await self.reconciler.let_settle(order)
-        if await self.reconciler.settle_run(intent, strategy, history):
+        settled = await self.reconciler.settle_run(intent, strategy, history)
+        if settled.resting is not None:
+            await self._finish_resting_exit(strategy, settled.resting)
+        if settled.adopted or settled.resting is not None:
             _, history = await self.ledger.read_run(intent.strategy_id, intent.run)
             position = history.position
 
@@ -247,6 +250,23 @@ class Executor:
         return await self.outcomes.complete(
             intent, strategy, order, broker_order, history.position, placed_here=placed_here
         )
+
+    async def _finish_resting_exit(self, strategy: Strategy, resting: RestingExit) -> None:
+        """Another exit of the position rests at the broker and its own delivery is gone (its worker died): chase
+        it to its fill under its own intent, so the position keeps one exit; the exit being handled then finds
+        the position closed. Refused by the broker, it is failed as its own delivery would have, and the position
+        is still open for this exit."""
+        other, order = resting.intent, resting.order
+        gateway = await self.context.gateways(other.user_id)
+        try:
+            broker_order, order = await self.resting.chase(
+                gateway, other, strategy, order, resting.broker_order, fresh=False
+            )
+        except BrokerRejected as exc:
+            await self.outcomes.fail(other, strategy, order, exc)
+            return
+        _, history = await self.ledger.read_run(strategy.id, other.run)
+        await self.outcomes.complete(other, strategy, order, broker_order, history.position, placed_here=True)
 
     async def _squared_off_by_broker(
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy

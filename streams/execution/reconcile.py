@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from connectors.broker import BrokerRejected, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
@@ -34,6 +35,21 @@ def apply(order: TrackedOrder, event: OrderEvent) -> bool:
         log.warning("%s (intent %s): ignored", refused, order.intent_id)
         return False
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class RestingExit:
+    """Another exit of the run, its delivery gone, found resting at the broker: the position's exit already."""
+
+    intent: OrderIntent
+    order: TrackedOrder
+    broker_order: BrokerOrder
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    adopted: bool  # some order's outcome was recorded: the run's position is to be read again
+    resting: RestingExit | None = None  # to be chased to its fill before anything else is sent
 
 
 class Reconciler:
@@ -110,32 +126,39 @@ class Reconciler:
                      order.intent_id, remaining)  # fmt: skip
             await asyncio.sleep(min(remaining, timeout))
 
-    async def settle_run(self, intent: OrderIntent, strategy: Strategy, history: RunHistory) -> bool:
-        """Before an exit: settle the run's other orders whose fate the log does not know. True if any was adopted.
+    async def settle_run(self, intent: OrderIntent, strategy: Strategy, history: RunHistory) -> Settled:
+        """Before an exit: settle the run's other orders whose fate the log does not know.
 
         "No position" may only mean the BUY's outcome was never recorded (a worker died mid-BUY), and "still
         open" that another exit's was (its STOPLOSS reached the broker, and now the SELL is due), or that an exit
         given up after its retries reached the broker after all (the auto-stop's square-off follows it): ask the
         broker about those first, or the position is left unsold or sold twice (crash matrix seeds 4, 9, 16).
+        Another exit found resting at the broker is not settled here but returned: it is the position's exit, to be
+        chased, and nothing else may be sent beside it.
         """
         if not intent.action.is_exit or intent.run != strategy.run:
-            return False
+            return Settled(False)
         position = history.position
         others = [order for order in history.orders().values() if order.intent_id != intent.intent_id]
         unrecorded = [o for o in others if o.attempts > 0 and not o.recorded]
         candidates = EXITS if position.open else {Action.BUY}
         given_up = [o for o in others if o.recorded and o.state is OrderState.GIVEN_UP and o.action in EXITS]
         adopted = False
-        for order in sorted((o for o in unrecorded if o.action in candidates), key=lambda o: o.action.value):
-            adopted = await self._adopt(intent, order) or adopted
+        settle = sorted((o for o in unrecorded if o.action in candidates), key=lambda o: o.action.value)
         if position.open:
-            for order in sorted(given_up, key=lambda o: o.action.value):
-                adopted = await self._adopt(intent, order) or adopted
-        return adopted
+            settle += sorted(given_up, key=lambda o: o.action.value)
+        for order in settle:
+            outcome = await self._adopt(intent, order)
+            if isinstance(outcome, RestingExit):
+                return Settled(adopted, outcome)
+            adopted = outcome or adopted
+        return Settled(adopted)
 
-    async def _adopt(self, intent: OrderIntent, order: TrackedOrder) -> bool:
+    async def _adopt(self, intent: OrderIntent, order: TrackedOrder) -> bool | RestingExit:
         """Record what the broker says of another order of the run (attempted with no result, or given up, which
-        the broker's order then corrects); False if the broker has none."""
+        the broker's order then corrects); False if the broker has none. An exit the broker holds unfilled (a
+        protected market order resting in a fast move) is returned as it is, not recorded as placed: recorded,
+        it would leave the position open in the log and a second exit would be sent beside it."""
         other = intent.model_copy(update={"intent_id": order.intent_id, "action": order.action})
         given_up = order.state is OrderState.GIVEN_UP
         await self.let_settle(order)
@@ -146,6 +169,10 @@ class Reconciler:
             return False
         if found is None:
             return False
+        if not found.terminal and order.action in EXITS:
+            log.warning("intent %s: %s order %s of the same position rests at the broker: it is chased as the "
+                        "position's exit", intent.intent_id, order.action.value, found.order_id)  # fmt: skip
+            return RestingExit(other, order, found)
         log.warning("intent %s: adopting %s order %s that was %s", intent.intent_id, order.action.value,
                     found.order_id, "given up as failed" if given_up else "never recorded")  # fmt: skip
         await self.record_found(other, order, found, corrected=given_up)

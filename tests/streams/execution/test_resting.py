@@ -188,3 +188,43 @@ async def test_a_position_the_broker_squared_off_is_adopted_as_the_exit_with_no_
     kinds = [n.kind for n in engine.publisher.notifications()]
     assert NotificationKind.SQUARED_OFF_BY_BROKER in kinds
     assert (await engine.strategy()).status == "completed"
+
+
+@sqlite_only
+async def test_a_time_exit_finding_its_positions_stop_exit_resting_chases_that_one_and_sends_none(
+    db_engine: AsyncEngine, redis: Redis, simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    """A worker placed the STOPLOSS (it rests: a fast move) and died before recording it; the SELL falls due.
+    The SELL must not be sent beside a live exit (both could fill: a short position): the resting STOPLOSS is
+    the position's exit, chased to its fill under its own intent, and the SELL finds the position closed."""
+    account = kite_account()
+    engine = await engine_on_simulator(db_engine, redis, simulator, account)
+    await bought(engine, simulator)
+    await crash(engine, simulator, 1400.0)
+    stoploss = engine.intent(Action.STOPLOSS)
+    await engine.died_after_logging(stoploss)
+    account.kite.place_order(
+        variety="regular", exchange="NSE", tradingsymbol="INFY", transaction_type="SELL", quantity=5, product="MIS",
+        order_type="MARKET", tag=stoploss.broker_tag, market_protection=-1,
+    )  # fmt: skip
+    (resting,) = sells(simulator, account)
+    assert resting.status == "OPEN"
+
+    async def calm_once_placed_anew() -> None:
+        # The simulator's book is polled: it has no hook for a test to await (bounded by the engine's deadline).
+        for _ in range(3000):
+            if len(sells(simulator, account)) >= 2:
+                simulator.state.set_price("NSE:INFY", 1399.5)  # a small step: the new order's band holds
+                return
+            await asyncio.sleep(0.02)
+
+    calm = asyncio.create_task(calm_once_placed_anew())
+    result = await engine.executor.execute(engine.intent(Action.SELL))
+    await calm
+
+    assert result is not None and result.status is OrderStatus.SKIPPED
+    first, second = sorted(sells(simulator, account), key=lambda o: o.order_id)
+    assert (first.status, second.status) == ("CANCELLED", "COMPLETE")
+    assert first.tag == stoploss.broker_tag and second.tag != engine.intent(Action.SELL).broker_tag
+    assert dict(await engine.results()) == {"BUY": "filled", "STOPLOSS": "filled", "SELL": "skipped"}
+    assert simulator.state.accounts[account.api_key].positions[("NSE", "INFY", "MIS")].quantity == 0
