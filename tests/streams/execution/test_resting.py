@@ -85,6 +85,17 @@ async def crash(engine: Engine, simulator: RunningSimulator, price: float) -> No
     await RuntimeStore(engine.redis).set_last_prices({"NSE:INFY": price})
 
 
+async def calm_once_placed_anew(simulator: RunningSimulator, account: SimAccount) -> None:
+    """Once the resting exit is cancelled and placed anew, the price takes a small step: the new order's band
+    holds. The simulator's book is polled: it has no hook for a test to await (bounded by the engine's deadline)."""
+    for _ in range(3000):
+        cancelled = [r for r in audit(simulator, account, "cancel") if r.outcome == "cancelled"]
+        if cancelled and len(sells(simulator, account)) >= 2:
+            simulator.state.set_price("NSE:INFY", 1399.5)
+            return
+        await asyncio.sleep(0.02)
+
+
 def test_an_exit_limit_is_on_the_tick_and_never_above_the_price() -> None:
     assert limit_for_exit(1400.0) == 1400.0
     assert limit_for_exit(1399.97) == 1399.95
@@ -123,16 +134,7 @@ async def test_past_its_budget_a_resting_exit_is_cancelled_and_placed_anew(
     simulator.state.config.max_modifications = 0  # every modification refused: only cancel and replace is left
     await crash(engine, simulator, 1400.0)
 
-    async def calm_once_placed_anew() -> None:
-        # The simulator's book is polled: it has no hook for a test to await (bounded by the engine's deadline).
-        for _ in range(3000):
-            cancelled = [r for r in audit(simulator, account, "cancel") if r.outcome == "cancelled"]
-            if cancelled and len(sells(simulator, account)) >= 2:
-                simulator.state.set_price("NSE:INFY", 1399.5)  # a small step: the new order's band holds
-                return
-            await asyncio.sleep(0.02)
-
-    calm = asyncio.create_task(calm_once_placed_anew())
+    calm = asyncio.create_task(calm_once_placed_anew(simulator, account))
     result = await engine.executor.execute(engine.intent(Action.STOPLOSS))
     await calm
 
@@ -210,15 +212,7 @@ async def test_a_time_exit_finding_its_positions_stop_exit_resting_chases_that_o
     (resting,) = sells(simulator, account)
     assert resting.status == "OPEN"
 
-    async def calm_once_placed_anew() -> None:
-        # The simulator's book is polled: it has no hook for a test to await (bounded by the engine's deadline).
-        for _ in range(3000):
-            if len(sells(simulator, account)) >= 2:
-                simulator.state.set_price("NSE:INFY", 1399.5)  # a small step: the new order's band holds
-                return
-            await asyncio.sleep(0.02)
-
-    calm = asyncio.create_task(calm_once_placed_anew())
+    calm = asyncio.create_task(calm_once_placed_anew(simulator, account))
     result = await engine.executor.execute(engine.intent(Action.SELL))
     await calm
 
