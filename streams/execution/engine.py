@@ -42,7 +42,7 @@ from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn
 from streams.execution.priority import PRIORITY
 from streams.execution.protective import ProtectiveStops
-from streams.execution.reconcile import Reconciler, RestingExit
+from streams.execution.reconcile import Reconciler, RestingOrder
 from streams.execution.resting import CHASED, RestingOrders
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class Executor:
         await self.reconciler.let_settle(order)
         settled = await self.reconciler.settle_run(intent, strategy, history)
         if settled.resting is not None:
-            await self._finish_resting_exit(strategy, settled.resting)
+            await self._settle_resting(strategy, settled.resting)
         if settled.adopted or settled.resting is not None:
             _, history = await self.ledger.read_run(intent.strategy_id, intent.run)
             position = history.position
@@ -251,17 +251,21 @@ class Executor:
             intent, strategy, order, broker_order, history.position, placed_here=placed_here
         )
 
-    async def _finish_resting_exit(self, strategy: Strategy, resting: RestingExit) -> None:
-        """Another exit of the position rests at the broker and its own delivery is gone (its worker died): chase
-        it to its fill under its own intent, so the position keeps one exit; the exit being handled then finds
-        the position closed. Refused by the broker, it is failed as its own delivery would have, and the position
-        is still open for this exit."""
+    async def _settle_resting(self, strategy: Strategy, resting: RestingOrder) -> None:
+        """Another order of the run rests unfilled at the broker and its own delivery is gone (its worker died): end
+        it under its own intent, as that delivery would have, before this exit decides anything. Another exit is
+        chased to its fill (the position keeps one exit, and this one then finds it closed); a BUY is cancelled
+        once its rest time is up (what it filled is the position this exit sells). Refused or cancelled with
+        nothing filled, the order is failed as its own delivery would have failed it."""
         other, order = resting.intent, resting.order
         gateway = await self.context.gateways(other.user_id)
         try:
-            broker_order, order = await self.resting.chase(
-                gateway, other, strategy, order, resting.broker_order, fresh=False
-            )
+            if other.action is Action.BUY:
+                broker_order = await self.resting.cancel_resting_buy(gateway, other, order, resting.broker_order)
+            else:
+                broker_order, order = await self.resting.chase(
+                    gateway, other, strategy, order, resting.broker_order, fresh=False
+                )
         except BrokerRejected as exc:
             await self.outcomes.fail(other, strategy, order, exc)
             return
@@ -292,14 +296,21 @@ class Executor:
         self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, position: RunPosition
     ) -> OrderResult | None:
         """The broker's order for an intent that no longer fits but was sent before: its result if the broker
-        has it (followed up only if the run is still the strategy's), None if not. A transient failure propagates:
-        the lane asks again later."""
+        has it (followed up only if the run is still the strategy's), None if not. Found resting unfilled, it is
+        cancelled first: a BUY of a stopped strategy or an exit of a closed position must not fill later (a
+        resting BUY recorded as placed read as a position held, and the square-off sold what was never bought).
+        A transient failure propagates: the lane asks again later."""
+        gateway = await self.context.gateways(intent.user_id)
         try:
-            broker_order = await self.reconciler.ask(await self.context.gateways(intent.user_id), order)
+            broker_order = await self.reconciler.ask(gateway, order)
         except BrokerRejected as exc:  # the session expired meanwhile, or the order ended rejected: fail, never loop
             return await self.outcomes.fail(intent, strategy, order, exc)
         if broker_order is None:
             return None
+        if not broker_order.terminal:
+            broker_order = await self.resting.cancel_unwanted(gateway, intent, order, broker_order)
+            if broker_order.status != "COMPLETE":
+                return await self.outcomes.skip(intent, order, "rested unfilled once no longer wanted: cancelled")
         if intent.run != strategy.run:
             # A run the strategy has left: record what the broker did, arm nothing.
             return await self.reconciler.record_found(intent, order, broker_order)

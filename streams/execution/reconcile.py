@@ -38,8 +38,9 @@ def apply(order: TrackedOrder, event: OrderEvent) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class RestingExit:
-    """Another exit of the run, its delivery gone, found resting at the broker: the position's exit already."""
+class RestingOrder:
+    """Another order of the run, its delivery gone, found resting unfilled at the broker: an exit that is the
+    position's exit already, or a BUY that may still open the position."""
 
     intent: OrderIntent
     order: TrackedOrder
@@ -49,7 +50,7 @@ class RestingExit:
 @dataclass(frozen=True, slots=True)
 class Settled:
     adopted: bool  # some order's outcome was recorded: the run's position is to be read again
-    resting: RestingExit | None = None  # to be chased to its fill before anything else is sent
+    resting: RestingOrder | None = None  # to be settled at the broker before anything else is sent
 
 
 class Reconciler:
@@ -133,8 +134,8 @@ class Reconciler:
         open" that another exit's was (its STOPLOSS reached the broker, and now the SELL is due), or that an exit
         given up after its retries reached the broker after all (the auto-stop's square-off follows it): ask the
         broker about those first, or the position is left unsold or sold twice (crash matrix seeds 4, 9, 16).
-        Another exit found resting at the broker is not settled here but returned: it is the position's exit, to be
-        chased, and nothing else may be sent beside it.
+        An order found resting at the broker is not settled here but returned: another exit is the position's exit,
+        to be chased, and nothing may be sent beside it; a BUY may still fill, and must be ended first.
         """
         if not intent.action.is_exit or intent.run != strategy.run:
             return Settled(False)
@@ -149,16 +150,17 @@ class Reconciler:
             settle += sorted(given_up, key=lambda o: o.action.value)
         for order in settle:
             outcome = await self._adopt(intent, order)
-            if isinstance(outcome, RestingExit):
+            if isinstance(outcome, RestingOrder):
                 return Settled(adopted, outcome)
             adopted = outcome or adopted
         return Settled(adopted)
 
-    async def _adopt(self, intent: OrderIntent, order: TrackedOrder) -> bool | RestingExit:
+    async def _adopt(self, intent: OrderIntent, order: TrackedOrder) -> bool | RestingOrder:
         """Record what the broker says of another order of the run (attempted with no result, or given up, which
-        the broker's order then corrects); False if the broker has none. An exit the broker holds unfilled (a
-        protected market order resting in a fast move) is returned as it is, not recorded as placed: recorded,
-        it would leave the position open in the log and a second exit would be sent beside it."""
+        the broker's order then corrects); False if the broker has none. An order the broker holds unfilled (a
+        protected market order resting in a fast move) is returned as it is, not recorded as placed: a resting
+        exit recorded so leaves the position open in the log and a second exit would be sent beside it, and a
+        resting BUY recorded so reads as a position held, and the exit would sell what was never bought."""
         other = intent.model_copy(update={"intent_id": order.intent_id, "action": order.action})
         given_up = order.state is OrderState.GIVEN_UP
         await self.let_settle(order)
@@ -169,10 +171,10 @@ class Reconciler:
             return False
         if found is None:
             return False
-        if not found.terminal and order.action in EXITS:
-            log.warning("intent %s: %s order %s of the same position rests at the broker: it is chased as the "
-                        "position's exit", intent.intent_id, order.action.value, found.order_id)  # fmt: skip
-            return RestingExit(other, order, found)
+        if not found.terminal:
+            log.warning("intent %s: %s order %s of the same run rests unfilled at the broker: it is settled first",
+                        intent.intent_id, order.action.value, found.order_id)  # fmt: skip
+            return RestingOrder(other, order, found)
         log.warning("intent %s: adopting %s order %s that was %s", intent.intent_id, order.action.value,
                     found.order_id, "given up as failed" if given_up else "never recorded")  # fmt: skip
         await self.record_found(other, order, found, corrected=given_up)

@@ -158,6 +158,19 @@ class RestingOrders:
         seconds = self._settings.buy_rest_seconds
         raise BrokerRejected(f"BUY rested unfilled at the broker for {seconds:.0f}s and was cancelled")
 
+    async def cancel_unwanted(
+        self, gateway: OrderGateway, intent: OrderIntent, order: TrackedOrder, current: BrokerOrder
+    ) -> BrokerOrder:
+        """Take an order that rests unfilled and no longer fits off the book at once; its final state (COMPLETE
+        if it filled first). Still open after the cancel: BrokerUnavailable (the intent is retried, and asks)."""
+        await self.ledger.moved(intent, order, OrderEvent.CANCEL, message="no longer wanted: cancelled")
+        async with self.placement.rate_limiter.permit(intent.user_id, PRIORITY[intent.action]):
+            final = await gateway.cancel_order(order.order_id or current.order_id)
+        if not final.terminal:
+            raise BrokerUnavailable(f"order {final.order_id} still open after its cancel")
+        self._apply(order, broker_event(final.status))
+        return final
+
     async def _status(self, gateway: OrderGateway, order: TrackedOrder) -> BrokerOrder | None:
         try:
             return await gateway.order_status(order.order_id or "")
