@@ -5,6 +5,7 @@ exit (each cycle its own intents and tags, its stop resolved from its own entry)
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import httpx
@@ -30,14 +31,16 @@ async def started(
     return sid
 
 
-async def holding(client: httpx.AsyncClient, user: Any, sid: int, pipeline: Pipeline, cycle: int) -> dict[str, Any]:
+async def holding(
+    client: httpx.AsyncClient, user: Any, sid: int, pipeline: Pipeline, cycle: int, within: float = 20
+) -> dict[str, Any]:
     """Wait until the strategy holds the position of `cycle`; its status."""
 
     async def bought() -> dict[str, Any] | None:
         status = await status_of(client, user, sid)
         return status if (status.get("position"), status.get("cycle")) == ("bought", cycle) else None
 
-    status: dict[str, Any] = await eventually(bought, 20, f"cycle {cycle} bought", pipeline)
+    status: dict[str, Any] = await eventually(bought, within, f"cycle {cycle} bought", pipeline)
     return status
 
 
@@ -149,3 +152,34 @@ async def test_at_entry_waits_for_a_tick_back_at_the_previous_entry(
     assert [(v["cycle"], v["trigger"], v["trigger_price"]) for v in buys] == [(1, "schedule", None),
                                                                              (2, "price", 3000.0)]  # fmt: skip
     assert sides(simulator, user.broker.api_key, "TITAN") == ["BUY", "SELL", "BUY"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
+async def test_a_worker_killed_between_the_stop_exit_and_the_re_entry_re_enters_once(
+    client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    user = await make_user()
+    symbol = "NSE:DIVISLAB"
+    sid = await started(client, user, make_strategy, simulator, pipeline, pinned_clock, symbol, 2000.0,
+                        stop_loss_points=10, reentry_max=1)  # fmt: skip
+    await holding(client, user, sid, pipeline, 1)
+    # The broker answers slowly: the worker dies with the stop exit sent and neither it nor the re-entry recorded.
+    simulator.state.inject_fault("latency", scope="orders", latency_ms=1500)
+    await tick(pipeline, pinned_clock, simulator, symbol, [1990.0])
+    await eventually(lambda: len(placements(simulator, user.broker.api_key)) >= 2, 20, "the stop exit sent", pipeline)
+    await pipeline.restart("worker", signal.SIGKILL)
+    simulator.state.clear_faults()
+
+    status = await holding(client, user, sid, pipeline, 2, within=60)
+    assert (status["entry_price"], status["stop_loss"], status["reentries_left"]) == (1990.0, 1980.0, 0), status
+    await tick(pipeline, pinned_clock, simulator, symbol, [1980.0])
+
+    async def done() -> dict[str, Any] | None:
+        status = await status_of(client, user, sid)
+        return status if status.get("strategy_status") == "completed" else None
+
+    await eventually(done, 30, "cycle 2's stop exit ends the day", pipeline)
+    placed = orders_placed(simulator, user.broker.api_key, "DIVISLAB")
+    assert [r.params["transaction_type"] for r in placed] == ["BUY", "SELL", "BUY", "SELL"]
+    assert len({r.tag for r in placed}) == 4
