@@ -27,6 +27,7 @@ from core.logs import log_outcome
 from core.market import MarketCalendar
 from core.metrics import ORDERS
 from core.settings import Settings
+from manager.reentries import awaiting_reentry
 from manager.strategy_manager import StrategyManager
 from schemas.events import Action, NotificationKind, OrderIntent, OrderResult, Product
 from storage.journal import GroupCommit
@@ -321,7 +322,7 @@ class Executor:
                 return f"{MISSED_BUY} by {late:.0f}s (grace {grace:.0f}s)"
             return None
         if not position.open:
-            if intent.action is Action.SELL and strategy.status == StrategyStatus.RUNNING.value and position.exited:
+            if intent.action is Action.SELL and awaiting_reentry(strategy, position):
                 return f"{FLAT_AT_SELL}: the re-entry did not happen before sell_time"
             return "no open position to exit"
         return None
