@@ -19,8 +19,9 @@ from schemas.events import (
     cycle_of,
     intent_id_for,
 )
+from storage.models import Strategy
 from storage.positions import fold
-from streams.execution.cycles import for_current_cycle
+from streams.execution.cycles import for_current_cycle, reentry_misfit
 from streams.reentry_watch import stale_cycle
 
 DAY = date(2025, 1, 15)
@@ -104,3 +105,22 @@ def test_an_event_about_an_earlier_cycle_leaves_a_later_one_armed(
 ) -> None:
     event = StrategyLifecycle(kind=kind, spec=spec(), run=1, cycle=cycle, trading_day=DAY, occurred_at=NOW)
     assert stale_cycle(armed, event) is stale
+
+
+def test_a_re_entry_buy_fits_only_after_the_previous_cycle_s_stop_exit_and_before_the_cut_off() -> None:
+    strategy = Strategy(reentry_max=1, reentry_until=time(14, 0), reentry_mode="immediate")
+    buy = OrderIntent(intent_id=intent_id_for(7, DAY, 1, Action.BUY, 2), strategy_id=7, user_id=3, run=1, cycle=2,
+                      action=Action.BUY, trigger=Trigger.RECOVERY, trading_day=DAY, instrument="NSE:INFY", quantity=10,
+                      due_at=NOW, created_at=NOW)  # fmt: skip
+    stopped = fold([("BUY", "filled", 1000, "b1"), ("STOPLOSS", "filled", 990, "s1")])
+    assert reentry_misfit(buy, strategy, stopped, time(13, 59)) is None
+    # Recovered after the cut-off: skipped (and the engine ends the strategy's day).
+    assert reentry_misfit(buy, strategy, stopped, time(14, 0)) == "re-entry cut-off 14:00:00 passed"
+    bought_again = fold(
+        [("BUY", "filled", 1000, "b1"), ("STOPLOSS", "filled", 990, "s1"), ("BUY", "filled", 991, "b2")]
+    )
+    assert reentry_misfit(buy, strategy, bought_again, time(10, 0)) == "cycle 2 already bought"
+    targeted = fold([("BUY", "filled", 1000, "b1"), ("TARGET", "filled", 1010, "t1")])
+    assert reentry_misfit(buy, strategy, targeted, time(10, 0)) == "cycle 1 was not stopped out"
+    still_open = fold([("BUY", "filled", 1000, "b1")])
+    assert reentry_misfit(buy, strategy, still_open, time(10, 0)) == "cycle 1 was not stopped out"
