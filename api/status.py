@@ -111,6 +111,7 @@ def status_from_runtime(
     quantity = _int(static.get("quantity"))
     entry_price = _float(runtime.get("entry_price"))
     exits = _exit_rule(static)
+    cycle = _int(runtime.get("cycle")) or 1
     return {
         "strategy_id": strategy_id,
         "symbol": static.get("instrument") or f"{static.get('exchange')}:{static.get('tradingsymbol')}",
@@ -129,6 +130,8 @@ def status_from_runtime(
         "exit_at": runtime.get("exit_at") or None,
         "unrealised_pnl": _pnl(state, entry_price, last_price, quantity),
         "run": _int(static.get("run") or runtime.get("run")),
+        "cycle": cycle,
+        "reentries_left": max((_int(static.get("reentry_max")) or 0) - (cycle - 1), 0),
         "trading_day": static.get("trading_day") or runtime.get("trading_day"),
         "last_order_status": runtime.get("last_order_status") or None,
         "last_order_message": runtime.get("last_order_message") or None,
@@ -230,6 +233,7 @@ class StatusReader:
         entry_at = exit_at = None
         exit_price: Decimal | None = None
         last = results[-1] if results else None
+        cycle = max(sum(1 for row in results if row.action == "BUY" and row.status in ("filled", "placed")), 1)
         for row in results:
             last_action = row.action
             if row.status == "filled":
@@ -259,6 +263,8 @@ class StatusReader:
             "exit_at": exit_at,
             "unrealised_pnl": _pnl(state, entry, last_price, strategy.quantity),
             "run": strategy.run,
+            "cycle": cycle,
+            "reentries_left": strategy.reentry.left(cycle),
             "trading_day": strategy.trading_day.isoformat() if strategy.trading_day else None,
             "last_order_status": last.status if last is not None else None,
             "last_order_message": last.message if last is not None else None,

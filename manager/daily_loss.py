@@ -64,15 +64,13 @@ def open_instruments(runs: Runs) -> set[str]:
 
 
 def day_pnl(runs: Runs, last_prices: dict[str, float]) -> DayPnl:
-    """Realised from the fills of closed positions, unrealised from the last price of open ones."""
+    """Realised from the fills of closed positions (every cycle of a run that re-entered), unrealised from the
+    last price of open ones."""
     realised = unrealised = 0.0
     for instrument, quantity, history in runs.values():
         position = fold(history)
-        if not position.bought or position.entry_price is None:
-            continue
-        if position.exited and position.exit_price is not None:
-            realised += (position.exit_price - position.entry_price) * quantity
-        elif position.open and (price := last_prices.get(instrument)) is not None:
+        realised += position.realised(quantity)
+        if position.open and position.entry_price is not None and (price := last_prices.get(instrument)) is not None:
             unrealised += (price - position.entry_price) * quantity
     return DayPnl(round(realised, 2), round(unrealised, 2))
 

@@ -35,6 +35,7 @@ from connectors.broker import QUOTE_PACE, BrokerError, BrokerUnavailable, KiteBr
 from core.crypto import SecretBox
 from core.settings import Settings
 from manager.broker_loss import LifecycleWatch
+from manager.reentries import awaiting_reentry, follow_ups
 from manager.strategy_manager import (
     LIFECYCLE_TOPIC,
     ORDERS_TOPIC,
@@ -46,11 +47,13 @@ from manager.strategy_manager import (
 from schemas.events import (
     Action,
     Event,
+    ExitKind,
     LifecycleKind,
     OrderIntent,
     StrategyLifecycle,
     StrategySpec,
     Trigger,
+    cycle_of,
     intent_id_for,
 )
 from storage.db import aware
@@ -98,7 +101,11 @@ def runtime_fields(position: RunPosition) -> dict[str, str]:
     if position.exited and position.exit_action is not None:
         orders[Action(position.exit_action)] = OrderState.FILLED
     state = strategy_state(orders)
-    fields = {"state": state.value, "position": "bought" if position.open else state.value}
+    fields = {
+        "state": state.value,
+        "position": "bought" if position.open else state.value,
+        "cycle": str(position.cycle),
+    }
     if position.last_action:
         fields["last_action"] = position.last_action
     if position.entry_price is not None:
@@ -188,6 +195,8 @@ class Recovery:
                         position.entry_price,
                         self.manager.calendar.at(day, strategy.buy_time),
                         reason="recovery",
+                        cycle=position.cycle,
+                        realised=position.realised(strategy.quantity),
                     )
                 )
         # One pipelined round trip per thousand strategies, on one connection: the lanes keep the rest.
@@ -202,6 +211,7 @@ class Recovery:
 
         if republish:
             await self.lifecycle.rebase()  # the republished topic is the new baseline for "went back"
+        await self.resume_reentries(strategies, positions)
         exits = await self._exit_crossed_stops(open_positions, positions)
         report = RecoveryReport(len(strategies), len(open_positions), len(unresolved), exits,
                                 time.perf_counter() - started)  # fmt: skip
@@ -227,11 +237,27 @@ class Recovery:
             orphans = await self._orphaned_positions(session)
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in unresolved])
         await self._square_off(orphans)
+        await self.resume_reentries(strategies, positions)
         holding = [s for s in strategies if positions.get(s.id, RunPosition()).open]
         exits = await self._exit_crossed_stops(holding, positions)
         if exits:
             log.warning("%d stop-loss crossings found at start: exits sent", exits)
         return exits
+
+    async def resume_reentries(self, strategies: list[Strategy], positions: dict[int, RunPosition]) -> int:
+        """Strategies between a stop exit and their next cycle's BUY (manager/reentries.py): the decision's
+        follow-ups again, for a crash or a lost topic in between. Idempotent: the BUY's id names its cycle, and the
+        engine skips it past the cut-off."""
+        now = self.manager.clock.now()
+        items: list[tuple[str, str | int, Event]] = []
+        for strategy in strategies:
+            position = positions.get(strategy.id, RunPosition())
+            if awaiting_reentry(strategy, position):
+                day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
+                items += follow_ups(spec_for(strategy), strategy.run, day, position.cycle + 1, now,
+                                    position.entry_price, Trigger.RECOVERY)  # fmt: skip
+        await self._publish_all(items)
+        return len(items)
 
     async def exit_overdue_sells(self) -> int:
         """Open positions whose SELL is overdue get it now, from the database.
@@ -264,14 +290,16 @@ class Recovery:
             positions = await positions_of(session, [(s.id, s.run) for s in candidates])
         intents = []
         for strategy in candidates:
-            if not positions.get(strategy.id, RunPosition()).open:
+            position = positions.get(strategy.id, RunPosition())
+            if not position.open:
                 continue
             # Once sent, not again for a while: the engine may be retrying it (the lane serialises repeats).
             self._overdue_sent[(strategy.id, strategy.run)] = time.monotonic() + OVERDUE_RESEND_SECONDS
             intents.append(
                 OrderIntent(
-                    intent_id=intent_id_for(strategy.id, day, strategy.run, Action.SELL), strategy_id=strategy.id,
-                    user_id=strategy.user_id, run=strategy.run, action=Action.SELL, trigger=Trigger.RECOVERY,
+                    intent_id=intent_id_for(strategy.id, day, strategy.run, Action.SELL, position.cycle),
+                    strategy_id=strategy.id, user_id=strategy.user_id, run=strategy.run, cycle=position.cycle,
+                    action=Action.SELL, trigger=Trigger.RECOVERY,
                     trading_day=day, instrument=strategy.instrument, quantity=strategy.quantity,
                     due_at=calendar.at(day, strategy.sell_time), created_at=now,
                 )
@@ -312,7 +340,7 @@ class Recovery:
             day = date.fromisoformat(row.intent_id.split(":")[1])
             intents[row.intent_id] = OrderIntent(
                 intent_id=row.intent_id, strategy_id=row.strategy_id, user_id=row.user_id, run=row.run,
-                action=Action(row.action), trigger=Trigger.RECOVERY, trading_day=day,
+                cycle=cycle_of(row.intent_id), action=Action(row.action), trigger=Trigger.RECOVERY, trading_day=day,
                 instrument=f"{exchange}:{tradingsymbol}", quantity=row.quantity, due_at=aware(row.created_at),
                 created_at=now,
             )  # fmt: skip
@@ -372,26 +400,37 @@ class Recovery:
         intents = []
         for strategy in open_positions:
             price = prices.get(strategy.instrument)
-            entry = positions.get(strategy.id, RunPosition()).entry_price
-            stop, target = strategy.exits.stop_price(entry), strategy.exits.target_price(entry)
-            loss_at = strategy.exits.loss_limit_price(entry, strategy.quantity)
-            if loss_at is not None and (stop is None or loss_at > stop):
-                stop = loss_at
+            position = positions.get(strategy.id, RunPosition())
+            entry = position.entry_price
+            armed = armed_event(
+                spec_for(strategy),
+                strategy.run,
+                now.date(),
+                now,
+                entry,
+                None,
+                cycle=position.cycle,
+                realised=position.realised(strategy.quantity),
+            )  # the cycle's own loss limit
+            stop, target, kind = armed.stop_price, armed.target_price, ExitKind.STOP
+            if armed.loss_limit_price is not None and (stop is None or armed.loss_limit_price > stop):
+                stop, kind = armed.loss_limit_price, ExitKind.LOSS_LIMIT
             if price is None:
                 continue
             if stop is not None and price <= stop:
                 action = Action.STOPLOSS
             elif target is not None and price >= target:
-                action = Action.TARGET
+                action, kind = Action.TARGET, ExitKind.TARGET
             else:
                 continue
             day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
             intents.append(
                 OrderIntent(
-                    intent_id=intent_id_for(strategy.id, day, strategy.run, action), strategy_id=strategy.id,
-                    user_id=strategy.user_id, run=strategy.run, action=action, trigger=Trigger.RECOVERY,
-                    trading_day=day, instrument=strategy.instrument, quantity=strategy.quantity, due_at=now,
-                    created_at=now, trigger_price=price,
+                    intent_id=intent_id_for(strategy.id, day, strategy.run, action, position.cycle),
+                    strategy_id=strategy.id, user_id=strategy.user_id, run=strategy.run, cycle=position.cycle,
+                    action=action, trigger=Trigger.RECOVERY, trading_day=day, instrument=strategy.instrument,
+                    quantity=strategy.quantity, due_at=now, created_at=now, trigger_price=price, exit_kind=kind,
+                    exit_level=stop if action is Action.STOPLOSS else target,
                 )
             )  # fmt: skip
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in intents])

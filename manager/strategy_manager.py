@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.clock import Clock
 from core.exit_prices import EXIT_FIELDS
 from core.market import MarketCalendar
+from core.reentry import ReentryMode, loss_left
 from schemas.events import (
     Action,
     Event,
@@ -100,21 +101,28 @@ def spec_for(strategy: Strategy) -> StrategySpec:
         **{name: getattr(strategy.exits, name) for name in EXIT_FIELDS},
         product=Product(strategy.product),
         protective_stop=bool(strategy.protective_stop),
+        reentry_max=strategy.reentry_max or 0,
+        reentry_until=strategy.reentry_until,
+        reentry_mode=ReentryMode(strategy.reentry_mode or ReentryMode.IMMEDIATE.value),
     )
 
 
 def armed_event(
     spec: StrategySpec, run: int, trading_day: date, occurred_at: datetime, entry_price: float | None,
-    opened_at: datetime | None, reason: str | None = None,
+    opened_at: datetime | None, reason: str | None = None, *, cycle: int = 1, realised: float = 0.0,
 ) -> StrategyLifecycle:  # fmt: skip
-    """ARMED: the position is open; its stop and target travel as prices, resolved from this entry."""
+    """ARMED: the position is open; its stop and target travel as prices, resolved from this entry. A later
+    cycle's loss limit is what the earlier cycles' realised loss (`realised`, rupees) left of max_loss."""
+    exits = spec.exits
+    if cycle > 1 and exits.max_loss is not None:
+        exits = replace(exits, max_loss=loss_left(exits.max_loss, realised))
     return StrategyLifecycle(
-        kind=LifecycleKind.ARMED, spec=spec, run=run, trading_day=trading_day, occurred_at=occurred_at,
+        kind=LifecycleKind.ARMED, spec=spec, run=run, cycle=cycle, trading_day=trading_day, occurred_at=occurred_at,
         entry_price=entry_price, opened_at=opened_at, reason=reason,
-        stop_price=spec.exits.stop_price(entry_price), target_price=spec.exits.target_price(entry_price),
-        trail_activation_price=spec.exits.trail_activation_price(entry_price),
-        move_to_cost_price=spec.exits.move_to_cost_price(entry_price),
-        loss_limit_price=spec.exits.loss_limit_price(entry_price, spec.quantity),
+        stop_price=exits.stop_price(entry_price), target_price=exits.target_price(entry_price),
+        trail_activation_price=exits.trail_activation_price(entry_price),
+        move_to_cost_price=exits.move_to_cost_price(entry_price),
+        loss_limit_price=exits.loss_limit_price(entry_price, spec.quantity),
     )  # fmt: skip
 
 
@@ -124,6 +132,7 @@ def initial_runtime(run: int, trading_day: date, started_at: datetime) -> dict[s
         "strategy_status": StrategyStatus.RUNNING.value,
         "position": "none",
         "last_action": "",
+        "cycle": "1",
         "run": str(run),
         "trading_day": trading_day.isoformat(),
         "started_at": started_at.isoformat(),
@@ -310,11 +319,14 @@ class StrategyManager:
 
     async def _send_exit(self, strategy: Strategy, trading_day: date, trigger: Trigger) -> None:
         now = self.clock.now()
+        async with self.session_factory() as session:  # the cycle whose position this EXIT closes
+            cycle = (await positions_of(session, [(strategy.id, strategy.run)]))[strategy.id].cycle
         exit_intent = OrderIntent(
-            intent_id=intent_id_for(strategy.id, trading_day, strategy.run, Action.EXIT),
+            intent_id=intent_id_for(strategy.id, trading_day, strategy.run, Action.EXIT, cycle),
             strategy_id=strategy.id,
             user_id=strategy.user_id,
             run=strategy.run,
+            cycle=cycle,
             action=Action.EXIT,
             trigger=trigger,
             trading_day=trading_day,

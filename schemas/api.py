@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
+from core.reentry import REENTRY_MAX_LIMIT, ReentryMode
 from schemas.events import Product
 
 MAX_QUANTITY = 100_000
@@ -389,6 +390,19 @@ class StrategyCreateRequest(ApiModel):
     protective_stop: bool = Field(
         False, description="Also keep an SL-M order at the broker at the stop's price while in a position"
     )
+    reentry_max: int = Field(
+        0, ge=0, le=REENTRY_MAX_LIMIT,
+        description="After a stop-loss exit (stop, trailing or cost stop; not the loss limit), buy again up to this "
+        "many times (0: never)",
+    )  # fmt: skip
+    reentry_until: ClockTime | None = Field(
+        None, description="Exchange time, after buy_time and before sell_time: no re-entry BUY at or after it"
+    )
+    reentry_mode: ReentryMode = Field(
+        ReentryMode.IMMEDIATE,
+        description="immediate: buy again as soon as the stop exit fills; at_entry: once a tick is back at (or above) "
+        "the previous entry price",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -437,6 +451,16 @@ class StrategyCreateRequest(ApiModel):
         buy_time = info.data.get("buy_time")
         if buy_time is not None and value <= buy_time:
             raise ValueError("sell_time must be after buy_time")
+        return value
+
+    @field_validator("reentry_until")
+    @classmethod
+    def _reentry_within_the_day(cls, value: time | None, info: ValidationInfo) -> time | None:
+        buy_time, sell_time = info.data.get("buy_time"), info.data.get("sell_time")
+        if value is not None and sell_time is not None and value >= sell_time:
+            raise ValueError("reentry_until must be before sell_time")
+        if value is not None and buy_time is not None and value <= buy_time:
+            raise ValueError("reentry_until must be after buy_time")
         return value
 
     @field_validator("symbol")
@@ -574,6 +598,9 @@ class StrategyResponse(BaseModel):
     max_loss: Decimal | None = None
     product: str
     protective_stop: bool = False
+    reentry_max: int = 0
+    reentry_until: ClockTime | None = None
+    reentry_mode: ReentryMode = ReentryMode.IMMEDIATE
     status: str
     status_reason: str | None = None
     run: int
@@ -669,6 +696,8 @@ class StatusResponse(BaseModel):
     exit_at: str | None = None
     unrealised_pnl: float | None = Field(None, description="(last_price - entry_price) * quantity while holding")
     run: int | None = None
+    cycle: int | None = Field(None, description="The run's entry/exit cycle: 1, then one more per re-entry")
+    reentries_left: int | None = Field(None, description="Re-entries still allowed after a stop-loss exit")
     trading_day: str | None = None
     last_order_status: str | None = None
     last_order_message: str | None = None
@@ -693,6 +722,8 @@ class StatusResponse(BaseModel):
                     "exit_at": None,
                     "unrealised_pnl": 42.5,
                     "run": 1,
+                    "cycle": 1,
+                    "reentries_left": 0,
                     "trading_day": "2025-01-15",
                     "last_order_status": None,
                     "last_order_message": None,

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.exit_prices import EXIT_FIELDS, ExitRule
+from core.reentry import REENTRY_MAX_LIMIT, ReentryMode, ReentryRule
 
 
 class Event(BaseModel):
@@ -73,6 +74,17 @@ class StrategySpec(Event):
     )
     product: Product = Product.MIS
     protective_stop: bool = False
+    reentry_max: int = Field(
+        0, ge=0, le=REENTRY_MAX_LIMIT, description="Buy again after a stop-loss exit up to this many times (0: never)"
+    )
+    reentry_until: time | None = Field(None, description="No re-entry BUY at or after this exchange time")
+    reentry_mode: ReentryMode = Field(
+        ReentryMode.IMMEDIATE, description="immediate, or at_entry: once a tick is back at the previous entry"
+    )
+
+    @property
+    def reentry(self) -> ReentryRule:
+        return ReentryRule(self.reentry_max, self.reentry_until, self.reentry_mode)
 
     @property
     def instrument(self) -> str:
@@ -87,6 +99,9 @@ class LifecycleKind(StrEnum):
     STARTED = "started"  # schedule BUY/SELL jobs
     ARMED = "armed"  # BUY filled: the stop-loss agent watches the price
     EXITED = "exited"  # position closed (SELL, STOPLOSS, TARGET or square-off): disarm, cancel jobs
+    # A cycle's position stopped out and the strategy buys again: disarm its exits, keep the jobs; in at_entry
+    # mode, watch for a tick at or above `reentry_price`
+    REENTRY = "reentry"
     STOPPED = "stopped"  # user stop or auto-stop: disarm, cancel jobs
     FAILED = "failed"  # order failed after retries: disarm, cancel jobs
 
@@ -97,6 +112,8 @@ class StrategyLifecycle(Event):
     kind: LifecycleKind
     spec: StrategySpec
     run: int = Field(description="Start generation; a restart of the strategy is a new run")
+    cycle: int = Field(1, ge=1, description="Entry/exit cycle within the run: ARMED, EXITED: the position's; "
+                       "REENTRY: the cycle about to be bought")  # fmt: skip
     trading_day: date
     occurred_at: datetime
     entry_price: float | None = None
@@ -114,6 +131,9 @@ class StrategyLifecycle(Event):
     )
     move_to_cost_price: float | None = Field(None, description="ARMED: where the stop moves up to the entry price")
     loss_limit_price: float | None = Field(None, description="ARMED: the price at which the loss limit is reached")
+    reentry_price: float | None = Field(
+        None, description="REENTRY in at_entry mode: the BUY goes out at the first tick at or above this price"
+    )
     reason: str | None = None
 
 
@@ -183,6 +203,12 @@ def intent_id_for(strategy_id: int, trading_day: date, run: int, action: Action,
     )
 
 
+def cycle_of(intent_id: str) -> int:
+    """The cycle an intent id names (the inverse of `intent_id_for`'s cycle part): 1 unless it says `c<n>`."""
+    parts = intent_id.split(":")
+    return int(parts[3][1:]) if len(parts) == 5 and parts[3][:1] == "c" and parts[3][1:].isdigit() else 1
+
+
 def broker_tag_for(intent_id: str, order_seq: int = 1) -> str:
     """The Kite tag of an intent's `order_seq`-th broker order (one more after each cancel-and-replace). Kite tags
     are at most 20 alphanumeric characters: a stable digest. The first order's is the digest of the intent id
@@ -243,6 +269,7 @@ class OrderResult(Event):
     strategy_id: int
     user_id: int
     action: Action
+    cycle: int = Field(1, ge=1, description="Entry/exit cycle within the run (1 unless the strategy re-enters)")
     status: OrderStatus
     broker_order_id: str | None = None
     broker_tag: str

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from core.exit_prices import EXIT_FIELDS, ExitRule
+from core.reentry import ReentryMode, ReentryRule
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
@@ -132,6 +133,10 @@ class Strategy(Base):
     product: Mapped[str] = mapped_column(String(8), default="MIS")
     # Also keep an SL-M order at the broker while in a position: protected even while this system is down.
     protective_stop: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Re-entry after a stop-loss exit (core/reentry.py): how many times, until when, and how.
+    reentry_max: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reentry_until: Mapped[time | None] = mapped_column(Time)
+    reentry_mode: Mapped[str] = mapped_column(String(16), default="immediate", server_default="immediate")
     status: Mapped[str] = mapped_column(String(16), default=StrategyStatus.CREATED.value, index=True)
     # Each START begins a new run; intent ids include it so a restarted strategy can trade again.
     run: Mapped[int] = mapped_column(Integer, default=0)
@@ -151,6 +156,10 @@ class Strategy(Base):
     @property
     def exits(self) -> ExitRule:
         return ExitRule(*(None if (v := getattr(self, name)) is None else float(v) for name in EXIT_FIELDS))
+
+    @property
+    def reentry(self) -> ReentryRule:
+        return ReentryRule(self.reentry_max or 0, self.reentry_until, ReentryMode(self.reentry_mode or "immediate"))
 
 
 class StrategyStatusChange(Base):

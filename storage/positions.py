@@ -17,6 +17,8 @@ HOLDING_BUY_STATUSES = frozenset({"filled", "placed"})
 
 @dataclass(frozen=True)
 class RunPosition:
+    """The run's current entry/exit cycle (the latest BUY's position), and what its earlier cycles realised."""
+
     bought: bool = False
     exited: bool = False
     entry_price: float | None = None
@@ -25,23 +27,37 @@ class RunPosition:
     exit_order_id: str | None = None
     exit_action: str | None = None
     last_action: str | None = None
+    cycle: int = 1  # the cycle of the latest BUY (1 before any)
+    realised_per_share: float = 0.0  # sum of (exit - entry) of the cycles closed so far, this one's if exited
 
     @property
     def open(self) -> bool:
         return self.bought and not self.exited
 
+    def realised(self, quantity: int) -> float:
+        """Rupees realised by the run's closed cycles (negative: a loss)."""
+        return round(self.realised_per_share * quantity, 2)
+
 
 def fold(rows: Iterable[tuple[str, str, object, str | None]]) -> RunPosition:
-    """(action, status, price, broker_order_id) result rows of one run, oldest first -> its position."""
+    """(action, status, price, broker_order_id) result rows of one run, oldest first -> its current cycle's
+    position. Each holding BUY begins a cycle (a re-entry after a stop exit is the run's next BUY)."""
     position = RunPosition()
+    buys = 0
     for action, status, price, order_id in rows:
         value = float(price) if price is not None else None  # type: ignore[arg-type]
         if action == BUY and status in HOLDING_BUY_STATUSES:
-            position = RunPosition(True, False, value, None, order_id, None, None, BUY)
+            buys += 1
+            position = RunPosition(True, False, value, None, order_id, None, None, BUY, buys,
+                                   position.realised_per_share)  # fmt: skip
         elif action != BUY and status == "filled":
+            realised = position.realised_per_share
+            if not position.exited and position.entry_price is not None and value is not None:
+                realised += value - position.entry_price
             position = RunPosition(
-                position.bought, True, position.entry_price, value, position.buy_order_id, order_id, action, action
-            )
+                position.bought, True, position.entry_price, value, position.buy_order_id, order_id, action, action,
+                position.cycle, realised,
+            )  # fmt: skip
     return position
 
 

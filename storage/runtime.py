@@ -73,6 +73,7 @@ def spec_to_hash(spec: StrategySpec, run: int, trading_day: date) -> dict[str, s
         "quantity": str(spec.quantity),
         "buy_time": spec.buy_time.isoformat(),
         "sell_time": spec.sell_time.isoformat(),
+        "reentry_max": str(spec.reentry_max),
         **{
             name: "" if value is None else f"{value:.2f}"
             for name, value in (

@@ -193,7 +193,7 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
                 }
                 jobs[key] = job
                 core.register(event.spec.strategy_id, job)
-            elif event.kind is not LifecycleKind.ARMED:
+            elif event.kind not in (LifecycleKind.ARMED, LifecycleKind.REENTRY):  # a re-entry keeps the SELL
                 jobs.pop(key, None)
                 core.cancel(event.spec.strategy_id)
             yield None

@@ -33,6 +33,7 @@ from core.market import MarketCalendar
 from core.settings import Settings
 from manager.daily_loss import DailyLossLimits
 from manager.recovery import Recovery
+from manager.reentries import reentry_intent
 from manager.strategy_manager import StrategyManager
 from schemas.events import (
     LifecycleKind,
@@ -53,6 +54,7 @@ from streams.execution.limits import BrokerRateLimiter
 from streams.exit_index import ExitHit, ExitIndex, Trail
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
+from streams.reentry_watch import reentry_watch, stale_cycle
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
 
 log = logging.getLogger(__name__)
@@ -237,7 +239,14 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 rebuild_index()
             event = StrategyLifecycle.model_validate_json(value)
             key = str(event.spec.strategy_id)
-            if event.kind is LifecycleKind.ARMED:
+            if stale_cycle(armed.get(key), event):
+                yield None
+                continue
+            if event.kind is LifecycleKind.REENTRY and event.reentry_price is not None:
+                # at_entry: the next cycle's BUY waits for a tick back at the previous entry (a target-like level).
+                armed[key] = reentry_watch(event)
+                arm(event.spec.strategy_id, armed[key])
+            elif event.kind is LifecycleKind.ARMED:
                 instrument = event.spec.instrument
                 exits = event.spec.exits
                 stop_price = event.stop_price if event.stop_price is not None else exits.stop_price(event.entry_price)
@@ -267,6 +276,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "loss_at": event.loss_limit_price or exits.loss_limit_price(entry, event.spec.quantity),
                     "user_id": event.spec.user_id,
                     "run": event.run,
+                    "cycle": event.cycle,
                     "trading_day": event.trading_day.isoformat(),
                     "quantity": event.spec.quantity,
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
@@ -345,11 +355,19 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             return None
         now = services.clock.now()
         trading_day = date.fromisoformat(stop["trading_day"])
+        cycle = stop.get("cycle", 1)
+        if stop.get("reentry"):
+            log.info("re-entry: strategy %s back at %s (entry %s): BUY of cycle %s", strategy_id, tick["last_price"],
+                     hit.level, cycle)  # fmt: skip
+            buy = reentry_intent(strategy_id, stop["user_id"], stop["instrument"], stop["quantity"], stop["run"],
+                                 trading_day, cycle, now, Trigger.PRICE, tick["last_price"])  # fmt: skip
+            return await services.producer.publish_nowait("orders", strategy_id, buy)
         intent = OrderIntent(
-            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], action),
+            intent_id=intent_id_for(strategy_id, trading_day, stop["run"], action, cycle),
             strategy_id=strategy_id,
             user_id=stop["user_id"],
             run=stop["run"],
+            cycle=cycle,
             action=action,
             trigger=Trigger.PRICE,
             trading_day=trading_day,

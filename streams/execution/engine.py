@@ -27,6 +27,7 @@ from core.logs import log_outcome
 from core.market import MarketCalendar
 from core.metrics import ORDERS
 from core.settings import Settings
+from manager.reentries import awaiting_reentry
 from manager.strategy_manager import StrategyManager
 from schemas.events import Action, NotificationKind, OrderIntent, OrderResult, Product
 from storage.journal import GroupCommit
@@ -35,6 +36,7 @@ from storage.models import Strategy, StrategyStatus
 from storage.positions import RunPosition
 from storage.runtime import lock_key
 from streams.execution.context import EngineContext, GatewayFactory, Publisher
+from streams.execution.cycles import FLAT_AT_SELL, REENTRY_CUTOFF, for_current_cycle, reentry_misfit
 from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.limits import PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
@@ -164,8 +166,9 @@ class Executor:
         if strategy is None:
             log.warning("intent %s for unknown strategy dropped", intent.intent_id)
             return None
-        order = history.order(intent.intent_id, intent.action, intent.broker_tag)
         position = history.position
+        intent = for_current_cycle(intent, position)
+        order = history.order(intent.intent_id, intent.action, intent.broker_tag)
         if order.recorded:
             log.info("intent %s already settled (%s): duplicate dropped", intent.intent_id, order.state.value)
             await self.outcomes.repair_followups(intent, strategy, order, position)
@@ -319,6 +322,9 @@ class Executor:
     async def _skip(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, reason: str) -> OrderResult:
         log.info("intent %s skipped: %s", intent.intent_id, reason)
         result = await self.outcomes.skip(intent, order, reason)
+        if reason.startswith((REENTRY_CUTOFF, FLAT_AT_SELL)):
+            # Waiting to buy again, and no longer allowed to: the strategy's day ends here.
+            await self.outcomes.end_day(intent, strategy, reason)
         if reason.startswith(MARKET_CLOSED):
             await self.ledger.notify(intent, NotificationKind.MARKET_CLOSED, f"{intent.action.value} not sent",
                                      reason)  # fmt: skip
@@ -338,6 +344,8 @@ class Executor:
         if intent.action is Action.BUY:
             if strategy.status != StrategyStatus.RUNNING.value:
                 return f"strategy is {strategy.status}"
+            if intent.cycle > 1:
+                return reentry_misfit(intent, strategy, position, self.calendar.local(self.context.clock.now()).time())
             if position.bought:
                 return "already bought in this run"
             late = (self.context.clock.now() - intent.due_at).total_seconds()
@@ -346,5 +354,7 @@ class Executor:
                 return f"{MISSED_BUY} by {late:.0f}s (grace {grace:.0f}s)"
             return None
         if not position.open:
+            if intent.action is Action.SELL and awaiting_reentry(strategy, position):
+                return f"{FLAT_AT_SELL}: the re-entry did not happen before sell_time"
             return "no open position to exit"
         return None

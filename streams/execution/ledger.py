@@ -200,9 +200,9 @@ class Ledger:
         path = [OrderTransition(before=b.value, event=e.value, after=a.value) for b, e, a in order.history]
         return OrderResult(
             intent_id=intent.intent_id, strategy_id=intent.strategy_id, user_id=intent.user_id, action=intent.action,
-            status=status, broker_order_id=broker_order_id, broker_tag=intent.broker_tag, price=price,
-            quantity=intent.quantity, attempts=order.attempts, message=message, occurred_at=self.context.clock.now(),
-            transitions=path,
+            cycle=intent.cycle, status=status, broker_order_id=broker_order_id, broker_tag=intent.broker_tag,
+            price=price, quantity=intent.quantity, attempts=order.attempts, message=message,
+            occurred_at=self.context.clock.now(), transitions=path,
         )  # fmt: skip
 
     def result_row(self, intent: OrderIntent, result: OrderResult) -> Rows:

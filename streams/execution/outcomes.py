@@ -17,10 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from connectors.broker import BrokerError, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder
+from core.market import MarketCalendar
 from core.metrics import AUTO_STOPS
+from core.reentry import loss_left
+from manager.reentries import awaiting_reentry, follow_ups
 from manager.strategy_manager import armed_event, spec_for
 from schemas.events import (
     Action,
+    Event,
     ExitKind,
     LifecycleKind,
     NotificationKind,
@@ -50,6 +54,7 @@ class Outcomes:
         self.context = context
         self.ledger = ledger
         self.protection = protection
+        self.calendar = MarketCalendar(context.settings)
 
     async def complete(
         self,
@@ -76,7 +81,7 @@ class Outcomes:
                 intent.strategy_id, state=strategy_state({Action.BUY: held}).value, position="bought",
                 quantity=str(strategy.quantity), last_action=Action.BUY.value, last_buy_order=broker_order.order_id,
                 last_order_status=status.value, last_order_message="",
-                entry_price=f"{broker_order.average_price or 0:.2f}", entry_at=now.isoformat(),
+                entry_price=f"{broker_order.average_price or 0:.2f}", entry_at=now.isoformat(), cycle=str(intent.cycle),
             )  # fmt: skip
             notice = self.ledger.notice(
                 intent,
@@ -97,7 +102,8 @@ class Outcomes:
             if strategy.protective_stop and filled:
                 gateway = await self.context.gateways(intent.user_id)
                 await self.protection.place(gateway, intent, strategy, broker_order.average_price)
-            armed = armed_event(spec, intent.run, intent.trading_day, now, broker_order.average_price, intent.due_at)
+            armed = armed_event(spec, intent.run, intent.trading_day, now, broker_order.average_price, intent.due_at,
+                                cycle=intent.cycle, realised=position.realised(strategy.quantity))  # fmt: skip
             await self.announce(intent, told, armed)
             return result
 
@@ -125,11 +131,23 @@ class Outcomes:
                                         f"{sold} (target {spec.exits.target_price(position.entry_price)})")  # fmt: skip
         else:
             notice = self.ledger.notice(intent, NotificationKind.ORDER_FILLED, f"{intent.action.value} filled", sold)
-        # A SELL or STOPLOSS ends the strategy's day (an EXIT is the trader's STOP, which sets its own status).
+        # The one place a re-entry is decided: recorded with this exit's result, as the status it leaves.
+        again = filled and self._reenters(intent, strategy, position, broker_order.average_price)
+        if again:
+            notice = notice.model_copy(update={"message": f"{notice.message}; buying again (re-entry "
+                                                          f"{intent.cycle} of {spec.reentry_max})"})  # fmt: skip
+        # A SELL or STOPLOSS ends the strategy's day (an EXIT is the trader's STOP, which sets its own status),
+        # unless the strategy buys again.
         finish = (strategy, StrategyStatus.COMPLETED, f"exited by {intent.action.value}")
-        told = await self._record(intent, result, placed, notice, finish if intent.action is not Action.EXIT else None)
+        ends_day = intent.action is not Action.EXIT and not again
+        told = await self._record(intent, result, placed, notice, finish if ends_day else None)
+        if again:
+            await self.announce(intent, told, None, *follow_ups(
+                spec, intent.run, intent.trading_day, intent.cycle + 1, now, position.entry_price, Trigger.PRICE
+            ))  # fmt: skip
+            return result
         exited = StrategyLifecycle(
-            kind=LifecycleKind.EXITED, spec=spec, run=intent.run, trading_day=intent.trading_day,
+            kind=LifecycleKind.EXITED, spec=spec, run=intent.run, cycle=intent.cycle, trading_day=intent.trading_day,
             occurred_at=now, entry_price=position.entry_price, reason=intent.action.value,
         )  # fmt: skip
         await self.announce(intent, told, exited)
@@ -138,6 +156,35 @@ class Outcomes:
             await self.context.redis.srem(symbol_key(strategy.instrument), str(strategy.id))
             await self.context.set_runtime(strategy.id, strategy_status=StrategyStatus.COMPLETED.value)
         return result
+
+    async def end_day(self, intent: OrderIntent, strategy: Strategy, reason: str) -> None:
+        """A strategy waiting to buy again that may no longer (past the cut-off, or flat at sell_time) is done for
+        the day, as after a final exit: completed, its jobs and watch dropped, off the symbol set."""
+        await self.context.journal.write(
+            lambda session: self._finish_in(session, strategy, StrategyStatus.COMPLETED, reason)
+        )
+        spec = spec_for(strategy)
+        exited = StrategyLifecycle(
+            kind=LifecycleKind.EXITED, spec=spec, run=intent.run, cycle=intent.cycle, trading_day=intent.trading_day,
+            occurred_at=self.context.clock.now(), reason=reason,
+        )  # fmt: skip
+        await self.context.publisher.publish(LIFECYCLE_TOPIC, spec.instrument, exited)
+        await self.context.redis.srem(symbol_key(strategy.instrument), str(strategy.id))
+        await self.context.set_runtime(strategy.id, strategy_status=StrategyStatus.COMPLETED.value)
+
+    def _reenters(self, intent: OrderIntent, strategy: Strategy, position: RunPosition, price: float | None) -> bool:
+        """Whether this filled exit is followed by the next cycle's BUY (core/reentry.py): a STOPLOSS other than
+        the loss limit, re-entries left, before the cut-off, and loss limit left after what has been realised."""
+        if intent.action is not Action.STOPLOSS or intent.exit_kind is ExitKind.LOSS_LIMIT:
+            return False
+        realised = position.realised(strategy.quantity)
+        if position.entry_price is not None and price is not None:
+            realised += (price - position.entry_price) * strategy.quantity
+        local_now = self.calendar.local(self.context.clock.now()).time()
+        refusal = strategy.reentry.refusal(intent.cycle, local_now, loss_left(spec_for(strategy).max_loss, realised))
+        if refusal is not None and strategy.reentry.max_reentries > 0:
+            log.info("strategy %s cycle %s: no re-entry (%s)", strategy.id, intent.cycle, refusal)
+        return refusal is None
 
     async def fail(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, exc: BrokerError) -> OrderResult:
         """Settle the order as failed (given up after retries) or rejected, stop the strategy, tell the trader."""
@@ -190,26 +237,38 @@ class Outcomes:
             return
         if intent.action is Action.BUY and position.open and strategy.status == StrategyStatus.RUNNING.value:
             kind, reason = LifecycleKind.ARMED, None
-        elif intent.action.is_exit and position.exited:
+        elif intent.action.is_exit and position.exited and position.cycle == intent.cycle:
             kind, reason = LifecycleKind.EXITED, intent.action.value
+            if awaiting_reentry(strategy, position):  # the re-entry decided with this exit: announced again
+                spec, now = spec_for(strategy), self.context.clock.now()
+                await asyncio.gather(*(self.context.publisher.publish(topic, key, event) for topic, key, event in
+                                       follow_ups(spec, intent.run, intent.trading_day, intent.cycle + 1, now,
+                                                  position.entry_price, Trigger.RECOVERY)))  # fmt: skip
+                return
         else:
             return
         spec = spec_for(strategy)
         now = self.context.clock.now()
         await self.context.publisher.publish(LIFECYCLE_TOPIC, spec.instrument, (
-            armed_event(spec, intent.run, intent.trading_day, now, position.entry_price, intent.due_at)
+            armed_event(spec, intent.run, intent.trading_day, now, position.entry_price, intent.due_at,
+                        cycle=position.cycle, realised=position.realised(strategy.quantity))
             if kind is LifecycleKind.ARMED
-            else StrategyLifecycle(kind=kind, spec=spec, run=intent.run, trading_day=intent.trading_day,
-                                   occurred_at=now, entry_price=position.entry_price, reason=reason)
+            else StrategyLifecycle(kind=kind, spec=spec, run=intent.run, cycle=position.cycle,
+                                   trading_day=intent.trading_day, occurred_at=now, entry_price=position.entry_price,
+                                   reason=reason)
         ))  # fmt: skip
 
-    async def announce(self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None) -> None:
-        """The order result, the lifecycle event and the notice, sent together and acknowledged together.
+    async def announce(
+        self, intent: OrderIntent, told: Told, lifecycle: StrategyLifecycle | None = None,
+        *more: tuple[str, str | int, Event],
+    ) -> None:  # fmt: skip
+        """The order result, the lifecycle event (or a re-entry's events, `more`) and the notice, sent together
+        and acknowledged together.
 
         Bounded: if Kafka does not acknowledge them in time, the intent fails here and its redelivery (which finds
         the result recorded) announces again, instead of the strategy's lane waiting on Kafka."""
         publisher = self.context.publisher
-        sends: list[Awaitable[None]] = []
+        sends: list[Awaitable[None]] = [publisher.publish(topic, key, event) for topic, key, event in more]
         if told.result is not None:
             sends.append(publisher.publish(ORDER_RESULTS_TOPIC, intent.strategy_id, told.result))
         if lifecycle is not None:

@@ -22,3 +22,12 @@ def test_realised_and_unrealised_add_up_across_strategies_and_runs() -> None:
     pnl = day_pnl(runs, {"NSE:A": 94.5, "NSE:B": 210.0})
     assert (pnl.realised, pnl.unrealised, pnl.total) == (-50.0, -15.0 + 50.0, -15.0)
     assert day_pnl(runs, {}).unrealised == 0.0  # no price known yet: nothing counted
+
+
+def test_every_cycle_of_a_run_that_re_entered_counts() -> None:
+    # Bought 10 at 100, stopped at 95 (-50); bought again at 95, stopped at 90 (-50); bought again at 90, open.
+    history = [("BUY", "filled", Decimal("100"), "1"), ("STOPLOSS", "filled", Decimal("95"), "2"),
+               ("BUY", "filled", Decimal("95"), "3"), ("STOPLOSS", "filled", Decimal("90"), "4"),
+               ("BUY", "filled", Decimal("90"), "5")]  # fmt: skip
+    pnl = day_pnl({(1, 1): ("NSE:A", 10, history)}, {"NSE:A": 88.0})
+    assert (pnl.realised, pnl.unrealised) == (-100.0, -20.0)
