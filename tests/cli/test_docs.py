@@ -66,3 +66,11 @@ def test_every_link_resolves(name: str, text: str) -> None:
 def _slug(heading: str) -> str:
     """GitHub's (and mkdocs' toc's) anchor of a heading: lower case, punctuation dropped, spaces as dashes."""
     return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_no_file_keeps_a_merge_conflict_marker() -> None:
+    """A conflict left in a page renders as text (mkdocs does not see the README): markers fail the suite."""
+    marker = re.compile(r"^(<{7}|>{7}) |^={7}$", re.MULTILINE)
+    pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md")]
+    left = [str(page.relative_to(ROOT)) for page in pages if marker.search(page.read_text())]
+    assert left == []
