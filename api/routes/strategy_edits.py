@@ -11,8 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from api.deps import CalendarDep, ClockDep, CurrentUser, SecretsDep, SessionDep, SettingsDep
 from api.errors import ApiError, FieldError
@@ -28,12 +29,15 @@ from schemas.api import (
     StrategyCreateRequest,
     StrategyResponse,
 )
-from storage.models import Strategy, StrategyStatus
+from schemas.events import Action
+from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
 from storage.positions import positions_of
 
 router = APIRouter(tags=["strategies"])
 
 INSTRUMENT_FIELDS = ("symbol", "exchange", "tradingsymbol")
+# What the execution engine reads from the strategy to place a run's orders.
+ORDER_FIELDS = ("exchange", "tradingsymbol", "instrument_token", "quantity", "product")
 # Giving one field of a group replaces the group: a stop in points replaces a stop given as a price.
 EXCLUSIVE_GROUPS = (STOP_FIELDS, TARGET_FIELDS, TRAIL_FIELDS, TRAIL_ACTIVATION_FIELDS, MOVE_TO_COST_FIELDS)
 
@@ -86,16 +90,35 @@ def column_values(body: StrategyCreateRequest) -> dict[str, Any]:
     return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
 
 
-async def refuse_instrument_change_while_holding(session: AsyncSession, strategy: Strategy, instrument: str) -> None:
-    """A stopped strategy may still hold its last run's shares (stopped without square-off): its P&L is priced
-    on its instrument, so that instrument stays until the position is closed."""
-    if instrument == strategy.instrument or strategy.run == 0:
-        return
+async def unsettled(session: AsyncSession, strategy: Strategy) -> str | None:
+    """Why the current run's orders are not done with: an order the broker may still have (an attempt without a
+    result, a requested EXIT included), or shares still held (stopped without square-off). None: settled."""
+    if strategy.run == 0:
+        return None
+    attempt, result = aliased(OrderLog), aliased(OrderLog)
+    pending = await session.scalar(
+        select(attempt.action)
+        .outerjoin(result, and_(result.intent_id == attempt.intent_id, result.kind == OrderLogKind.RESULT.value))
+        .where(attempt.strategy_id == strategy.id, attempt.run == strategy.run,
+               attempt.kind == OrderLogKind.ATTEMPT.value, attempt.action != Action.PROTECT.value, result.id.is_(None))
+        .limit(1)
+    )  # fmt: skip
+    if pending is not None:
+        return f"run {strategy.run}'s {pending} order is not settled yet"
     if (await positions_of(session, [(strategy.id, strategy.run)]))[strategy.id].open:
-        raise FieldError(
-            "symbol", f"run {strategy.run} still holds {strategy.instrument}: the instrument cannot change until "
-            "that position is sold", status_code=409,
-        )  # fmt: skip
+        return f"run {strategy.run} still holds {strategy.quantity} {strategy.instrument}"
+    return None
+
+
+async def refuse_order_changes_while_unsettled(
+    session: AsyncSession, strategy: Strategy, values: dict[str, Any]
+) -> None:
+    """The execution engine places (and recovery re-sends) a run's orders with the strategy's instrument, quantity
+    and product as stored: they stay until that run's orders are settled, or an EXIT would sell something else."""
+    changed = [name for name in ORDER_FIELDS if values[name] != getattr(strategy, name)]
+    if changed and (reason := await unsettled(session, strategy)) is not None:
+        field = "symbol" if changed[0] in ("exchange", "tradingsymbol", "instrument_token") else changed[0]
+        raise FieldError(field, f"{field} cannot change yet: {reason}", status_code=409)
 
 
 async def write_if_not_running(session: AsyncSession, strategy: Strategy, values: dict[str, Any]) -> None:
@@ -134,11 +157,11 @@ async def edit_strategy(
     body = merged(strategy, changes)
     now = clock.now()
     instrument = await checked_instrument(body, user.id, session, settings, calendar, box, now)
-    await refuse_instrument_change_while_holding(session, strategy, f"{instrument.exchange}:{instrument.tradingsymbol}")
     values = column_values(body) | {
         "exchange": instrument.exchange, "tradingsymbol": instrument.tradingsymbol,
         "instrument_token": instrument.instrument_token, "updated_at": now,
     }  # fmt: skip
+    await refuse_order_changes_while_unsettled(session, strategy, values)
     await write_if_not_running(session, strategy, values)
     return strategy_response(strategy)
 

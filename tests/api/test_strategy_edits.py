@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.clock import ScaledClock
 from storage.models import OrderLog, StrategyStatusChange
-from storage.runtime import strategy_key
+from storage.runtime import runtime_key, strategy_key
 from tests.fixtures.api import ApiUser, MakeStrategy, MakeUser
 
 
@@ -187,3 +187,45 @@ async def test_an_archived_strategy_is_hidden_never_started_and_keeps_its_orders
     assert len((await client.get("/strategies", headers=user.headers)).json()["strategies"]) == 2
     restarted = await client.post(f"/strategy/{sid}/start", headers=user.headers)
     assert (restarted.status_code, restarted.json()["run"]) == (200, 2)
+
+
+async def test_what_places_orders_stays_until_the_last_runs_orders_are_settled(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, redis: Redis,
+    db_engine: AsyncEngine, pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    """The engine places a run's EXIT with the strategy's stored instrument, quantity and product: an edit of them
+    while that EXIT is on its way would sell something else."""
+    user = await make_user()
+    sid = (await make_strategy(user, quantity=10))["strategy_id"]
+    await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    await insert_fill(db_engine, pinned_clock, sid, user.id, 1, "BUY", "1500.00")
+    await redis.hset(runtime_key(sid), mapping={"state": "bought", "position": "bought", "last_action": "BUY"})
+    assert (await client.post(f"/strategy/{sid}/stop", headers=user.headers)).json()["squared_off"] is True
+
+    for change, field in [({"quantity": 11}, "quantity"), ({"symbol": "NSE:TCS", "stop_loss": 3000}, "symbol"),
+                          ({"product": "CNC"}, "product")]:  # fmt: skip
+        refused = await patch(client, user, sid, change)
+        assert refused.status_code == 409, refused.text
+        [problem] = refused.json()["detail"]
+        assert problem["field"] == field and "run 1's EXIT order is not settled yet" in problem["message"], problem
+    # What the engine does not read may change meanwhile.
+    assert (await patch(client, user, sid, {"stop_loss": 1450})).status_code == 200
+
+    await insert_fill(db_engine, pinned_clock, sid, user.id, 1, "EXIT", "1490.00")
+    edited = await patch(client, user, sid, {"quantity": 11})
+    assert (edited.status_code, edited.json()["quantity"]) == (200, 11)
+
+
+async def test_a_position_kept_at_stop_keeps_its_instrument(
+    client: httpx.AsyncClient, make_user: MakeUser, make_strategy: MakeStrategy, db_engine: AsyncEngine,
+    pinned_clock: ScaledClock,
+) -> None:  # fmt: skip
+    user = await make_user()
+    sid = (await make_strategy(user, quantity=10))["strategy_id"]
+    await client.post(f"/strategy/{sid}/start", headers=user.headers)
+    await insert_fill(db_engine, pinned_clock, sid, user.id, 1, "BUY", "1500.00")
+    await client.post(f"/strategy/{sid}/stop", json={"square_off": False}, headers=user.headers)
+    refused = await patch(client, user, sid, {"symbol": "NSE:TCS", "stop_loss": 3000})
+    assert refused.status_code == 409, refused.text
+    [problem] = refused.json()["detail"]
+    assert problem["field"] == "symbol" and "run 1 still holds 10 NSE:INFY" in problem["message"], problem
