@@ -19,7 +19,19 @@ from api.login_throttle import LoginThrottle
 from api.passwords import PasswordService
 from api.readiness import ReadinessCache
 from api.revocation import Revocations
-from api.routes import account, auth, broker, health, kill_switch, loss_limit, metrics, notifications, strategies
+from api.routes import (
+    account,
+    auth,
+    broker,
+    health,
+    kill_switch,
+    loss_limit,
+    metrics,
+    notifications,
+    pnl,
+    strategies,
+    strategy_edits,
+)
 from api.services import EventBus, Services
 from api.status import StatusReader
 from api.tokens import TokenService
@@ -40,7 +52,11 @@ TAGS = [
     {"name": "auth", "description": "Register, log in, refresh, log out, change the password (sequence 1)."},
     {"name": "account", "description": "Close the account."},
     {"name": "broker", "description": "Connect a Zerodha Kite account (sequence 2)."},
-    {"name": "strategies", "description": "Create, start, stop and poll strategies (sequences 3, 4, 8, 12)."},
+    {
+        "name": "strategies",
+        "description": "Create, edit, archive, start, stop and poll strategies (sequences 3, 4, 8, 12).",
+    },
+    {"name": "pnl", "description": "Profit and loss per strategy and per day, from the fills (fees not included)."},
     {"name": "notifications", "description": "Messages for the trader."},
     {"name": "health", "description": "Liveness for anyone; dependency readiness and metrics for operators."},
 ]
@@ -128,6 +144,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Strategies first: routes match in order, and the status poll is the hot path.
-    for module in (strategies, kill_switch, loss_limit, auth, account, broker, notifications, health, metrics):
+    for module in (
+        strategies,
+        strategy_edits,
+        pnl,
+        kill_switch,
+        loss_limit,
+        auth,
+        account,
+        broker,
+        notifications,
+        health,
+        metrics,
+    ):
         app.include_router(module.router)
     return app

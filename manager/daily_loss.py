@@ -1,6 +1,7 @@
 """A trader's daily loss limit across all their strategies: realised (today's closed positions, from the order
-log) plus unrealised (open positions at the last price). Reached, the trader's kill switch is engaged for the day
-(every strategy stopped, every position squared off, no START), and the trader is told once.
+log) plus unrealised (open positions at the last price), counted as the P&L view counts them (`storage/pnl.py`).
+Reached, the trader's kill switch is engaged for the day (every strategy stopped, every position squared off, no
+START), and the trader is told once.
 
 Checked by every worker on a timer, O(positions of traders with a limit); the actions are idempotent (the kill
 switch day is a column, a stop of a stopped strategy does nothing, the notice has a deterministic id), so two
@@ -11,68 +12,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from manager.strategy_manager import EventPublisher, StrategyManager
 from schemas.events import NotificationKind, UserNotification
-from storage.models import Notification, OrderLog, OrderLogKind, Strategy, StrategyStatus, User
-from storage.positions import fold
+from storage.models import Notification, Strategy, StrategyStatus, User
+from storage.pnl import DayPnl, day_pnl, open_instruments, runs_opened_between
 
 log = logging.getLogger(__name__)
 
 NOTIFICATIONS_TOPIC = "notifications"
 
 LastPrices = Callable[[list[str]], Awaitable[dict[str, float]]]
-
-
-@dataclass(frozen=True, slots=True)
-class DayPnl:
-    realised: float
-    unrealised: float
-
-    @property
-    def total(self) -> float:
-        return self.realised + self.unrealised
-
-
-Runs = dict[tuple[int, int], tuple[str, int, list[tuple[str, str, object, str | None]]]]
-
-
-async def runs_since(session: AsyncSession, user_id: int, since: datetime) -> Runs:
-    """The user's strategy runs with an order result since `since`: (strategy, run) -> (instrument, quantity,
-    result rows oldest first)."""
-    rows = await session.execute(
-        select(Strategy.id, Strategy.exchange, Strategy.tradingsymbol, Strategy.quantity, OrderLog.run,
-               OrderLog.action, OrderLog.status, OrderLog.price, OrderLog.broker_order_id)
-        .join(OrderLog, and_(OrderLog.strategy_id == Strategy.id, OrderLog.kind == OrderLogKind.RESULT.value))
-        .where(Strategy.user_id == user_id, OrderLog.created_at >= since)
-        .order_by(OrderLog.id)
-    )  # fmt: skip
-    runs: Runs = {}
-    for sid, exchange, symbol, quantity, run, action, status, price, order_id in rows:
-        runs.setdefault((sid, run), (f"{exchange}:{symbol}", quantity, []))[2].append((action, status, price, order_id))
-    return runs
-
-
-def open_instruments(runs: Runs) -> set[str]:
-    return {instrument for instrument, _, history in runs.values() if fold(history).open}
-
-
-def day_pnl(runs: Runs, last_prices: dict[str, float]) -> DayPnl:
-    """Realised from the fills of closed positions (every cycle of a run that re-entered), unrealised from the
-    last price of open ones."""
-    realised = unrealised = 0.0
-    for instrument, quantity, history in runs.values():
-        position = fold(history)
-        realised += position.realised(quantity)
-        if position.open and position.entry_price is not None and (price := last_prices.get(instrument)) is not None:
-            unrealised += (price - position.entry_price) * quantity
-    return DayPnl(round(realised, 2), round(unrealised, 2))
 
 
 class DailyLossLimits:
@@ -102,7 +57,7 @@ class DailyLossLimits:
             ).all()
             reached: list[tuple[int, float, DayPnl]] = []
             for user_id, max_loss in users:
-                runs = await runs_since(session, user_id, day_start)
+                runs = await runs_opened_between(session, user_id, day_start, day_start + timedelta(days=1))
                 holding = open_instruments(runs)
                 pnl = day_pnl(runs, await self.last_prices(sorted(holding)) if holding else {})
                 if max_loss is not None and -pnl.total >= float(max_loss):

@@ -67,6 +67,10 @@ class ManagerUnavailable(RuntimeError):
     """Redis or Kafka failed; the strategy is left as it was before the call. Safe to retry."""
 
 
+class StrategyArchived(RuntimeError):
+    """The trader archived the strategy: it is never started again (unarchive it first)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StartOutcome:
     strategy_id: int
@@ -198,12 +202,18 @@ class StrategyManager:
             strategy = await self.get(session, strategy_id, user_id)
             if strategy.status == StrategyStatus.RUNNING.value:
                 return self._start_outcome(strategy, already_running=True, now=now)
+            if strategy.archived_at is not None:
+                raise StrategyArchived(strategy.id)
             trading_day, _ = self.trading_day_for(strategy.sell_time, now)
             # Compare-and-set: of two concurrent STARTs exactly one matches `status != running`.
             new_run = (
                 await session.execute(
                     update(Strategy)
-                    .where(Strategy.id == strategy.id, Strategy.status != StrategyStatus.RUNNING.value)
+                    .where(
+                        Strategy.id == strategy.id,
+                        Strategy.status != StrategyStatus.RUNNING.value,
+                        Strategy.archived_at.is_(None),
+                    )  # an archive racing this START wins
                     .values(
                         status=StrategyStatus.RUNNING.value,
                         run=Strategy.run + 1,
@@ -217,6 +227,8 @@ class StrategyManager:
             if new_run is None:
                 await session.rollback()
                 await session.refresh(strategy)
+                if strategy.archived_at is not None:
+                    raise StrategyArchived(strategy.id)
                 return self._start_outcome(strategy, already_running=True, now=now)
             session.add(
                 StrategyStatusChange(

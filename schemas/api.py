@@ -607,6 +607,7 @@ class StrategyResponse(BaseModel):
     trading_day: date | None = None
     created_at: datetime
     updated_at: datetime
+    archived_at: datetime | None = Field(None, description="Set: archived (hidden from the list, never started)")
 
     model_config = ConfigDict(json_schema_extra={"examples": [_STRATEGY_EXAMPLE]})
 
@@ -882,3 +883,94 @@ class DailyLossLimit(ApiModel):
     )  # fmt: skip
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"daily_max_loss": "5000"}, {"daily_max_loss": None}]})
+
+
+# ------------------------------------------------------------------------------------------------- P&L
+
+PNL_NOTE = (
+    "Realised from the broker's average fill prices of closed positions, unrealised at the last price of open "
+    "ones; brokerage, taxes and other fees are not included. Each run (a START that bought) is one lot bought "
+    "once and sold once, so FIFO and average cost agree; it counts on the exchange day its BUY filled."
+)
+
+_PNL_ROW_EXAMPLE: JsonDict = {
+    "strategy_id": 101,
+    "symbol": "NSE:INFY",
+    "day": "2025-01-15",
+    "runs": 1,
+    "bought_quantity": 10,
+    "sold_quantity": 10,
+    "open_quantity": 0,
+    "average_buy_price": "1498.10",
+    "average_sell_price": "1512.40",
+    "last_price": None,
+    "realised": "143.00",
+    "unrealised": "0.00",
+    "total": "143.00",
+}
+
+
+class PnlRow(BaseModel):
+    """One strategy's P&L on one exchange day. Money in rupees as decimal strings."""
+
+    strategy_id: int
+    symbol: str
+    day: date
+    runs: int = Field(
+        description="Runs opened that day (a run re-entering after a stop buys again: its every BUY and exit count)"
+    )
+    bought_quantity: int
+    sold_quantity: int
+    open_quantity: int = Field(description="Bought and not sold yet")
+    average_buy_price: Decimal | None = None
+    average_sell_price: Decimal | None = Field(None, description="Null: nothing sold yet")
+    last_price: Decimal | None = Field(
+        None, description="The price the open quantity is valued at; null: nothing open, or no price known yet "
+        "(then its unrealised P&L counts as 0)",
+    )  # fmt: skip
+    realised: Decimal
+    unrealised: Decimal
+    total: Decimal
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_PNL_ROW_EXAMPLE]})
+
+
+class DayPnlResponse(BaseModel):
+    __doc__ = f"The trader's P&L of one exchange day, per strategy and in total. {PNL_NOTE}"
+
+    day: date
+    strategies: list[PnlRow]
+    realised: Decimal
+    unrealised: Decimal
+    total: Decimal
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"day": "2025-01-15", "strategies": [_PNL_ROW_EXAMPLE], "realised": "143.00", "unrealised": "0.00",
+                 "total": "143.00"}
+            ]
+        }
+    )  # fmt: skip
+
+
+class StrategyPnlResponse(BaseModel):
+    __doc__ = f"One strategy's P&L per exchange day (days it traded), oldest first, and in total. {PNL_NOTE}"
+
+    strategy_id: int
+    symbol: str
+    from_day: date
+    to_day: date
+    days: list[PnlRow]
+    realised: Decimal
+    unrealised: Decimal
+    total: Decimal
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"strategy_id": 101, "symbol": "NSE:INFY", "from_day": "2025-01-01", "to_day": "2025-01-31",
+                 "days": [_PNL_ROW_EXAMPLE], "realised": "143.00", "unrealised": "0.00", "total": "143.00"}
+            ]
+        }
+    )  # fmt: skip

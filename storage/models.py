@@ -144,6 +144,8 @@ class Strategy(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Set: archived by the trader, out of the default list and never started again; its orders are kept.
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     history: Mapped[list[StrategyStatusChange]] = relationship(
         back_populates="strategy", order_by="StrategyStatusChange.id", cascade="all, delete-orphan"

@@ -61,6 +61,18 @@ def fold(rows: Iterable[tuple[str, str, object, str | None]]) -> RunPosition:
     return position
 
 
+def cycles(rows: Iterable[tuple[str, str, object, str | None]]) -> list[tuple[object, bool, object]]:
+    """(entry price, closed, exit price) of each entry/exit cycle of one run, oldest first, from its result rows
+    as `fold` reads them: each holding BUY opens a cycle, the first filled exit after it closes it."""
+    taken: list[tuple[object, bool, object]] = []
+    for action, status, price, _ in rows:
+        if action == BUY and status in HOLDING_BUY_STATUSES:
+            taken.append((price, False, None))
+        elif action != BUY and status == "filled" and taken and not taken[-1][1]:
+            taken[-1] = (taken[-1][0], True, price)
+    return taken
+
+
 async def positions_of(session: AsyncSession, runs: Iterable[tuple[int, int]]) -> dict[int, RunPosition]:
     """Positions of a few (strategy_id, run) pairs (the execution engine asks for one at a time)."""
     positions: dict[int, RunPosition] = {}

@@ -180,6 +180,13 @@ class RuntimeStore:
         value = await self.redis.hget(LTP_KEY, instrument)
         return float(value) if value is not None else None
 
+    async def last_prices(self, instruments: list[str]) -> dict[str, float]:
+        """The last prices the workers wrote (every LAST_PRICE_FLUSH_SECONDS); an instrument never priced is absent."""
+        if not instruments:
+            return {}
+        values = await self.redis.hmget(LTP_KEY, instruments)
+        return {i: float(v) for i, v in zip(instruments, values, strict=True) if v is not None}
+
     async def set_last_prices(self, prices: Mapping[str, float]) -> None:
         if prices:
             await self.redis.hset(LTP_KEY, mapping={k: repr(v) for k, v in prices.items()})

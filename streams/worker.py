@@ -138,8 +138,7 @@ class WorkerServices:
 
     async def redis_prices(self, instruments: list[str]) -> dict[str, float]:
         """The last prices the workers wrote to Redis (every LAST_PRICE_FLUSH_SECONDS)."""
-        values = await self.redis.hmget(LTP_KEY, instruments)
-        return {i: float(v) for i, v in zip(instruments, values, strict=True) if v is not None}
+        return await self.runtime.last_prices(instruments)
 
     def remember_price(self, instrument: str, price: float) -> None:
         """A price of unknown age (Redis's last price), unless a tick already told this worker one: it

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Request, status
+from fastapi import APIRouter, Body, Path, Query, Request, status
 from fastapi.responses import Response
 from sqlalchemy import select
 
@@ -20,15 +20,16 @@ from api.deps import (
     SettingsDep,
     authenticate,
 )
-from api.errors import JSON, ApiError, FieldError, not_found
+from api.errors import JSON, ApiError, not_found
 from api.exit_levels import check_exit_sides
 from api.openapi import responses
 from api.order_budget import start_refusal
 from api.routes.kill_switch import refuse_start_if_engaged
 from api.services import Services
 from api.status import StatusNotFound
+from api.strategy_checks import checked_instrument
 from core.exit_prices import EXIT_FIELDS
-from manager.strategy_manager import StartOutcome, StopOutcome
+from manager.strategy_manager import StartOutcome, StopOutcome, StrategyArchived
 from schemas.api import (
     MAX_ID,
     OrderListResponse,
@@ -43,7 +44,6 @@ from schemas.api import (
     StrategyResponse,
     StrategyStopRequest,
 )
-from schemas.events import Product
 from storage.models import OrderLog, Strategy, StrategyStatus, StrategyStatusChange
 
 router = APIRouter(tags=["strategies"])
@@ -73,6 +73,7 @@ def strategy_response(strategy: Strategy) -> StrategyResponse:
         trading_day=strategy.trading_day,
         created_at=as_aware(strategy.created_at),
         updated_at=as_aware(strategy.updated_at),
+        archived_at=as_aware(strategy.archived_at) if strategy.archived_at is not None else None,
     )
 
 
@@ -120,25 +121,8 @@ async def create_strategy(
     box: SecretsDep,
     clock: ClockDep,
 ) -> StrategyResponse:
-    hours = f"{calendar.open:%H:%M}-{calendar.close:%H:%M}"
-    for field in ("buy_time", "sell_time"):
-        if not calendar.within_hours(getattr(body, field)):
-            raise FieldError(field, f"{field} must be within market hours {hours} exchange time")
-    cutoff = settings.broker_mis_square_off
-    if body.product is Product.MIS and body.sell_time >= cutoff:
-        # The broker squares the position off itself at the cut-off (a fee per order) and refuses our SELL.
-        raise FieldError(
-            "sell_time",
-            f"sell_time must be before the broker's MIS square-off at {cutoff:%H:%M} exchange time "
-            "(or use product CNC)",
-        )
     now = clock.now()
-    broker = await live_broker(session, user.id, box, settings, now)
-    assert body.exchange is not None and body.tradingsymbol is not None  # noqa: S101 - set by the model
-    instrument = await broker.lookup(body.exchange.value, body.tradingsymbol)
-    if instrument is None:
-        raise FieldError("symbol", f"unknown instrument {body.instrument}: not in the broker's instrument list")
-    await check_exit_sides(broker, f"{instrument.exchange}:{instrument.tradingsymbol}", body.stop_loss, body.target)
+    instrument = await checked_instrument(body, user.id, session, settings, calendar, box, now)
     strategy = Strategy(
         user_id=user.id,
         exchange=instrument.exchange,
@@ -204,11 +188,19 @@ def stop_response(outcome: StopOutcome) -> StopResponse:
     )
 
 
+def archived_start(strategy_id: int) -> ApiError:
+    return ApiError(
+        409, f"START refused: the strategy is archived; unarchive it first (POST /strategy/{strategy_id}/unarchive)"
+    )
+
+
 async def _start(
     strategy_id: int, user: CurrentUser, session: SessionDep, manager: ManagerDep, settings: SettingsDep,
     box: SecretsDep, clock: ClockDep, calendar: CalendarDep,
 ) -> StartResponse:  # fmt: skip
     strategy = await owned_strategy(session, strategy_id, user.id)
+    if strategy.archived_at is not None:
+        raise archived_start(strategy_id)
     if strategy.status != StrategyStatus.RUNNING.value:
         await refuse_start_if_engaged(session, user.id, manager.calendar.local(clock.now()).date())
         # A strategy that cannot reach the broker would only fail at buy_time: refuse now instead. The market
@@ -218,7 +210,10 @@ async def _start(
         if (refusal := await start_refusal(session, strategy, settings, calendar, clock)) is not None:
             raise ApiError(409, f"START refused: {refusal}")
     await session.close()
-    return start_response(await manager.start(strategy_id, user_id=user.id))
+    try:
+        return start_response(await manager.start(strategy_id, user_id=user.id))
+    except StrategyArchived:
+        raise archived_start(strategy_id) from None  # archived while this START was being checked
 
 
 START_DOC = {
@@ -268,15 +263,18 @@ async def stop_strategy_by_path(
 @router.get(
     "/strategies",
     response_model=StrategyListResponse,
-    summary="Your strategies, newest first",
-    responses=responses(401),
+    summary="Your strategies, newest first (archived ones only with include_archived=true)",
+    responses=responses(401, 422),
 )
-async def list_strategies(user: CurrentUser, session: SessionDep) -> StrategyListResponse:
-    rows = (
-        (await session.execute(select(Strategy).where(Strategy.user_id == user.id).order_by(Strategy.id.desc())))
-        .scalars()
-        .all()
-    )
+async def list_strategies(
+    user: CurrentUser,
+    session: SessionDep,
+    include_archived: Annotated[bool, Query(description="Also list the strategies you archived")] = False,
+) -> StrategyListResponse:
+    query = select(Strategy).where(Strategy.user_id == user.id)
+    if not include_archived:
+        query = query.where(Strategy.archived_at.is_(None))
+    rows = (await session.execute(query.order_by(Strategy.id.desc()))).scalars().all()
     return StrategyListResponse(strategies=[strategy_response(s) for s in rows])
 
 
