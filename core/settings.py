@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         "cancelled and placed anew.",
     )  # fmt: skip
     exit_chase_interval_seconds: float = Field(0.5, gt=0, le=10, description="Between two steps of a chase.")
+    exit_rest_seconds: float = Field(
+        1.0, gt=0, le=10,
+        description="A placed exit still unfilled this long rests (a protected market order in a fast move) and "
+        "its chase begins; a marketable order fills in milliseconds.",
+    )  # fmt: skip
     buy_rest_seconds: float = Field(
         30.0, gt=0, le=600, description="A BUY resting unfilled this long is cancelled (never chased), the run stopped."
     )

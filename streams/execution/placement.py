@@ -29,7 +29,7 @@ from streams.execution.ledger import Ledger
 from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY
-from streams.execution.reconcile import Reconciler
+from streams.execution.reconcile import EXITS, Reconciler
 from streams.execution.retrying import broker_retries
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,9 @@ class Placement:
         order.order_id = order_id
         try:
             # The attempt row learns the order id with the result, in one transaction.
-            return await self.reconciler.confirm(gateway, order_id, None, order)
+            # An exit still open after `exit_rest_seconds` rests: its chase begins rather than wait out the deadline.
+            resting_after = self.context.settings.exit_rest_seconds if intent.action in EXITS else None
+            return await self.reconciler.confirm(gateway, order_id, None, order, within=resting_after)
         except BrokerError as exc:
             if order.state is OrderState.SENDING:  # no answer to the status reads: it is at the broker, open
                 order.apply(OrderEvent.ACKNOWLEDGED)

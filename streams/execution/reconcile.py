@@ -82,15 +82,16 @@ class Reconciler:
         return None  # pragma: no cover - tenacity either returns or reraises
 
     async def confirm(
-        self, gateway: OrderGateway, order_id: str, known: BrokerOrder | None = None, order: TrackedOrder | None = None
-    ) -> BrokerOrder:
+        self, gateway: OrderGateway, order_id: str, known: BrokerOrder | None = None, order: TrackedOrder | None = None,
+        *, within: float | None = None,
+    ) -> BrokerOrder:  # fmt: skip
         """Follow the broker's order to a final status (MARKET orders fill in milliseconds); if it is still open
-        at the deadline, return it open (recorded as placed). Raises BrokerRejected if it ends rejected or
-        cancelled."""
+        after `within` seconds (default `confirm_timeout`), return it open. Raises BrokerRejected if it ends
+        rejected or cancelled."""
         current = known
         delay = 0.02
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.confirm_timeout
+        deadline = loop.time() + (self.confirm_timeout if within is None else within)
         while current is None or not current.terminal:
             if current is not None:
                 if loop.time() > deadline:
