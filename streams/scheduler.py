@@ -139,6 +139,9 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
     producer = EventProducer(settings)
     stale = asyncio.Event()
     stale.set()
+    # Faust may start the job loop before the producer's service: a due job then failed "used before start()" and
+    # was retried; it waits for the producer instead.
+    producer_started = asyncio.Event()
 
     async def publish(event: TimeEvent) -> None:
         await producer.publish("time-events", event.strategy_id, event)
@@ -165,6 +168,7 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
             metrics.serve(settings.scheduler_metrics_port, settings.metrics_host, "scheduler")
             metrics.SCHEDULED_JOBS.set_function(lambda: len(core.book))
             await producer.start()
+            producer_started.set()
 
         async def on_stop(self) -> None:
             await producer.stop()
@@ -173,6 +177,7 @@ def build_scheduler(settings: Settings, clock: Clock | None = None) -> faust.App
 
     @app.task
     async def _run() -> None:
+        await producer_started.wait()
         await core.run(refresh)
 
     @app.agent(lifecycle_topic)
