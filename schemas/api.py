@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
-from schemas.events import Product
+from schemas.events import Product, Repeat
 
 MAX_QUANTITY = 100_000
 MAX_STOP_LOSS = Decimal("1000000")
@@ -389,6 +389,10 @@ class StrategyCreateRequest(ApiModel):
     protective_stop: bool = Field(
         False, description="Also keep an SL-M order at the broker at the stop's price while in a position"
     )
+    repeat: Repeat = Field(
+        Repeat.ONCE, description='"daily": a new run on each NSE trading day until stopped (stop and target then in '
+        "points or percent of each day's entry)",
+    )  # fmt: skip
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -505,6 +509,17 @@ class StrategyCreateRequest(ApiModel):
             raise ValueError("symbol: required (or both exchange and tradingsymbol)")
         return self
 
+    @model_validator(mode="after")
+    def _daily_exits_follow_the_entry(self) -> Self:
+        # A price fixed today may be on the wrong side of a later day's market: a daily run's exits follow its entry.
+        if self.repeat is Repeat.DAILY:
+            for name, relative in (("stop_loss", "stop_loss_points or stop_loss_percent"),
+                                   ("target", "target_points or target_percent")):  # fmt: skip
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: a daily strategy takes {relative} (relative to each day's entry), "
+                                     "not a price")  # fmt: skip
+        return self
+
     @property
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
@@ -578,6 +593,8 @@ class StrategyResponse(BaseModel):
     status_reason: str | None = None
     run: int
     trading_day: date | None = None
+    repeat: Repeat = Repeat.ONCE
+    next_run_day: date | None = Field(None, description="A daily strategy: the trading day its next run starts")
     created_at: datetime
     updated_at: datetime
 
@@ -670,6 +687,10 @@ class StatusResponse(BaseModel):
     unrealised_pnl: float | None = Field(None, description="(last_price - entry_price) * quantity while holding")
     run: int | None = None
     trading_day: str | None = None
+    repeat: str = Field("once", description='"once" or "daily"')
+    next_run_day: str | None = Field(
+        None, description="A daily strategy: the trading day its next run starts (null: none; the trader stopped it)"
+    )
     last_order_status: str | None = None
     last_order_message: str | None = None
     source: Literal["runtime", "database"]

@@ -31,6 +31,11 @@ class Tick(Event):
     received_at: datetime = Field(description="When the connector received it (project clock)")
 
 
+class Repeat(StrEnum):
+    ONCE = "once"  # one run, on the day it is started
+    DAILY = "daily"  # a new run on each NSE trading day until the trader stops it
+
+
 class Product(StrEnum):
     MIS = "MIS"
     CNC = "CNC"
@@ -73,6 +78,7 @@ class StrategySpec(Event):
     )
     product: Product = Product.MIS
     protective_stop: bool = False
+    repeat: Repeat = Field(Repeat.ONCE, description="daily: a new run starts on each NSE trading day until stopped")
 
     @property
     def instrument(self) -> str:
@@ -115,6 +121,9 @@ class StrategyLifecycle(Event):
     move_to_cost_price: float | None = Field(None, description="ARMED: where the stop moves up to the entry price")
     loss_limit_price: float | None = Field(None, description="ARMED: the price at which the loss limit is reached")
     reason: str | None = None
+    next_run_day: date | None = Field(
+        None, description="A daily strategy: the trading day its next run starts (null: no further run)"
+    )
 
 
 class Action(StrEnum):
@@ -272,6 +281,7 @@ class NotificationKind(StrEnum):
     MARKET_CLOSED = "market_closed"  # a time event due outside market hours: nothing was sent
     EXIT_CHASED = "exit_chased"  # an exit rests unfilled at the broker and is being re-priced until it fills
     EGRESS_DOWN = "egress_down"  # an exit could not reach the broker through the trader's egress: still retrying
+    DAILY_RUN_SKIPPED = "daily_run_skipped"  # a daily strategy's day could not start; the next trading day is tried
 
 
 class UserNotification(Event):

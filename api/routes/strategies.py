@@ -68,6 +68,8 @@ def strategy_response(strategy: Strategy) -> StrategyResponse:
         status_reason=strategy.status_reason,
         run=strategy.run,
         trading_day=strategy.trading_day,
+        repeat=strategy.repeat,
+        next_run_day=strategy.next_run_day,
         created_at=as_aware(strategy.created_at),
         updated_at=as_aware(strategy.updated_at),
     )
@@ -147,6 +149,7 @@ async def create_strategy(
         **{name: getattr(body, name) for name in EXIT_FIELDS},
         product=body.product.value,
         protective_stop=body.protective_stop,
+        repeat=body.repeat.value,
         status=StrategyStatus.CREATED.value,
         run=0,
         created_at=now,
