@@ -30,6 +30,7 @@ from core.settings import Settings
 from manager.strategy_manager import EventPublisher, ManagerUnavailable, StrategyManager
 from schemas.events import NotificationKind, Repeat, UserNotification
 from storage.models import BrokerAccount, Notification, Strategy, StrategyStatus, StrategyStatusChange, User
+from storage.runtime import runtime_key
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ class DailyRuns:
         for waiting in await self._waiting(now):
             if now < waiting.buy_at - self.lead:
                 continue  # not yet: the trader may still reconnect or release the kill switch
-            reason = "the day went by before its run could start" if now >= waiting.buy_at else None
-            reason = reason or blocker(waiting, self.settings.egress_required)
+            reason = blocker(waiting, self.settings.egress_required)
+            if reason is None and now >= waiting.buy_at:
+                reason = "its buy time passed before the run could start"  # nothing was running, or Kafka was down
             if reason is None:
                 try:
                     outcome = await self.manager.start_day(waiting.strategy_id, waiting.day, waiting.run)
@@ -154,6 +156,9 @@ class DailyRuns:
             session.add(StrategyStatusChange(strategy_id=waiting.strategy_id, status=status, at=now,
                                              reason=f"daily run for {waiting.day} skipped: {reason}"))  # fmt: skip
             await session.commit()
+        redis = self.manager.runtime.redis
+        if await redis.exists(runtime_key(waiting.strategy_id)):  # the status shows the new day at once
+            await redis.hset(runtime_key(waiting.strategy_id), "next_run_day", next_day.isoformat())
         log.warning("strategy %s: daily run for %s skipped (%s); next %s", waiting.strategy_id, waiting.day, reason,
                     next_day)  # fmt: skip
         await self._tell(waiting, reason, next_day, now)
