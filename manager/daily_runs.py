@@ -135,8 +135,10 @@ class DailyRuns:
     async def _skip(self, waiting: Waiting, reason: str, now: datetime) -> bool:
         """Move the strategy on to the next trading day and tell the trader; False if someone else already did."""
         today = self.calendar.local(now).date()
-        # A day long gone (nothing ran for days) moves to the next one still ahead: one notice, not one a day.
-        next_day = self.calendar.next_trading_day(max(waiting.day, today) + timedelta(days=1))
+        # Days long gone (nothing ran for days) move on to the first one still ahead: one notice, not one a day.
+        next_day = self.calendar.next_trading_day(max(waiting.day + timedelta(days=1), today))
+        if self.calendar.at(next_day, self.calendar.local(waiting.buy_at).time()) <= now:
+            next_day = self.calendar.next_trading_day(next_day + timedelta(days=1))
         async with self.sessions() as session:
             moved = (
                 await session.execute(
