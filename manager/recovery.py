@@ -35,14 +35,8 @@ from connectors.broker import QUOTE_PACE, BrokerError, BrokerUnavailable, KiteBr
 from core.crypto import SecretBox
 from core.settings import Settings
 from manager.broker_loss import LifecycleWatch
-from manager.strategy_manager import (
-    LIFECYCLE_TOPIC,
-    ORDERS_TOPIC,
-    StrategyManager,
-    armed_event,
-    initial_runtime,
-    spec_for,
-)
+from manager.run_specs import armed_event, initial_runtime, spec_for
+from manager.strategy_manager import LIFECYCLE_TOPIC, ORDERS_TOPIC, StrategyManager
 from schemas.events import (
     Action,
     Event,

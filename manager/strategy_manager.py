@@ -26,14 +26,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.clock import Clock
-from core.exit_prices import EXIT_FIELDS
 from core.market import MarketCalendar
+from manager.run_specs import initial_runtime, spec_for
 from schemas.events import (
     Action,
     Event,
     LifecycleKind,
     OrderIntent,
-    Product,
     Repeat,
     StrategyLifecycle,
     StrategySpec,
@@ -85,54 +84,6 @@ class StopOutcome:
     status: str
     squared_off: bool
     already_stopped: bool
-
-
-def spec_for(strategy: Strategy) -> StrategySpec:
-    """The spec that travels with every lifecycle event (consumers need no database lookup)."""
-    return StrategySpec(
-        strategy_id=strategy.id,
-        user_id=strategy.user_id,
-        exchange=strategy.exchange,
-        tradingsymbol=strategy.tradingsymbol,
-        instrument_token=strategy.instrument_token,
-        quantity=strategy.quantity,
-        buy_time=strategy.buy_time,
-        sell_time=strategy.sell_time,
-        **{name: getattr(strategy.exits, name) for name in EXIT_FIELDS},
-        product=Product(strategy.product),
-        protective_stop=bool(strategy.protective_stop),
-        repeat=Repeat(strategy.repeat),
-    )
-
-
-def armed_event(
-    spec: StrategySpec, run: int, trading_day: date, occurred_at: datetime, entry_price: float | None,
-    opened_at: datetime | None, reason: str | None = None,
-) -> StrategyLifecycle:  # fmt: skip
-    """ARMED: the position is open; its stop and target travel as prices, resolved from this entry."""
-    return StrategyLifecycle(
-        kind=LifecycleKind.ARMED, spec=spec, run=run, trading_day=trading_day, occurred_at=occurred_at,
-        entry_price=entry_price, opened_at=opened_at, reason=reason,
-        stop_price=spec.exits.stop_price(entry_price), target_price=spec.exits.target_price(entry_price),
-        trail_activation_price=spec.exits.trail_activation_price(entry_price),
-        move_to_cost_price=spec.exits.move_to_cost_price(entry_price),
-        loss_limit_price=spec.exits.loss_limit_price(entry_price, spec.quantity),
-    )  # fmt: skip
-
-
-def initial_runtime(
-    run: int, trading_day: date, started_at: datetime, next_run_day: date | None = None
-) -> dict[str, str]:
-    return {
-        "next_run_day": next_run_day.isoformat() if next_run_day else "",
-        "state": RuntimeState.IDLE.value,
-        "strategy_status": StrategyStatus.RUNNING.value,
-        "position": "none",
-        "last_action": "",
-        "run": str(run),
-        "trading_day": trading_day.isoformat(),
-        "started_at": started_at.isoformat(),
-    }
 
 
 class StrategyManager:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from connectors.broker import BrokerError, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder
 from core.metrics import AUTO_STOPS
-from manager.strategy_manager import armed_event, spec_for
+from manager.run_specs import armed_event, spec_for
 from schemas.events import (
     Action,
     ExitKind,

@@ -20,7 +20,7 @@ from tests.fixtures.pipeline import Pipeline
 from tests.streams.test_exits_e2e import status_of
 from tests.streams.test_pipeline_e2e import eventually, placements, start
 
-# 4,000 clock seconds a real second: a night goes by in about 15 s (a day in 22 s), a BUY at 09:20 and its SELL at 11:00 are 1.5 s
+# 4,000 clock seconds a real second: a day goes by in about 22 s, a BUY at 09:20 and its SELL at 11:00 are 1.5 s
 # apart. Holi, Tuesday 3 March 2026, is an NSE holiday (the `holidays` calendar the project uses).
 SPEED = 4000.0
 HOLI = date(2026, 3, 3)
