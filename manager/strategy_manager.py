@@ -287,8 +287,14 @@ class StrategyManager:
                 LIFECYCLE_TOPIC,
                 spec.instrument,
                 StrategyLifecycle(
-                    kind=kind, spec=spec, run=strategy.run, trading_day=trading_day, occurred_at=now, reason=reason
-                ),
+                    kind=kind,
+                    spec=spec,
+                    run=strategy.run,
+                    trading_day=trading_day,
+                    occurred_at=now,
+                    reason=reason,
+                    next_run_day=None if end_repetition else strategy.next_run_day,
+                ),  # fmt: skip
             )
         except Exception as exc:
             raise ManagerUnavailable(f"could not stop strategy {strategy.id}: {_reason(exc)}") from exc
