@@ -208,7 +208,7 @@ class StrategyManager:
                     trading_day=trading_day,
                     occurred_at=now,
                     next_run_day=next_day,
-                ),  # fmt: skip
+                ),
             )
         except Exception as exc:
             await self._undo_start(strategy, spec, new_run, exc, end_repetition=day is None)
@@ -294,7 +294,7 @@ class StrategyManager:
                     occurred_at=now,
                     reason=reason,
                     next_run_day=None if end_repetition else strategy.next_run_day,
-                ),  # fmt: skip
+                ),
             )
         except Exception as exc:
             raise ManagerUnavailable(f"could not stop strategy {strategy.id}: {_reason(exc)}") from exc
