@@ -156,7 +156,7 @@ async def seed(database_url: str, redis_url: str, traders: int) -> list[tuple[in
     from api.tokens import TokenService
     from core.clock import get_clock
     from core.settings import Settings
-    from manager.strategy_manager import initial_runtime, spec_for
+    from manager.run_specs import initial_runtime, spec_for
     from storage.db import create_engine, session_factory
     from storage.models import Strategy, User
     from storage.runtime import RuntimeStore

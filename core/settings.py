@@ -153,6 +153,14 @@ class Settings(BaseSettings):
         10.0, gt=0, description="An open position this long past its sell time without a SELL gets one (safety net)."
     )
     missed_buy_grace_seconds: float = Field(60.0, ge=0)
+    daily_start_lead_minutes: float = Field(
+        30.0, gt=0, le=360,
+        description="A daily strategy's run for a day may start from this long before its buy_time; a day that still "
+        "cannot start at buy_time (kill switch, broker session expired) is skipped.",
+    )  # fmt: skip
+    daily_run_check_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often each worker looks for daily strategies whose day's run is due."
+    )
     buy_lead_seconds: float = Field(
         10.0,
         ge=0,

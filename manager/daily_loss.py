@@ -79,7 +79,9 @@ class DailyLossLimits:
                 )
             ).all()  # fmt: skip
         for strategy_id in running:
-            await self.manager.stop(strategy_id, user_id=user_id, square_off=True, reason="daily loss limit")
+            await self.manager.stop(
+                strategy_id, user_id=user_id, square_off=True, reason="daily loss limit", end_repetition=False
+            )  # a limit for the day: a daily strategy runs tomorrow
         notice = UserNotification(
             notification_id=f"user:{user_id}:{today.isoformat()}:{NotificationKind.DAILY_LOSS_LIMIT.value}",
             user_id=user_id, kind=NotificationKind.DAILY_LOSS_LIMIT, title="Daily Loss Limit Reached – Trading Stopped",

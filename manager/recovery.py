@@ -36,14 +36,8 @@ from core.crypto import SecretBox
 from core.settings import Settings
 from manager.broker_loss import LifecycleWatch
 from manager.reentries import awaiting_reentry, follow_ups
-from manager.strategy_manager import (
-    LIFECYCLE_TOPIC,
-    ORDERS_TOPIC,
-    StrategyManager,
-    armed_event,
-    initial_runtime,
-    spec_for,
-)
+from manager.run_specs import armed_event, initial_runtime, spec_for
+from manager.strategy_manager import LIFECYCLE_TOPIC, ORDERS_TOPIC, StrategyManager
 from schemas.events import (
     Action,
     Event,

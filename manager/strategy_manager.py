@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Protocol
 
@@ -26,15 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.clock import Clock
-from core.exit_prices import EXIT_FIELDS
 from core.market import MarketCalendar
-from core.reentry import ReentryMode, loss_left
+from manager.run_specs import initial_runtime, spec_for
 from schemas.events import (
     Action,
     Event,
     LifecycleKind,
     OrderIntent,
-    Product,
+    Repeat,
     StrategyLifecycle,
     StrategySpec,
     Trigger,
@@ -42,7 +41,7 @@ from schemas.events import (
 )
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, StrategyStatusChange
 from storage.positions import positions_of
-from storage.runtime import RuntimeState, RuntimeStore
+from storage.runtime import RuntimeState, RuntimeStore, runtime_key
 
 log = logging.getLogger(__name__)
 
@@ -91,58 +90,6 @@ class StopOutcome:
     already_stopped: bool
 
 
-def spec_for(strategy: Strategy) -> StrategySpec:
-    """The spec that travels with every lifecycle event (consumers need no database lookup)."""
-    return StrategySpec(
-        strategy_id=strategy.id,
-        user_id=strategy.user_id,
-        exchange=strategy.exchange,
-        tradingsymbol=strategy.tradingsymbol,
-        instrument_token=strategy.instrument_token,
-        quantity=strategy.quantity,
-        buy_time=strategy.buy_time,
-        sell_time=strategy.sell_time,
-        **{name: getattr(strategy.exits, name) for name in EXIT_FIELDS},
-        product=Product(strategy.product),
-        protective_stop=bool(strategy.protective_stop),
-        reentry_max=strategy.reentry_max or 0,
-        reentry_until=strategy.reentry_until,
-        reentry_mode=ReentryMode(strategy.reentry_mode or ReentryMode.IMMEDIATE.value),
-    )
-
-
-def armed_event(
-    spec: StrategySpec, run: int, trading_day: date, occurred_at: datetime, entry_price: float | None,
-    opened_at: datetime | None, reason: str | None = None, *, cycle: int = 1, realised: float = 0.0,
-) -> StrategyLifecycle:  # fmt: skip
-    """ARMED: the position is open; its stop and target travel as prices, resolved from this entry. A later
-    cycle's loss limit is what the earlier cycles' realised loss (`realised`, rupees) left of max_loss."""
-    exits = spec.exits
-    if cycle > 1 and exits.max_loss is not None:
-        exits = replace(exits, max_loss=loss_left(exits.max_loss, realised))
-    return StrategyLifecycle(
-        kind=LifecycleKind.ARMED, spec=spec, run=run, cycle=cycle, trading_day=trading_day, occurred_at=occurred_at,
-        entry_price=entry_price, opened_at=opened_at, reason=reason,
-        stop_price=exits.stop_price(entry_price), target_price=exits.target_price(entry_price),
-        trail_activation_price=exits.trail_activation_price(entry_price),
-        move_to_cost_price=exits.move_to_cost_price(entry_price),
-        loss_limit_price=exits.loss_limit_price(entry_price, spec.quantity),
-    )  # fmt: skip
-
-
-def initial_runtime(run: int, trading_day: date, started_at: datetime) -> dict[str, str]:
-    return {
-        "state": RuntimeState.IDLE.value,
-        "strategy_status": StrategyStatus.RUNNING.value,
-        "position": "none",
-        "last_action": "",
-        "cycle": "1",
-        "run": str(run),
-        "trading_day": trading_day.isoformat(),
-        "started_at": started_at.isoformat(),
-    }
-
-
 class StrategyManager:
     def __init__(
         self,
@@ -159,6 +106,12 @@ class StrategyManager:
         self.calendar = calendar
 
     # ------------------------------------------------------------------------------------------ queries
+
+    def next_run_day(self, repeat: str, trading_day: date) -> date | None:
+        """The trading day after `trading_day` for a daily strategy (weekends and NSE holidays skipped), else None."""
+        if repeat != Repeat.DAILY.value:
+            return None
+        return self.calendar.next_trading_day(trading_day + timedelta(days=1))
 
     def trading_day_for(self, sell_time: time, now: datetime | None = None) -> tuple[date, bool]:
         """Today (exchange time) if it trades and sell_time is still ahead, else the next trading day.
@@ -197,71 +150,96 @@ class StrategyManager:
 
     async def start(self, strategy_id: int, *, user_id: int | None = None) -> StartOutcome:
         """Sequence 4. Idempotent: starting a running strategy changes nothing and reports its state."""
+        outcome = await self._start_run(strategy_id, user_id=user_id)
+        assert outcome is not None  # noqa: S101 - only a daily run's compare-and-set gives way
+        return outcome
+
+    async def start_day(self, strategy_id: int, day: date, after_run: int) -> StartOutcome | None:
+        """A daily strategy's run for `day`, started by itself (`manager.daily_runs`). Compare-and-set on the run it
+        follows and on `next_run_day == day`: of several workers trying at once, exactly one starts it, and a
+        trader's STOP or START in between wins. None: someone else already moved it on."""
+        return await self._start_run(strategy_id, day=day, after_run=after_run)
+
+    async def _start_run(
+        self, strategy_id: int, *, user_id: int | None = None, day: date | None = None, after_run: int | None = None
+    ) -> StartOutcome | None:
         now = self.clock.now()
         async with self.session_factory() as session:
             strategy = await self.get(session, strategy_id, user_id)
             if strategy.status == StrategyStatus.RUNNING.value:
-                return self._start_outcome(strategy, already_running=True, now=now)
+                return self._start_outcome(strategy, already_running=True, now=now) if day is None else None
             if strategy.archived_at is not None:
+                if day is not None:
+                    return None
                 raise StrategyArchived(strategy.id)
-            trading_day, _ = self.trading_day_for(strategy.sell_time, now)
+            trading_day = day or self.trading_day_for(strategy.sell_time, now)[0]
+            next_day = self.next_run_day(strategy.repeat, trading_day)
             # Compare-and-set: of two concurrent STARTs exactly one matches `status != running`.
+            query = update(Strategy).where(
+                Strategy.id == strategy.id,
+                Strategy.status != StrategyStatus.RUNNING.value,
+                Strategy.archived_at.is_(None),  # an archive racing this START wins
+            )
+            if day is not None:
+                query = query.where(Strategy.run == after_run, Strategy.next_run_day == day)
             new_run = (
                 await session.execute(
-                    update(Strategy)
-                    .where(
-                        Strategy.id == strategy.id,
-                        Strategy.status != StrategyStatus.RUNNING.value,
-                        Strategy.archived_at.is_(None),
-                    )  # an archive racing this START wins
-                    .values(
+                    query.values(
                         status=StrategyStatus.RUNNING.value,
                         run=Strategy.run + 1,
                         trading_day=trading_day,
+                        next_run_day=next_day,
                         status_reason=None,
                         updated_at=now,
-                    )
-                    .returning(Strategy.run)
+                    ).returning(Strategy.run)
                 )
             ).scalar_one_or_none()
             if new_run is None:
                 await session.rollback()
+                if day is not None:
+                    return None
                 await session.refresh(strategy)
                 if strategy.archived_at is not None:
                     raise StrategyArchived(strategy.id)
                 return self._start_outcome(strategy, already_running=True, now=now)
-            session.add(
-                StrategyStatusChange(
-                    strategy_id=strategy.id, status=StrategyStatus.RUNNING.value, reason="started", at=now
-                )
-            )
+            reason = "started" if day is None else f"daily run for {day}"
+            session.add(StrategyStatusChange(strategy_id=strategy.id, status=StrategyStatus.RUNNING.value,
+                                             reason=reason, at=now))  # fmt: skip
             await session.commit()
             await session.refresh(strategy)
 
         spec = spec_for(strategy)
         try:
-            await self.runtime.load(spec, new_run, trading_day, initial_runtime(new_run, trading_day, now))
+            runtime = initial_runtime(new_run, trading_day, now, next_day)
+            await self.runtime.load(spec, new_run, trading_day, runtime)
             await self.publisher.publish(
                 LIFECYCLE_TOPIC,
                 spec.instrument,
                 StrategyLifecycle(
-                    kind=LifecycleKind.STARTED, spec=spec, run=new_run, trading_day=trading_day, occurred_at=now
+                    kind=LifecycleKind.STARTED,
+                    spec=spec,
+                    run=new_run,
+                    trading_day=trading_day,
+                    occurred_at=now,
+                    next_run_day=next_day,
                 ),
             )
         except Exception as exc:
-            await self._undo_start(strategy, spec, new_run, exc)
+            await self._undo_start(strategy, spec, new_run, exc, end_repetition=day is None)
             raise ManagerUnavailable(f"could not start strategy {strategy.id}: {_reason(exc)}") from exc
         log.info("strategy %s started: run %s for %s", strategy.id, new_run, trading_day)
         return self._start_outcome(strategy, already_running=False, now=now)
 
-    async def _undo_start(self, strategy: Strategy, spec: StrategySpec, run: int, exc: BaseException) -> None:
+    async def _undo_start(
+        self, strategy: Strategy, spec: StrategySpec, run: int, exc: BaseException, *, end_repetition: bool
+    ) -> None:
         reason = f"start failed: {_reason(exc)}"
         log.warning("strategy %s run %s: %s; rolling back", strategy.id, run, reason)
         try:
             await self.runtime.unload(strategy.id, spec.instrument)
         except RedisError:
             log.exception("strategy %s: could not remove runtime keys after a failed start", strategy.id)
-        await self._set_final_status(strategy.id, run, StrategyStatus.STOPPED, reason)
+        await self._set_final_status(strategy.id, run, StrategyStatus.STOPPED, reason, end_repetition)
 
     def _start_outcome(self, strategy: Strategy, *, already_running: bool, now: datetime) -> StartOutcome:
         trading_day = strategy.trading_day or self.trading_day_for(strategy.sell_time, now)[0]
@@ -287,16 +265,27 @@ class StrategyManager:
         reason: str = "stopped by user",
         final_status: StrategyStatus = StrategyStatus.STOPPED,
         trigger: Trigger = Trigger.USER,
+        end_repetition: bool = True,
     ) -> StopOutcome:
-        """Sequence 8, any time. A strategy that is not running is left alone (no side effects).
+        """Sequence 8, any time. A strategy that is not running is left alone (no side effects), except that a
+        daily strategy waiting for its next day stops repeating.
 
         `final_status` FAILED (the execution engine's auto-stop) publishes a FAILED lifecycle event instead.
+        `end_repetition` False (kill switch, daily loss limit: they hold for one day) keeps a daily strategy's
+        next run; a trader's STOP, a failure or an auto-stop ends it.
         """
         now = self.clock.now()
         async with self.session_factory() as session:
             strategy = await self.get(session, strategy_id, user_id)
         if strategy.status != StrategyStatus.RUNNING.value:
-            return StopOutcome(strategy.id, strategy.status, squared_off=False, already_stopped=True)
+            if end_repetition and strategy.next_run_day is not None:
+                if await self._end_waiting_repetition(strategy.id, reason):
+                    return StopOutcome(strategy.id, StrategyStatus.STOPPED.value, squared_off=False,
+                                       already_stopped=False)  # fmt: skip
+                async with self.session_factory() as session:  # its next run started meanwhile: stop that
+                    strategy = await self.get(session, strategy_id, user_id)
+            if strategy.status != StrategyStatus.RUNNING.value:
+                return StopOutcome(strategy.id, strategy.status, squared_off=False, already_stopped=True)
 
         spec = spec_for(strategy)
         trading_day = strategy.trading_day or self.calendar.trading_day_of(now)
@@ -312,13 +301,19 @@ class StrategyManager:
                 LIFECYCLE_TOPIC,
                 spec.instrument,
                 StrategyLifecycle(
-                    kind=kind, spec=spec, run=strategy.run, trading_day=trading_day, occurred_at=now, reason=reason
+                    kind=kind,
+                    spec=spec,
+                    run=strategy.run,
+                    trading_day=trading_day,
+                    occurred_at=now,
+                    reason=reason,
+                    next_run_day=None if end_repetition else strategy.next_run_day,
                 ),
             )
         except Exception as exc:
             raise ManagerUnavailable(f"could not stop strategy {strategy.id}: {_reason(exc)}") from exc
 
-        changed = await self._set_final_status(strategy.id, strategy.run, final_status, reason)
+        changed = await self._set_final_status(strategy.id, strategy.run, final_status, reason, end_repetition)
         log.info("strategy %s run %s %s (squared_off=%s)", strategy.id, strategy.run, final_status, squared_off)
         return StopOutcome(
             strategy.id, final_status.value if changed else StrategyStatus.STOPPED.value, squared_off, not changed
@@ -368,9 +363,37 @@ class StrategyManager:
         except IntegrityError:
             pass  # a repeated STOP: already requested
 
-    async def _set_final_status(self, strategy_id: int, run: int, status: StrategyStatus, reason: str) -> bool:
+    async def _end_waiting_repetition(self, strategy_id: int, reason: str) -> bool:
+        """A daily strategy between two runs: no next run. False if a run started meanwhile (or it had ended)."""
+        now = self.clock.now()
+        async with self.session_factory() as session:
+            result = await session.execute(
+                update(Strategy)
+                .where(Strategy.id == strategy_id, Strategy.status != StrategyStatus.RUNNING.value,
+                       Strategy.next_run_day.is_not(None))
+                .values(status=StrategyStatus.STOPPED.value, status_reason=reason, next_run_day=None, updated_at=now)
+                .returning(Strategy.id)
+            )  # fmt: skip
+            if result.scalar_one_or_none() is None:
+                await session.rollback()
+                return False
+            session.add(StrategyStatusChange(strategy_id=strategy_id, status=StrategyStatus.STOPPED.value,
+                                             reason=reason, at=now))  # fmt: skip
+            await session.commit()
+        if await self.runtime.redis.exists(runtime_key(strategy_id)):  # the status shows it at once
+            await self.runtime.redis.hset(runtime_key(strategy_id), mapping={
+                "strategy_status": StrategyStatus.STOPPED.value, "next_run_day": ""})  # fmt: skip
+        log.info("strategy %s: daily repetition ended (%s)", strategy_id, reason)
+        return True
+
+    async def _set_final_status(
+        self, strategy_id: int, run: int, status: StrategyStatus, reason: str, end_repetition: bool = True
+    ) -> bool:
         """Running -> `status` for this run only (a newer START must not be undone). True if it changed."""
         now = self.clock.now()
+        values: dict[str, object] = {"status": status.value, "status_reason": reason, "updated_at": now}
+        if end_repetition:
+            values["next_run_day"] = None
         async with self.session_factory() as session:
             result = await session.execute(
                 update(Strategy)
@@ -379,7 +402,7 @@ class StrategyManager:
                     Strategy.run == run,
                     Strategy.status == StrategyStatus.RUNNING.value,
                 )
-                .values(status=status.value, status_reason=reason, updated_at=now)
+                .values(**values)
                 .returning(Strategy.id)
             )
             if result.scalar_one_or_none() is None:

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from core.reentry import REENTRY_MAX_LIMIT, ReentryMode
-from schemas.events import Product
+from schemas.events import Product, Repeat
 
 MAX_QUANTITY = 100_000
 MAX_STOP_LOSS = Decimal("1000000")
@@ -403,6 +403,10 @@ class StrategyCreateRequest(ApiModel):
         description="immediate: buy again as soon as the stop exit fills; at_entry: once a tick is back at (or above) "
         "the previous entry price",
     )
+    repeat: Repeat = Field(
+        Repeat.ONCE, description='"daily": a new run on each NSE trading day until stopped (stop and target then in '
+        "points or percent of each day's entry)",
+    )  # fmt: skip
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -529,6 +533,17 @@ class StrategyCreateRequest(ApiModel):
             raise ValueError("symbol: required (or both exchange and tradingsymbol)")
         return self
 
+    @model_validator(mode="after")
+    def _daily_exits_follow_the_entry(self) -> Self:
+        # A price fixed today may be on the wrong side of a later day's market: a daily run's exits follow its entry.
+        if self.repeat is Repeat.DAILY:
+            for name, relative in (("stop_loss", "stop_loss_points or stop_loss_percent"),
+                                   ("target", "target_points or target_percent")):  # fmt: skip
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: a daily strategy takes {relative} (relative to each day's entry), "
+                                     "not a price")  # fmt: skip
+        return self
+
     @property
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
@@ -605,6 +620,8 @@ class StrategyResponse(BaseModel):
     status_reason: str | None = None
     run: int
     trading_day: date | None = None
+    repeat: Repeat = Repeat.ONCE
+    next_run_day: date | None = Field(None, description="A daily strategy: the trading day its next run starts")
     created_at: datetime
     updated_at: datetime
     archived_at: datetime | None = Field(None, description="Set: archived (hidden from the list, never started)")
@@ -700,6 +717,10 @@ class StatusResponse(BaseModel):
     cycle: int | None = Field(None, description="The run's entry/exit cycle: 1, then one more per re-entry")
     reentries_left: int | None = Field(None, description="Re-entries still allowed after a stop-loss exit")
     trading_day: str | None = None
+    repeat: str = Field("once", description='"once" or "daily"')
+    next_run_day: str | None = Field(
+        None, description="A daily strategy: the trading day its next run starts (null: none; the trader stopped it)"
+    )
     last_order_status: str | None = None
     last_order_message: str | None = None
     source: Literal["runtime", "database"]

@@ -32,6 +32,11 @@ class Tick(Event):
     received_at: datetime = Field(description="When the connector received it (project clock)")
 
 
+class Repeat(StrEnum):
+    ONCE = "once"  # one run, on the day it is started
+    DAILY = "daily"  # a new run on each NSE trading day until the trader stops it
+
+
 class Product(StrEnum):
     MIS = "MIS"
     CNC = "CNC"
@@ -86,6 +91,8 @@ class StrategySpec(Event):
     def reentry(self) -> ReentryRule:
         return ReentryRule(self.reentry_max, self.reentry_until, self.reentry_mode)
 
+    repeat: Repeat = Field(Repeat.ONCE, description="daily: a new run starts on each NSE trading day until stopped")
+
     @property
     def instrument(self) -> str:
         return f"{self.exchange}:{self.tradingsymbol}"
@@ -135,6 +142,9 @@ class StrategyLifecycle(Event):
         None, description="REENTRY in at_entry mode: the BUY goes out at the first tick at or above this price"
     )
     reason: str | None = None
+    next_run_day: date | None = Field(
+        None, description="A daily strategy: the trading day its next run starts (null: no further run)"
+    )
 
 
 class Action(StrEnum):
@@ -299,6 +309,7 @@ class NotificationKind(StrEnum):
     MARKET_CLOSED = "market_closed"  # a time event due outside market hours: nothing was sent
     EXIT_CHASED = "exit_chased"  # an exit rests unfilled at the broker and is being re-priced until it fills
     EGRESS_DOWN = "egress_down"  # an exit could not reach the broker through the trader's egress: still retrying
+    DAILY_RUN_SKIPPED = "daily_run_skipped"  # a daily strategy's day could not start; the next trading day is tried
 
 
 class UserNotification(Event):

@@ -141,6 +141,10 @@ class Strategy(Base):
     # Each START begins a new run; intent ids include it so a restarted strategy can trade again.
     run: Mapped[int] = mapped_column(Integer, default=0)
     trading_day: Mapped[date | None] = mapped_column(Date)
+    # "once" or "daily": a daily strategy starts a new run on each NSE trading day until the trader stops it.
+    repeat: Mapped[str] = mapped_column(String(8), default="once", server_default="once")
+    # A daily strategy's next trading day to run; null once the repetition ended (or for "once").
+    next_run_day: Mapped[date | None] = mapped_column(Date, index=True)
     status_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -87,6 +87,7 @@ def spec_to_hash(spec: StrategySpec, run: int, trading_day: date) -> dict[str, s
         },  # fmt: skip
         "product": spec.product.value,
         "protective_stop": "true" if spec.protective_stop else "false",
+        "repeat": spec.repeat.value,
         "run": str(run),
         "trading_day": trading_day.isoformat(),
     }

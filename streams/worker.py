@@ -32,6 +32,7 @@ from core.kafka import EventProducer, ensure_topics
 from core.market import MarketCalendar
 from core.settings import Settings
 from manager.daily_loss import DailyLossLimits
+from manager.daily_runs import DailyRuns
 from manager.recovery import Recovery
 from manager.reentries import reentry_intent
 from manager.strategy_manager import StrategyManager
@@ -134,6 +135,7 @@ class WorkerServices:
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
         self.broker_prices = BrokerPrices(self.recovery.last_prices, self.broker_price)
         self.daily_loss = DailyLossLimits(self.sessions, self.manager, self.producer, self.redis_prices)
+        self.daily_runs = DailyRuns(self.settings, self.sessions, self.manager, self.producer)
         self.ready.set()
 
     async def redis_prices(self, instruments: list[str]) -> dict[str, float]:
@@ -449,6 +451,15 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             await services.daily_loss.check()
         except Exception:
             log.exception("daily loss limit check failed; retrying at the next interval")
+
+    @app.timer(settings.daily_run_check_seconds)
+    async def _start_daily_runs() -> None:
+        if not services.ready.is_set():
+            return
+        try:
+            await services.daily_runs.check()
+        except Exception:
+            log.exception("daily runs check failed; retrying at the next interval")
 
     @app.timer(RECOVERY_CHECK_SECONDS)
     async def _recover_when_needed() -> None:

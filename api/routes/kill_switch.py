@@ -61,7 +61,9 @@ async def engage(
             break
         # A stop that fails raises (503): the switch stays engaged, and calling it again stops the rest.
         for strategy_id in running:
-            outcome = await manager.stop(strategy_id, user_id=user.id, square_off=True, reason="kill switch")
+            outcome = await manager.stop(
+                strategy_id, user_id=user.id, square_off=True, reason="kill switch", end_repetition=False
+            )  # it holds for the day only
             stopped += not outcome.already_stopped
             squared_off += outcome.squared_off
     return KillSwitchResponse(

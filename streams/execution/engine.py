@@ -245,7 +245,8 @@ class Executor:
             # Nothing is left to do in this run: the trader is told and the run stopped, as for a missed BUY.
             result = await self.outcomes.skip(intent, order, over.reason)
             await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", over.reason)
-            await self.context.manager.stop(strategy.id, square_off=False, reason=over.reason)
+            # The budget is the day's: a daily strategy runs again the next trading day.
+            await self.context.manager.stop(strategy.id, square_off=False, reason=over.reason, end_repetition=False)
             return result
         except Withdrawn as withdrawn:
             log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
@@ -332,7 +333,7 @@ class Executor:
             await self.ledger.notify(intent, NotificationKind.BUY_SKIPPED, "BUY skipped", reason)
             # Nothing is left to do in this run: stop it (its SELL job is cancelled) rather than leave it
             # "running" all day with no position.
-            await self.context.manager.stop(strategy.id, square_off=False, reason=reason)
+            await self.context.manager.stop(strategy.id, square_off=False, reason=reason, end_repetition=False)
         return result
 
     def _does_not_fit(self, intent: OrderIntent, strategy: Strategy, position: RunPosition) -> str | None:

@@ -21,7 +21,7 @@ from core.market import MarketCalendar
 from core.metrics import AUTO_STOPS
 from core.reentry import loss_left
 from manager.reentries import awaiting_reentry, follow_ups
-from manager.strategy_manager import armed_event, spec_for
+from manager.run_specs import armed_event, spec_for
 from schemas.events import (
     Action,
     Event,

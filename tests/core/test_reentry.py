@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, time
 import pytest
 
 from core.reentry import ReentryMode, ReentryRule, loss_left
-from manager.strategy_manager import armed_event
+from manager.run_specs import armed_event
 from schemas.events import (
     Action,
     LifecycleKind,

@@ -26,7 +26,8 @@ from connectors.broker import BrokerError, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import ManualClock
 from core.market import MarketCalendar
-from manager.strategy_manager import StrategyManager, initial_runtime, spec_for
+from manager.run_specs import initial_runtime, spec_for
+from manager.strategy_manager import StrategyManager
 from schemas.events import (
     Action,
     Event,

@@ -19,7 +19,8 @@ from connectors.kite_sim import RunningSimulator
 from connectors.orders import KiteOrderGateway, OrderGateway
 from core.clock import ManualClock
 from core.market import MarketCalendar
-from manager.strategy_manager import StrategyManager, initial_runtime, spec_for
+from manager.run_specs import initial_runtime, spec_for
+from manager.strategy_manager import StrategyManager
 from schemas.events import Action, NotificationKind, OrderStatus
 from storage.db import session_factory
 from storage.models import OrderLogKind
