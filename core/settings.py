@@ -167,6 +167,16 @@ class Settings(BaseSettings):
         "cancelled and placed anew.",
     )  # fmt: skip
     exit_chase_interval_seconds: float = Field(0.5, gt=0, le=10, description="Between two steps of a chase.")
+    protective_stop_step_ticks: int = Field(
+        10, ge=1, le=10_000,
+        description="The protective SL-M follows a rising stop (trailing, moved to cost) once it has risen this many "
+        "exchange ticks (0.05) above its trigger: fewer, larger modifications.",
+    )  # fmt: skip
+    protective_stop_modifications: int = Field(
+        25, ge=0, le=25,
+        description="The protective SL-M is modified at most this many times (Kite allows 25 per order), then "
+        "cancelled and placed anew at the risen stop.",
+    )  # fmt: skip
     buy_rest_seconds: float = Field(
         30.0, gt=0, le=600, description="A BUY resting unfilled this long is cancelled (never chased), the run stopped."
     )

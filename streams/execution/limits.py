@@ -24,7 +24,12 @@ from redis.asyncio import Redis
 from schemas.events import Action
 
 EXCHANGE_TZ = ZoneInfo("Asia/Kolkata")
-PRIORITY = {Action.STOPLOSS: 0, Action.TARGET: 0, Action.EXIT: 1, Action.SELL: 1, Action.PROTECT: 1, Action.BUY: 2}
+# A RAISE_STOP's modification of the protective SL-M comes after every exit and before BUYs; like a BUY it leaves
+# the minute's and the day's exit reserve alone, so following a stop never takes an exit's room.
+PRIORITY = {
+    Action.STOPLOSS: 0, Action.TARGET: 0, Action.EXIT: 1, Action.SELL: 1, Action.PROTECT: 1, Action.RAISE_STOP: 2,
+    Action.BUY: 3,
+}  # fmt: skip
 
 
 class PriorityGate:
@@ -223,6 +228,7 @@ return 0
 WINDOW_SECONDS = 1.0
 MINUTE_SECONDS = 60.0
 BUY_PRIORITY = PRIORITY[Action.BUY]
+RESERVED_FROM = PRIORITY[Action.RAISE_STOP]  # calls of this priority and lower leave the exit reserve alone
 
 
 class DayBudgetExhausted(Exception):
@@ -303,7 +309,7 @@ class BrokerRateLimiter:
     async def _drain(self, user_id: int) -> None:
         waiters = self._waiters[user_id]
         while waiters:
-            exits = sum(1 for priority, _, answer in waiters if not answer.done() and priority < BUY_PRIORITY)
+            exits = sum(1 for priority, _, answer in waiters if not answer.done() and priority < RESERVED_FROM)
             wanted = exits or sum(1 for _, _, answer in waiters if not answer.done())
             if wanted == 0:
                 break
