@@ -12,7 +12,6 @@ only says when to look.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from streams.exit_index import ExitIndex, Trail
@@ -40,16 +39,17 @@ class StopSteps:
 
     def follow(
         self, strategy_id: int, instrument: str, sent: float, *, trail: Trail | None, cost_at: float | None,
-        entry: float | None, price: float | None = None,
+        entry: float | None,
     ) -> None:  # fmt: skip
-        """Follow a position whose broker stop holds `sent`; `price`: the instrument's last known price."""
+        """Follow a position whose broker stop holds `sent`. Its first tick looks at once: the stop may be a step up
+        already (trailing from the entry, a loss limit above the stop, a high from before a restart)."""
         self.unfollow(strategy_id)
         if trail is None and cost_at is None:
             return
         followed = _Followed(instrument, to_paise(sent), trail, None if cost_at is None else to_paise(cost_at),
                              None if entry is None else to_paise(entry))  # fmt: skip
         self._followed[strategy_id] = followed
-        self._arm(strategy_id, followed, -math.inf if price is None else to_paise(price))
+        self._thresholds.arm(strategy_id, instrument, -0.0)  # any price
 
     def unfollow(self, strategy_id: int) -> None:
         if self._followed.pop(strategy_id, None) is not None:
@@ -80,13 +80,13 @@ class StopSteps:
 
     # ------------------------------------------------------------------------------------------- internals
 
-    def _arm(self, strategy_id: int, followed: _Followed, price: float) -> None:
+    def _arm(self, strategy_id: int, followed: _Followed, price: int) -> None:
         threshold = self._threshold(followed)
         if threshold is None:
             del self._followed[strategy_id]  # it can rise no further (moved to cost, no trail)
             return
-        if price != -math.inf:  # never at or under the price just seen: the stop did not rise a step at it
-            threshold = max(threshold, int(price) + TICK_PAISE)
+        # Never at or under the price just seen: the stop did not rise a step at it, so not before a higher one.
+        threshold = max(threshold, price + TICK_PAISE)
         self._thresholds.arm(strategy_id, followed.instrument, -threshold / 100)
 
     def _threshold(self, followed: _Followed) -> int | None:

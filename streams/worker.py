@@ -190,7 +190,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         )  # fmt: skip
         if stop.get("protective"):
             services.steps.follow(strategy_id, instrument, stop["stop_loss"], trail=rising, cost_at=cost_at,
-                                  entry=stop.get("entry"), price=services.latest.get(instrument))  # fmt: skip
+                                  entry=stop.get("entry"))  # fmt: skip
 
     def disarm(strategy_id: int) -> None:
         services.index.disarm(strategy_id)
