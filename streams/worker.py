@@ -274,6 +274,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     activate_at = event.trail_activation_price or exits.trail_activation_price(entry)
                     trail = {"high": entry, "points": exits.trail_points, "percent": exits.trail_percent,
                              "activate_at": activate_at}  # fmt: skip
+                previous = armed.get(key)
+                # The same position armed again (its ARMED read twice, recovery re-announcing it): its rising stop
+                # goes on from the highs since it was first armed, not from now.
+                same = previous is not None and previous.get("run") == event.run and previous.get("armed_at")
                 armed[key] = {
                     "instrument": instrument,
                     "stop_loss": stop_price if stop_price is not None else 0.0,
@@ -288,7 +292,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "quantity": event.spec.quantity,
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
                     # Wall-clock, like the price highs: the trailing high is the highest price read since then.
-                    "armed_at": time.time(),
+                    "armed_at": previous["armed_at"] if same and previous is not None else time.time(),
                     "protective": event.spec.protective_stop,
                 }
                 opened_at = armed[key]["opened_at"]

@@ -123,15 +123,19 @@ async def test_a_worker_restart_mid_trail_keeps_the_high(
     user = await make_user()
     sid = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:ASIANPAINT", 2000.0,
                        stop_loss=..., stop_loss_points=50, trail_points=10)  # fmt: skip
-    await tick(pipeline, pinned_clock, simulator, "NSE:ASIANPAINT", [2030.0, 2026.0])  # the high 2,030: stop 2,020
     redis = Redis.from_url(pipeline.settings.redis_url)
     try:
+        # The high 2,030 (stop 2,020), then a price under it written later: by then the tick feed has committed
+        # past the high (it commits every 0.2 s, the highs are written every 0.25 s), so the restarted worker
+        # does not simply read the high again.
+        for price in (2030.0, 2026.0):
+            await tick(pipeline, pinned_clock, simulator, "NSE:ASIANPAINT", [price])
 
-        async def high_kept() -> bool:
-            raw = await redis.hget(HIGHS_KEY, "NSE:ASIANPAINT")
-            return raw is not None and b"2030.0" in raw
+            async def kept(price: float = price) -> bool:
+                raw = await redis.hget(HIGHS_KEY, "NSE:ASIANPAINT")
+                return raw is not None and f"{price}".encode() in raw
 
-        await eventually(high_kept, 10, "the worker to write the high", pipeline)
+            await eventually(kept, 10, f"the worker to write {price} to the highs", pipeline)
     finally:
         await redis.aclose()
     stop_service(pipeline.services["worker"], signal.SIGKILL)
