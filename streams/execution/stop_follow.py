@@ -154,7 +154,8 @@ class StopFollower:
             await self.ledger.moved(protect, order, OrderEvent.TIMED_OUT, message=exc.message)  # asked by tag later
             return
         except BrokerError as exc:
-            # The worker's own stop still guards the position; no broker-side stop until the next step.
+            # The worker's own stop still guards the position; from here on it has no broker-side stop (as when
+            # the first placement is refused: the exit's release finds nothing to cancel).
             await self.ledger.moved(protect, order, OrderEvent.REJECTED, message=exc.message)
             log.warning("protective stop of strategy %s not placed anew: %s", strategy.id, exc.message)
             return

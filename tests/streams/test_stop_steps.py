@@ -7,22 +7,22 @@ from streams.exit_index import ExitIndex, Trail
 from streams.stop_steps import StopSteps, _percent_high
 from streams.trail_index import percent_level
 
-I = "NSE:INFY"
+INFY = "NSE:INFY"
 
 
 def steps_over(prices: list[float], index: ExitIndex, steps: StopSteps) -> list[list[tuple[int, float]]]:
     seen = []
     for price in prices:
-        index.crossed(I, price)
-        seen.append(steps.risen(I, price, index))
+        index.crossed(INFY, price)
+        seen.append(steps.risen(INFY, price, index))
     return seen
 
 
 def test_a_trailing_stop_is_followed_once_per_step_of_its_rise() -> None:
     index, steps = ExitIndex(), StopSteps(step_ticks=20)  # a step of 1.00
     trail = Trail(high=1000.0, points=10.0)
-    index.arm(1, I, 980.0, trail=trail)
-    steps.follow(1, I, 980.0, trail=trail, cost_at=None, entry=1000.0)
+    index.arm(1, INFY, 980.0, trail=trail)
+    steps.follow(1, INFY, 980.0, trail=trail, cost_at=None, entry=1000.0)
     # Trailing from the entry at once: 990 at the first tick already, a step over 980. Then a step of the stop
     # (and of the high) at a time; a tick under the high changes nothing.
     risen = steps_over([990.0, 1000.95, 1001.0, 1001.5, 1001.95, 1002.0, 1001.0, 1005.0, 1005.05], index, steps)
@@ -32,9 +32,9 @@ def test_a_trailing_stop_is_followed_once_per_step_of_its_rise() -> None:
 def test_activation_percent_and_move_to_cost_thresholds() -> None:
     index, steps = ExitIndex(), StopSteps(step_ticks=1)
     activated = Trail(high=1000.0, points=10.0, activate_at=1020.0)
-    index.arm(1, I, 950.0, trail=activated)
-    steps.follow(1, I, 950.0, trail=activated, cost_at=None, entry=1000.0)
-    index.arm(2, I, 882.0, cost_at=906.0, entry=900.0)
+    index.arm(1, INFY, 950.0, trail=activated)
+    steps.follow(1, INFY, 950.0, trail=activated, cost_at=None, entry=1000.0)
+    index.arm(2, INFY, 882.0, cost_at=906.0, entry=900.0)
     steps.follow(2, "NSE:TCS", 882.0, trail=None, cost_at=906.0, entry=900.0)
     assert steps_over([1019.95, 1020.0, 1020.0], index, steps) == [[], [(1, 1010.0)], []]
     index.crossed("NSE:TCS", 906.0)
@@ -49,8 +49,8 @@ def test_activation_percent_and_move_to_cost_thresholds() -> None:
 def test_an_exited_position_is_no_longer_followed() -> None:
     index, steps = ExitIndex(), StopSteps(step_ticks=1)
     trail = Trail(high=1000.0, points=10.0)
-    index.arm(1, I, 980.0, trail=trail)
-    steps.follow(1, I, 980.0, trail=trail, cost_at=None, entry=1000.0)
-    index.crossed(I, 990.0)
-    index.trigger(I, 990.0)
+    index.arm(1, INFY, 980.0, trail=trail)
+    steps.follow(1, INFY, 980.0, trail=trail, cost_at=None, entry=1000.0)
+    index.crossed(INFY, 990.0)
+    index.trigger(INFY, 990.0)
     assert steps_over([1000.0], index, steps) == [[]] and len(steps) == 0
