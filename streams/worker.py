@@ -275,9 +275,13 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     trail = {"high": entry, "points": exits.trail_points, "percent": exits.trail_percent,
                              "activate_at": activate_at}  # fmt: skip
                 previous = armed.get(key)
-                # The same position armed again (its ARMED read twice, recovery re-announcing it): its rising stop
-                # goes on from the highs since it was first armed, not from now.
-                same = previous is not None and previous.get("run") == event.run and previous.get("armed_at")
+                opened = event.opened_at.timestamp() if event.opened_at else None
+                # The same position armed again (its ARMED read twice, recovery re-announcing it; the same run and
+                # BUY, not a later entry): its rising stop goes on from the highs since it was first armed.
+                same = (
+                    previous is not None and previous.get("armed_at") and previous.get("run") == event.run
+                    and previous.get("opened_at") == opened and previous.get("entry") == entry
+                )  # fmt: skip
                 armed[key] = {
                     "instrument": instrument,
                     "stop_loss": stop_price if stop_price is not None else 0.0,
