@@ -1,10 +1,14 @@
 """Trailing stops' per-tick cost: `python -m benchmarks.trailing_stops [--ticks N] [--stops N]`.
 
 One instrument, one process, the stop-loss join's own work per tick as the worker does it (`streams/worker.py`
-`check_ticks`: decode the tick's JSON, `ExitIndex.crossed`, and `trigger` when crossed), for:
+`check_ticks`: decode the tick's JSON, take it into the price highs, `ExitIndex.crossed`, `trigger` when crossed,
+and the protective stops' steps), for:
 
 * fixed stops: 1, and `--stops` (100,000) on the instrument;
 * trailing stops: 1, and `--stops`, all active, half trailing by points (60-100 rupees) and half by percent (6-10%);
+  the instrument's price highs kept (what re-arms them after a restart), and the first stop with a protective SL-M
+  followed in steps of `STEP_TICKS` (the others' ticks cost the steps' lookup only: each raise is a broker
+  modification, paced by the trader's rate limits, and costs O(log n) here when it comes);
 
 each on a *rising* path (+0.05 a tick: a new high every tick, which moves every trailing stop) and a *falling* one
 (a saw-tooth from 1,000.00 down to 950.00 and back, under the high: no stop is reached, the running high stays).
@@ -23,10 +27,22 @@ from collections.abc import Callable
 import orjson
 
 from streams.exit_index import ExitIndex, Trail
+from streams.price_highs import PriceHighs
+from streams.stop_steps import StopSteps
 
 INSTRUMENT = "NSE:BENCH"
 RATIO_TARGET = 1.5
 TICKS_TARGET = 50_000
+STEP_TICKS = 20
+
+
+class Watch:
+    """What the worker keeps per instrument besides the exit index: price highs, protective stops' steps."""
+
+    def __init__(self) -> None:
+        self.index = ExitIndex()
+        self.highs = PriceHighs()
+        self.steps = StopSteps(STEP_TICKS)
 
 
 def rising(ticks: int) -> list[bytes]:
@@ -42,15 +58,16 @@ def _tick(price: float) -> bytes:
                          "received_at": "2025-01-15T04:00:00+00:00"})  # fmt: skip
 
 
-def fixed_index(stops: int) -> ExitIndex:
-    index = ExitIndex()
+def fixed_index(stops: int) -> Watch:
+    watch = Watch()
     for sid in range(stops):
-        index.arm(sid, INSTRUMENT, 900.0 + (sid % 800) * 0.05)  # 900.00-939.95: under both paths
-    return index
+        watch.index.arm(sid, INSTRUMENT, 900.0 + (sid % 800) * 0.05)  # 900.00-939.95: under both paths
+    return watch
 
 
-def trailing_index(stops: int) -> ExitIndex:
-    index = ExitIndex()
+def trailing_index(stops: int) -> Watch:
+    watch = Watch()
+    watch.highs.follow(INSTRUMENT)
     for sid in range(stops):
         spread = sid % 4000
         trail = (
@@ -58,22 +75,29 @@ def trailing_index(stops: int) -> ExitIndex:
             if sid % 2 == 0
             else Trail(high=1000.0, percent=6.0 + spread / 1000)
         )
-        index.arm(sid, INSTRUMENT, 500.0, trail=trail)
-    return index
+        watch.index.arm(sid, INSTRUMENT, 500.0, trail=trail)
+        if sid == 0:
+            watch.steps.follow(sid, INSTRUMENT, 500.0, trail=trail, cost_at=None, entry=1000.0)
+    return watch
 
 
-def run(index: ExitIndex, ticks: list[bytes]) -> tuple[float, int]:
-    """Ticks/s and exits, the worker's per-tick work (decode, crossed, trigger)."""
+def run(watch: Watch, ticks: list[bytes]) -> tuple[float, int, int]:
+    """Ticks/s, exits and protective stop raises: the worker's per-tick work (decode, highs, crossed, trigger,
+    steps). A raise is a broker call that the rate limits pace; here only the deciding of it is measured."""
+    index, take, risen = watch.index, watch.highs.take, watch.steps.risen
     crossed, trigger, loads = index.crossed, index.trigger, orjson.loads
-    exits = 0
+    exits = raises = 0
     gc.collect()
     started = time.perf_counter()
+    read_at = time.time()
     for value in ticks:
         tick = loads(value)
         instrument, price = tick["instrument"], float(tick["last_price"])
+        take(instrument, price, read_at)
         if crossed(instrument, price):
             exits += len(trigger(instrument, price))
-    return len(ticks) / (time.perf_counter() - started), exits
+        raises += len(risen(instrument, price, index))
+    return len(ticks) / (time.perf_counter() - started), exits, raises
 
 
 def main() -> None:
@@ -82,19 +106,20 @@ def main() -> None:
     parser.add_argument("--stops", type=int, default=100_000)
     args = parser.parse_args()
     paths: dict[str, Callable[[int], list[bytes]]] = {"rising": rising, "falling": falling}
-    builders: dict[str, Callable[[int], ExitIndex]] = {"fixed": fixed_index, "trailing": trailing_index}
+    builders: dict[str, Callable[[int], Watch]] = {"fixed": fixed_index, "trailing": trailing_index}
     rates: dict[tuple[str, str, int], float] = {}
     print(f"{args.ticks:,} ticks per case, one instrument\n")
-    print(f"{'stops':<10} {'count':>8} {'path':<8} {'ticks/s':>12} {'us/tick':>8} {'exits':>6} {'armed in':>9}")
+    print(f"{'stops':<10} {'count':>8} {'path':<8} {'ticks/s':>12} {'us/tick':>8} {'exits':>6} {'raises':>8} "
+          f"{'armed in':>9}")  # fmt: skip
     for kind, build in builders.items():
         for count in (1, args.stops):
             for path, make in paths.items():
                 started = time.perf_counter()
                 index = build(count)
                 armed_in = time.perf_counter() - started
-                rate, exits = run(index, make(args.ticks))
+                rate, exits, raises = run(index, make(args.ticks))
                 rates[(kind, path, count)] = rate
-                print(f"{kind:<10} {count:>8,} {path:<8} {rate:>12,.0f} {1e6 / rate:>8.2f} {exits:>6} "
+                print(f"{kind:<10} {count:>8,} {path:<8} {rate:>12,.0f} {1e6 / rate:>8.2f} {exits:>6} {raises:>8,} "
                       f"{armed_in:>8.2f}s")  # fmt: skip
     print()
     for path in paths:

@@ -26,6 +26,7 @@ class BrokerOrder:
     average_price: float | None
     filled_quantity: int
     status_message: str | None
+    trigger_price: float | None = None  # a stop order's trigger (rupees); None for other orders
 
     @property
     def terminal(self) -> bool:
@@ -41,6 +42,7 @@ class BrokerOrder:
             average_price=float(average) if average not in (None, "", 0, 0.0) else None,
             filled_quantity=int(row.get("filled_quantity") or 0),
             status_message=row.get("status_message"),
+            trigger_price=float(row["trigger_price"]) if row.get("trigger_price") else None,
         )
 
 
@@ -54,6 +56,8 @@ class OrderGateway(Protocol):
     ) -> str: ...
 
     async def modify_order(self, order_id: str, *, price: float) -> None: ...
+
+    async def modify_stop(self, order_id: str, *, trigger_price: float) -> None: ...
 
     async def cancel_order(self, order_id: str) -> BrokerOrder: ...
 
@@ -179,6 +183,13 @@ class KiteOrderGateway:
         await self.broker.order_call(
             self.broker.order_client.modify_order, variety="regular", order_id=order_id, order_type="LIMIT", price=price
         )
+
+    async def modify_stop(self, order_id: str, *, trigger_price: float) -> None:
+        """Move a resting SL-M's trigger (the protective stop following a risen stop)."""
+        await self.broker.order_call(
+            self.broker.order_client.modify_order, variety="regular", order_id=order_id, order_type="SL-M",
+            trigger_price=trigger_price,
+        )  # fmt: skip
 
     async def cancel_order(self, order_id: str) -> BrokerOrder:
         """Cancel and return the order's final state; an order that executed first comes back COMPLETE."""

@@ -69,6 +69,15 @@ class PaperOrderGateway:
         """Paper market orders fill at once and stops are never modified: nothing rests to re-price."""
         raise BrokerRejected("paper orders are not modified")
 
+    async def modify_stop(self, order_id: str, *, trigger_price: float) -> None:
+        """The resting stop's trigger follows the position's stop (it still never executes on paper)."""
+        order = await self.order_status(order_id)
+        if order.terminal:
+            raise BrokerRejected(f"Order cannot be modified as it is {order.status}.")
+        raw = orjson.loads(await self.redis.hget(self._orders_key(), order_id))  # type: ignore[arg-type]
+        raw["trigger_price"] = trigger_price
+        await self._save(raw)
+
     async def cancel_order(self, order_id: str) -> BrokerOrder:
         order = await self.order_status(order_id)
         if order.terminal:

@@ -194,6 +194,16 @@ class Settings(BaseSettings):
         description="A placed exit still unfilled this long rests (a protected market order in a fast move) and "
         "its chase begins; a marketable order fills in milliseconds.",
     )  # fmt: skip
+    protective_stop_step_ticks: int = Field(
+        10, ge=1, le=10_000,
+        description="The protective SL-M follows a rising stop (trailing, moved to cost) once it has risen this many "
+        "exchange ticks (0.05) above its trigger: fewer, larger modifications.",
+    )  # fmt: skip
+    protective_stop_modifications: int = Field(
+        25, ge=0, le=25,
+        description="The protective SL-M is modified at most this many times (Kite allows 25 per order), then "
+        "cancelled and placed anew at the risen stop.",
+    )  # fmt: skip
     buy_rest_seconds: float = Field(
         30.0, gt=0, le=600, description="A BUY resting unfilled this long is cancelled (never chased), the run stopped."
     )

@@ -56,6 +56,8 @@ from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, Stra
 from storage.positions import RunPosition, positions_by_status, positions_of, running_positions
 from storage.runtime import connect_redis
 from streams.execution.order_lifecycle import OrderState, strategy_state
+from streams.exit_index import position_stop
+from streams.price_highs import ARMED_AT_KEY, highest_since, read_highs
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +392,7 @@ class Recovery:
         if not open_positions:
             return 0
         prices = await self.last_prices(sorted({s.instrument for s in open_positions}))
+        highs = await self._seen_highs(open_positions)
         now = self.manager.clock.now()
         intents = []
         for strategy in open_positions:
@@ -406,7 +409,10 @@ class Recovery:
                 cycle=position.cycle,
                 realised=position.realised(strategy.quantity),
             )  # the cycle's own loss limit
-            stop, target, kind = armed.stop_price, armed.target_price, ExitKind.STOP
+            # The stop as the workers' index held it: risen (trailing, moved to cost) where the highs are known,
+            # and the cycle's loss limit where that is higher.
+            stop = position_stop(strategy.exits, entry, strategy.quantity, highs.get(strategy.id))
+            target, kind = armed.target_price, ExitKind.STOP
             if armed.loss_limit_price is not None and (stop is None or armed.loss_limit_price > stop):
                 stop, kind = armed.loss_limit_price, ExitKind.LOSS_LIMIT
             if price is None:
@@ -429,6 +435,28 @@ class Recovery:
             )  # fmt: skip
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in intents])
         return len(intents)
+
+    async def _seen_highs(self, strategies: list[Strategy]) -> dict[int, float]:
+        """Per position whose stop can rise, the highest price the workers read since they armed it, as they left
+        it in Redis (`streams/price_highs.py`); none for a Redis that was flushed or rebuilt."""
+        rising = [
+            s for s in strategies
+            if s.exits.trails or s.exits.move_to_cost_points is not None or s.exits.move_to_cost_percent is not None
+        ]  # fmt: skip
+        if not rising:
+            return {}
+        try:
+            armed_at = await self.redis.hmget(ARMED_AT_KEY, [str(s.id) for s in rising])
+            pairs = await read_highs(self.redis, sorted({s.instrument for s in rising}))
+        except Exception:
+            log.warning("recovery: trailing highs not readable: stops checked at their configured levels")
+            return {}
+        highs: dict[int, float] = {}
+        for strategy, since in zip(rising, armed_at, strict=True):
+            seen = highest_since(pairs.get(strategy.instrument, []), float(since)) if since is not None else None
+            if seen is not None:
+                highs[strategy.id] = seen
+        return highs
 
     async def last_prices(self, instruments: list[str]) -> dict[str, float]:
         """The broker's last traded prices, through any working session (market data is not per user).

@@ -154,6 +154,9 @@ class Action(StrEnum):
     TARGET = "TARGET"  # price exit at or above the target; the priority of a STOPLOSS
     EXIT = "EXIT"  # square-off on user stop or recovery
     PROTECT = "PROTECT"  # the optional SL-M at the broker; in the order log and results, never on `orders`
+    # On `orders` only: the position's stop rose (`exit_level`), the protective SL-M's trigger follows it. Its
+    # modification is logged on the PROTECT order; it has no order and no result of its own.
+    RAISE_STOP = "RAISE_STOP"
 
     @property
     def side(self) -> Literal["BUY", "SELL"]:
@@ -161,7 +164,7 @@ class Action(StrEnum):
 
     @property
     def is_exit(self) -> bool:
-        return self is not Action.BUY
+        return self not in (Action.BUY, Action.RAISE_STOP)
 
 
 class ExitKind(StrEnum):
@@ -219,6 +222,11 @@ def cycle_of(intent_id: str) -> int:
     return int(parts[3][1:]) if len(parts) == 5 and parts[3][:1] == "c" and parts[3][1:].isdigit() else 1
 
 
+def raise_stop_id_for(strategy_id: int, trading_day: date, run: int, level: float, cycle: int = 1) -> str:
+    """A RAISE_STOP decision: one per level the position's stop rose to (in paise), so each step is its own."""
+    return f"{intent_id_for(strategy_id, trading_day, run, Action.RAISE_STOP, cycle)}:{round(level * 100)}"
+
+
 def broker_tag_for(intent_id: str, order_seq: int = 1) -> str:
     """The Kite tag of an intent's `order_seq`-th broker order (one more after each cancel-and-replace). Kite tags
     are at most 20 alphanumeric characters: a stable digest. The first order's is the digest of the intent id
@@ -246,7 +254,8 @@ class OrderIntent(Event):
     exit_kind: ExitKind | None = Field(None, description="A price exit: which stop, or the target")
     exit_level: float | None = Field(
         None,
-        description="A price exit: the stop or target price the tick reached (a trailing stop: where it had risen to)",
+        description="A price exit: the stop or target price the tick reached (a trailing stop: where it had risen to); "
+        "a RAISE_STOP: the stop the protective SL-M's trigger is to follow up to",
     )
     source_published_at: datetime | None = Field(None, description="Tick receive time, for latency")
 

@@ -14,8 +14,9 @@ adds to the position's own stop (the exit comes at the higher of the two), so th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from core.exit_prices import ExitRule
 from schemas.events import Action, ExitKind
 from streams.stop_index import StopIndex
 from streams.trail_index import TrailIndex
@@ -59,13 +60,22 @@ class ExitIndex:
     def arm(
         self, strategy_id: int, instrument: str, stop: float, target: float | None = None,
         opened_at: float | None = None, *, trail: Trail | None = None, cost_at: float | None = None,
-        entry: float | None = None, loss_at: float | None = None,
+        entry: float | None = None, loss_at: float | None = None, seen_high: float | None = None,
     ) -> None:  # fmt: skip
-        """`loss_at`: where the strategy's loss limit is reached; the position's stop is the higher of the two."""
+        """`loss_at`: where the strategy's loss limit is reached; the position's stop is the higher of the two.
+        `seen_high`: the highest price read since the position was first armed, if known (re-armed after a restart
+        or a rebalance): the trailing stop goes on from it, and a move to cost it reached is made at once."""
         self.disarm(strategy_id)
         kind = ExitKind.STOP
         if loss_at is not None and loss_at > stop:
             stop, kind = loss_at, ExitKind.LOSS_LIMIT
+        if seen_high is not None:
+            if trail is not None and trail.activate_at is None:
+                trail = replace(trail, high=max(trail.high, seen_high))
+            elif trail is not None and trail.activate_at is not None and seen_high >= trail.activate_at:
+                trail = replace(trail, high=seen_high, activate_at=None)
+            if cost_at is not None and entry is not None and seen_high >= cost_at and entry > stop:
+                stop, kind, cost_at = entry, ExitKind.COST_STOP, None
         self.stops.arm(strategy_id, instrument, stop, opened_at)
         self._levels[strategy_id] = (stop, kind)
         if target is not None:
@@ -131,6 +141,14 @@ class ExitIndex:
         self._entry.clear()
         self._target_levels.clear()
 
+    def kind(self, strategy_id: int) -> ExitKind | None:
+        """Which stop the position's stop now is (`level`)."""
+        own = self._levels.get(strategy_id)
+        trailing = self.trails.level(strategy_id)
+        if trailing is not None and (own is None or trailing > own[0]):
+            return ExitKind.TRAILING_STOP
+        return own[1] if own is not None else None
+
     # ------------------------------------------------------------------------------------------- internals
 
     def _forget(self, strategy_id: int) -> None:
@@ -146,3 +164,19 @@ class ExitIndex:
             opened_at = self.stops.opened_at(strategy_id)
             self.stops.arm(strategy_id, instrument, entry, opened_at)
             self._levels[strategy_id] = (entry, ExitKind.COST_STOP)
+
+
+def position_stop(exits: ExitRule, entry: float | None, quantity: int, seen_high: float | None) -> float | None:
+    """A position's stop as the worker's index holds it, from its exits, its entry and the highest price read
+    since it was armed (recovery's check of the stops crossed while the system was down)."""
+    stop = exits.stop_price(entry)
+    if stop is None:
+        return None
+    index = ExitIndex()
+    trail = None
+    if exits.trails and entry is not None:
+        trail = Trail(high=entry, points=exits.trail_points, percent=exits.trail_percent,
+                      activate_at=exits.trail_activation_price(entry))  # fmt: skip
+    index.arm(0, "", stop, trail=trail, cost_at=exits.move_to_cost_price(entry), entry=entry,
+              loss_at=exits.loss_limit_price(entry, quantity), seen_high=seen_high)  # fmt: skip
+    return index.level(0)

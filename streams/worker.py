@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
@@ -37,12 +38,14 @@ from manager.recovery import Recovery
 from manager.reentries import reentry_intent
 from manager.strategy_manager import StrategyManager
 from schemas.events import (
+    Action,
     LifecycleKind,
     OrderIntent,
     StrategyLifecycle,
     TimeEvent,
     Trigger,
     intent_id_for,
+    raise_stop_id_for,
 )
 from storage.db import create_engine, session_factory
 from storage.journal import GroupCommit
@@ -55,7 +58,9 @@ from streams.execution.limits import BrokerRateLimiter
 from streams.exit_index import ExitHit, ExitIndex, Trail
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
+from streams.price_highs import ARMED_AT_KEY, PriceHighs
 from streams.reentry_watch import reentry_watch, stale_cycle
+from streams.stop_steps import StopSteps
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,8 @@ class WorkerServices:
         self.ready = asyncio.Event()
         self.index = ExitIndex()
         self.index_stale = True
+        self.highs = PriceHighs()  # what trailing highs and moves to cost depend on, kept across restarts
+        self.steps = StopSteps(settings.protective_stop_step_ticks)  # protected stops rising a step
         self.latest: dict[str, float] = {}  # instrument -> last price this worker knows
         # ... and when it was seen (the tick's received_at, ISO, project clock): parsed only for a crossing
         self.latest_seen: dict[str, str] = {}
@@ -181,21 +188,41 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     armed = app.Table("armed-stops", default=None, partitions=settings.ticks_partitions)
 
     def arm(strategy_id: int, stop: dict[str, Any]) -> None:
-        """Arm a position's exits as the `armed-stops` table holds them. (A trailing stop's high and a stop moved
-        to cost are not in the table: re-armed after a restart or a rebalance, they start again from the entry.)"""
-        trail = stop.get("trail")
+        """Arm a position's exits as the `armed-stops` table holds them. A trailing stop's high and a move to cost
+        go on from the highest price read since the position was armed (`streams/price_highs.py`): re-armed after
+        a restart or a rebalance, they do not start again from the entry."""
+        instrument, trail, cost_at = stop["instrument"], stop.get("trail"), stop.get("cost_at")
+        rising = Trail(**trail) if trail else None
+        seen_high = None
+        if rising is not None or cost_at is not None:
+            services.highs.follow(instrument)
+            seen_high = services.highs.since(instrument, stop.get("armed_at"))
         services.index.arm(
-            strategy_id, stop["instrument"], stop["stop_loss"], stop.get("target"), stop.get("opened_at"),
-            trail=Trail(**trail) if trail else None, cost_at=stop.get("cost_at"), entry=stop.get("entry"),
-            loss_at=stop.get("loss_at"),
+            strategy_id, instrument, stop["stop_loss"], stop.get("target"), stop.get("opened_at"),
+            trail=rising, cost_at=cost_at, entry=stop.get("entry"), loss_at=stop.get("loss_at"), seen_high=seen_high,
         )  # fmt: skip
+        if stop.get("protective"):
+            services.steps.follow(strategy_id, instrument, stop["stop_loss"], trail=rising, cost_at=cost_at,
+                                  entry=stop.get("entry"))  # fmt: skip
 
-    def rebuild_index() -> None:
+    def disarm(strategy_id: int) -> None:
+        services.index.disarm(strategy_id)
+        services.steps.unfollow(strategy_id)
+
+    async def rebuild_index() -> None:
         services.index.clear()
-        for key, stop in armed.items():
+        services.steps.clear()
+        records = list(armed.items())
+        rising = {stop["instrument"] for _, stop in records if stop.get("trail") or stop.get("cost_at")}
+        try:
+            await services.highs.reload(services.redis, rising)
+        except Exception:  # Redis away: the highs this worker kept, else from the entry (never no stop at all)
+            log.exception("trailing highs not read from Redis; positions trail from what this worker read")
+        for key, stop in records:
             arm(int(key), stop)
         services.index_stale = False
-        log.info("stop-loss index rebuilt: %d armed stops", len(services.index))
+        log.info("stop-loss index rebuilt: %d armed stops (%d protective stops followed)", len(services.index),
+                 len(services.steps))  # fmt: skip
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _stop_reading_ticks(sender: Any = None, *args: Any, **kwargs: Any) -> None:
@@ -237,7 +264,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         async for value in stream:
             await services.ready.wait()
             if services.index_stale:
-                rebuild_index()
+                await rebuild_index()
             event = StrategyLifecycle.model_validate_json(value)
             key = str(event.spec.strategy_id)
             if stale_cycle(armed.get(key), event):
@@ -267,6 +294,14 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     activate_at = event.trail_activation_price or exits.trail_activation_price(entry)
                     trail = {"high": entry, "points": exits.trail_points, "percent": exits.trail_percent,
                              "activate_at": activate_at}  # fmt: skip
+                previous = armed.get(key)
+                opened = event.opened_at.timestamp() if event.opened_at else None
+                # The same position armed again (its ARMED read twice, recovery re-announcing it; the same run and
+                # BUY, not a later entry): its rising stop goes on from the highs since it was first armed.
+                same = (
+                    previous is not None and previous.get("armed_at") and previous.get("run") == event.run
+                    and previous.get("opened_at") == opened and previous.get("entry") == entry
+                )  # fmt: skip
                 armed[key] = {
                     "instrument": instrument,
                     "stop_loss": stop_price if stop_price is not None else 0.0,
@@ -281,9 +316,15 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     "trading_day": event.trading_day.isoformat(),
                     "quantity": event.spec.quantity,
                     "opened_at": event.opened_at.timestamp() if event.opened_at else None,
+                    # Wall-clock, like the price highs: the trailing high is the highest price read since then.
+                    "armed_at": previous["armed_at"] if same and previous is not None else time.time(),
+                    "protective": event.spec.protective_stop,
                 }
                 opened_at = armed[key]["opened_at"]
                 arm(event.spec.strategy_id, armed[key])
+                if trail is not None or armed[key]["cost_at"] is not None:
+                    # For recovery's check of stops crossed while down (streams/price_highs.py).
+                    await services.redis.hset(ARMED_AT_KEY, key, armed[key]["armed_at"])
                 if instrument not in services.latest and (known := await services.runtime.last_price(instrument)):
                     services.remember_price(instrument, known)
                 if instrument not in services.latest or services.seen_at(instrument) < (opened_at or -math.inf):
@@ -295,16 +336,19 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             elif event.kind is not LifecycleKind.STARTED or (key in armed and armed[key]["run"] != event.run):
                 # Exit, stop, failure, or a new run of a strategy whose old stop was still armed. (A STARTED of
                 # the same run is recovery re-announcing it: the stop stays armed.)
-                armed.pop(key, None)
-                services.index.disarm(event.spec.strategy_id)
+                if armed.pop(key, None) is not None:
+                    await services.redis.hdel(ARMED_AT_KEY, key)
+                disarm(event.spec.strategy_id)
             yield None
 
     async def check_ticks(values: list[bytes]) -> None:
         """The stop-loss join for one batch of this worker's ticks (see streams/tick_feed.py)."""
         await services.ready.wait()
         if services.index_stale:
-            rebuild_index()
+            await rebuild_index()
         hits: list[tuple[ExitHit, dict[str, Any]]] = []
+        raised: dict[int, tuple[float, dict[str, Any]]] = {}  # strategy id -> its stop's latest step, the tick
+        read_at = time.time()  # the batch's instant for the price highs: one clock read, not one a tick
         for value in values:
             try:
                 tick = orjson.loads(value)
@@ -314,10 +358,16 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 continue
             services.latest[instrument] = services.unflushed[instrument] = price
             services.latest_seen[instrument] = tick.get("received_at") or ""
+            services.highs.take(instrument, price, read_at)
             if services.index.crossed(instrument, price):
                 seen_at = _seconds(tick.get("received_at"))
                 hits.extend((hit, tick) for hit in services.index.trigger(instrument, price, seen_at))
+            for strategy_id, level in services.steps.risen(instrument, price, services.index):
+                raised[strategy_id] = (level, tick)  # coalesced: only a position's latest step in the batch
         await emit_exits(hits)
+        for hit, _ in hits:
+            raised.pop(hit.strategy_id, None)  # exited: its release takes the protective stop off the book
+        await emit_raises(raised)
 
     async def emit_exits(hits: list[tuple[ExitHit, dict[str, Any]]]) -> None:
         """Publish one STOPLOSS or TARGET per hit and wait until Kafka has them all.
@@ -339,6 +389,37 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 arm(strategy_id, stop)
         if failed:
             raise RuntimeError(f"{len(failed)} exit intents not acknowledged by Kafka; their stops are re-armed")
+
+    async def emit_raises(raised: dict[int, tuple[float, dict[str, Any]]]) -> None:
+        """One RAISE_STOP per protected position whose stop rose a step: its broker SL-M follows. A failed publish
+        is only logged: the SL-M stays at its last trigger (still a stop) and the next step raises it."""
+        if not raised:
+            return
+        outcomes = await asyncio.gather(
+            *(_delivered(_emit_raise(sid, level, tick)) for sid, (level, tick) in raised.items()),
+            return_exceptions=True,
+        )
+        failed = [outcome for outcome in outcomes if outcome is not None]
+        if failed:
+            log.warning("%d protective stop raises not published (%s): they follow at the next step", len(failed),
+                        failed[0])  # fmt: skip
+
+    async def _emit_raise(strategy_id: int, level: float, tick: dict[str, Any]) -> Awaitable[object] | None:
+        stop = armed.get(str(strategy_id))
+        if stop is None:
+            return None
+        now = services.clock.now()
+        trading_day = date.fromisoformat(stop["trading_day"])
+        intent = OrderIntent(
+            intent_id=raise_stop_id_for(strategy_id, trading_day, stop["run"], level, stop.get("cycle", 1)),
+            strategy_id=strategy_id, cycle=stop.get("cycle", 1),
+            user_id=stop["user_id"], run=stop["run"], action=Action.RAISE_STOP, trigger=Trigger.PRICE,
+            trading_day=trading_day, instrument=stop["instrument"], quantity=stop["quantity"], due_at=now,
+            created_at=now, trigger_price=tick["last_price"], exit_kind=services.index.kind(strategy_id),
+            exit_level=level,
+        )  # fmt: skip
+        log.info("stop of strategy %s rose to %s: its protective SL-M follows", strategy_id, level)
+        return await services.producer.publish_nowait("orders", strategy_id, intent)
 
     async def _delivered(queued: Awaitable[Awaitable[object] | None]) -> None:
         acknowledgement = await queued
@@ -390,6 +471,10 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         if not services.ready.is_set():
             return
         # One Redis write per instrument per interval, never one per strategy per tick.
+        try:
+            await services.highs.flush(services.redis, time.time())
+        except Exception:
+            log.exception("trailing highs not written to Redis; retried at the next interval")
         if services.unflushed:
             prices, services.unflushed = services.unflushed, {}
             await services.runtime.set_last_prices(prices)

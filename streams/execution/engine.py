@@ -46,6 +46,7 @@ from streams.execution.priority import PRIORITY
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler, RestingOrder
 from streams.execution.resting import CHASED, RestingOrders
+from streams.execution.stop_follow import StopFollower
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Executor:
         self.resting = RestingOrders(self.context, self.ledger, self.placement)
         self.calendar = MarketCalendar(settings)
         self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
+        self.follower = StopFollower(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
         self.pace = UserPace(self.placement.rate_limiter.limit)
 
@@ -165,6 +167,10 @@ class Executor:
         strategy, history = await self.ledger.read_run(intent.strategy_id, intent.run)
         if strategy is None:
             log.warning("intent %s for unknown strategy dropped", intent.intent_id)
+            return None
+        if intent.action is Action.RAISE_STOP:
+            # Not an order of its own: the protective SL-M's trigger follows the risen stop (no result row).
+            await self.follower.follow(intent, strategy, history)
             return None
         position = history.position
         intent = for_current_cycle(intent, position)

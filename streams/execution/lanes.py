@@ -22,7 +22,7 @@ from typing import Any
 
 from core.logs import intent_context
 from core.metrics import LANES_BUSY, LANES_OPEN, PendingExits
-from schemas.events import OrderIntent
+from schemas.events import Action, OrderIntent
 from streams.execution import Executor
 from streams.execution.limits import PriorityGate
 from streams.execution.priority import PRIORITY, Urgency, inherited
@@ -56,6 +56,8 @@ class StrategyLanes:
             copies.append(done)
             return
         self._copies[intent.intent_id] = []
+        if intent.action is Action.RAISE_STOP:
+            self.executor.follower.note(intent)  # the lane's next RAISE_STOP goes straight to the latest level
         if intent.action.is_exit:
             self.pending_exits.add(intent.intent_id, intent.due_at)
             self._queued_exits.setdefault(intent.strategy_id, []).append(PRIORITY[intent.action])

@@ -57,6 +57,15 @@ UPDATE_ATTEMPT = (
     )
     .values(status=bindparam("new_status"), broker_order_id=bindparam("new_order_id"), message=bindparam("new_message"))
 )
+UPDATE_MODIFY = (
+    update(ORDER_LOGS)
+    .where(
+        ORDER_LOGS.c.intent_id == bindparam("match_intent_id"),
+        ORDER_LOGS.c.kind == OrderLogKind.ATTEMPT.value,
+        ORDER_LOGS.c.attempt == bindparam("match_attempt"),
+    )
+    .values(status=bindparam("new_status"), price=bindparam("new_price"), message=bindparam("new_message"))
+)
 # A failed result the broker contradicts (an exit given up whose order did arrive): the one result row is corrected.
 CORRECT_RESULT = (
     update(ORDER_LOGS)
@@ -159,15 +168,35 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------- order states
 
-    async def sent(self, intent: OrderIntent, order: TrackedOrder, at: datetime) -> int:
-        """SEND: a new attempt row, durable before the broker call. Returns the attempt's number."""
+    async def sent(self, intent: OrderIntent, order: TrackedOrder, at: datetime, *, price: float | None = None) -> int:
+        """SEND: a new attempt row, durable before the broker call (`price`: a stop order's trigger). Returns the
+        attempt's number."""
         order.apply(OrderEvent.SEND)
         order.attempts += 1
         order.sent_at = at
-        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _ATTEMPT_WORDS[order.state], None, None, None,
+        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _ATTEMPT_WORDS[order.state], None, price, None,
                        at=at, tag=order.tag)  # fmt: skip
         await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
         return order.attempts
+
+    async def modifying(self, intent: OrderIntent, order: TrackedOrder, trigger: float, message: str) -> None:
+        """MODIFY: a new attempt row for the order (its tag, its order id) asking for `trigger`, durable before the
+        broker call; the row's price is then the trigger the order holds (`settled_modify`)."""
+        order.apply(OrderEvent.MODIFY)
+        order.attempts += 1
+        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _ATTEMPT_WORDS[order.state], order.order_id,
+                       trigger, message, tag=order.tag)  # fmt: skip
+        await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
+
+    async def settled_modify(
+        self, intent: OrderIntent, order: TrackedOrder, event: OrderEvent, trigger: float | None, message: str
+    ) -> None:
+        """The broker's answer to a modification: the order's state, and the trigger it holds now."""
+        order.apply(event)
+        await self.context.journal.write(Rows(UPDATE_MODIFY, {
+            "match_intent_id": intent.intent_id, "match_attempt": order.attempts,
+            "new_status": _ATTEMPT_WORDS[order.state], "new_price": money(trigger), "new_message": message,
+        }))  # fmt: skip
 
     async def moved(
         self, intent: OrderIntent, order: TrackedOrder, event: OrderEvent, *, message: str | None = None

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
-from streams.execution.priority import BUY_PRIORITY, effective, waiting_in
+from streams.execution.priority import RESERVED_FROM, effective, waiting_in
 
 EXCHANGE_TZ = ZoneInfo("Asia/Kolkata")
 
@@ -316,7 +316,7 @@ class BrokerRateLimiter:
         while waiters:
             # Distinct answers: a waiter moved up by an inherited priority has a second entry.
             exits = len(
-                {id(answer) for priority, _, answer in waiters if not answer.done() and priority < BUY_PRIORITY}
+                {id(answer) for priority, _, answer in waiters if not answer.done() and priority < RESERVED_FROM}
             )
             wanted = exits or len({id(answer) for _, _, answer in waiters if not answer.done()})
             if wanted == 0:

@@ -13,6 +13,8 @@ INTENDED --send--> SENDING --acknowledged--> OPEN / TRIGGER_PENDING --filled--> 
                       '--given up--> GIVEN_UP --(asked again) found: its broker status
 OPEN --reprice--> OPEN (a resting exit re-priced)     OPEN --cancel--> CANCELLING --cancelled--> CANCELLED (replaced)
                                                                                   \--filled--> FILLED
+TRIGGER_PENDING --modify--> MODIFYING --trigger_pending--> TRIGGER_PENDING (a protective stop following the stop)
+TRIGGER_PENDING --cancel--> CANCELLING --cancelled--> CANCELLED (out of modifications: placed anew)
 ```
 
 Two rules follow from the table, and every path that sends orders relies on them:
@@ -46,6 +48,7 @@ class OrderState(StrEnum):
     REJECTED = "rejected"  # the broker refused it, or rejected it after accepting it
     CANCELLED = "cancelled"
     CANCELLING = "cancelling"  # a resting exit (or BUY) we asked the broker to cancel: ours to replace (or drop)
+    MODIFYING = "modifying"  # a protective stop whose trigger we asked the broker to raise; no answer yet
     GIVEN_UP = "given_up"  # retries exhausted unanswered: failed for the trader, but asked again before any exit
     SKIPPED = "skipped"  # never sent: it did not fit the strategy's state, or was withdrawn before its time
 
@@ -64,12 +67,13 @@ class OrderEvent(StrEnum):
     SKIP = "skip"  # does not fit / withdrawn before the call
     REPRICE = "reprice"  # a resting exit modified to a limit at the current price (Kite allows 25 per order)
     CANCEL = "cancel"  # a resting order is to be cancelled (an exit to be placed anew, a BUY dropped)
+    MODIFY = "modify"  # a protective stop's trigger is to follow the position's risen stop
 
 
 FINAL = frozenset({OrderState.FILLED, OrderState.REJECTED, OrderState.CANCELLED, OrderState.SKIPPED})
 # States in which the broker may hold the order without our knowing its fate: ask by tag before anything else.
 UNCLEAR = frozenset({OrderState.SENDING, OrderState.UNKNOWN, OrderState.GIVEN_UP})
-WORKING = frozenset({OrderState.OPEN, OrderState.TRIGGER_PENDING, OrderState.CANCELLING})
+WORKING = frozenset({OrderState.OPEN, OrderState.TRIGGER_PENDING, OrderState.CANCELLING, OrderState.MODIFYING})
 
 _BROKER_ANSWERS = {
     OrderEvent.ACKNOWLEDGED: OrderState.OPEN,
@@ -108,6 +112,11 @@ TRANSITIONS: Mapping[tuple[OrderState, OrderEvent], OrderState] = {
     **{(OrderState.TRIGGER_PENDING, event): state for event, state in _BROKER_ANSWERS.items()},
     (OrderState.TRIGGER_PENDING, OrderEvent.TIMED_OUT): OrderState.TRIGGER_PENDING,
     (OrderState.TRIGGER_PENDING, OrderEvent.GIVE_UP): OrderState.GIVEN_UP,
+    # A protective stop follows a rising stop: modified (at most Kite's 25 times), then cancelled and placed anew.
+    (OrderState.TRIGGER_PENDING, OrderEvent.MODIFY): OrderState.MODIFYING,
+    (OrderState.TRIGGER_PENDING, OrderEvent.CANCEL): OrderState.CANCELLING,
+    **{(OrderState.MODIFYING, event): state for event, state in _BROKER_ANSWERS.items()},
+    (OrderState.MODIFYING, OrderEvent.TIMED_OUT): OrderState.MODIFYING,  # modified or not: its status read says
     **{(OrderState.GIVEN_UP, event): state for event, state in _BROKER_ANSWERS.items()},
     (OrderState.GIVEN_UP, OrderEvent.TIMED_OUT): OrderState.GIVEN_UP,
     (OrderState.GIVEN_UP, OrderEvent.NOT_FOUND): OrderState.GIVEN_UP,  # it may yet arrive: asked again later
@@ -188,6 +197,7 @@ ATTEMPT_STATES = {
     "withdrawn": OrderState.SKIPPED,
     "resting": OrderState.TRIGGER_PENDING,
     "cancelling": OrderState.CANCELLING,
+    "modifying": OrderState.MODIFYING,
 }
 RESULT_STATES = {
     "placed": OrderState.OPEN,

@@ -20,8 +20,15 @@ from contextvars import ContextVar
 
 from schemas.events import Action
 
-PRIORITY = {Action.STOPLOSS: 0, Action.TARGET: 0, Action.EXIT: 2, Action.SELL: 2, Action.PROTECT: 2, Action.BUY: 4}
+# A RAISE_STOP's modification of the protective SL-M comes after every exit (and every chase step) and before
+# BUYs; like a BUY it leaves the minute's and the day's exit reserve alone, so following a stop never takes an
+# exit's room.
+PRIORITY = {
+    Action.STOPLOSS: 0, Action.TARGET: 0, Action.EXIT: 2, Action.SELL: 2, Action.PROTECT: 2, Action.RAISE_STOP: 4,
+    Action.BUY: 5,
+}  # fmt: skip
 BUY_PRIORITY = PRIORITY[Action.BUY]
+RESERVED_FROM = PRIORITY[Action.RAISE_STOP]  # calls of this priority and lower leave the exit reserve alone
 
 
 def chase_priority(action: Action) -> int:
@@ -80,4 +87,13 @@ def waiting_in(urgency: Urgency | None, requeue: Callable[[int], None]) -> conte
     return urgency.waiting(requeue) if urgency is not None else contextlib.nullcontext()
 
 
-__all__ = ["BUY_PRIORITY", "PRIORITY", "Urgency", "chase_priority", "effective", "inherited", "waiting_in"]
+__all__ = [
+    "BUY_PRIORITY",
+    "PRIORITY",
+    "RESERVED_FROM",
+    "Urgency",
+    "chase_priority",
+    "effective",
+    "inherited",
+    "waiting_in",
+]

@@ -48,7 +48,7 @@ class ProtectiveStops:
             return
         protect = self.intent(intent)
         order = TrackedOrder(protect.intent_id, Action.PROTECT, protect.broker_tag)
-        await self.ledger.sent(protect, order, self.context.clock.now())
+        await self.ledger.sent(protect, order, self.context.clock.now(), price=stop_price)  # its trigger
         try:
             async with self.rate_limiter.permit(intent.user_id, PRIORITY[Action.PROTECT]):
                 order.order_id = await gateway.place_stop_order(

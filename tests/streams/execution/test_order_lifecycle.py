@@ -16,6 +16,7 @@ from streams.execution.order_lifecycle import (
     RESULT_STATES,
     TRANSITIONS,
     UNCLEAR,
+    WORKING,
     OrderEvent,
     OrderState,
     Refused,
@@ -155,8 +156,31 @@ def test_intent_ids_name_the_cycle_and_keep_the_first_cycles_id() -> None:
 
 def test_a_resting_order_is_repriced_or_cancelled_only_while_open() -> None:
     assert {state for (state, event) in TRANSITIONS if event is OrderEvent.REPRICE} == {OrderState.OPEN}
-    assert {state for (state, event) in TRANSITIONS if event is OrderEvent.CANCEL} == {OrderState.OPEN}
+    # An open exit is cancelled to be chased; a protective stop out of modifications, to be placed anew.
+    assert {state for (state, event) in TRANSITIONS if event is OrderEvent.CANCEL} == {
+        OrderState.OPEN, OrderState.TRIGGER_PENDING,
+    }  # fmt: skip
     assert TRANSITIONS[(OrderState.OPEN, OrderEvent.REPRICE)] is OrderState.OPEN
+
+
+def test_a_protective_stop_is_modified_only_while_resting_and_its_answer_settles_it() -> None:
+    assert {state for (state, event) in TRANSITIONS if event is OrderEvent.MODIFY} == {OrderState.TRIGGER_PENDING}
+    order = TrackedOrder("1:2025-01-15:1:PROTECT", Action.PROTECT, "t1", state=OrderState.TRIGGER_PENDING)
+    assert order.apply(OrderEvent.MODIFY) is OrderState.MODIFYING
+    assert order.apply(OrderEvent.TIMED_OUT) is OrderState.MODIFYING  # modified or not: asked next time
+    with pytest.raises(Refused):
+        order.apply(OrderEvent.MODIFY)  # one modification in flight at a time
+    assert order.apply(OrderEvent.TRIGGER_PENDING) is OrderState.TRIGGER_PENDING
+    triggered = TrackedOrder("1:2025-01-15:1:PROTECT", Action.PROTECT, "t1", state=OrderState.MODIFYING)
+    assert triggered.apply(OrderEvent.FILLED) is OrderState.FILLED  # executed while being modified
+    with pytest.raises(Refused):
+        triggered.replacement()
+    order.apply(OrderEvent.CANCEL)
+    with pytest.raises(Refused):
+        order.replacement()  # never two live SL-M: only once the broker says it is cancelled
+    order.apply(OrderEvent.CANCELLED)
+    assert order.replacement().tag == broker_tag_for("1:2025-01-15:1:PROTECT", 2)
+    assert ATTEMPT_STATES["modifying"] is OrderState.MODIFYING and OrderState.MODIFYING in WORKING
 
 
 def test_an_order_being_cancelled_ends_as_the_broker_says_and_is_replaced_only_once_cancelled() -> None:

@@ -1,0 +1,75 @@
+"""The highest price since any instant, per instrument: what a trailing stop's high and a move to cost depend on,
+kept in Redis so that a re-armed position goes on from them (a worker restart, a rebalance)."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from core.exit_prices import ExitRule
+from schemas.events import ExitKind
+from streams.exit_index import ExitIndex, Trail, position_stop
+from streams.price_highs import PriceHighs, highest_since
+
+INFY = "NSE:INFY"
+
+
+def test_the_highest_price_since_an_instant_is_one_bisect_and_the_pairs_stay_few() -> None:
+    highs = PriceHighs()
+    highs.take(INFY, 1000.0, 1.0)  # not followed: nothing kept
+    assert highs.since(INFY, 0.0) is None
+    highs.follow(INFY)
+    for at, price in enumerate([1000.0, 1010.0, 1005.0, 1007.0, 1001.0, 1003.0], start=10):
+        highs.take(INFY, price, float(at))
+    assert [highs.since(INFY, float(at)) for at in range(9, 17)] == [1010.0, 1010.0, 1010.0, 1007.0, 1007.0, 1003.0,
+                                                                   1003.0, None]  # fmt: skip
+    # A sawtooth under a high keeps at most one pair per price step, however many ticks.
+    for n in range(10_000):
+        highs.take(INFY, 990.0 - (n % 20) * 0.05, 100.0 + n)
+    assert len(highs._pairs[INFY]) == 3 + 20  # the three above, and one per price of the sawtooth
+
+
+async def test_highs_written_by_one_worker_are_read_by_the_next(redis: Redis) -> None:
+    first = PriceHighs()
+    first.follow(INFY)
+    for at, price in ((10.0, 1000.0), (11.0, 1030.0), (12.0, 1020.0)):
+        first.take(INFY, price, at)
+    await first.flush(redis, 13.0)
+    second = PriceHighs()
+    await second.reload(redis, {INFY, "NSE:TCS"})
+    assert (second.since(INFY, 10.5), second.since(INFY, 11.5), second.since("NSE:TCS", 0.0)) == (1030.0, 1020.0, None)
+    second.take(INFY, 1040.0, 14.0)  # it goes on from there
+    assert second.since(INFY, 10.0) == 1040.0
+    assert highest_since([(1.0, 5.0), (2.0, 4.0)], 1.5) == 4.0
+
+
+def test_a_re_armed_position_goes_on_from_its_high_and_a_move_to_cost_it_reached() -> None:
+    index = ExitIndex()
+    # Trailing 10 under the high from a 1,000 entry; the highest price since it was armed was 1,030: stop 1,020.
+    index.arm(1, INFY, 950.0, trail=Trail(high=1000.0, points=10.0), seen_high=1030.0)
+    assert index.level(1) == 1020.0
+    # Activation at 1,005, reached before the restart: active from the high; not reached: still waiting.
+    index.arm(2, INFY, 950.0, trail=Trail(high=1000.0, points=10.0, activate_at=1005.0), seen_high=1012.0)
+    index.arm(3, INFY, 950.0, trail=Trail(high=1000.0, points=10.0, activate_at=1015.0), seen_high=1012.0)
+    assert (index.level(2), index.level(3)) == (1002.0, 950.0)
+    # Moved to cost before the restart: the stop is the entry, and says so when it fires.
+    index.arm(4, INFY, 882.0, cost_at=906.0, entry=900.0, seen_high=906.0)
+    index.arm(5, INFY, 882.0, cost_at=906.0, entry=900.0, seen_high=905.95)
+    assert (index.level(4), index.level(5)) == (900.0, 882.0)
+    assert index.crossed(INFY, 1000.0)
+    assert sorted((hit.strategy_id, hit.kind, hit.level) for hit in index.trigger(INFY, 1000.0)) == [
+        (1, ExitKind.TRAILING_STOP, 1020.0), (2, ExitKind.TRAILING_STOP, 1002.0),
+    ]  # fmt: skip
+    assert index.crossed(INFY, 900.0)
+    assert sorted((hit.strategy_id, hit.kind, hit.level) for hit in index.trigger(INFY, 900.0)) == [
+        (3, ExitKind.STOP, 950.0), (4, ExitKind.COST_STOP, 900.0), (5, ExitKind.COST_STOP, 900.0),  # 5: at 1,000
+    ]  # fmt: skip
+
+
+def test_recovery_reads_the_stop_as_the_index_holds_it() -> None:
+    trailing = ExitRule(stop_loss_points=50, trail_points=10, trail_activation_points=5)
+    assert position_stop(trailing, 2000.0, 10, None) == 1950.0  # nothing known: the configured stop
+    assert position_stop(trailing, 2000.0, 10, 2004.95) == 1950.0  # not activated
+    assert position_stop(trailing, 2000.0, 10, 2030.0) == 2020.0
+    to_cost = ExitRule(stop_loss_percent=2, move_to_cost_points=6, max_loss=100)
+    assert position_stop(to_cost, 900.0, 10, None) == 890.0  # the loss limit, higher than the 2% stop
+    assert position_stop(to_cost, 900.0, 10, 906.0) == 900.0
