@@ -158,6 +158,9 @@ class TrackedOrder:
     attempts: int = 0  # attempts logged for the intent, across its orders
     recorded: bool = False  # the intent's result row exists
     sent_at: datetime | None = None  # when its last attempt was sent, while that attempt is unanswered
+    # This process's monotonic instant of a send that failed in transit with no answer from the broker (a proxy
+    # or connection dropped mid-request): the request may still be on its way.
+    in_transit_since: float | None = None
     order_id: str | None = None
     seq: int = 1  # which of the intent's broker orders this is (a cancelled one may be replaced)
     history: list[tuple[OrderState, OrderEvent, OrderState]] = field(default_factory=list)

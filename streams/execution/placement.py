@@ -8,6 +8,7 @@ do not retry.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -100,6 +101,7 @@ class Placement:
                     if order.state is not OrderState.INTENDED:
                         # An earlier attempt's fate is unknown to us, not to the broker: ask before sending again.
                         # One try: a transient failure counts as this attempt's failure, and the retries go on.
+                        await self._let_arrive(order)
                         found = await self.reconciler.ask(gateway, order, tries=1)
                         if found is not None:
                             log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
@@ -110,6 +112,7 @@ class Placement:
                 raise
             # The last attempt's answer was lost: the broker may hold the order. Ask once more before declaring
             # failure, or a filled order would be left as an untracked open position.
+            await self._let_arrive(order)
             try:
                 found = await self.reconciler.ask(gateway, order)
             except BrokerUnavailable:
@@ -120,6 +123,20 @@ class Placement:
             return found, False
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
+    async def _let_arrive(self, order: TrackedOrder) -> None:
+        """A send that failed in transit, before the broker answered (an egress proxy killed mid-request, a
+        connection reset), may still be on its way to the broker; asked too soon, the broker knows nothing of it
+        and the order would be placed twice (crash matrix: the same BUY twice after an egress died). Wait until
+        it is as old as the broker timeout, as the call itself would have waited for its answer."""
+        if order.in_transit_since is None:
+            return
+        remaining = self.context.settings.broker_timeout_seconds - (time.monotonic() - order.in_transit_since)
+        order.in_transit_since = None
+        if remaining > 0:
+            log.info("intent %s: its last attempt failed in transit; %.1fs for it to arrive before asking",
+                     order.intent_id, remaining)  # fmt: skip
+            await asyncio.sleep(remaining)
+
     async def _send(
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder,
         turn: Callable[[], None],
@@ -129,6 +146,7 @@ class Placement:
         await self.ledger.sent(intent, order, sent_at)
         priority = PRIORITY[intent.action]
         held, waited_from = self.early(intent), time.perf_counter()
+        sent = time.monotonic()  # re-read just before the call
         try:
             async with (
                 self._held_until_due(intent) as reserved,
@@ -143,6 +161,7 @@ class Placement:
                 INTENT_LAG_SECONDS.labels(intent.action.value).observe(
                     max(-self.context.clock.seconds_until(intent.due_at), 0.0)
                 )
+                sent = time.monotonic()
                 try:
                     order_id = await gateway.place_market_order(
                         exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
@@ -161,6 +180,8 @@ class Placement:
             await self.ledger.moved(intent, order, OrderEvent.THROTTLED, message=exc.message)
             raise
         except BrokerUnavailable as exc:
+            # No HTTP answer at all: the request may still be in transit (a timed-out call has waited already).
+            order.in_transit_since = sent if exc.http_status is None else None
             await self.ledger.moved(intent, order, OrderEvent.TIMED_OUT, message=exc.message)
             if isinstance(exc, BrokerEgressDown) and intent.action.is_exit:
                 # The position is at risk while the exit cannot leave: the trader hears now, not after the retries.

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from connectors.broker import BrokerError, BrokerUnavailable
+from connectors.broker import BrokerEgressDown, BrokerError, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import ManualClock
 from core.market import MarketCalendar
@@ -112,6 +112,10 @@ class FakeGateway:
             raise BrokerUnavailable("broker did not answer in time")
         if step == "rejected":
             return self.add_order(tag, "REJECTED", "RMS: margin exceeds limit").order_id
+        if step == "arrives-after-egress-dropped":
+            # The proxy dropped the connection mid-request; the request reaches the broker a moment later.
+            asyncio.get_running_loop().call_later(0.2, self.add_order, tag)
+            raise BrokerEgressDown("the egress proxy is unreachable or could not reach the broker")
         if step == "placed-then-stalled":
             self.add_order(tag)
             await asyncio.Event().wait()  # the call never returns (a hung connection)

@@ -445,6 +445,22 @@ async def test_an_order_placed_but_answered_with_an_error_is_found_by_its_tag(en
     ]
 
 
+@sqlite_only
+async def test_a_send_dropped_in_transit_is_given_the_broker_timeout_to_arrive_before_it_is_asked_about(
+    db_engine: AsyncEngine, redis: Redis
+) -> None:
+    """An egress proxy killed mid-request answers at once, but the request still reaches the broker a moment
+    later: asked at once, the broker knows nothing yet and the order would be placed twice."""
+    engine = await make_engine(db_engine, redis, broker_timeout_seconds=0.5)
+    intent = engine.intent(Action.STOPLOSS)
+    await engine.executor.execute(engine.intent(Action.BUY))
+    engine.gateway.script = ["arrives-after-egress-dropped"]
+    result = await engine.executor.execute(intent)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert len(engine.gateway.orders_tagged(intent.broker_tag)) == 1  # found by its tag, not sent again
+    assert len([p for p in engine.gateway.placements if p["tag"] == intent.broker_tag]) == 1
+
+
 # ------------------------------------------------------------------------------------------- failures
 
 
