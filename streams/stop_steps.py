@@ -51,6 +51,17 @@ class StopSteps:
         self._followed[strategy_id] = followed
         self._thresholds.arm(strategy_id, instrument, -0.0)  # any price
 
+    def due(self, strategy_id: int, index: ExitIndex) -> float | None:
+        """A followed position's stop if it is a step or more above the level sent already as it is armed (trailing
+        from the entry, a high from before a restart); that level is now the one sent. Its next tick may be long
+        in coming on a quiet instrument, or have been read before the position was armed."""
+        followed = self._followed.get(strategy_id)
+        level = index.level(strategy_id)
+        if followed is None or level is None or to_paise(level) < followed.sent + self.step:
+            return None
+        followed.sent = to_paise(level)
+        return level
+
     def unfollow(self, strategy_id: int) -> None:
         if self._followed.pop(strategy_id, None) is not None:
             self._thresholds.disarm(strategy_id)

@@ -322,6 +322,8 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 }
                 opened_at = armed[key]["opened_at"]
                 arm(event.spec.strategy_id, armed[key])
+                if (risen := services.steps.due(event.spec.strategy_id, services.index)) is not None:
+                    await emit_raises({event.spec.strategy_id: (risen, {"last_price": entry})})
                 if trail is not None or armed[key]["cost_at"] is not None:
                     # For recovery's check of stops crossed while down (streams/price_highs.py).
                     await services.redis.hset(ARMED_AT_KEY, key, armed[key]["armed_at"])

@@ -93,7 +93,9 @@ class Executor:
         self.resting = RestingOrders(self.context, self.ledger, self.placement)
         self.calendar = MarketCalendar(settings)
         self.protection = ProtectiveStops(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
-        self.follower = StopFollower(self.context, self.ledger, self.reconciler, self.placement.rate_limiter)
+        self.follower = StopFollower(
+            self.context, self.ledger, self.reconciler, self.placement.rate_limiter, self.protection
+        )
         self.outcomes = Outcomes(self.context, self.ledger, self.protection)
         self.pace = UserPace(self.placement.rate_limiter.limit)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from connectors.broker import BrokerError
+from connectors.broker import BrokerError, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
 from storage.models import Strategy
@@ -47,18 +47,28 @@ class ProtectiveStops:
             log.warning("protective stop for strategy %s not placed: no entry price to resolve it", strategy.id)
             return
         protect = self.intent(intent)
-        order = TrackedOrder(protect.intent_id, Action.PROTECT, protect.broker_tag)
-        await self.ledger.sent(protect, order, self.context.clock.now(), price=stop_price)  # its trigger
+        await self.send(gateway, protect, TrackedOrder(protect.intent_id, Action.PROTECT, protect.broker_tag),
+                        strategy, stop_price)  # fmt: skip
+
+    async def send(
+        self, gateway: OrderGateway, protect: OrderIntent, order: TrackedOrder, strategy: Strategy, trigger: float
+    ) -> None:
+        """Place the SL-M `order` at `trigger`, logged before the call. Refused, the position has no broker-side
+        stop (the worker's own check still guards it, and the exit's release finds nothing to cancel); unanswered,
+        the exit's release or the next step asks the broker by its tag."""
+        await self.ledger.sent(protect, order, self.context.clock.now(), price=trigger)  # its trigger
         try:
-            async with self.rate_limiter.permit(intent.user_id, PRIORITY[Action.PROTECT]):
+            async with self.rate_limiter.permit(protect.user_id, PRIORITY[Action.PROTECT]):
                 order.order_id = await gateway.place_stop_order(
                     exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
-                    product=strategy.product, trigger_price=stop_price, tag=order.tag,
+                    product=strategy.product, trigger_price=trigger, tag=order.tag,
                 )  # fmt: skip
+        except BrokerUnavailable as exc:
+            await self.ledger.moved(protect, order, OrderEvent.TIMED_OUT, message=exc.message)
+            return
         except BrokerError as exc:
-            # The pipeline's own stop still guards the position; the trader is told the broker-side one is off.
             await self.ledger.moved(protect, order, OrderEvent.REJECTED, message=exc.message)
-            log.warning("protective stop for strategy %s not placed: %s", strategy.id, exc.message)
+            log.warning("protective stop of strategy %s not placed: %s", strategy.id, exc.message)
             return
         await self.ledger.moved(protect, order, OrderEvent.TRIGGER_PENDING)
         await self.context.set_runtime(strategy.id, protective_order=order.order_id)

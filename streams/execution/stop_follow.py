@@ -41,9 +41,11 @@ OUT_OF_MODIFICATIONS = "modifications"  # in Kite's refusal: "Maximum allowed or
 
 class StopFollower:
     def __init__(
-        self, context: EngineContext, ledger: Ledger, reconciler: Reconciler, rate_limiter: BrokerRateLimiter
-    ) -> None:
+        self, context: EngineContext, ledger: Ledger, reconciler: Reconciler, rate_limiter: BrokerRateLimiter,
+        protection: ProtectiveStops,
+    ) -> None:  # fmt: skip
         self.context = context
+        self.protection = protection
         self.ledger = ledger
         self.reconciler = reconciler
         self.rate_limiter = rate_limiter
@@ -143,25 +145,8 @@ class StopFollower:
     async def _place_anew(
         self, gateway: OrderGateway, protect: OrderIntent, strategy: Strategy, cancelled: TrackedOrder, wanted: float
     ) -> None:
-        order = cancelled.replacement()  # the intent's next tag: never a second live order under one tag
-        await self.ledger.sent(protect, order, self.context.clock.now(), price=wanted)
-        try:
-            async with self.rate_limiter.permit(protect.user_id, PRIORITY[Action.PROTECT]):
-                order.order_id = await gateway.place_stop_order(
-                    exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
-                    product=strategy.product, trigger_price=wanted, tag=order.tag,
-                )  # fmt: skip
-        except BrokerUnavailable as exc:
-            await self.ledger.moved(protect, order, OrderEvent.TIMED_OUT, message=exc.message)  # asked by tag later
-            return
-        except BrokerError as exc:
-            # The worker's own stop still guards the position; from here on it has no broker-side stop (as when
-            # the first placement is refused: the exit's release finds nothing to cancel).
-            await self.ledger.moved(protect, order, OrderEvent.REJECTED, message=exc.message)
-            log.warning("protective stop of strategy %s not placed anew: %s", strategy.id, exc.message)
-            return
-        await self.ledger.moved(protect, order, OrderEvent.TRIGGER_PENDING)
-        await self.context.set_runtime(strategy.id, protective_order=order.order_id)
+        # The intent's next tag: never a second live order under one tag.
+        await self.protection.send(gateway, protect, cancelled.replacement(), strategy, wanted)
 
     async def _settle(
         self, gateway: OrderGateway, protect: OrderIntent, order: TrackedOrder, held: float | None

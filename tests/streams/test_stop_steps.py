@@ -54,3 +54,16 @@ def test_an_exited_position_is_no_longer_followed() -> None:
     index.crossed(INFY, 990.0)
     index.trigger(INFY, 990.0)
     assert steps_over([1000.0], index, steps) == [[]] and len(steps) == 0
+
+
+def test_a_stop_already_a_step_up_when_armed_is_due_at_once_without_a_tick() -> None:
+    index, steps = ExitIndex(), StopSteps(step_ticks=20)
+    trail = Trail(high=1000.0, points=10.0)  # trailing from the entry: 990 at once, the SL-M at 980
+    index.arm(1, INFY, 980.0, trail=trail)
+    steps.follow(1, INFY, 980.0, trail=trail, cost_at=None, entry=1000.0)
+    assert steps.due(1, index) == 990.0
+    assert steps.due(1, index) is None  # sent: due again only a step further
+    flat = Trail(high=1000.0, points=25.0)  # 975: under the SL-M's 980, nothing to raise
+    index.arm(2, INFY, 980.0, trail=flat)
+    steps.follow(2, INFY, 980.0, trail=flat, cost_at=None, entry=1000.0)
+    assert steps.due(2, index) is None and steps.due(3, index) is None
