@@ -126,6 +126,7 @@ async def test_a_daily_strategy_trades_monday_skips_the_holi_holiday_and_trades_
     assert len(placed_tags(simulator, user.broker.api_key)) == 4
 
 
+@pytest.mark.slow  # a minute or so: `make pytest-slow`, which CI runs
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("pinned_clock", [datetime(2026, 3, 2, 18, 0, tzinfo=IST)], indirect=True)
 async def test_a_day_the_kill_switch_holds_is_skipped_with_a_notice_and_the_next_trading_day_trades(

@@ -86,6 +86,7 @@ async def test_the_protective_stop_follows_a_trailing_stop_up_and_exits_once(
     )  # flat
 
 
+@pytest.mark.slow  # a minute or so: `make pytest-slow`, which CI runs
 async def test_past_its_modification_budget_the_protective_stop_is_cancelled_and_placed_anew(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     pinned_clock: ScaledClock,
@@ -116,6 +117,7 @@ async def test_past_its_modification_budget_the_protective_stop_is_cancelled_and
     assert sells(simulator, key, "SUNPHARMA") == [("SL-M", "CANCELLED"), ("SL-M", "COMPLETE")]
 
 
+@pytest.mark.slow  # a minute or so: `make pytest-slow`, which CI runs
 async def test_a_worker_restart_mid_trail_keeps_the_high(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     pinned_clock: ScaledClock,

@@ -125,6 +125,7 @@ async def test_a_stop_at_or_after_the_cut_off_does_not_re_enter(
     assert [v["action"] for v in intents] == ["BUY", "STOPLOSS"]
 
 
+@pytest.mark.slow  # a minute or so: `make pytest-slow`, which CI runs
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
 async def test_at_entry_waits_for_a_tick_back_at_the_previous_entry(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
@@ -154,6 +155,7 @@ async def test_at_entry_waits_for_a_tick_back_at_the_previous_entry(
     assert sides(simulator, user.broker.api_key, "TITAN") == ["BUY", "SELL", "BUY"]
 
 
+@pytest.mark.slow  # a minute or so: `make pytest-slow`, which CI runs
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
 async def test_a_worker_killed_between_the_stop_exit_and_the_re_entry_re_enters_once(
     client: httpx.AsyncClient, make_user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
