@@ -97,14 +97,12 @@ class StrategyLanes:
             self._queued_exits.pop(strategy_id, None)
             LANES_OPEN.set(len(self._tasks))
 
-    def _start(self, intent: OrderIntent) -> Urgency | None:
-        """An exit starts at the most urgent priority of its own and the exits queued behind it (any of them
-        closes the position); a BUY at its own, never raised."""
-        if not intent.action.is_exit:
-            return None
+    def _start(self, intent: OrderIntent) -> Urgency:
+        """An intent starts at the most urgent priority of its own and the exits queued behind it (an exit closes
+        the position whichever goes; a BUY ahead of them is a copy or a missed one, dropped unsent)."""
         queued = self._queued_exits.get(intent.strategy_id, [])
         own = PRIORITY[intent.action]
-        if own in queued:
+        if intent.action.is_exit and own in queued:
             queued.remove(own)
         urgency = self._urgency[intent.strategy_id] = Urgency(min([own, *queued]))
         return urgency

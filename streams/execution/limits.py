@@ -92,6 +92,7 @@ class PriorityGate:
         the holders step aside, so they go on and free one.
         """
         deadline = asyncio.get_running_loop().time() + at_most
+        priority = effective(priority)[0]  # work an urgent exit of its strategy waits behind does not step aside
         while any(count for held, count in self._holders.items() if held < priority):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -298,7 +299,7 @@ class BrokerRateLimiter:
 
     async def _granted(self, user_id: int, priority: int) -> str:
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        priority, urgency = effective(priority)
+        priority, urgency = effective(priority, spends_budget=True)
         heapq.heappush(self._waiters.setdefault(user_id, []), (priority, next(self._seq), answer))
         drainer = self._drainers.get(user_id)
         if drainer is None or drainer.done():

@@ -7,9 +7,10 @@ A strategy's intents run strictly in order in its lane, so a stop crossed while 
 still waiting for its turn would wait behind that SELL, itself behind every other STOPLOSS of the trader (crash
 matrix: the SELL reached the broker 8 s after the restart and the stop's exit never left). Either exit closes the
 position, so the running exit inherits the most urgent priority queued behind it: its waits in the queues it is in
-are moved up, and the waits it starts later use that priority. The running exit of a strategy carries an `Urgency`
-in its task's context; the gates and the rate limiter read it. A BUY never inherits: it would spend the exits'
-reserve of the trader's day.
+are moved up, and the waits it starts later use that priority. The running intent of a strategy carries an
+`Urgency` in its task's context; the gates and the rate limiter read it. A BUY inherits for an execution slot and a
+turn (a redelivered BUY copy ahead of its strategy's STOPLOSS), never for the trader's broker budget: it would spend
+the exits' reserve of the trader's day.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ def inherited(urgency: Urgency | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def effective(priority: int) -> tuple[int, Urgency | None]:
-    """The priority to wait at, and the urgency that may raise it while waiting (None: it cannot be raised)."""
+def effective(priority: int, *, spends_budget: bool = False) -> tuple[int, Urgency | None]:
+    """The priority to wait at, and the urgency that may raise it while waiting (None: it cannot be raised).
+    `spends_budget`: a wait for the trader's broker budget, where a BUY never inherits (it would spend the exits'
+    reserve); for an execution slot or a turn it does (a BUY copy ahead of its own strategy's STOPLOSS in the lane
+    is dropped unsent once it runs, and must not wait behind every other exit first)."""
     urgency = _CURRENT.get()
-    if urgency is None or priority >= BUY_PRIORITY:
+    if urgency is None or (spends_budget and priority >= BUY_PRIORITY):
         return priority, None
     return min(priority, urgency.priority), urgency
 

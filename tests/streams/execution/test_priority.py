@@ -23,11 +23,12 @@ async def test_a_chase_step_waits_behind_placements_of_its_class_and_ahead_of_th
     assert PRIORITY[Action.SELL] < chase_priority(Action.SELL) < PRIORITY[Action.BUY]
 
 
-async def test_a_buy_never_inherits() -> None:
+async def test_a_buy_inherits_for_a_slot_never_for_the_broker_budget() -> None:
     urgency = Urgency(PRIORITY[Action.STOPLOSS])
     with inherited(urgency):
-        assert effective(PRIORITY[Action.BUY]) == (PRIORITY[Action.BUY], None)
-        assert effective(PRIORITY[Action.SELL]) == (PRIORITY[Action.STOPLOSS], urgency)
+        assert effective(PRIORITY[Action.BUY]) == (PRIORITY[Action.STOPLOSS], urgency)
+        assert effective(PRIORITY[Action.BUY], spends_budget=True) == (PRIORITY[Action.BUY], None)
+        assert effective(PRIORITY[Action.SELL], spends_budget=True) == (PRIORITY[Action.STOPLOSS], urgency)
     assert effective(PRIORITY[Action.SELL]) == (PRIORITY[Action.SELL], None)
 
 
@@ -140,6 +141,6 @@ async def test_an_exit_starts_at_the_priority_of_a_stoploss_queued_behind_it(
     for order in (buy, sell, stoploss):
         executor.release[order.intent_id].set()
     await acks.wait(buy, sell, stoploss)
-    assert executor.priority[buy.intent_id] == PRIORITY[Action.BUY]  # a BUY never inherits
+    assert executor.priority[buy.intent_id] == PRIORITY[Action.STOPLOSS]  # for its slot: not its budget
     assert executor.priority[sell.intent_id] == PRIORITY[Action.STOPLOSS]
     await settle()
