@@ -48,23 +48,17 @@ NOTIFICATIONS = cast(Table, Notification.__table__)
 # the group commit runs each once (executemany) for every order in its batch.
 INSERT_ORDER_LOG = insert(ORDER_LOGS)
 INSERT_NOTIFICATION = insert(NOTIFICATIONS)
-UPDATE_ATTEMPT = (
-    update(ORDER_LOGS)
-    .where(
-        ORDER_LOGS.c.intent_id == bindparam("match_intent_id"),
-        ORDER_LOGS.c.kind == OrderLogKind.ATTEMPT.value,
-        ORDER_LOGS.c.attempt == bindparam("match_attempt"),
-    )
-    .values(status=bindparam("new_status"), broker_order_id=bindparam("new_order_id"), message=bindparam("new_message"))
+# One attempt row of an intent (the update is generative: each statement below adds its own values).
+_ATTEMPT_ROW = update(ORDER_LOGS).where(
+    ORDER_LOGS.c.intent_id == bindparam("match_intent_id"),
+    ORDER_LOGS.c.kind == OrderLogKind.ATTEMPT.value,
+    ORDER_LOGS.c.attempt == bindparam("match_attempt"),
 )
-UPDATE_MODIFY = (
-    update(ORDER_LOGS)
-    .where(
-        ORDER_LOGS.c.intent_id == bindparam("match_intent_id"),
-        ORDER_LOGS.c.kind == OrderLogKind.ATTEMPT.value,
-        ORDER_LOGS.c.attempt == bindparam("match_attempt"),
-    )
-    .values(status=bindparam("new_status"), price=bindparam("new_price"), message=bindparam("new_message"))
+UPDATE_ATTEMPT = _ATTEMPT_ROW.values(
+    status=bindparam("new_status"), broker_order_id=bindparam("new_order_id"), message=bindparam("new_message")
+)
+UPDATE_MODIFY = _ATTEMPT_ROW.values(
+    status=bindparam("new_status"), price=bindparam("new_price"), message=bindparam("new_message")
 )
 # A failed result the broker contradicts (an exit given up whose order did arrive): the one result row is corrected.
 CORRECT_RESULT = (
