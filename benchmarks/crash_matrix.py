@@ -55,6 +55,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="each user's orders through its own tinyproxy on its own loopback address; one proxy is killed",
     )
     parser.add_argument("--show-late", type=int, default=5, help="late stop exits listed per seed")
+    parser.add_argument(
+        "--exit-kinds",
+        type=float,
+        default=0.3,
+        help="share of strategies with a target, trailing stop, move to cost, re-entry or loss limit (0: fixed stops)",
+    )
+    parser.add_argument(
+        "--daily-loss-limit", type=float, default=800.0, help="one user's daily loss limit in rupees (0: none)"
+    )
     return parser.parse_args(argv)
 
 
@@ -81,6 +90,8 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             verbose=not args.quiet,
             kafka=args.kafka,
             egress=args.egress,
+            exit_kinds=args.exit_kinds,
+            daily_loss_limit=args.daily_loss_limit,
         )
         try:
             result = await run_matrix(config)

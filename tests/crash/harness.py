@@ -9,8 +9,10 @@ One run (`run_matrix(MatrixConfig(seed=...))`) owns its whole stack so that it c
 - `algo api`, `algo worker`, `algo scheduler` and `algo ticker` as subprocesses (own process groups).
 
 Hundreds of strategies of several users trade one compressed day (BUY and SELL times spread over
-clock-minutes); each instrument's scripted price path drops once, through the stops of the "hit" group
-and above the stops of the "safe" group. At moments drawn from `random.Random(seed)` the harness kills
+clock-minutes); each instrument's scripted price path rises, drops through the stops of the "hit" group and
+above the stops of the "safe" group, recovers and drops again (tests/crash/exit_kinds.py). A share of the
+strategies has a target, a trailing stop, a stop moved to cost, re-entries or a loss limit instead of the fixed
+stop, and one user has a daily loss limit. At moments drawn from `random.Random(seed)` the harness kills
 with SIGKILL and restarts the worker (also while the simulator holds an order), the scheduler, the tick
 connector and the API; restarts Redis empty and the Kafka broker empty; drops the ticker socket; squares
 off some positions through the API; and expires one user's broker session. Broker faults (timeouts, 5xx,
@@ -36,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -52,10 +54,11 @@ from core.embedded import EmbeddedKafka, free_port, kill_process, redis_command,
 from core.environment import child_environment
 from core.kafka import ensure_topics
 from core.settings import Environment, Settings
-from schemas.events import Action, broker_tag_for, intent_id_for
+from schemas.events import Action, NotificationKind, broker_tag_for, intent_id_for
 from storage.db import create_engine
 from storage.migrate import upgrade_engine
 from storage.models import Notification, OrderLog, Strategy
+from tests.crash.exit_kinds import HIT_STOP, SAFE_STOP, ExitKind, PricePath, draw_kind
 from tests.crash.ownership import OwnershipProbe, Sample
 from tests.crash.tick_ledger import Stint, TickCount, TickLedger
 from tests.fixtures.proxies import ProxyPool
@@ -66,9 +69,6 @@ DAY_START = datetime(2025, 1, 15, 9, 40, tzinfo=IST)
 ROOT = Path(__file__).resolve().parents[2]
 
 BASE_PRICES = {"NSE:INFY": 1500.0, "NSE:TCS": 4000.0, "NSE:RELIANCE": 2500.0, "NSE:WIPRO": 300.0, "NSE:ITC": 450.0}
-DROP = 0.95  # the price path falls to 95% of base ...
-HIT_STOP = 0.97  # ... through stops at 97% ("hit" group) ...
-SAFE_STOP = 0.80  # ... and stays above stops at 80% ("safe" group)
 
 KILLS = ("worker", "worker_mid_order", "scheduler", "ticker", "api", "redis", "kafka")
 # With several workers: one killed in a BUY burst, one added while stops are crossing and one removed while BUYs
@@ -79,6 +79,8 @@ OWNERSHIP_WITHIN = 15.0  # every partition has exactly one live owner this long 
 OWNERSHIP_SAMPLE_SECONDS = 0.5
 EXIT_WITHIN_SECONDS = 5.0  # a crossed stop exits within this long (real seconds) of the system being up
 SESSION_EXPIRED = "broker session expired, reconnect"
+LOSS_LIMITED_USER = 1  # the healthy user with a daily loss limit
+LOSS_LIMIT_GRACE = 3.0  # real seconds: a BUY already past its checks when the limit is reached may still arrive
 WORKER_READY = "Worker]: Ready"
 # A chased exit is cancelled and placed anew under its intent's next tag; more than this many is a violation.
 MAX_ORDERS_PER_INTENT = 8
@@ -114,6 +116,10 @@ class MatrixConfig:
         return self.partitions or (2 if self.workers == 1 else 2 * self.workers)
 
     egress: bool = False  # each user's orders through its own proxy (required), one proxy killed among the faults
+    # The share of the healthy users' strategies with a target, trailing stop, move to cost, re-entry or loss
+    # limit instead of the fixed stop (tests/crash/exit_kinds.py); and one user's daily loss limit in rupees.
+    exit_kinds: float = 0.3
+    daily_loss_limit: float = 800.0
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -255,6 +261,7 @@ class Planned:
     sell_offset: float
     stop_loss: float
     strategy_id: int = 0
+    kind: ExitKind | None = None  # None: the fixed stop `stop_loss`
     buy_time: str = ""
     sell_time: str = ""
 
@@ -284,8 +291,8 @@ class User:
         return self.creds.api_key
 
 
-def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], dict[str, float], list[Incident]]:
-    """Strategies, each instrument's drop time and the incidents, all drawn from the seed."""
+def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], dict[str, PricePath], list[Incident]]:
+    """Strategies, each instrument's price path and the incidents, all drawn from the seed."""
     day = config.day_seconds
     plans: list[Planned] = []
     healthy = config.strategies - config.expired_user_strategies
@@ -344,7 +351,13 @@ def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], d
         at = rng.uniform(target.buy_offset + 2, target.sell_offset - 2)
         incidents.append(Incident(at, "square_off", str(target.index)))
     incidents.sort(key=lambda i: i.at)
-    return plans, drops, incidents
+    # Drawn last, like the egress: the rest of the day is the one the seed planned before these existed.
+    paths = {i: PricePath.draw(BASE_PRICES[i], drop, day, rng) for i, drop in drops.items()}
+    squared = {int(i.detail) for i in incidents if i.kind == "square_off"}
+    for plan in plans:
+        if plan.user < config.users and plan.index not in squared and rng.random() < config.exit_kinds:
+            plan.kind = draw_kind(rng, BASE_PRICES[plan.instrument])
+    return plans, paths, incidents
 
 
 def worker_names(count: int) -> list[str]:
@@ -372,6 +385,9 @@ class MatrixResult:
     stop_exit_delays: list[float] = field(default_factory=list)  # real seconds past the allowed moment's start
     stop_exit_excess: list[float] = field(default_factory=list)  # real seconds past the bound (negative: within)
     recoveries: int = 0
+    # Bought cycles per exit kind ("fixed": the fixed stop), and "re-entered": cycles after the first.
+    kinds: dict[str, int] = field(default_factory=dict)
+    loss_limit: str = ""  # the daily loss limit user's: when it was reached
     wall_seconds: float = 0.0
     workdir: str = ""
     # With several workers: (what moved the partitions, seconds from its cause / from its end until every partition
@@ -387,9 +403,11 @@ class MatrixResult:
         worst = max(self.stop_exit_delays, default=0.0)
         excess = max(self.stop_exit_excess, default=0.0)
         exits = ",".join(f"{k}={v}" for k, v in sorted(self.exits.items()))
+        kinds = ",".join(f"{k}={v}" for k, v in sorted(self.kinds.items()))
         return (
             f"seed={self.seed} {'PASS' if self.passed else 'FAIL'} strategies={self.strategies} "
-            f"bought={self.bought} exits[{exits}] broker_orders={self.broker_orders} "
+            f"bought={self.bought} exits[{exits}] kinds[{kinds}] loss_limit[{self.loss_limit}] "
+            f"broker_orders={self.broker_orders} "
             f"faults={self.faulted_requests} recoveries={self.recoveries} worst_stop_exit={worst:.2f}s "
             f"worst_past_bound={excess:.2f}s "
             f"violations={len(self.violations)} late_stop_exits={len(self.late_exits)} wall={self.wall_seconds:.0f}s"
@@ -432,7 +450,7 @@ class CrashMatrix:
         self.sim: RunningSimulator | None = None
         self.http: httpx.AsyncClient
         self.day_mono = 0.0  # time.monotonic() at the day's start
-        self.drop_mono: dict[str, float] = {}
+        self.paths: dict[str, PricePath] = {}
         # Incidents run concurrently at their seeded moments; one restart of a given part at a time.
         self.locks: dict[str, asyncio.Lock] = {}
         self.workers = worker_names(config.workers)  # the workers in service (a removed one leaves the list)
@@ -615,7 +633,8 @@ class CrashMatrix:
         return self.day_mono + (at - self.day_clock).total_seconds() / self.config.speed
 
     async def setup_day(self) -> list[Incident]:
-        plans, drops, incidents = plan_day(self.config, self.rng)
+        plans, paths, incidents = plan_day(self.config, self.rng)
+        self.paths = paths
         self.plans = plans
         # Users first: the one whose session will expire connects last, so it is the "most recent" session.
         for _ in range(self.config.users):
@@ -633,7 +652,8 @@ class CrashMatrix:
             plan.sell_time = self.clock_at(plan.sell_offset).astimezone(IST).strftime("%H:%M:%S")
             user = self.users[plan.user]
             body = {"symbol": plan.instrument, "quantity": 1, "buy_time": plan.buy_time,
-                    "sell_time": plan.sell_time, "stop_loss": plan.stop_loss, "product": "MIS"}  # fmt: skip
+                    "sell_time": plan.sell_time, "product": "MIS"}  # fmt: skip
+            body.update(plan.kind.fields if plan.kind else {"stop_loss": plan.stop_loss})
             async with gate:
                 created = await self.call("POST", "/strategy/create", json=body, headers=user.headers)
                 assert created.status_code == 201, created.text
@@ -644,6 +664,11 @@ class CrashMatrix:
                 assert started.status_code == 200, started.text
 
         await asyncio.gather(*(create(p) for p in plans))
+        if self.config.daily_loss_limit and self.config.users > 1:
+            limited = self.users[LOSS_LIMITED_USER]
+            body = {"daily_max_loss": str(self.config.daily_loss_limit)}
+            response = await self.call("PUT", "/daily-loss-limit", json=body, headers=limited.headers)
+            assert response.status_code == 200, response.text
         # The session expires now, before the day: its BUYs, due from 15% of the day on, must find it expired
         # even when a loaded machine starts the day late (three workers and two schedulers on two cores did).
         early = [i for i in incidents if i.kind == "expire_token"]
@@ -653,9 +678,8 @@ class CrashMatrix:
         if time.monotonic() > self.day_mono:
             self.say(f"WARNING: setup overran the day's start by {time.monotonic() - self.day_mono:.1f}s")
         assert self.sim is not None
-        for instrument, offset in drops.items():
-            self.drop_mono[instrument] = self.day_mono + offset
-            self.sim.state.script_path(instrument, self.price_path(instrument, offset))
+        for instrument in paths:
+            self.sim.state.script_path(instrument, self.price_path(instrument))
         # The tick connector streams with a healthy user's session.
         ticker_env = dict(self.env)
         ticker_env.update(TICKER_API_KEY=self.users[0].api_key, TICKER_ACCESS_TOKEN=self.users[0].creds.access_token)  # type: ignore[union-attr]
@@ -665,18 +689,17 @@ class CrashMatrix:
         await self.services["ticker"].wait_ready()
         return incidents
 
-    def price_path(self, instrument: str, drop: float) -> list[tuple[datetime, float]]:
-        """The instrument's price: the base, then from `drop` on the dropped price. With several workers it also
-        wavers by 0.1% four times a second, so that each tick partition carries a steady flow to count across
-        its handovers (a tick is sent when the price moves); the stops stay on their side of it."""
-        base = BASE_PRICES[instrument]
-        steps = [(self.clock_at(drop), round(base * DROP, 2))]
+    def price_path(self, instrument: str) -> list[tuple[datetime, float]]:
+        """The instrument's scripted path (`PricePath`). With several workers it also wavers by 0.1% four times a
+        second, so that each tick partition carries a steady flow to count across its handovers (a tick is sent
+        when the price moves); the stops stay on their side of it."""
+        path = self.paths[instrument]
+        steps = [(self.clock_at(at), path.price(level)) for at, level in path.steps if at > 0]
         if self.config.workers > 1:
             end = max(p.sell_offset for p in self.plans) + self.config.settle_seconds
             for step in range(int(end / 0.25)):
                 at = step * 0.25
-                level = base if at < drop else base * DROP
-                steps.append((self.clock_at(at), round(level * (1.001 if step % 2 else 0.999), 2)))
+                steps.append((self.clock_at(at), path.price(path.level(at) * (1.001 if step % 2 else 0.999))))
             steps.sort()
         return steps
 
@@ -980,6 +1003,70 @@ class CrashMatrix:
         if not ticks.checked:
             v.append("no tick audit line: the handovers were not counted")
 
+    def _judge_stop_latency(
+        self, plan: Planned, bought: float, exited: float | None, action: Action, faults: int,
+        exit_calls: dict[str, list[float]],
+    ) -> None:  # fmt: skip
+        """A fixed stop's exit reached the broker within EXIT_WITHIN_SECONDS of the system being up after the
+        price crossed it while the position was held (`bought`, `exited`: when the broker received them)."""
+        result = self.result
+        crossed_at = self.paths[plan.instrument].first_at_or_under(plan.stop_loss, max(bought - self.day_mono, 0.0))
+        if crossed_at is None or crossed_at >= plan.sell_offset or exited is None:
+            return  # never crossed, or the SELL was due first
+        crossed = self.day_mono + crossed_at
+        user = self.users[plan.user]
+        up_at = self.effective_up(crossed, plan.user)
+        allowed = up_at + EXIT_WITHIN_SECONDS
+        # Each broker fault on the exit costs a retry (a timeout costs the broker timeout).
+        allowed += faults * (self.settings.broker_timeout_seconds + 2.5)
+        # Kite takes at most BROKER_ORDERS_PER_SECOND order calls a second from one user: exit calls of the same
+        # user that reached the broker first (dozens of stops crossed at once, resting exits chased) delay this one
+        # however fast the system is.
+        ahead = sum(1 for t in exit_calls.get(user.api_key or "", []) if up_at <= t < exited)
+        allowed += ahead / self.settings.broker_orders_per_second
+        result.stop_exit_delays.append(exited - up_at)
+        result.stop_exit_excess.append(exited - allowed)
+        if exited > allowed:
+            # Kept apart from the integrity violations: a late exit is still exactly one exit.
+            result.late_exits.append(
+                f"#{plan.index} (strategy {plan.strategy_id}, {plan.instrument}) stop crossed at "
+                f"t={crossed_at:.1f}s (system up at t={up_at - self.day_mono:.1f}s)"
+                f" but exited ({action.value}) only at t={exited - self.day_mono:.1f}s"
+            )
+
+    def _judge_daily_loss_limit(
+        self, by_id: dict[int, Any], notes: list[Any], tags: dict[str, tuple[Planned, Action, int]],
+        placed_at: dict[str, float],
+    ) -> None:  # fmt: skip
+        """The user with a daily loss limit: told at most once; once told, no BUY of theirs reaches the broker (a
+        BUY already on its way gets LOSS_LIMIT_GRACE) and none of their strategies is still running."""
+        if not self.config.daily_loss_limit or self.config.users < 2:
+            return
+        v = self.result.violations
+        mine = [p for p in self.plans if p.user == LOSS_LIMITED_USER and p.strategy_id in by_id]
+        if not mine:
+            return
+        user_id = by_id[mine[0].strategy_id].user_id
+        told = [n for n in notes if n.user_id == user_id and n.kind == NotificationKind.DAILY_LOSS_LIMIT.value]
+        if len(told) > 1:
+            v.append(f"daily loss limit: the trader was told {len(told)} times")
+        if not told:
+            self.result.loss_limit = "not reached"
+            return
+        at = self.mono_of_clock(told[0].created_at.replace(tzinfo=told[0].created_at.tzinfo or UTC))
+        self.result.loss_limit = f"reached at t={at - self.day_mono:.1f}s"
+        late = [tag for tag, when in placed_at.items()
+                if tag in tags and tags[tag][1] is Action.BUY and tags[tag][0].user == LOSS_LIMITED_USER
+                and when > at + LOSS_LIMIT_GRACE]  # fmt: skip
+        for tag in late:
+            plan = tags[tag][0]
+            arrived = placed_at[tag] - self.day_mono
+            v.append(f"daily loss limit: #{plan.index}'s BUY reached the broker at t={arrived:.1f}s, "
+                     f"after the limit at t={at - self.day_mono:.1f}s")  # fmt: skip
+        running = [p.index for p in mine if by_id[p.strategy_id].status == "running"]
+        if running:
+            v.append(f"daily loss limit: strategies {running[:10]} still running after the limit")
+
     async def judge(self) -> None:
         assert self.sim is not None
         state = self.sim.state
@@ -989,17 +1076,18 @@ class CrashMatrix:
         logs, strategies, notes = await self._db_rows()
         by_id = {s.id: s for s in strategies}
         day = self.day_clock.astimezone(IST).date()
-        tags: dict[str, tuple[Planned, Action]] = {}
+        tags: dict[str, tuple[Planned, Action, int]] = {}  # every tag a strategy may use -> its action and cycle
         first_tag: dict[str, str] = {}  # the tag of an intent's every order -> the tag of its first order
         order_seq: dict[str, int] = {}  # the tag of an intent's every order -> its sequence within the intent
         for plan in self.plans:
             run = by_id[plan.strategy_id].run if plan.strategy_id in by_id else 1
-            for action in Action:
-                intent_id = intent_id_for(plan.strategy_id, day, run, action)
-                for seq in range(1, MAX_ORDERS_PER_INTENT + 1):
-                    tags[broker_tag_for(intent_id, seq)] = (plan, action)
-                    first_tag[broker_tag_for(intent_id, seq)] = broker_tag_for(intent_id)
-                    order_seq[broker_tag_for(intent_id, seq)] = seq
+            for cycle in range(1, 2 + (plan.kind.reentries if plan.kind else 0)):
+                for action in Action:
+                    intent_id = intent_id_for(plan.strategy_id, day, run, action, cycle)
+                    for seq in range(1, MAX_ORDERS_PER_INTENT + 1):
+                        tags[broker_tag_for(intent_id, seq)] = (plan, action, cycle)
+                        first_tag[broker_tag_for(intent_id, seq)] = broker_tag_for(intent_id)
+                        order_seq[broker_tag_for(intent_id, seq)] = seq
         logged_tags = {row.broker_tag for row in logs}
         logged_orders = {row.broker_order_id for row in logs if row.broker_order_id}
         audits = state.audit_records()
@@ -1021,7 +1109,7 @@ class CrashMatrix:
                     faulted_by_tag[record.tag] = faulted_by_tag.get(record.tag, 0) + 1
 
         broker_ids: set[str] = set()
-        per_strategy: dict[int, dict[str, list[Any]]] = {}
+        per_cycle: dict[tuple[int, int], dict[str, list[Any]]] = {}  # (strategy, cycle) -> "BUY"/"EXIT" -> orders
         # A chased exit is cancelled and placed anew under its intent's next tag, possibly more than once: every
         # order of an intent below the last one the broker took was replaced, and only the last is judged.
         last_placed: dict[str, int] = {}  # an intent's first tag -> the highest sequence the broker took
@@ -1038,17 +1126,17 @@ class CrashMatrix:
                 if order.tag not in tags:
                     v.append(f"broker order {order.order_id} has a tag {order.tag!r} of no strategy intent")
                     continue
-                plan, action = tags[order.tag]
+                plan, action, cycle = tags[order.tag]
                 if order.tag not in logged_tags or order.order_id not in logged_orders:
                     v.append(f"broker order {order.order_id} ({action.value} of #{plan.index}) has no order-log row")
                 if order.status == "CANCELLED" and order.tag in replaced:
                     continue  # a resting exit cancelled to be placed anew: its replacement is judged instead
                 if order.status != "REJECTED":
                     side = "BUY" if order.transaction_type == "BUY" else "EXIT"
-                    per_strategy.setdefault(plan.strategy_id, {}).setdefault(side, []).append((order, action))
+                    per_cycle.setdefault((plan.strategy_id, cycle), {}).setdefault(side, []).append((order, action))
             for tag, count in per_tag.items():
                 if count > 1:
-                    v.append(f"{count} broker orders carry tag {tag} ({tags.get(tag, ('?', '?'))[1]})")
+                    v.append(f"{count} broker orders carry tag {tag} ({tags.get(tag, ('?', '?', 0))[1]})")
         for row in logs:
             if row.broker_order_id and row.broker_order_id not in broker_ids:
                 v.append(f"order-log row {row.intent_id}#{row.kind}{row.attempt} claims order "
@@ -1063,55 +1151,42 @@ class CrashMatrix:
 
         for plan in self.plans:
             user = self.users[plan.user]
-            orders = per_strategy.get(plan.strategy_id, {})
-            buys, exits = orders.get("BUY", []), orders.get("EXIT", [])
-            if len(buys) > 1:
-                v.append(f"#{plan.index} (strategy {plan.strategy_id}) has {len(buys)} BUYs at the broker")
-            if len(exits) > 1:
-                v.append(f"#{plan.index} (strategy {plan.strategy_id}) has {len(exits)} exits at the broker: "
-                         f"{[a.value for _, a in exits]}")  # fmt: skip
-            if user.expired:
-                continue
-            filled_buy = [o for o, _ in buys if o.status == "COMPLETE"]
-            if not filled_buy:
-                continue
-            result.bought += 1
-            filled_exit = [(o, a) for o, a in exits if o.status == "COMPLETE"]
-            if len(filled_exit) != 1:
-                v.append(f"#{plan.index} (strategy {plan.strategy_id}) bought but has {len(filled_exit)} filled exits")
-                continue
-            exit_order, exit_action = filled_exit[0]
-            result.exits[exit_action.value] = result.exits.get(exit_action.value, 0) + 1
-            if plan.group != "hit":
-                continue
-            # The stop is crossed when the price has dropped and the position is held, whichever is later.
-            buy_tag = filled_buy[0].tag
-            exit_tag = first_tag.get(exit_order.tag or "", exit_order.tag)  # a chased exit left with its first order
-            crossed = max(self.drop_mono[plan.instrument], placed_at.get(buy_tag, 0.0))
-            if crossed >= self.day_mono + plan.sell_offset:
-                continue  # the SELL was due first
-            allowed = self.effective_up(crossed, plan.user) + EXIT_WITHIN_SECONDS
-            # Each broker fault on the exit costs a retry (a timeout costs the broker timeout).
-            allowed += faulted_by_tag.get(exit_tag or "", 0) * (self.settings.broker_timeout_seconds + 2.5)
-            exited = placed_at.get(exit_tag or "")
-            if exited is None:
-                continue
-            # Kite takes at most BROKER_ORDERS_PER_SECOND order calls a second from one user: exit calls of the
-            # same user that reached the broker first (dozens of stops crossed at once, resting exits chased)
-            # delay this one however fast the system is.
-            up_at = self.effective_up(crossed, plan.user)
-            ahead = sum(1 for t in exit_calls.get(user.api_key or "", []) if up_at <= t < exited)
-            allowed += ahead / self.settings.broker_orders_per_second
-            result.stop_exit_delays.append(exited - up_at)
-            result.stop_exit_excess.append(exited - allowed)
-            if exited > allowed:
-                up = up_at - self.day_mono
-                # Kept apart from the integrity violations: a late exit is still exactly one exit.
-                result.late_exits.append(
-                    f"#{plan.index} (strategy {plan.strategy_id}, {plan.instrument}) stop crossed at "
-                    f"t={crossed - self.day_mono:.1f}s (system up at t={up:.1f}s)"
-                    f" but exited ({exit_action.value}) only at t={exited - self.day_mono:.1f}s"
-                )
+            cycles = sorted(c for sid, c in per_cycle if sid == plan.strategy_id)
+            previous_exit: Action | None = None
+            for cycle in cycles:
+                orders = per_cycle[(plan.strategy_id, cycle)]
+                buys, exits = orders.get("BUY", []), orders.get("EXIT", [])
+                name = f"#{plan.index} (strategy {plan.strategy_id}{f', cycle {cycle}' if cycle > 1 else ''})"
+                if len(buys) > 1:
+                    v.append(f"{name} has {len(buys)} BUYs at the broker")
+                if len(exits) > 1:
+                    v.append(f"{name} has {len(exits)} exits at the broker: {[a.value for _, a in exits]}")
+                if cycle > 1 and buys and previous_exit is not Action.STOPLOSS:
+                    v.append(f"{name} bought again after a {previous_exit} exit: only a stop-loss exit re-enters")
+                if user.expired:
+                    continue
+                filled_buy = [o for o, _ in buys if o.status == "COMPLETE"]
+                if not filled_buy:
+                    continue
+                result.bought += 1
+                filled_exit = [(o, a) for o, a in exits if o.status == "COMPLETE"]
+                if len(filled_exit) != 1:
+                    v.append(f"{name} bought but has {len(filled_exit)} filled exits")
+                    continue
+                exit_order, exit_action = filled_exit[0]
+                previous_exit = exit_action
+                kind = plan.kind.name if plan.kind else "fixed"
+                result.exits[exit_action.value] = result.exits.get(exit_action.value, 0) + 1
+                result.kinds[kind] = result.kinds.get(kind, 0) + 1
+                if cycle > 1:
+                    result.kinds["re-entered"] = result.kinds.get("re-entered", 0) + 1
+                if plan.group != "hit" or plan.kind is not None:
+                    continue  # the latency bound is judged on the fixed stops, crossed where the path says
+                buy_tag = filled_buy[0].tag
+                exit_tag = first_tag.get(exit_order.tag or "", exit_order.tag)  # a chased exit: its first order
+                self._judge_stop_latency(plan, placed_at.get(buy_tag or "", 0.0), placed_at.get(exit_tag or ""),
+                                         exit_action, faulted_by_tag.get(exit_tag or "", 0), exit_calls)  # fmt: skip
+        self._judge_daily_loss_limit(by_id, notes, tags, placed_at)
 
         # The expired session: every strategy of that user stops with the reconnect notice, no retry storm.
         for user in self.users:
