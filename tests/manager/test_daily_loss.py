@@ -1,10 +1,24 @@
-"""A trader's day P&L: realised from the fills of closed positions, unrealised from the last price of open ones."""
+"""A trader's day P&L (realised from the fills of closed positions, unrealised from the last price of open ones),
+and the daily loss limit's check that acts on it."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.clock import ManualClock
+from manager.daily_loss import DailyLossLimits
+from schemas.events import NotificationKind, UserNotification
+from storage.db import session_factory
+from storage.models import Notification, Strategy, User
 from storage.pnl import RunFills, Runs, day_pnl, open_instruments, run_pnl
+from tests.manager.test_strategy_manager import RecordingPublisher, clock, make_strategy, manager_for
+
+__all__ = ["clock"]  # the fixture, shared with the manager's tests
 
 
 def test_realised_and_unrealised_add_up_across_strategies_and_runs() -> None:
@@ -57,3 +71,53 @@ def test_a_run_is_one_lot_counted_in_exact_paise() -> None:
     assert pnl is not None and pnl.open
     assert (pnl.realised, pnl.unrealised, pnl.last_price) == (Decimal("0"), Decimal("-0.45"), Decimal("99.95"))
     assert run_pnl(RunFills("NSE:A", 3, [("BUY", "rejected", None, None)]), {}) is None
+
+
+# ------------------------------------------------------------------------------------------ the limit's check
+
+
+async def _engaged_with_one_running(
+    db_engine: AsyncEngine, redis: Redis, clock: ManualClock, told: bool
+) -> tuple[DailyLossLimits, RecordingPublisher, int]:
+    """A trader whose kill switch is engaged today while a strategy still runs: what a worker that died between
+    engaging the switch and stopping the strategies leaves behind."""
+    publisher = RecordingPublisher()
+    manager = manager_for(db_engine, redis, publisher, clock)
+    strategy_id, user_id = await make_strategy(db_engine)
+    await manager.start(strategy_id)
+    today = manager.calendar.local(clock.now()).date()
+    async with db_engine.begin() as conn:
+        await conn.execute(update(User).where(User.id == user_id).values(kill_switch_day=today))
+        if told:
+            await conn.execute(Notification.__table__.insert().values(
+                notification_id=DailyLossLimits._notice_id(user_id, today), user_id=user_id, kind="daily_loss_limit",
+                title="Daily Loss Limit Reached", message="Today's loss 900.00 reached your limit 800.00",
+                created_at=clock.now(),
+            ))  # fmt: skip
+    publisher.sent.clear()
+
+    async def no_prices(keys: list[str]) -> dict[str, float]:
+        return {}
+
+    return DailyLossLimits(session_factory(db_engine), manager, publisher, no_prices), publisher, strategy_id
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["limit", "manual-switch"])
+async def test_a_check_finishes_the_stops_of_a_day_engaged_but_cut_short(
+    db_engine: AsyncEngine, redis: Redis, clock: ManualClock, told: bool
+) -> None:
+    limits, publisher, strategy_id = await _engaged_with_one_running(db_engine, redis, clock, told)
+
+    assert len(await limits.check()) == 1
+
+    async with db_engine.connect() as conn:
+        status, reason = (
+            await conn.execute(select(Strategy.status, Strategy.status_reason).where(Strategy.id == strategy_id))
+        ).one()
+    assert (status, reason) == ("stopped", "daily loss limit" if told else "kill switch")
+    notices = [e for topic, _, e in publisher.sent if topic == "notifications"]
+    assert [isinstance(n, UserNotification) and n.kind for n in notices] == (
+        [NotificationKind.DAILY_LOSS_LIMIT] if told else []
+    )
+    # Finished: the next check has nothing left to do.
+    assert await limits.check() == []
