@@ -39,9 +39,10 @@ class PricePath:
 
     @classmethod
     def draw(cls, base: float, drop: float, day: float, rng: random.Random) -> PricePath:
+        # Close together: a re-entered position is to meet the second drop before the day's SELLs.
         rise = drop - rng.uniform(0.05 * day, 0.15 * day)
-        recover = drop + rng.uniform(0.08 * day, 0.2 * day)
-        again = recover + rng.uniform(0.05 * day, 0.15 * day)
+        recover = drop + rng.uniform(0.04 * day, 0.08 * day)
+        again = recover + rng.uniform(0.04 * day, 0.08 * day)
         return cls(base, ((0.0, 1.0), (max(rise, 0.05 * day), RISE), (drop, DROP), (recover, RECOVER),
                           (again, DROP_AGAIN)))  # fmt: skip
 

@@ -357,6 +357,9 @@ def plan_day(config: MatrixConfig, rng: random.Random) -> tuple[list[Planned], d
     for plan in plans:
         if plan.user < config.users and plan.index not in squared and rng.random() < config.exit_kinds:
             plan.kind = draw_kind(rng, BASE_PRICES[plan.instrument])
+            if plan.kind.reentries:  # bought early and sold late: the day's drops can stop it out twice
+                plan.buy_offset = rng.uniform(0.03 * day, 0.15 * day)
+                plan.sell_offset = 0.95 * day
     return plans, paths, incidents
 
 
