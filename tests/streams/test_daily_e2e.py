@@ -92,6 +92,7 @@ async def run_done(client: httpx.AsyncClient, user: Any, sid: int, run: int, nex
     )
 
 
+@pytest.mark.slow  # a minute or so over three trading days: `make pytest-slow`, which CI runs
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the pipeline, not the database, under test
 @pytest.mark.parametrize("pinned_clock", [datetime(2026, 2, 28, 18, 0, tzinfo=IST)], indirect=True)
 async def test_a_daily_strategy_trades_monday_skips_the_holi_holiday_and_trades_wednesday(
