@@ -67,6 +67,8 @@ class OrderGateway(Protocol):
 
     async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None: ...
 
+    async def last_price(self, instrument: str) -> float: ...
+
 
 class FreshSharedRead(Generic[T]):
     """Concurrent callers share one read, and no caller is answered by a read that began before it asked.
@@ -183,6 +185,10 @@ class KiteOrderGateway:
         await self.broker.order_call(
             self.broker.order_client.modify_order, variety="regular", order_id=order_id, order_type="LIMIT", price=price
         )
+
+    async def last_price(self, instrument: str) -> float:
+        """The broker's last traded price of "EXCHANGE:TRADINGSYMBOL" (paced to Kite's quote limit)."""
+        return await self.broker.last_price(instrument)
 
     async def modify_stop(self, order_id: str, *, trigger_price: float) -> None:
         """Move a resting SL-M's trigger (the protective stop following a risen stop)."""

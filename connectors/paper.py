@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import orjson
 from redis.asyncio import Redis
 
-from connectors.broker import BrokerRejected
+from connectors.broker import BrokerRejected, BrokerUnavailable
 from connectors.orders import BrokerOrder
 from core.clock import Clock
 from storage.runtime import LTP_KEY
@@ -64,6 +64,13 @@ class PaperOrderGateway:
     async def find_square_off(self, exchange: str, tradingsymbol: str, product: str) -> BrokerOrder | None:
         """No broker squares paper positions off."""
         return None
+
+    async def last_price(self, instrument: str) -> float:
+        """The last tick's price, the one paper orders fill at."""
+        price = await self.redis.hget(LTP_KEY, instrument)
+        if price is None:
+            raise BrokerUnavailable(f"no live price for {instrument} yet")
+        return float(price)
 
     async def modify_order(self, order_id: str, *, price: float) -> None:
         """Paper market orders fill at once and stops are never modified: nothing rests to re-price."""

@@ -192,6 +192,15 @@ class RuntimeStore:
         if prices:
             await self.redis.hset(LTP_KEY, mapping={k: repr(v) for k, v in prices.items()})
 
+    async def restore_last_prices(self, prices: Mapping[str, float]) -> None:
+        """After Redis lost its data: the prices a worker knows, where none has been written since. An instrument
+        that does not tick again would otherwise have no price for a chased exit, the P&L or a loss limit."""
+        if prices:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for instrument, price in prices.items():
+                    pipe.hsetnx(LTP_KEY, instrument, repr(price))
+                await pipe.execute()
+
     async def set_feed_behind(self, instruments: Iterable[str], behind_ms: float, cleared: Iterable[str]) -> None:
         """Mark these instruments' prices as read `behind_ms` late; unmark `cleared` (caught up)."""
         pipe = self.redis.pipeline(transaction=False)

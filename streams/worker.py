@@ -508,6 +508,9 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         try:
             async with services.recovery_lock:  # the start-up check and the timer must not overlap
                 report = await services.recovery.ensure()
+                # Redis back empty (whoever recovered it) lost the last prices too: put back the ones this worker
+                # knows. Only absent ones are written, so a fresher price written since is kept.
+                await services.runtime.restore_last_prices(dict(services.latest))
                 if report is None and not services.checked_stops_at_start:
                     # Redis survived, but this worker was down: a stop may have been crossed meanwhile.
                     await services.recovery.exit_crossed_stops()

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import math
 
-from connectors.broker import BrokerRejected, BrokerUnavailable
+from connectors.broker import BrokerError, BrokerRejected, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.settings import Settings
 from schemas.events import NotificationKind, OrderIntent
@@ -100,8 +100,8 @@ class RestingOrders:
                     "(the price moved past its market protection): it is re-priced until it fills",
                 )  # fmt: skip
             if current is not None and order.state is OrderState.OPEN and order.order_id is not None:
-                price = await self.prices.last_price(strategy.instrument)
-                if repriced < budget and price is not None:
+                price = await self._price_now(gateway, strategy.instrument) if repriced < budget else None
+                if price is not None:
                     repriced += 1
                     limit = limit_for_exit(price)
                     await self.ledger.moved(intent, order, OrderEvent.REPRICE,
@@ -126,6 +126,19 @@ class RestingOrders:
                     continue
             await asyncio.sleep(settings.exit_chase_interval_seconds)
             current = await self._status(gateway, order)
+
+    async def _price_now(self, gateway: OrderGateway, instrument: str) -> float | None:
+        """The price to re-price at: the last one the workers wrote, else the broker's. Redis restarted empty has
+        none for an instrument that has not ticked since, and without a price the exit could only be cancelled
+        and placed anew as a market order, which rests again in the same move, round after round."""
+        price = await self.prices.last_price(instrument)
+        if price is not None:
+            return price
+        try:
+            return await gateway.last_price(instrument)
+        except BrokerError as exc:
+            log.info("no last price for %s to re-price at (%s): the exit is placed anew", instrument, exc)
+            return None
 
     async def resume(
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder

@@ -97,6 +97,9 @@ class ChaosBroker:
             order = self.orders[order_id] = BrokerOrder(order_id, "COMPLETE", order.tag, 100.0, 5, None)
         return order
 
+    async def last_price(self, instrument: str) -> float:
+        return 100.0
+
     async def modify_order(self, order_id: str, *, price: float) -> None:
         order = self.orders[order_id]
         if order.status == "OPEN":  # re-priced at the price now: it fills

@@ -24,7 +24,7 @@ from manager.strategy_manager import StrategyManager
 from schemas.events import Action, NotificationKind, OrderStatus
 from storage.db import session_factory
 from storage.models import OrderLogKind
-from storage.runtime import RuntimeStore
+from storage.runtime import LTP_KEY, RuntimeStore
 from streams.execution import Executor
 from streams.execution.resting import limit_for_exit
 from tests.fixtures.services import build_settings
@@ -123,6 +123,27 @@ async def test_a_resting_exit_is_repriced_at_the_price_now_and_fills_once(
     kinds = [n.kind for n in engine.publisher.notifications()]
     assert kinds.count(NotificationKind.EXIT_CHASED) == 1 and NotificationKind.STOPLOSS_TRIGGERED in kinds
     assert simulator.state.accounts[account.api_key].positions[("NSE", "INFY", "MIS")].quantity == 0
+
+
+@sqlite_only
+async def test_with_no_last_price_in_redis_a_resting_exit_is_repriced_at_the_brokers(
+    db_engine: AsyncEngine, redis: Redis, simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    """Redis restarted empty and the instrument has not ticked since: without a price the exit could only be
+    placed anew as a market order, which rests again in the same move, round after round (crash matrix)."""
+    account = kite_account()
+    engine = await engine_on_simulator(db_engine, redis, simulator, account)
+    await bought(engine, simulator)
+    await crash(engine, simulator, 1400.0)
+    await redis.delete(LTP_KEY)
+
+    result = await engine.executor.execute(engine.intent(Action.STOPLOSS))
+
+    assert result is not None and result.status is OrderStatus.FILLED and result.price == 1400.0
+    (sell,) = sells(simulator, account)  # one order: re-priced, never cancelled and placed anew
+    assert (sell.status, sell.order_type) == ("COMPLETE", "LIMIT")
+    assert [(r.outcome, r.params["price"]) for r in audit(simulator, account, "modify")] == [("modified", "1400.0")]
+    assert audit(simulator, account, "cancel") == []
 
 
 @sqlite_only
