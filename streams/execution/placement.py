@@ -48,7 +48,7 @@ return 0
 
 
 class Withdrawn(Exception):
-    """A BUY handed over early whose strategy was stopped before it fell due: nothing was sent."""
+    """A BUY whose strategy was stopped before it was sent (while held until due, or waiting for its turn)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -158,6 +158,11 @@ class Placement:
             ):
                 if not held:  # a BUY held until its time waited for the clock, not for the rate limit
                     RATE_LIMIT_WAIT_SECONDS.labels(intent.action.value).observe(time.perf_counter() - waited_from)
+                    if intent.action is Action.BUY:
+                        # Its checks were made before its turn and the rate limit's wait: a STOP, the kill switch
+                        # or a loss limit may have stopped the strategy since (crash matrix: BUYs seconds after
+                        # the daily loss limit). Exits go whatever happened: they close a position.
+                        await self._still_running(intent, "strategy stopped before its BUY was sent")
                 INTENT_LAG_SECONDS.labels(intent.action.value).observe(
                     max(-self.context.clock.seconds_until(intent.due_at), 0.0)
                 )
@@ -225,18 +230,22 @@ class Placement:
         async with self.gate.stepped_out(priority) if self.gate is not None else contextlib.nullcontext():
             reserved = await self.rate_limiter.reserve(intent.user_id, time.time() + clock.seconds_until(intent.due_at))
             await clock.sleep_until(intent.due_at)
-            # Redis says "still this run" and marks it buying, in one round trip for every BUY of the instant; only
-            # if Redis does not know the strategy (stopped, restarted empty, unreachable) does the database decide.
-            try:
-                loaded = await self._loaded_checks((intent.strategy_id, intent.run))
-            except RedisError:
-                loaded = False
-            if not loaded:
-                if not await self.context.still_running(intent):
-                    raise Withdrawn("strategy stopped before its buy time")
-                await self.context.set_runtime(intent.strategy_id, state=RuntimeState.BUYING.value)
+            await self._still_running(intent, "strategy stopped before its buy time")
             await self.step_aside(intent)
             yield reserved
+
+    async def _still_running(self, intent: OrderIntent, reason: str) -> None:
+        """Raise Withdrawn unless the BUY's strategy is still running this run (and mark it buying). Redis answers,
+        in one round trip for every BUY of the instant; only if Redis does not know the strategy (stopped,
+        restarted empty, unreachable) does the database decide."""
+        try:
+            loaded = await self._loaded_checks((intent.strategy_id, intent.run))
+        except RedisError:
+            loaded = False
+        if not loaded:
+            if not await self.context.still_running(intent):
+                raise Withdrawn(reason)
+            await self.context.set_runtime(intent.strategy_id, state=RuntimeState.BUYING.value)
 
     async def _mark_buying_if_loaded(self, strategies: list[tuple[int, int]]) -> list[bool]:
         async with self.context.redis.pipeline(transaction=False) as pipe:

@@ -79,8 +79,8 @@ class FakeGateway:
     orders: dict[str, BrokerOrder] = field(default_factory=dict)
     placements: list[dict[str, Any]] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
-    # Runs when the engine takes this user's gateway: after its checks, before its attempt row and the call.
-    on_checkout: Callable[[], Awaitable[object]] | None = None
+    # Runs once as a placement arrives, before the order is taken: what lands while the call is in flight.
+    on_place: Callable[[], Awaitable[object]] | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(250_115_000_001))
 
     def add_order(self, tag: str, status: str = "COMPLETE", message: str | None = None) -> BrokerOrder:
@@ -97,9 +97,15 @@ class FakeGateway:
         self.orders[order_id] = order
         return order
 
+    async def last_price(self, instrument: str) -> float:
+        return self.fill_price
+
     async def place_market_order(
         self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
     ) -> str:
+        if self.on_place is not None:
+            arriving, self.on_place = self.on_place, None
+            await arriving()
         self.placements.append(
             {"exchange": exchange, "tradingsymbol": tradingsymbol, "side": side, "quantity": quantity,
              "product": product, "tag": tag}
@@ -255,8 +261,6 @@ async def make_engine(db_engine: AsyncEngine, redis: Redis, **settings_overrides
 
     async def gateways(user_id: int) -> OrderGateway:
         assert user_id == strategy.user_id
-        if gateway.on_checkout is not None:
-            await gateway.on_checkout()
         return gateway
 
     executor = Executor(settings, clock, sessions, redis, publisher, gateways, manager)

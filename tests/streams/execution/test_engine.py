@@ -197,6 +197,34 @@ async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent
     assert engine.gateway.placements == []
 
 
+async def test_a_buy_whose_strategy_is_stopped_while_it_waits_for_the_rate_limit_is_never_sent(
+    engine: Engine,
+) -> None:
+    """Its checks pass, then it waits for a broker grant (a burst of the trader's orders ahead of it) while the
+    daily loss limit stops the strategy: the BUY is withdrawn, not sent seconds after the stop."""
+    limiter = engine.executor.placement.rate_limiter
+    grant = limiter._granted
+    waiting, go = asyncio.Event(), asyncio.Event()
+
+    async def grant_when_let(user_id: int, priority: int) -> str:
+        waiting.set()
+        await go.wait()
+        return await grant(user_id, priority)
+
+    limiter._granted = grant_when_let  # type: ignore[method-assign]
+    intent = engine.intent(Action.BUY)  # due now
+    execution = asyncio.create_task(engine.executor.execute(intent))
+    await asyncio.wait_for(waiting.wait(), 5)
+    await engine.executor.manager.stop(engine.strategy_id)  # "buying": its EXIT would find nothing to sell
+    go.set()
+    result = await asyncio.wait_for(execution, 5)
+
+    assert result is not None
+    assert (result.status, result.message) == (OrderStatus.SKIPPED, "strategy stopped before its BUY was sent")
+    assert engine.gateway.placements == []
+    assert await engine.results() == [("BUY", "skipped")]
+
+
 async def test_a_buy_whose_worker_died_while_holding_it_is_sent_once_at_its_time_by_the_next(engine: Engine) -> None:
     engine.executor.settings = engine.executor.settings.model_copy(update={"broker_timeout_seconds": 0.2})
     held = await held_buy(engine)
@@ -306,18 +334,17 @@ async def test_an_exit_first_adopts_a_buy_whose_outcome_was_never_recorded(engin
 
 
 async def test_a_buy_that_fills_after_the_trader_stopped_the_strategy_is_squared_off(engine: Engine) -> None:
-    """Regression for crash-matrix seed 9: the STOP landed after the engine had checked that the strategy
-    was running and before it logged the BUY's attempt. The STOP saw no position (no attempt, no result) and
-    squared nothing off; the BUY then filled, and the shares stayed at the broker with nobody managing them."""
+    """Regression for crash-matrix seed 9: the STOP landed after the engine's last check that the strategy was
+    running, while the BUY was on its way. The STOP saw no position and squared nothing off; the BUY then filled,
+    and the shares stayed at the broker with nobody managing them."""
     outcomes = []
 
     async def trader_stops() -> None:
-        engine.gateway.on_checkout = None
         # The STOP read the runtime before the engine marked it "buying": as far as it could see, flat.
         await engine.redis.hset(runtime_key(engine.strategy_id), "state", "idle")
         outcomes.append(await engine.executor.manager.stop(engine.strategy_id, square_off=True))
 
-    engine.gateway.on_checkout = trader_stops
+    engine.gateway.on_place = trader_stops
     result = await engine.executor.execute(engine.intent(Action.BUY))
 
     assert result is not None and result.status is OrderStatus.FILLED
