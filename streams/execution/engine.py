@@ -20,7 +20,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from connectors.broker import BrokerError, BrokerRejected
+from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import Clock
 from core.logs import log_outcome
@@ -185,7 +185,8 @@ class Executor:
             # Refused or withdrawn, and the worker died before the result row: settle it as it ended.
             if order.state is OrderState.SKIPPED:
                 return await self.outcomes.skip(intent, order, "withdrawn before it was sent")
-            return await self.outcomes.fail(intent, strategy, order, BrokerRejected("refused by the broker"))
+            refusal = BrokerTokenExpired("session expired") if order.session_expired else None
+            return await self.outcomes.fail(intent, strategy, order, refusal or BrokerRejected("refused by the broker"))
         await self.reconciler.let_settle(order)
         settled = await self.reconciler.settle_run(intent, strategy, history)
         if settled.resting is not None:

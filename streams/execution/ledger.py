@@ -79,7 +79,14 @@ _ATTEMPT_WORDS = {
     OrderState.FILLED: "placed",
     OrderState.CANCELLED: "placed",
     OrderState.GIVEN_UP: "unclear",
+    OrderState.REJECTED: "refused",  # "expired" where the session was the reason (`_attempt_word`)
 }
+
+
+def _attempt_word(order: TrackedOrder) -> str:
+    if order.state is OrderState.REJECTED and order.session_expired:
+        return "expired"
+    return _ATTEMPT_WORDS[order.state]
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class RunHistory:
             order.attempts, order.tag, order.order_id = last.attempt, last.broker_tag, last.broker_order_id
             order.seq = len({row.broker_tag for row in attempts})
             order.state = ATTEMPT_STATES.get(last.status, OrderState.UNKNOWN)
+            order.session_expired = last.status == "expired"
             if order.state is OrderState.SENDING:
                 order.sent_at = aware(last.created_at)
         result = next((row for row in rows if row.kind == OrderLogKind.RESULT.value), None)
@@ -168,7 +176,7 @@ class Ledger:
         order.apply(OrderEvent.SEND)
         order.attempts += 1
         order.sent_at = at
-        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _ATTEMPT_WORDS[order.state], None, price, None,
+        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _attempt_word(order), None, price, None,
                        at=at, tag=order.tag)  # fmt: skip
         await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
         return order.attempts
@@ -178,7 +186,7 @@ class Ledger:
         broker call; the row's price is then the trigger the order holds (`settled_modify`)."""
         order.apply(OrderEvent.MODIFY)
         order.attempts += 1
-        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _ATTEMPT_WORDS[order.state], order.order_id,
+        row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _attempt_word(order), order.order_id,
                        trigger, message, tag=order.tag)  # fmt: skip
         await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
 
@@ -189,7 +197,7 @@ class Ledger:
         order.apply(event)
         await self.context.journal.write(Rows(UPDATE_MODIFY, {
             "match_intent_id": intent.intent_id, "match_attempt": order.attempts,
-            "new_status": _ATTEMPT_WORDS[order.state], "new_price": money(trigger), "new_message": message,
+            "new_status": _attempt_word(order), "new_price": money(trigger), "new_message": message,
         }))  # fmt: skip
 
     async def moved(
@@ -204,7 +212,7 @@ class Ledger:
         of update, so a batch of them is one executemany."""
         return Rows(UPDATE_ATTEMPT, {
             "match_intent_id": intent.intent_id, "match_attempt": order.attempts,
-            "new_status": _ATTEMPT_WORDS[order.state], "new_order_id": order.order_id, "new_message": message,
+            "new_status": _attempt_word(order), "new_order_id": order.order_id, "new_message": message,
         })  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ results

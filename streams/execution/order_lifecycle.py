@@ -163,6 +163,8 @@ class TrackedOrder:
     in_transit_since: float | None = None
     order_id: str | None = None
     seq: int = 1  # which of the intent's broker orders this is (a cancelled one may be replaced)
+    # Refused because the broker session had expired: a redelivery settling it tells the trader to reconnect.
+    session_expired: bool = False
     history: list[tuple[OrderState, OrderEvent, OrderState]] = field(default_factory=list)
 
     def apply(self, event: OrderEvent) -> OrderState:
@@ -197,6 +199,7 @@ ATTEMPT_STATES = {
     "unclear": OrderState.UNKNOWN,
     "placed": OrderState.OPEN,
     "refused": OrderState.REJECTED,
+    "expired": OrderState.REJECTED,  # refused because the trader's broker session had expired (`session_expired`)
     "withdrawn": OrderState.SKIPPED,
     "resting": OrderState.TRIGGER_PENDING,
     "cancelling": OrderState.CANCELLING,

@@ -18,7 +18,7 @@ from datetime import UTC
 
 from redis.exceptions import RedisError
 
-from connectors.broker import BrokerEgressDown, BrokerError, BrokerThrottled, BrokerUnavailable
+from connectors.broker import BrokerEgressDown, BrokerError, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.coalesce import Coalesced
 from core.metrics import INTENT_LAG_SECONDS, ORDER_RETRIES, RATE_LIMIT_WAIT_SECONDS
@@ -198,6 +198,7 @@ class Placement:
                     log.exception("intent %s: egress-down notice not delivered", intent.intent_id)
             raise
         except BrokerError as exc:
+            order.session_expired = isinstance(exc, BrokerTokenExpired)
             await self.ledger.moved(intent, order, OrderEvent.REJECTED, message=exc.message)
             raise
         # The broker has it now: should confirming fail, a retry must find it, never place again.

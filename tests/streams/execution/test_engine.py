@@ -647,6 +647,34 @@ async def test_an_expired_token_fails_at_once_and_asks_for_a_reconnect(engine: E
     assert "broker session expired, reconnect" in note.message
 
 
+@sqlite_only
+async def test_a_refusal_for_an_expired_session_settled_by_a_redelivery_still_asks_for_a_reconnect(
+    engine: Engine,
+) -> None:
+    """The worker died between the refusal's attempt row and the result row: the redelivery settles the refused
+    order without a broker call, and must still tell the trader to reconnect, not "refused by the broker"."""
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = [BrokerTokenExpired("Incorrect `api_key` or `access_token`.", http_status=403)]
+    fail = engine.executor.outcomes.fail
+
+    async def killed(*args: object, **kwargs: object) -> None:
+        raise asyncio.CancelledError  # the worker is gone before it records the outcome
+
+    engine.executor.outcomes.fail = killed  # type: ignore[assignment,method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await engine.executor.execute(intent)
+    assert await engine.attempts(intent) == [(1, "expired")]
+    engine.executor.outcomes.fail = fail  # type: ignore[method-assign]
+
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.message) == (OrderStatus.FAILED, "broker session expired, reconnect")
+    assert len(engine.gateway.placements) == 1  # the redelivery sent nothing
+    [note] = engine.publisher.notifications()
+    assert note.kind is NotificationKind.BROKER_SESSION_EXPIRED
+
+
 # ------------------------------------------------------------------------------------ state machine
 
 
