@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -63,6 +64,15 @@ MARKET_CLOSED = "market closed"
 
 def _no_turn() -> None:
     return None
+
+
+SLOW_EXIT_SECONDS = 1.0
+
+
+def slow_exit(intent: OrderIntent, what: str, seconds: float) -> None:
+    """An exit held up on its way to the broker says where: what an operator needs when a stop exits late."""
+    if intent.action.is_exit and seconds >= SLOW_EXIT_SECONDS:
+        log.warning("intent %s %s: %.1fs", intent.intent_id, what, seconds)
 
 
 class ExecutionStalled(RuntimeError):
@@ -140,9 +150,11 @@ class Executor:
         outlives its own lock.
         """
         ttl = LOCK_SECONDS if self.lease is None else LEASED_LOCK_SECONDS
+        asked = time.monotonic()
         async with kept_alive_lock(
             self.context.redis, lock_key(intent.strategy_id), ttl, LOCK_WAIT_SECONDS, self.lease
         ):
+            slow_exit(intent, "waited for its strategy's lock", time.monotonic() - asked)
             deadline = asyncio.timeout(self.settings.execution_deadline_seconds)
             try:
                 async with deadline:
@@ -164,6 +176,7 @@ class Executor:
                 return None
 
     async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
+        locked = time.monotonic()
         await self.placement.step_aside(intent)
         # The strategy and every order-log row of its run (a handful) decide the intent.
         strategy, history = await self.ledger.read_run(intent.strategy_id, intent.run)
@@ -207,8 +220,11 @@ class Executor:
             return await self._skip(intent, strategy, order, skip_reason)
 
         await self.placement.step_aside(intent)
+        slow_exit(intent, "took to be decided (reads, earlier orders settled)", time.monotonic() - locked)
         # The decision is made: from here to the broker call, the order takes one of its user's turns.
+        asked = time.monotonic()
         turn = await self._turn(intent)
+        slow_exit(intent, "waited for its user's turn", time.monotonic() - asked)
         try:
             return await self._place(intent, strategy, order, history, turn)
         finally:

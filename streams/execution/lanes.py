@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from core.logs import intent_context
 from core.metrics import LANES_BUSY, LANES_OPEN, PendingExits
 from schemas.events import Action, OrderIntent
 from streams.execution import Executor
+from streams.execution.engine import slow_exit
 from streams.execution.limits import PriorityGate
 from streams.execution.priority import PRIORITY, Urgency, inherited
 
@@ -38,7 +40,7 @@ class StrategyLanes:
         self.executor = executor
         self.gate = PriorityGate(concurrency)
         executor.gate = self.gate  # its lower-priority work steps aside for higher at checkpoints
-        self._queues: dict[int, asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]] = {}
+        self._queues: dict[int, asyncio.Queue[tuple[OrderIntent, Callable[[], Any], float]]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         # intent id -> acknowledgements of the later copies, for an intent queued or running in this worker
         self._copies: dict[str, list[Callable[[], Any]]] = {}
@@ -69,17 +71,20 @@ class StrategyLanes:
             queue = self._queues[intent.strategy_id] = asyncio.Queue()
             self._tasks[intent.strategy_id] = asyncio.create_task(self._drain(intent.strategy_id, queue))
             LANES_OPEN.set(len(self._tasks))
-        queue.put_nowait((intent, done))
+        queue.put_nowait((intent, done, time.monotonic()))
 
-    async def _drain(self, strategy_id: int, queue: asyncio.Queue[tuple[OrderIntent, Callable[[], Any]]]) -> None:
+    async def _drain(
+        self, strategy_id: int, queue: asyncio.Queue[tuple[OrderIntent, Callable[[], Any], float]]
+    ) -> None:
         try:
             while True:
                 try:
-                    intent, done = await asyncio.wait_for(queue.get(), IDLE_LANE_SECONDS)
+                    intent, done, queued_at = await asyncio.wait_for(queue.get(), IDLE_LANE_SECONDS)
                 except TimeoutError:
                     if queue.empty():
                         return
                     continue
+                slow_exit(intent, "waited in its strategy's lane", time.monotonic() - queued_at)
                 urgency = self._start(intent)
                 try:
                     with inherited(urgency):
@@ -111,7 +116,9 @@ class StrategyLanes:
         delay = 0.2  # short: a STOPLOSS of the same strategy may be queued behind this intent
         while True:
             try:
+                asked = time.monotonic()
                 async with self.gate.slot(PRIORITY[intent.action]):
+                    slow_exit(intent, "waited for an execution slot", time.monotonic() - asked)
                     with LANES_BUSY.track_inprogress(), intent_context(intent.intent_id, intent.strategy_id):
                         await self.executor.execute(intent)
                 return
