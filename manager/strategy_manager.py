@@ -37,6 +37,7 @@ from schemas.events import (
     StrategyLifecycle,
     StrategySpec,
     Trigger,
+    cycle_of,
     intent_id_for,
 )
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, StrategyStatusChange
@@ -326,8 +327,18 @@ class StrategyManager:
 
     async def _send_exit(self, strategy: Strategy, trading_day: date, trigger: Trigger) -> None:
         now = self.clock.now()
-        async with self.session_factory() as session:  # the cycle whose position this EXIT closes
+        # The cycle whose position this EXIT closes: the latest BUY's, filled or still on its way. A re-entry BUY
+        # in flight as the strategy stops is the position to close (the cycle before it was stopped out, or it
+        # would not have been sent); named for the cycle before, the EXIT would be that cycle's second exit.
+        async with self.session_factory() as session:
             cycle = (await positions_of(session, [(strategy.id, strategy.run)]))[strategy.id].cycle
+            buys = await session.scalars(
+                select(OrderLog.intent_id).distinct().where(
+                    OrderLog.strategy_id == strategy.id, OrderLog.run == strategy.run,
+                    OrderLog.action == Action.BUY.value,
+                )
+            )  # fmt: skip
+            cycle = max([cycle, *(cycle_of(intent_id) for intent_id in buys)])
         exit_intent = OrderIntent(
             intent_id=intent_id_for(strategy.id, trading_day, strategy.run, Action.EXIT, cycle),
             strategy_id=strategy.id,

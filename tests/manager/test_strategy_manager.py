@@ -193,3 +193,40 @@ async def test_load_recreates_keys_without_a_new_run(db_engine: AsyncEngine, red
     runtime = await redis.hgetall(runtime_key(strategy_id))
     assert (runtime["run"], runtime["state"], runtime["trading_day"]) == ("1", "bought", "2025-01-15")
     assert (await redis.hgetall(strategy_key(strategy_id)))["user_id"] == str(user_id)
+
+
+async def test_a_stop_while_a_re_entry_buy_is_on_its_way_names_its_exit_for_that_buys_cycle(
+    db_engine: AsyncEngine, redis: Redis, clock: ManualClock
+) -> None:
+    """Crash matrix: cycle 1 was stopped out and cycle 2's BUY was sent when the daily loss limit stopped the
+    strategy. The EXIT was named for cycle 1, so the one sale of cycle 2's shares read as cycle 1's second exit."""
+    publisher = RecordingPublisher()
+    manager = manager_for(db_engine, redis, publisher, clock)
+    strategy_id, user_id = await make_strategy(db_engine)
+    await manager.start(strategy_id)
+    rows = [
+        ("BUY", "result", "filled", "1"),
+        ("STOPLOSS", "result", "filled", "2"),
+        ("c2:BUY", "attempt", "sending", None),
+    ]
+    async with db_engine.begin() as conn:
+        for name, kind, status, order_id in rows:
+            await conn.execute(
+                OrderLog.__table__.insert().values(
+                    intent_id=f"{strategy_id}:2025-01-15:1:{name}", strategy_id=strategy_id, user_id=user_id, run=1,
+                    action=name.split(":")[-1], kind=kind, attempt=0 if kind == "result" else 1, status=status,
+                    broker_tag=name, broker_order_id=order_id, quantity=5, price=Decimal("1500"),
+                    created_at=datetime.now(UTC),
+                )
+            )  # fmt: skip
+    await redis.hset(runtime_key(strategy_id), "state", "buying")
+
+    outcome = await manager.stop(strategy_id, user_id=user_id)
+
+    assert outcome.squared_off
+    [exit_intent] = [e for topic, _, e in publisher.sent if topic == "orders" and isinstance(e, OrderIntent)]
+    assert (exit_intent.action.value, exit_intent.cycle, exit_intent.intent_id) == (
+        "EXIT",
+        2,
+        f"{strategy_id}:2025-01-15:1:c2:EXIT",
+    )
