@@ -93,6 +93,7 @@ class DailyLossLimits:
         )  # fmt: skip
         # The switch and the notice in one transaction: a day found engaged with strategies still running (a worker
         # died in the stops below) is finished by the next check, which knows from the notice that the limit did it.
+        await self.manager.runtime.hold_buys(user_id)  # first: a BUY about to leave is withdrawn from now on
         try:
             async with self.sessions() as session:
                 await session.execute(update(User).where(User.id == user_id).values(kill_switch_day=today))
@@ -112,6 +113,7 @@ class DailyLossLimits:
     async def _finish(self, user_id: int, reason: str, notice: UserNotification | None) -> None:
         """Stop the trader's running strategies for the day (squaring off), then send the notice (once more, with the
         same notice id, when a check finishes a day cut short: delivery is at least once)."""
+        await self.manager.runtime.hold_buys(user_id)  # again: Redis may have restarted since the switch
         async with self.sessions() as session:
             running = (
                 await session.scalars(

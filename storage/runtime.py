@@ -56,6 +56,16 @@ def lock_key(strategy_id: int) -> str:
     return f"lock:runtime:{strategy_id}"
 
 
+def buys_held_key(user_id: int) -> str:
+    """Set from the moment the trader's kill switch (or daily loss limit) is engaged: the execution engine's last
+    check before a BUY's call, which Redis answers alone otherwise, then asks the database, where the switch is
+    recorded. A flag left over (released, or a new day) costs a read per BUY, never a BUY."""
+    return f"buys-held:{user_id}"
+
+
+BUYS_HELD_SECONDS = 24 * 3600
+
+
 LTP_KEY = "ltp"
 # instrument -> "<ms> <unix seconds>": how late the tick feed read the instrument's last prices, written while
 # it reads a second or more behind (the trader's status says the stop is checked that late).
@@ -170,6 +180,12 @@ class RuntimeStore:
         pipe.delete(strategy_key(strategy_id), runtime_key(strategy_id))
         pipe.srem(symbol_key(instrument), str(strategy_id))
         await pipe.execute()
+
+    async def hold_buys(self, user_id: int) -> None:
+        await self.redis.set(buys_held_key(user_id), "1", ex=BUYS_HELD_SECONDS)
+
+    async def release_buys(self, user_id: int) -> None:
+        await self.redis.delete(buys_held_key(user_id))
 
     async def strategy(self, strategy_id: int) -> dict[str, str]:
         return cast(dict[str, str], await self.redis.hgetall(strategy_key(strategy_id)))

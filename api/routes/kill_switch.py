@@ -47,6 +47,7 @@ async def engage(
     user: CurrentUser, session: SessionDep, manager: ManagerDep, clock: ClockDep, calendar: CalendarDep
 ) -> KillSwitchResponse:
     today = calendar.local(clock.now()).date()
+    await manager.runtime.hold_buys(user.id)  # first: a BUY about to leave is withdrawn from now on
     await session.execute(update(User).where(User.id == user.id).values(kill_switch_day=today))
     await session.commit()
     stopped = squared_off = 0
@@ -83,8 +84,9 @@ async def state(user: CurrentUser, session: SessionDep, clock: ClockDep, calenda
 
 @router.delete("/kill-switch", response_model=KillSwitchResponse, summary="Release the kill switch",
                responses=responses(401))  # fmt: skip
-async def release(user: CurrentUser, session: SessionDep) -> KillSwitchResponse:
+async def release(user: CurrentUser, session: SessionDep, manager: ManagerDep) -> KillSwitchResponse:
     await session.execute(update(User).where(User.id == user.id).values(kill_switch_day=None))
     await session.commit()
+    await manager.runtime.release_buys(user.id)
     return KillSwitchResponse(engaged=False, message="released: strategies may start again (stopped ones stay "
                                                      "stopped until you start them)")  # fmt: skip

@@ -16,7 +16,7 @@ from core.settings import Settings
 from manager.strategy_manager import StrategyManager
 from schemas.events import Event, OrderIntent
 from storage.journal import GroupCommit
-from storage.models import Strategy, StrategyStatus
+from storage.models import Strategy, StrategyStatus, User
 from storage.runtime import runtime_key
 
 ORDER_RESULTS_TOPIC = "order-results"
@@ -65,9 +65,17 @@ class EngineContext:
         await self._hset_if_exists(keys=[runtime_key(strategy_id)], args=flat)
 
     async def still_running(self, intent: OrderIntent) -> bool:
-        """The strategy's status now, read afresh: a STOP may have landed since this intent was picked up."""
+        """The strategy's status now, read afresh: a STOP may have landed since this intent was picked up, or the
+        trader's kill switch (the daily loss limit's too) was engaged and its stops are under way."""
+        today = self.manager.calendar.local(self.clock.now()).date()
         async with self.sessions() as session:
             current = (
-                await session.execute(select(Strategy.status, Strategy.run).where(Strategy.id == intent.strategy_id))
+                await session.execute(
+                    select(Strategy.status, Strategy.run, User.kill_switch_day)
+                    .join(User, User.id == Strategy.user_id)
+                    .where(Strategy.id == intent.strategy_id)
+                )
             ).first()
-        return current is not None and current.status == StrategyStatus.RUNNING.value and current.run == intent.run
+        if current is None or current.status != StrategyStatus.RUNNING.value or current.run != intent.run:
+            return False
+        return current.kill_switch_day is None or current.kill_switch_day < today

@@ -24,7 +24,7 @@ from core.coalesce import Coalesced
 from core.metrics import INTENT_LAG_SECONDS, ORDER_RETRIES, RATE_LIMIT_WAIT_SECONDS
 from schemas.events import Action, NotificationKind, OrderIntent
 from storage.models import Strategy
-from storage.runtime import RuntimeState, runtime_key, strategy_key
+from storage.runtime import RuntimeState, buys_held_key, runtime_key, strategy_key
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger
 from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
@@ -39,6 +39,9 @@ STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for e
 
 # A BUY falling due: its strategy's run is still the one loaded (not stopped, not restarted) -> mark it buying.
 _BUYING_IF_LOADED = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
 if redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
   redis.call('HSET', KEYS[2], 'state', ARGV[2])
   return 1
@@ -70,7 +73,7 @@ class Placement:
             per_day=settings.broker_orders_per_day, exit_reserve=settings.broker_exit_reserve,
         )  # fmt: skip
         self._buying_if_loaded = context.redis.register_script(_BUYING_IF_LOADED)
-        self._loaded_checks: Coalesced[tuple[int, int], bool] = Coalesced(self._mark_buying_if_loaded)
+        self._loaded_checks: Coalesced[tuple[int, int, int], bool] = Coalesced(self._mark_buying_if_loaded)
         self.gate: PriorityGate | None = None  # set by the lanes that run the engine
 
     async def step_aside(self, intent: OrderIntent) -> None:
@@ -240,7 +243,7 @@ class Placement:
         in one round trip for every BUY of the instant; only if Redis does not know the strategy (stopped,
         restarted empty, unreachable) does the database decide."""
         try:
-            loaded = await self._loaded_checks((intent.strategy_id, intent.run))
+            loaded = await self._loaded_checks((intent.strategy_id, intent.run, intent.user_id))
         except RedisError:
             loaded = False
         if not loaded:
@@ -248,11 +251,13 @@ class Placement:
                 raise Withdrawn(reason)
             await self.context.set_runtime(intent.strategy_id, state=RuntimeState.BUYING.value)
 
-    async def _mark_buying_if_loaded(self, strategies: list[tuple[int, int]]) -> list[bool]:
+    async def _mark_buying_if_loaded(self, strategies: list[tuple[int, int, int]]) -> list[bool]:
+        """Per (strategy, run, user): Redis knows the strategy on this run and the user's BUYs are not held (then
+        it is marked buying); False sends the BUY to the database's check."""
         async with self.context.redis.pipeline(transaction=False) as pipe:
-            for strategy_id, run in strategies:
+            for strategy_id, run, user_id in strategies:
                 await self._buying_if_loaded(
-                    keys=[strategy_key(strategy_id), runtime_key(strategy_id)],
+                    keys=[strategy_key(strategy_id), runtime_key(strategy_id), buys_held_key(user_id)],
                     args=[str(run), RuntimeState.BUYING.value],
                     client=pipe,
                 )

@@ -8,6 +8,7 @@ that finally fails stops the strategy and tells the trader.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,7 +29,7 @@ from schemas.events import (
     broker_tag_for,
 )
 from storage.db import aware
-from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus
+from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, User
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled
 from streams.execution.limits import PriorityGate
@@ -197,8 +198,25 @@ async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent
     assert engine.gateway.placements == []
 
 
+async def stopped_by_the_manager(engine: Engine) -> None:
+    await engine.executor.manager.stop(engine.strategy_id)  # "buying": its EXIT would find nothing to sell
+
+
+async def kill_switch_engaged_before_its_stop(engine: Engine) -> None:
+    """The daily loss limit (or the trader's kill switch) is engaged; the strategy's own stop has not come yet
+    (the trader's strategies are stopped one after another)."""
+    manager = engine.executor.manager
+    await manager.runtime.hold_buys(engine.user_id)
+    async with engine.sessions() as session:
+        today = manager.calendar.local(engine.clock.now()).date()
+        await session.execute(update(User).where(User.id == engine.user_id).values(kill_switch_day=today))
+        await session.commit()
+
+
+@pytest.mark.parametrize("stop_it", [stopped_by_the_manager, kill_switch_engaged_before_its_stop],
+                         ids=["stopped", "kill-switch"])  # fmt: skip
 async def test_a_buy_whose_strategy_is_stopped_while_it_waits_for_the_rate_limit_is_never_sent(
-    engine: Engine,
+    engine: Engine, stop_it: Callable[[Engine], Awaitable[None]]
 ) -> None:
     """Its checks pass, then it waits for a broker grant (a burst of the trader's orders ahead of it) while the
     daily loss limit stops the strategy: the BUY is withdrawn, not sent seconds after the stop."""
@@ -215,7 +233,7 @@ async def test_a_buy_whose_strategy_is_stopped_while_it_waits_for_the_rate_limit
     intent = engine.intent(Action.BUY)  # due now
     execution = asyncio.create_task(engine.executor.execute(intent))
     await asyncio.wait_for(waiting.wait(), 5)
-    await engine.executor.manager.stop(engine.strategy_id)  # "buying": its EXIT would find nothing to sell
+    await stop_it(engine)
     go.set()
     result = await asyncio.wait_for(execution, 5)
 
