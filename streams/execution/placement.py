@@ -144,11 +144,14 @@ class Placement:
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder,
         turn: Callable[[], None],
     ) -> BrokerOrder:  # fmt: skip
-        # Dated when it is sent: a successor that finds it unanswered gives it that long to arrive.
-        sent_at = max(self.context.clock.now(), intent.due_at.astimezone(UTC))
-        await self.ledger.sent(intent, order, sent_at)
         priority = PRIORITY[intent.action]
         held, waited_from = self.early(intent), time.perf_counter()
+        logged = False
+        if held:
+            # A BUY held until its time has its row now, dated when it is to be sent, so that only the call is
+            # left at that instant (a successor finding it unanswered gives it the broker timeout from then).
+            await self.ledger.sent(intent, order, max(self.context.clock.now(), intent.due_at.astimezone(UTC)))
+            logged = True
         sent = time.monotonic()  # re-read just before the call
         try:
             async with (
@@ -166,6 +169,14 @@ class Placement:
                         # or a loss limit may have stopped the strategy since (crash matrix: BUYs seconds after
                         # the daily loss limit). Exits go whatever happened: they close a position.
                         await self._still_running(intent, "strategy stopped before its BUY was sent")
+                if not logged:
+                    # Written after every wait, just before the call, and dated so: another delivery finding it
+                    # unanswered gives it the broker timeout from when it really left. Dated before a rate-limit
+                    # wait, a second worker (its lock lost with a Redis restart) asked the broker too soon, found
+                    # nothing and sent the same BUY again. The attempt number is unique per intent: two processes
+                    # sending at once cannot both claim it, and the one refused sends nothing.
+                    await self.ledger.sent(intent, order, self.context.clock.now())
+                    logged = True
                 INTENT_LAG_SECONDS.labels(intent.action.value).observe(
                     max(-self.context.clock.seconds_until(intent.due_at), 0.0)
                 )
@@ -178,11 +189,11 @@ class Placement:
                 finally:
                     turn()
         except Withdrawn as withdrawn:
-            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=withdrawn.reason)
+            await self._skipped(intent, order, logged, withdrawn.reason)
             raise
         except DayBudgetExhausted as exhausted:
             reason = f"BUY skipped: {exhausted}"
-            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=reason)
+            await self._skipped(intent, order, logged, reason)
             raise OverBudget(reason) from exhausted
         except BrokerThrottled as exc:  # refused unread: nothing to ask about, sent again once the budget allows
             await self.ledger.moved(intent, order, OrderEvent.THROTTLED, message=exc.message)
@@ -216,6 +227,13 @@ class Placement:
                 order.apply(OrderEvent.ACKNOWLEDGED)
             await self.context.journal.write(self.ledger.attempt_update(intent, order, exc.message))
             raise
+
+    async def _skipped(self, intent: OrderIntent, order: TrackedOrder, logged: bool, reason: str) -> None:
+        """Nothing was sent: the attempt row says so where it was written; without one the order just moves."""
+        if logged:
+            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=reason)
+        else:
+            order.apply(OrderEvent.SKIP)
 
     @asynccontextmanager
     async def _held_until_due(self, intent: OrderIntent) -> AsyncIterator[str | None]:

@@ -16,6 +16,7 @@ from decimal import Decimal
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.broker import BrokerRejected, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
@@ -31,7 +32,7 @@ from schemas.events import (
 from storage.db import aware
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, User
 from storage.runtime import runtime_key, symbol_key
-from streams.execution import ExecutionStalled
+from streams.execution import ExecutionStalled, Executor
 from streams.execution.limits import PriorityGate
 from streams.execution.priority import PRIORITY
 from tests.streams.execution.engine_bench import (
@@ -241,6 +242,40 @@ async def test_a_buy_whose_strategy_is_stopped_while_it_waits_for_the_rate_limit
     assert (result.status, result.message) == (OrderStatus.SKIPPED, "strategy stopped before its BUY was sent")
     assert engine.gateway.placements == []
     assert await engine.results() == [("BUY", "skipped")]
+
+
+async def test_two_workers_sending_one_buy_at_once_place_one_order(engine: Engine) -> None:
+    """Multi-worker crash matrix: Redis restarted and the strategy's lock went with it, so a second worker ran the
+    BUY the first was still sending. The first had logged its attempt before waiting for its rate-limit grant;
+    the second gave that attempt the broker timeout, asked, found nothing (the first's call had not left yet)
+    and sent; then the first sent too: two orders under one tag. Now the attempt row is written just before
+    the call, and the attempt number is claimed once: the worker that loses the claim sends nothing."""
+    first = engine.executor
+    limiter = first.placement.rate_limiter
+    grant = limiter._granted
+    waiting, go = asyncio.Event(), asyncio.Event()
+
+    async def grant_when_let(user_id: int, priority: int) -> str:
+        waiting.set()
+        await go.wait()
+        return await grant(user_id, priority)
+
+    limiter._granted = grant_when_let  # type: ignore[method-assign]
+    intent = engine.intent(Action.BUY)
+    sending = asyncio.create_task(first.execute(intent))
+    await asyncio.wait_for(waiting.wait(), 5)
+
+    c = first.context
+    second = Executor(c.settings, c.clock, c.sessions, c.redis, c.publisher, c.gateways, c.manager)
+    result = await second._execute_locked(intent)  # its lock "taken" in a Redis that lost the first's
+    assert result is not None and result.status is OrderStatus.FILLED
+    go.set()
+    with pytest.raises(IntegrityError):  # attempt 1 is the second's: the first sends nothing (its lane retries)
+        await asyncio.wait_for(sending, 5)
+
+    assert len(engine.gateway.placements) == 1
+    assert await first.execute(intent) is None  # the retry finds it settled
+    assert len(engine.gateway.placements) == 1
 
 
 async def test_a_buy_whose_worker_died_while_holding_it_is_sent_once_at_its_time_by_the_next(engine: Engine) -> None:
