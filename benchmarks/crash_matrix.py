@@ -5,6 +5,10 @@ stops are crossing and one removed while BUYs are due, a scheduler killed; judge
 ticks, orders and time-events having exactly one live owner soon after each move, and on no tick lost or
 checked twice across a handover (tests/crash/ownership.py, tests/crash/tick_ledger.py).
 
+A third of the strategies (`--exit-kinds`, 0 for none) trade a target, a trailing stop, a stop moved to cost,
+re-entries or a loss limit, and one user has a daily loss limit (`--daily-loss-limit`, 0 for none); each entry and
+exit cycle is judged on its own (tests/crash/exit_kinds.py).
+
 `--egress`: every user's order calls through its own real proxy (tinyproxy) on its own loopback address, the
 simulator checking each call's source address, and one user's proxy killed and restarted among the faults.
 
