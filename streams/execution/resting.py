@@ -100,7 +100,7 @@ class RestingOrders:
                     "(the price moved past its market protection): it is re-priced until it fills",
                 )  # fmt: skip
             if current is not None and order.state is OrderState.OPEN and order.order_id is not None:
-                price = await self._price_now(gateway, strategy.instrument) if repriced < budget else None
+                price = await self._price_now(gateway, strategy.instrument, repriced) if repriced < budget else None
                 if price is not None:
                     repriced += 1
                     limit = limit_for_exit(price)
@@ -127,18 +127,21 @@ class RestingOrders:
             await asyncio.sleep(settings.exit_chase_interval_seconds)
             current = await self._status(gateway, order)
 
-    async def _price_now(self, gateway: OrderGateway, instrument: str) -> float | None:
-        """The price to re-price at: the last one the workers wrote, else the broker's. Redis restarted empty has
-        none for an instrument that has not ticked since, and without a price the exit could only be cancelled
-        and placed anew as a market order, which rests again in the same move, round after round."""
-        price = await self.prices.last_price(instrument)
-        if price is not None:
-            return price
+    async def _price_now(self, gateway: OrderGateway, instrument: str, repriced: int) -> float | None:
+        """The price to re-price at: first the last one the workers wrote; once a limit at it has not filled, or
+        where Redis has none, also the broker's, and the lower of the two (a SELL limit that stays marketable).
+        Redis restarted empty has no price for an instrument that has not ticked since, and may hold an older one
+        put back after it; at such a price the limit never fills and the exit would be cancelled and placed anew,
+        round after round, while the position stays open (crash matrix)."""
+        known = await self.prices.last_price(instrument)
+        if known is not None and repriced == 0:
+            return known
         try:
-            return await gateway.last_price(instrument)
+            broker = await gateway.last_price(instrument)
         except BrokerError as exc:
-            log.info("no last price for %s to re-price at (%s): the exit is placed anew", instrument, exc)
-            return None
+            log.info("no broker price for %s to re-price at (%s)", instrument, exc)
+            return known
+        return broker if known is None else min(known, broker)
 
     async def resume(
         self, gateway: OrderGateway, intent: OrderIntent, strategy: Strategy, order: TrackedOrder

@@ -147,6 +147,28 @@ async def test_with_no_last_price_in_redis_a_resting_exit_is_repriced_at_the_bro
 
 
 @sqlite_only
+async def test_a_limit_at_a_stale_price_that_does_not_fill_is_repriced_at_the_brokers(
+    db_engine: AsyncEngine, redis: Redis, simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    """Redis holds an older, higher price than the market (put back after a restart): a SELL limit at it never
+    fills, and the exit went round cancel and place anew for the rest of the day (crash matrix)."""
+    account = kite_account()
+    engine = await engine_on_simulator(db_engine, redis, simulator, account)
+    await bought(engine, simulator)
+    await crash(engine, simulator, 1400.0)
+    await RuntimeStore(redis).set_last_prices({"NSE:INFY": 1450.0})
+
+    result = await engine.executor.execute(engine.intent(Action.STOPLOSS))
+
+    assert result is not None and result.status is OrderStatus.FILLED and result.price == 1400.0
+    (sell,) = sells(simulator, account)
+    assert sell.status == "COMPLETE"
+    modifies = [(r.outcome, r.params["price"]) for r in audit(simulator, account, "modify")]
+    assert modifies == [("modified", "1450.0"), ("modified", "1400.0")]
+    assert audit(simulator, account, "cancel") == []
+
+
+@sqlite_only
 async def test_past_its_budget_a_resting_exit_is_cancelled_and_placed_anew(
     db_engine: AsyncEngine, redis: Redis, simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
 ) -> None:
