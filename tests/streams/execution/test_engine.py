@@ -199,6 +199,21 @@ async def test_a_buy_whose_strategy_is_stopped_before_it_falls_due_is_never_sent
     assert engine.gateway.placements == []
 
 
+def grant_held_until_let(engine: Engine) -> tuple[asyncio.Event, asyncio.Event]:
+    """The engine's broker grants wait for `go`; `waiting` is set when an order starts waiting for one."""
+    limiter = engine.executor.placement.rate_limiter
+    grant = limiter._granted
+    waiting, go = asyncio.Event(), asyncio.Event()
+
+    async def grant_when_let(user_id: int, priority: int) -> str:
+        waiting.set()
+        await go.wait()
+        return await grant(user_id, priority)
+
+    limiter._granted = grant_when_let  # type: ignore[method-assign]
+    return waiting, go
+
+
 async def stopped_by_the_manager(engine: Engine) -> None:
     await engine.executor.manager.stop(engine.strategy_id)  # "buying": its EXIT would find nothing to sell
 
@@ -221,16 +236,7 @@ async def test_a_buy_whose_strategy_is_stopped_while_it_waits_for_the_rate_limit
 ) -> None:
     """Its checks pass, then it waits for a broker grant (a burst of the trader's orders ahead of it) while the
     daily loss limit stops the strategy: the BUY is withdrawn, not sent seconds after the stop."""
-    limiter = engine.executor.placement.rate_limiter
-    grant = limiter._granted
-    waiting, go = asyncio.Event(), asyncio.Event()
-
-    async def grant_when_let(user_id: int, priority: int) -> str:
-        waiting.set()
-        await go.wait()
-        return await grant(user_id, priority)
-
-    limiter._granted = grant_when_let  # type: ignore[method-assign]
+    waiting, go = grant_held_until_let(engine)
     intent = engine.intent(Action.BUY)  # due now
     execution = asyncio.create_task(engine.executor.execute(intent))
     await asyncio.wait_for(waiting.wait(), 5)
@@ -251,16 +257,7 @@ async def test_two_workers_sending_one_buy_at_once_place_one_order(engine: Engin
     and sent; then the first sent too: two orders under one tag. Now the attempt row is written just before
     the call, and the attempt number is claimed once: the worker that loses the claim sends nothing."""
     first = engine.executor
-    limiter = first.placement.rate_limiter
-    grant = limiter._granted
-    waiting, go = asyncio.Event(), asyncio.Event()
-
-    async def grant_when_let(user_id: int, priority: int) -> str:
-        waiting.set()
-        await go.wait()
-        return await grant(user_id, priority)
-
-    limiter._granted = grant_when_let  # type: ignore[method-assign]
+    waiting, go = grant_held_until_let(engine)
     intent = engine.intent(Action.BUY)
     sending = asyncio.create_task(first.execute(intent))
     await asyncio.wait_for(waiting.wait(), 5)
