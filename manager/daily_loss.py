@@ -77,6 +77,7 @@ class DailyLossLimits:
         for user_id in unfinished:
             log.warning("user %s: the kill switch is engaged for %s and strategies still run: stopping them",
                         user_id, today)  # fmt: skip
+            await self.manager.runtime.hold_buys(user_id)  # again: Redis may have restarted since the switch
             notice = await self._notice_of(user_id, today)
             await self._finish(user_id, KILL_SWITCH_REASON if notice is None else LIMIT_REASON, notice)
         return [user_id for user_id, _, _ in reached] + unfinished
@@ -113,7 +114,6 @@ class DailyLossLimits:
     async def _finish(self, user_id: int, reason: str, notice: UserNotification | None) -> None:
         """Stop the trader's running strategies for the day (squaring off), then send the notice (once more, with the
         same notice id, when a check finishes a day cut short: delivery is at least once)."""
-        await self.manager.runtime.hold_buys(user_id)  # again: Redis may have restarted since the switch
         async with self.sessions() as session:
             running = (
                 await session.scalars(
