@@ -12,8 +12,10 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
 
 from core.clock import ScaledClock
+from streams.price_highs import ARMED_AT_KEY
 from tests.fixtures.api import read_topic
 from tests.fixtures.pipeline import Pipeline
 from tests.streams.test_pipeline_e2e import clock_time, eventually, placements, start
@@ -23,7 +25,8 @@ async def bought(
     client: httpx.AsyncClient, user: Any, make_strategy: Any, simulator: Any, pipeline: Pipeline,
     clock: ScaledClock, symbol: str, price: float, **exits: Any,
 ) -> int:  # fmt: skip
-    """A strategy of `user` with these exit fields, started, its BUY filled at `price`."""
+    """A strategy of `user` with these exit fields, started, its BUY filled at `price`; a rising stop (trailing,
+    move to cost) also armed on the worker, whose high counts the prices read from then on."""
     simulator.state.set_price(symbol, price)
     buy_time, _ = clock_time(clock, 3)
     sell_time, _ = clock_time(clock, 300)
@@ -36,6 +39,16 @@ async def bought(
         return status.get("position") == "bought"
 
     await eventually(holding, 20, f"BUY of {symbol} filled", pipeline)
+    if any(name.startswith(("trail_", "move_to_cost_")) for name in exits):
+        redis = Redis.from_url(pipeline.settings.redis_url)
+        try:
+
+            async def armed() -> bool:
+                return bool(await redis.hexists(ARMED_AT_KEY, str(sid)))
+
+            await eventually(armed, 20, f"the rising stop of {symbol} armed", pipeline)
+        finally:
+            await redis.aclose()
     return sid
 
 

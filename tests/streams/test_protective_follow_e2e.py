@@ -37,6 +37,14 @@ def sells(simulator: Any, api_key: str, tradingsymbol: str) -> list[tuple[str, s
                   if o.transaction_type == "SELL" and o.instrument.tradingsymbol == tradingsymbol)  # fmt: skip
 
 
+def placed_at(simulator: Any, api_key: str, symbol: str) -> float:
+    """The trigger the first SL-M of the instrument was placed with (the simulator's audit)."""
+    first = stop_orders(simulator, api_key, symbol)[0]
+    [placed] = [r for r in simulator.state.audit_records(api_key=api_key) if r.action == "place" and r.order_id ==
+                first.order_id]  # fmt: skip
+    return float(placed.params["trigger_price"])
+
+
 async def trigger_at(pipeline: Pipeline, simulator: Any, api_key: str, symbol: str, rupees: float) -> Any:
     """Wait until the one live SL-M of the instrument holds this trigger; return it."""
 
@@ -57,9 +65,8 @@ async def test_the_protective_stop_follows_a_trailing_stop_up_and_exits_once(
     sid = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:TITAN", 2000.0,
                        stop_loss=..., stop_loss_points=50, trail_points=10, protective_stop=True)  # fmt: skip
     key = user.broker.api_key
-    await trigger_at(pipeline, simulator, key, "TITAN", 1950.0)
-    await tick(pipeline, pinned_clock, simulator, "NSE:TITAN", [2000.0])
     await trigger_at(pipeline, simulator, key, "TITAN", 1990.0)
+    assert placed_at(simulator, key, "TITAN") == 1950.0
     # Three steps in a row: the SL-M follows to the last (steps coming while one is in flight are coalesced).
     await tick(pipeline, pinned_clock, simulator, "NSE:TITAN", [2010.0, 2020.0, 2030.0])
     stop = await trigger_at(pipeline, simulator, key, "TITAN", 2020.0)
@@ -97,7 +104,7 @@ async def test_past_its_modification_budget_the_protective_stop_is_cancelled_and
     sid = await bought(client, user, make_strategy, simulator, pipeline, pinned_clock, "NSE:SUNPHARMA", 2000.0,
                        stop_loss=..., stop_loss_points=50, trail_points=10, protective_stop=True)  # fmt: skip
     key = user.broker.api_key
-    await trigger_at(pipeline, simulator, key, "SUNPHARMA", 1950.0)
+    await trigger_at(pipeline, simulator, key, "SUNPHARMA", 1990.0)  # placed at 1,950, raised to the trail at once
     for price in (2000.0, 2010.0, 2020.0, 2030.0):  # one step at a time: two modifications, then a new order
         await tick(pipeline, pinned_clock, simulator, "NSE:SUNPHARMA", [price])
         await trigger_at(pipeline, simulator, key, "SUNPHARMA", price - 10)
