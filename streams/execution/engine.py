@@ -190,6 +190,9 @@ class Executor:
         position = history.position
         intent = for_current_cycle(intent, position)
         order = history.order(intent.intent_id, intent.action, intent.broker_tag)
+        if order.state is OrderState.CANCELLED and not order.recorded and intent.action in CHASED:
+            # Our chase cancelled its resting order and the worker died before placing the next: that one is due.
+            order = order.replacement()
         if order.recorded:
             log.info("intent %s already settled (%s): duplicate dropped", intent.intent_id, order.state.value)
             await self.outcomes.repair_followups(intent, strategy, order, position)

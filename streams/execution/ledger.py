@@ -77,7 +77,6 @@ CORRECT_RESULT = (
 _ATTEMPT_WORDS = {
     **{state: word for word, state in ATTEMPT_STATES.items()},
     OrderState.FILLED: "placed",
-    OrderState.CANCELLED: "placed",
     OrderState.GIVEN_UP: "unclear",
     OrderState.REJECTED: "refused",  # "expired" where the session was the reason (`_attempt_word`)
 }

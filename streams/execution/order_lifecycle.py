@@ -203,6 +203,8 @@ ATTEMPT_STATES = {
     "withdrawn": OrderState.SKIPPED,
     "resting": OrderState.TRIGGER_PENDING,
     "cancelling": OrderState.CANCELLING,
+    # Cancelled by us, its intent not settled: a resting exit (or protective stop) to be placed anew.
+    "cancelled": OrderState.CANCELLED,
     "modifying": OrderState.MODIFYING,
 }
 RESULT_STATES = {

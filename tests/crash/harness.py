@@ -1139,8 +1139,10 @@ class CrashMatrix:
                 plan, action, cycle = tags[order.tag]
                 if order.tag not in logged_tags or order.order_id not in logged_orders:
                     v.append(f"broker order {order.order_id} ({action.value} of #{plan.index}) has no order-log row")
-                if order.status == "CANCELLED" and order.tag in replaced:
-                    continue  # a resting exit cancelled to be placed anew: its replacement is judged instead
+                if order.status == "CANCELLED" and (order.tag in replaced or not order.filled_quantity):
+                    # A resting exit cancelled to be placed anew (its replacement is judged instead), or one the
+                    # position was sold by another exit before its replacement went: either way it sold nothing.
+                    continue
                 if order.status != "REJECTED":
                     side = "BUY" if order.transaction_type == "BUY" else "EXIT"
                     per_cycle.setdefault((plan.strategy_id, cycle), {}).setdefault(side, []).append((order, action))

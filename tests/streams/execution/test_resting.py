@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -187,7 +188,44 @@ async def test_past_its_budget_a_resting_exit_is_cancelled_and_placed_anew(
     assert (first.status, second.status) == ("CANCELLED", "COMPLETE")
     assert first.tag != second.tag and result.broker_order_id == second.order_id
     rows = [r for r in await engine.log_rows(OrderLogKind.ATTEMPT) if r.action == "STOPLOSS"]
-    assert [(r.broker_tag, r.status) for r in rows] == [(first.tag, "placed"), (second.tag, "placed")]
+    assert [(r.broker_tag, r.status) for r in rows] == [(first.tag, "cancelled"), (second.tag, "placed")]
+    assert simulator.state.accounts[account.api_key].positions[("NSE", "INFY", "MIS")].quantity == 0
+
+
+@sqlite_only
+async def test_a_worker_killed_between_its_cancel_and_the_next_order_has_the_exit_placed_anew_on_redelivery(
+    db_engine: AsyncEngine, redis: Redis, simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    """The chase cancelled its resting exit and the worker died before the next order's attempt row: the
+    redelivery must place that next order, not read the cancelled one as a refusal and leave the position open
+    (crash matrix: the stop's exit failed as "Cancelled by the user", and only the loss limit sold the position)."""
+    account = kite_account()
+    engine = await engine_on_simulator(db_engine, redis, simulator, account)
+    await bought(engine, simulator)
+    simulator.state.config.max_modifications = 0
+    await crash(engine, simulator, 1400.0)
+    place = engine.executor.placement.place
+
+    async def killed_before_the_next(*args: Any, **kwargs: Any) -> Any:
+        if sells(simulator, account):
+            raise asyncio.CancelledError  # the worker is gone before the replacement's attempt row
+        return await place(*args, **kwargs)
+
+    engine.executor.placement.place = killed_before_the_next  # type: ignore[method-assign]
+    intent = engine.intent(Action.STOPLOSS)
+    with pytest.raises(asyncio.CancelledError):
+        await engine.executor.execute(intent)
+    [first] = sells(simulator, account)
+    assert first.status == "CANCELLED" and await engine.attempts(intent) == [(1, "cancelled")]
+    engine.executor.placement.place = place  # type: ignore[method-assign]
+    simulator.state.set_price("NSE:INFY", 1399.5)  # a small step: the next order's band holds
+
+    result = await engine.executor.execute(intent)
+
+    assert result is not None and result.status is OrderStatus.FILLED
+    first, second = sorted(sells(simulator, account), key=lambda o: o.order_id)
+    assert (first.status, second.status) == ("CANCELLED", "COMPLETE") and first.tag != second.tag
+    assert await engine.attempts(intent) == [(1, "cancelled"), (2, "placed")]
     assert simulator.state.accounts[account.api_key].positions[("NSE", "INFY", "MIS")].quantity == 0
 
 
