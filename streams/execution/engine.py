@@ -43,7 +43,7 @@ from streams.execution.limits import PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn
-from streams.execution.priority import PRIORITY
+from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, raise_current
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler, RestingOrder
 from streams.execution.resting import CHASED, RestingOrders
@@ -177,7 +177,6 @@ class Executor:
 
     async def _execute_locked(self, intent: OrderIntent) -> OrderResult | None:
         locked = time.monotonic()
-        await self.placement.step_aside(intent)
         # The strategy and every order-log row of its run (a handful) decide the intent.
         strategy, history = await self.ledger.read_run(intent.strategy_id, intent.run)
         if strategy is None:
@@ -185,6 +184,7 @@ class Executor:
             return None
         if intent.action is Action.RAISE_STOP:
             # Not an order of its own: the protective SL-M's trigger follows the risen stop (no result row).
+            await self.placement.step_aside(intent)
             await self.follower.follow(intent, strategy, history)
             return None
         position = history.position
@@ -197,6 +197,9 @@ class Executor:
             log.info("intent %s already settled (%s): duplicate dropped", intent.intent_id, order.state.value)
             await self.outcomes.repair_followups(intent, strategy, order, position)
             return None
+        if intent.action is Action.BUY and order.state is not OrderState.INTENDED:
+            raise_current(RECONCILE_PRIORITY)  # sent before: whether a position is open is the question now
+        await self.placement.step_aside(intent)
         if order.final:
             # Refused or withdrawn, and the worker died before the result row: settle it as it ended.
             if order.state is OrderState.SKIPPED:

@@ -141,7 +141,8 @@ class UserPace:
     or two gains nothing by doing its checks and writes now, while the orders that can leave compete with it for
     the worker's one event loop: in a burst of 300 exits of 10 traders, the 200 that had to wait made the first
     100 reach the broker 0.6 to 1 s after the crossing. A user's turns are taken by priority (a STOPLOSS first)
-    and each is given back as soon as its broker call returns."""
+    and each is given back once its broker call is made: the broker's rate counts arrivals, and a call in flight
+    has done its work here."""
 
     def __init__(self, per_user: int) -> None:
         self.per_user = per_user

@@ -94,7 +94,7 @@ class Placement:
         turn: Callable[[], None],
     ) -> tuple[BrokerOrder, bool]:
         """The broker's order, and whether this delivery's own attempt placed it (rather than finding it). `turn`
-        gives the user's turn back (`UserPace`) once a broker call has returned."""
+        gives the user's turn back (`UserPace`) as its first broker call is made."""
         retrying = broker_retries(self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1)
         try:
             async for try_ in retrying:
@@ -181,13 +181,14 @@ class Placement:
                     max(-self.context.clock.seconds_until(intent.due_at), 0.0)
                 )
                 sent = time.monotonic()
-                try:
-                    order_id = await gateway.place_market_order(
-                        exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
-                        quantity=strategy.quantity, product=strategy.product, tag=order.tag,
-                    )  # fmt: skip
-                finally:
-                    turn()
+                # The work before the call is done: the turn goes to the user's next order now. Held through the
+                # call, ten calls hanging on a slow broker kept the user's crossed stops waiting 5 s for a turn
+                # (crash matrix), though the broker's rate counts arrivals, not calls in flight.
+                turn()
+                order_id = await gateway.place_market_order(
+                    exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
+                    quantity=strategy.quantity, product=strategy.product, tag=order.tag,
+                )  # fmt: skip
         except Withdrawn as withdrawn:
             await self._skipped(intent, order, logged, withdrawn.reason)
             raise

@@ -29,6 +29,12 @@ PRIORITY = {
     Action.BUY: 5,
 }  # fmt: skip
 BUY_PRIORITY = PRIORITY[Action.BUY]
+# A BUY that an earlier delivery sent (its worker died, or its answer was lost) is a reconciliation, not a new
+# order: until the broker says whether it holds it, the position it may have opened is unknown, and so is the stop
+# that protects it. It goes right after the exits of the positions already known, never behind the time exits and
+# BUYs that pile up after a restart (crash matrix: thirty such BUYs recorded 12 s after the system was up, their
+# stops crossed meanwhile). Asking spends no order budget; sent again, it spends at a BUY's priority.
+RECONCILE_PRIORITY = 1
 RESERVED_FROM = PRIORITY[Action.RAISE_STOP]  # calls of this priority and lower leave the exit reserve alone
 
 
@@ -76,6 +82,13 @@ def inherited(urgency: Urgency | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+def raise_current(priority: int) -> None:
+    """Raise the running intent's urgency (if it runs in a lane) to `priority` for the rest of its waits."""
+    urgency = _CURRENT.get()
+    if urgency is not None:
+        urgency.raise_to(priority)
+
+
 def effective(priority: int, *, spends_budget: bool = False) -> tuple[int, Urgency | None]:
     """The priority to wait at, and the urgency that may raise it while waiting (None: it cannot be raised).
     `spends_budget`: a wait for the trader's broker budget, where a BUY never inherits (it would spend the exits'
@@ -94,10 +107,12 @@ def waiting_in(urgency: Urgency | None, requeue: Callable[[int], None]) -> conte
 __all__ = [
     "BUY_PRIORITY",
     "PRIORITY",
+    "RECONCILE_PRIORITY",
     "RESERVED_FROM",
     "Urgency",
     "chase_priority",
     "effective",
     "inherited",
+    "raise_current",
     "waiting_in",
 ]

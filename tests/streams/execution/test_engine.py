@@ -34,7 +34,7 @@ from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, Use
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled, Executor
 from streams.execution.limits import PriorityGate
-from streams.execution.priority import PRIORITY
+from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, Urgency, effective, inherited
 from tests.streams.execution.engine_bench import (
     IST,
     Engine,
@@ -729,18 +729,23 @@ async def test_a_refusal_for_an_expired_session_settled_by_a_redelivery_still_as
 
 
 @sqlite_only
-async def test_a_buy_steps_aside_before_its_reads_and_its_broker_call_while_a_stoploss_runs(engine: Engine) -> None:
-    class WatchedGate(PriorityGate):
-        def __init__(self) -> None:
-            super().__init__(10)
-            self.checkpoints: list[int] = []
-            self.reached = asyncio.Event()
+class WatchedGate(PriorityGate):
+    """Records the priority of every checkpoint at which an intent steps aside for higher-priority work."""
 
-        async def yield_to_higher(self, priority: int, at_most: float) -> None:
-            self.checkpoints.append(priority)
-            self.reached.set()
-            await super().yield_to_higher(priority, at_most)
+    def __init__(self) -> None:
+        super().__init__(10)
+        self.checkpoints: list[int] = []
+        self.reached = asyncio.Event()
 
+    async def yield_to_higher(self, priority: int, at_most: float) -> None:
+        self.checkpoints.append(effective(priority)[0])
+        self.reached.set()
+        await super().yield_to_higher(priority, at_most)
+
+
+async def test_a_buy_steps_aside_before_its_decision_and_its_broker_call_while_a_stoploss_runs(
+    engine: Engine,
+) -> None:
     gate = engine.executor.gate = WatchedGate()
     stoploss_slot = gate.slot(PRIORITY[Action.STOPLOSS])
     await stoploss_slot.__aenter__()  # another strategy's STOPLOSS is being executed
@@ -752,7 +757,26 @@ async def test_a_buy_steps_aside_before_its_reads_and_its_broker_call_while_a_st
     await stoploss_slot.__aexit__(None, None, None)
     result = await asyncio.wait_for(buy, 10)
     assert result is not None and result.status is OrderStatus.FILLED
-    assert gate.checkpoints == [PRIORITY[Action.BUY]] * 2  # before the reads, before the broker call
+    assert gate.checkpoints == [PRIORITY[Action.BUY]] * 2  # once its reads are done, before the broker call
+
+
+async def test_a_buy_an_earlier_delivery_sent_is_looked_up_ahead_of_time_exits_and_new_buys(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    await engine.died_after_logging(intent)
+    existing = engine.gateway.add_order(intent.broker_tag)
+    gate = engine.executor.gate = WatchedGate()
+    sell_slot = gate.slot(PRIORITY[Action.SELL])
+    await sell_slot.__aenter__()  # another strategy's SELL is being executed, as after a restart
+    try:
+        with inherited(Urgency(PRIORITY[Action.BUY])):  # as its lane runs it
+            result = await asyncio.wait_for(engine.executor.execute(intent), 10)
+    finally:
+        await sell_slot.__aexit__(None, None, None)
+    # Whether the position is open is unknown until the broker is asked: that goes before every SELL, not after.
+    assert result is not None and (result.status, result.broker_order_id) == (OrderStatus.FILLED, existing.order_id)
+    assert gate.checkpoints and set(gate.checkpoints) == {RECONCILE_PRIORITY}
+    assert PRIORITY[Action.STOPLOSS] < RECONCILE_PRIORITY < PRIORITY[Action.SELL]
+    assert engine.gateway.placements == []
 
 
 async def test_a_sell_with_no_open_position_is_skipped(engine: Engine) -> None:
