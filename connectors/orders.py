@@ -6,16 +6,18 @@ Kept apart from `connectors.broker` (session and instrument calls used by the AP
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from connectors.broker import BrokerRejected, BrokerSourceRefused, BrokerUnavailable, KiteBroker
+from connectors.shared_read import FreshSharedRead
 
 TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
-T = TypeVar("T")
+# An order-book read takes Kite tens to a few hundred milliseconds; one still on the wire after this long is
+# likely held (a timeout to come), and the next read begins beside it rather than after it.
+BOOK_READ_HEDGE_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,56 +72,6 @@ class OrderGateway(Protocol):
     async def last_price(self, instrument: str) -> float: ...
 
 
-class FreshSharedRead(Generic[T]):
-    """Concurrent callers share one read, and no caller is answered by a read that began before it asked.
-
-    A caller that arrives while a read is on the wire waits for the next one, which begins when that one ends
-    and answers everyone who queued meanwhile. Looking an order up by tag reads the trader's whole order book
-    (Kite has no filter); after a restart dozens of one trader's unresolved intents are looked up at once,
-    and Kite allows about 10 such requests a second per api_key. The same book answers an order's status,
-    polled until the order fills. Sharing cuts a burst's lookups to two, reads start at least `spacing`
-    apart (however many orders are followed, a trader's reads stay under Kite's limit), and the rule keeps
-    each answer fresher than its question: a lookup that decides whether an order is sent again, or a
-    status read after a placement, must not be answered by a book read that began before.
-    """
-
-    def __init__(self, read: Callable[[], Awaitable[T]], spacing: float = 0.0) -> None:
-        self._read = read
-        self.spacing = spacing  # seconds between the starts of two reads, at least
-        self._next: asyncio.Future[T] | None = None  # the read that has not begun yet
-        self._reader: asyncio.Task[None] | None = None
-        self._last_began: float | None = None  # loop time
-
-    async def __call__(self) -> T:
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-            self._next.add_done_callback(_retrieved)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_while_asked())
-        return await asyncio.shield(self._next)  # one caller giving up does not cancel the others' read
-
-    async def _read_while_asked(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._next is not None:
-            if self._last_began is not None and (wait := self._last_began + self.spacing - loop.time()) > 0:
-                await asyncio.sleep(wait)  # whoever asks meanwhile still joins this read: it has not begun
-            self._last_began = loop.time()
-            answer, self._next = self._next, None
-            try:
-                answer.set_result(await self._read())
-            except asyncio.CancelledError:
-                answer.cancel()
-                raise
-            except Exception as exc:  # every caller of this read gets the failure (and retries as it would)
-                answer.set_exception(exc)
-
-
-def _retrieved(answer: asyncio.Future[Any]) -> None:
-    # Callers that all gave up leave nobody to see a failed read: not worth a warning at exit.
-    if not answer.cancelled():
-        answer.exception()
-
-
 class KiteOrderGateway:
     def __init__(
         self,
@@ -136,7 +88,11 @@ class KiteOrderGateway:
         self._order_extras: dict[str, Any] = {"market_protection": broker.settings.broker_market_protection}
         if algo_id:
             self._order_extras["algo_id"] = algo_id
-        self._order_book = FreshSharedRead(self._read_book, spacing=1 / broker.settings.broker_book_reads_per_second)
+        self._order_book = FreshSharedRead(
+            self._read_book,
+            spacing=1 / broker.settings.broker_book_reads_per_second,
+            hedge_after=BOOK_READ_HEDGE_SECONDS,
+        )
 
     async def _read_book(self) -> list[dict[str, Any]]:
         if self._read_permit is None:

@@ -1,9 +1,4 @@
-"""FreshSharedRead: the order-book reads that concurrent lookups by tag and status reads share.
-
-In the first tests the read is a stand-in for `KiteConnect.orders` that counts and numbers its calls: the
-rule under test is about when a read begins relative to who asked, which a real broker call cannot be made
-to show. The last ones use the official client against the simulator, with its two read methods counted.
-"""
+"""The order gateway on the official client against the simulator: shared order-book reads, market protection."""
 
 from __future__ import annotations
 
@@ -17,85 +12,10 @@ from redis.asyncio import Redis
 
 from connectors.broker import BrokerUnavailable, KiteBroker
 from connectors.kite_sim import RunningSimulator
-from connectors.orders import FreshSharedRead, KiteOrderGateway
+from connectors.orders import KiteOrderGateway
 from streams.execution.limits import BrokerRateLimiter
 from tests.fixtures.services import build_settings
 from tests.fixtures.simulator import SimAccount
-
-
-class NumberedReads:
-    """Each read returns its own number, and waits until the test lets it finish."""
-
-    def __init__(self) -> None:
-        self.began = 0
-        self.on_the_wire = asyncio.Event()
-        self.release = asyncio.Event()
-        self.fail_next = False
-
-    async def __call__(self) -> int:
-        self.began += 1
-        number = self.began
-        self.on_the_wire.set()
-        await self.release.wait()
-        if self.fail_next:
-            self.fail_next = False
-            raise BrokerUnavailable("Too many requests")
-        return number
-
-
-async def test_callers_during_a_read_share_the_next_read_never_the_one_in_flight() -> None:
-    reads = NumberedReads()
-    book = FreshSharedRead(reads)
-    first = asyncio.create_task(book())
-    await reads.on_the_wire.wait()
-    later = [asyncio.create_task(book()) for _ in range(5)]  # asked after read 1 began
-    await asyncio.wait(later, timeout=0.05)
-    assert reads.began == 1  # they wait for read 1 to end rather than start reads of their own
-    reads.release.set()
-    assert await first == 1
-    # Read 1 began before they asked, so it may miss an order they need to see: they get read 2.
-    assert await asyncio.gather(*later) == [2] * 5
-    assert reads.began == 2
-    assert await book() == 3  # and a caller after everything is over gets a read of its own
-
-
-async def test_a_failed_read_fails_its_callers_and_the_next_call_reads_again() -> None:
-    reads = NumberedReads()
-    book = FreshSharedRead(reads)
-    reads.fail_next = True
-    callers = [asyncio.create_task(book()) for _ in range(3)]
-    reads.release.set()
-    outcomes = await asyncio.gather(*callers, return_exceptions=True)
-    assert all(isinstance(outcome, BrokerUnavailable) for outcome in outcomes)
-    assert reads.began == 1
-    assert await book() == 2
-
-
-async def test_a_caller_that_gives_up_does_not_cancel_the_read_of_the_others() -> None:
-    reads = NumberedReads()
-    book = FreshSharedRead(reads)
-    quitter, stayer = asyncio.create_task(book()), asyncio.create_task(book())
-    await reads.on_the_wire.wait()
-    quitter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await quitter
-    reads.release.set()
-    assert await stayer == 1
-
-
-async def test_reads_begin_at_least_the_spacing_apart_and_callers_meanwhile_join_the_next() -> None:
-    loop = asyncio.get_running_loop()
-    began: list[float] = []
-
-    async def read() -> int:
-        began.append(loop.time())
-        return len(began)
-
-    book = FreshSharedRead(read, spacing=0.05)
-    assert await book() == 1
-    assert await asyncio.gather(book(), book(), book()) == [2, 2, 2]  # asked within the spacing: one read
-    assert await book() == 3
-    assert [round(b - a, 3) >= 0.05 for a, b in zip(began, began[1:], strict=False)] == [True, True]
 
 
 def _counted_gateway(simulator: RunningSimulator, account: SimAccount) -> tuple[KiteOrderGateway, Counter[str]]:
