@@ -36,12 +36,11 @@ from core.crypto import SecretBox
 from core.settings import Settings
 from manager.broker_loss import LifecycleWatch
 from manager.reentries import awaiting_reentry, follow_ups
-from manager.run_specs import armed_event, initial_runtime, spec_for
+from manager.run_specs import armed_event, initial_runtime, price_exit, spec_for
 from manager.strategy_manager import LIFECYCLE_TOPIC, ORDERS_TOPIC, StrategyManager
 from schemas.events import (
     Action,
     Event,
-    ExitKind,
     LifecycleKind,
     OrderIntent,
     StrategyLifecycle,
@@ -399,40 +398,18 @@ class Recovery:
             price = prices.get(strategy.instrument)
             position = positions.get(strategy.id, RunPosition())
             entry = position.entry_price
-            armed = armed_event(
-                spec_for(strategy),
-                strategy.run,
-                now.date(),
-                now,
-                entry,
-                None,
-                cycle=position.cycle,
-                realised=position.realised(strategy.quantity),
-            )  # the cycle's own loss limit
-            # The stop as the workers' index held it: risen (trailing, moved to cost) where the highs are known,
-            # and the cycle's loss limit where that is higher.
-            stop = position_stop(strategy.exits, entry, strategy.quantity, highs.get(strategy.id))
-            target, kind = armed.target_price, ExitKind.STOP
-            if armed.loss_limit_price is not None and (stop is None or armed.loss_limit_price > stop):
-                stop, kind = armed.loss_limit_price, ExitKind.LOSS_LIMIT
             if price is None:
                 continue
-            if stop is not None and price <= stop:
-                action = Action.STOPLOSS
-            elif target is not None and price >= target:
-                action, kind = Action.TARGET, ExitKind.TARGET
-            else:
-                continue
             day = strategy.trading_day or self.manager.calendar.trading_day_of(now)
-            intents.append(
-                OrderIntent(
-                    intent_id=intent_id_for(strategy.id, day, strategy.run, action, position.cycle),
-                    strategy_id=strategy.id, user_id=strategy.user_id, run=strategy.run, cycle=position.cycle,
-                    action=action, trigger=Trigger.RECOVERY, trading_day=day, instrument=strategy.instrument,
-                    quantity=strategy.quantity, due_at=now, created_at=now, trigger_price=price, exit_kind=kind,
-                    exit_level=stop if action is Action.STOPLOSS else target,
-                )
+            # With the cycle's own loss limit.
+            armed = armed_event(
+                spec_for(strategy), strategy.run, day, now, entry, None, cycle=position.cycle,
+                realised=position.realised(strategy.quantity),
             )  # fmt: skip
+            # The stop as the workers' index held it: risen (trailing, moved to cost) where the highs are known.
+            stop = position_stop(strategy.exits, entry, strategy.quantity, highs.get(strategy.id))
+            if (intent := price_exit(armed, price, stop, now, Trigger.RECOVERY)) is not None:
+                intents.append(intent)
         await self._publish_all([(ORDERS_TOPIC, i.strategy_id, i) for i in intents])
         return len(intents)
 

@@ -1,5 +1,5 @@
-"""What a strategy's run carries: the spec that travels with its lifecycle events, the ARMED event, and the
-runtime hash a new run starts from."""
+"""What a strategy's run carries: the spec that travels with its lifecycle events, the ARMED event, the price exit
+an armed position is already through, and the runtime hash a new run starts from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ from datetime import date, datetime
 
 from core.exit_prices import EXIT_FIELDS
 from core.reentry import ReentryMode, loss_left
-from schemas.events import LifecycleKind, Product, Repeat, StrategyLifecycle, StrategySpec
+from schemas.events import (
+    Action,
+    ExitKind,
+    LifecycleKind,
+    OrderIntent,
+    Product,
+    Repeat,
+    StrategyLifecycle,
+    StrategySpec,
+    Trigger,
+    intent_id_for,
+)
 from storage.models import Strategy, StrategyStatus
 from storage.runtime import RuntimeState
 
@@ -50,6 +61,30 @@ def armed_event(
         trail_activation_price=exits.trail_activation_price(entry_price),
         move_to_cost_price=exits.move_to_cost_price(entry_price),
         loss_limit_price=exits.loss_limit_price(entry_price, spec.quantity),
+    )  # fmt: skip
+
+
+def price_exit(
+    armed: StrategyLifecycle, price: float, stop: float | None, now: datetime, trigger: Trigger
+) -> OrderIntent | None:
+    """The STOPLOSS or TARGET intent of a position armed so (`armed`: its ARMED event) that `price` is through
+    already, None if it is through neither. `stop`: the stop as it stands (risen, for a trailing stop or one moved
+    to cost); the cycle's loss limit counts where it is higher."""
+    target, kind = armed.target_price, ExitKind.STOP
+    if armed.loss_limit_price is not None and (stop is None or armed.loss_limit_price > stop):
+        stop, kind = armed.loss_limit_price, ExitKind.LOSS_LIMIT
+    if stop is not None and price <= stop:
+        action, level = Action.STOPLOSS, stop
+    elif target is not None and price >= target:
+        action, kind, level = Action.TARGET, ExitKind.TARGET, target
+    else:
+        return None
+    spec = armed.spec
+    return OrderIntent(
+        intent_id=intent_id_for(spec.strategy_id, armed.trading_day, armed.run, action, armed.cycle),
+        strategy_id=spec.strategy_id, user_id=spec.user_id, run=armed.run, cycle=armed.cycle, action=action,
+        trigger=trigger, trading_day=armed.trading_day, instrument=spec.instrument, quantity=spec.quantity,
+        due_at=now, created_at=now, trigger_price=price, exit_kind=kind, exit_level=level,
     )  # fmt: skip
 
 

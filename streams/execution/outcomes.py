@@ -21,7 +21,8 @@ from core.market import MarketCalendar
 from core.metrics import AUTO_STOPS
 from core.reentry import loss_left
 from manager.reentries import awaiting_reentry, follow_ups
-from manager.run_specs import armed_event, spec_for
+from manager.run_specs import armed_event, price_exit, spec_for
+from manager.strategy_manager import ORDERS_TOPIC
 from schemas.events import (
     Action,
     Event,
@@ -104,7 +105,21 @@ class Outcomes:
                 await self.protection.place(gateway, intent, strategy, broker_order.average_price)
             armed = armed_event(spec, intent.run, intent.trading_day, now, broker_order.average_price, intent.due_at,
                                 cycle=intent.cycle, realised=position.realised(strategy.quantity))  # fmt: skip
-            await self.announce(intent, told, armed)
+            # Filled through its stop already (a stop given as a price the market fell under before the BUY, or
+            # a BUY found at the broker only after a restart): the exit goes with the fill, not a lifecycle round
+            # trip and a sweep later (crash matrix: 2 to 3 s on a worker busy after a restart). The stop index
+            # fires the same intent id too; whichever comes second is a duplicate.
+            through = (
+                price_exit(armed, broker_order.average_price, armed.stop_price, now, Trigger.PRICE)
+                if filled and broker_order.average_price is not None
+                else None
+            )
+            exits = [(ORDERS_TOPIC, intent.strategy_id, through)] if through is not None else []
+            await self.announce(intent, told, armed, *exits)
+            if through is not None:
+                log.warning("intent %s: filled at %s, through its %s at %s: %s sent", intent.intent_id,
+                            broker_order.average_price, through.exit_kind, through.exit_level,
+                            through.action.value)  # fmt: skip
             return result
 
         runtime = strategy_state({Action.BUY: OrderState.FILLED, intent.action: held})

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from connectors.broker import BrokerRejected, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
 from schemas.events import (
     Action,
+    ExitKind,
     LifecycleKind,
     NotificationKind,
     OrderIntent,
@@ -87,6 +88,27 @@ async def test_a_filled_buy_is_recorded_armed_and_reflected_in_the_runtime(engin
     assert runtime["entry_price"] == "1500.00"
     assert runtime["last_buy_order"] == result.broker_order_id
     assert (await engine.strategy()).status == "running"
+
+
+async def test_a_buy_filled_under_its_stop_sends_the_stoploss_with_its_fill(engine: Engine) -> None:
+    engine.gateway.fill_price = 1390.0  # the market fell under the stop (1400.05) before the BUY reached it
+    buy = engine.intent(Action.BUY)
+    await engine.executor.execute(buy)
+
+    # With the fill, not after the ARMED event's round trip through the workers' stop index.
+    [stoploss] = [e for topic, _, e in engine.publisher.sent if topic == "orders"]
+    assert isinstance(stoploss, OrderIntent)
+    assert stoploss.intent_id == engine.intent(Action.STOPLOSS).intent_id  # the id the stop index fires too
+    assert (stoploss.exit_kind, stoploss.exit_level, stoploss.trigger_price) == (ExitKind.STOP, 1400.05, 1390.0)
+    result = await engine.executor.execute(stoploss)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert [p["side"] for p in engine.gateway.placements] == ["BUY", "SELL"]
+    assert await engine.executor.execute(engine.intent(Action.STOPLOSS)) is None  # the index's copy: a duplicate
+
+
+async def test_a_buy_filled_above_its_stop_sends_no_exit(engine: Engine) -> None:
+    await engine.executor.execute(engine.intent(Action.BUY))
+    assert [topic for topic, _, _ in engine.publisher.sent if topic == "orders"] == []
 
 
 @sqlite_only
