@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from connectors.broker import BrokerRejected, BrokerSourceRefused, BrokerUnavailable, KiteBroker
+from connectors.retrying import broker_retries
 from connectors.shared_read import FreshSharedRead
 
 TERMINAL_ORDER_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
 # An order-book read takes Kite tens to a few hundred milliseconds; one still on the wire after this long is
 # likely held (a timeout to come), and the next read begins beside it rather than after it.
 BOOK_READ_HEDGE_SECONDS = 0.5
+BOOK_READ_TRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +97,16 @@ class KiteOrderGateway:
         )
 
     async def _read_book(self) -> list[dict[str, Any]]:
-        if self._read_permit is None:
-            return await self.broker.call(self.broker.client.orders)
-        async with self._read_permit():
-            return await self.broker.call(self.broker.client.orders)
+        # Retried here, once for everyone sharing the read, rather than by each caller with its own backoff: after
+        # a restart dozens of one trader's lookups wait on this read, and a single 5xx or 429 sent every one of them
+        # into seconds of backoff.
+        async for try_ in broker_retries(BOOK_READ_TRIES, initial=0.05, most=0.2, jitter=0.05):
+            with try_:
+                if self._read_permit is None:
+                    return await self.broker.call(self.broker.client.orders)
+                async with self._read_permit():
+                    return await self.broker.call(self.broker.client.orders)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def place_market_order(
         self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from connectors.broker import BrokerEgressDown, BrokerError, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
+from connectors.retrying import broker_retries
 from core.coalesce import Coalesced
 from core.metrics import INTENT_LAG_SECONDS, ORDER_RETRIES, RATE_LIMIT_WAIT_SECONDS
 from schemas.events import Action, NotificationKind, OrderIntent
@@ -31,7 +32,6 @@ from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, Prio
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY
 from streams.execution.reconcile import EXITS, Reconciler
-from streams.execution.retrying import broker_retries
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,11 @@ PRIORITY = {
 BUY_PRIORITY = PRIORITY[Action.BUY]
 # A BUY that an earlier delivery sent (its worker died, or its answer was lost) is a reconciliation, not a new
 # order: until the broker says whether it holds it, the position it may have opened is unknown, and so is the stop
-# that protects it. It goes right after the exits of the positions already known, never behind the time exits and
-# BUYs that pile up after a restart (crash matrix: thirty such BUYs recorded 12 s after the system was up, their
-# stops crossed meanwhile). Asking spends no order budget; sent again, it spends at a BUY's priority.
-RECONCILE_PRIORITY = 1
+# that protects it, as exposed as a crossed stop. It goes with the STOPLOSS exits, never behind the time exits and
+# BUYs that pile up after a restart, nor stepping aside for the exits of other positions (crash matrix: thirty such
+# BUYs recorded 12 s after the system was up, their stops crossed meanwhile). Asking spends no order budget; sent
+# again, it spends at a BUY's priority.
+RECONCILE_PRIORITY = PRIORITY[Action.STOPLOSS]
 RESERVED_FROM = PRIORITY[Action.RAISE_STOP]  # calls of this priority and lower leave the exit reserve alone
 
 

@@ -11,6 +11,7 @@ import logging
 
 from connectors.broker import BrokerError, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
+from connectors.retrying import broker_retries
 from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
 from storage.models import Strategy
 from streams.execution.context import EngineContext
@@ -19,7 +20,6 @@ from streams.execution.limits import BrokerRateLimiter
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder, broker_event
 from streams.execution.priority import PRIORITY
 from streams.execution.reconcile import Reconciler, apply
-from streams.execution.retrying import broker_retries
 
 log = logging.getLogger(__name__)
 

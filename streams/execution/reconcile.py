@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from connectors.broker import BrokerRejected, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
+from connectors.retrying import broker_retries
 from schemas.events import Action, OrderIntent, OrderResult, OrderStatus
 from storage.models import Strategy
 from streams.execution.context import EngineContext
 from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.order_lifecycle import OrderEvent, OrderState, Refused, TrackedOrder, broker_event
-from streams.execution.retrying import broker_retries
 
 log = logging.getLogger(__name__)
 

@@ -104,3 +104,18 @@ async def test_one_traders_book_reads_from_several_processes_stay_under_kites_re
             assert await gateway.find_by_tag("none") is None  # a 429 would raise BrokerUnavailable
 
     await asyncio.wait_for(asyncio.gather(*(follow(gateway) for gateway in workers)), 10)
+
+
+@pytest.mark.parametrize("kind", ["error", "rate_limit"])
+async def test_a_failed_book_read_is_retried_once_for_everyone_waiting_on_it(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount], kind: str
+) -> None:
+    """A 5xx or 429 on the trader's order book: the lookups sharing it see the next read's answer, not the failure."""
+    gateway, calls = _counted_gateway(simulator, kite_account())
+    order_id = await gateway.place_market_order(
+        exchange="NSE", tradingsymbol="INFY", side="BUY", quantity=1, product="MIS", tag="retried1"
+    )  # fmt: skip
+    simulator.state.inject_fault(kind, count=1)  # the next request, which is the book read
+    found = await asyncio.gather(*(gateway.find_by_tag("retried1") for _ in range(5)))
+    assert {f.order_id if f else None for f in found} == {order_id}
+    assert calls["orders"] == 2  # the failed read and its retry, shared by all five

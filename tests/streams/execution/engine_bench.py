@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from connectors import retrying
 from connectors.broker import BrokerEgressDown, BrokerError, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import ManualClock
@@ -41,7 +42,7 @@ from schemas.events import (
 from storage.db import session_factory
 from storage.models import Notification, OrderLog, OrderLogKind, Strategy, User
 from storage.runtime import RuntimeStore
-from streams.execution import Executor, retrying
+from streams.execution import Executor
 from tests.fixtures.services import build_settings
 
 IST = ZoneInfo("Asia/Kolkata")

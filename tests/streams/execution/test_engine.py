@@ -782,7 +782,7 @@ async def test_a_buy_steps_aside_before_its_decision_and_its_broker_call_while_a
     assert gate.checkpoints == [PRIORITY[Action.BUY]] * 2  # once its reads are done, before the broker call
 
 
-async def test_a_buy_an_earlier_delivery_sent_is_looked_up_ahead_of_time_exits_and_new_buys(engine: Engine) -> None:
+async def test_a_buy_an_earlier_delivery_sent_is_looked_up_with_the_stoploss_exits(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
     await engine.died_after_logging(intent)
     existing = engine.gateway.add_order(intent.broker_tag)
@@ -794,10 +794,10 @@ async def test_a_buy_an_earlier_delivery_sent_is_looked_up_ahead_of_time_exits_a
             result = await asyncio.wait_for(engine.executor.execute(intent), 10)
     finally:
         await sell_slot.__aexit__(None, None, None)
-    # Whether the position is open is unknown until the broker is asked: that goes before every SELL, not after.
+    # Whether the position is open is unknown until the broker is asked: that goes with the STOPLOSS exits.
     assert result is not None and (result.status, result.broker_order_id) == (OrderStatus.FILLED, existing.order_id)
     assert gate.checkpoints and set(gate.checkpoints) == {RECONCILE_PRIORITY}
-    assert PRIORITY[Action.STOPLOSS] < RECONCILE_PRIORITY < PRIORITY[Action.SELL]
+    assert RECONCILE_PRIORITY == PRIORITY[Action.STOPLOSS]
     assert engine.gateway.placements == []
 
 

@@ -1,4 +1,4 @@
-"""The engine's one retry policy for broker calls: transient failures only, exponential backoff with jitter."""
+"""The one retry policy for broker calls: transient failures only, exponential backoff with jitter."""
 
 from __future__ import annotations
 
