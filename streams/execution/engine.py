@@ -43,7 +43,7 @@ from streams.execution.limits import PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn
-from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, raise_current
+from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, raise_current, urgent
 from streams.execution.protective import ProtectiveStops
 from streams.execution.reconcile import Reconciler, RestingOrder
 from streams.execution.resting import CHASED, RestingOrders
@@ -70,8 +70,9 @@ SLOW_EXIT_SECONDS = 1.0
 
 
 def slow_exit(intent: OrderIntent, what: str, seconds: float) -> None:
-    """An exit held up on its way to the broker says where: what an operator needs when a stop exits late."""
-    if intent.action.is_exit and seconds >= SLOW_EXIT_SECONDS:
+    """An exit (or a BUY being reconciled, which decides whether there is a position to protect) held up on its way
+    to the broker says where: what an operator needs when a stop exits late."""
+    if (intent.action.is_exit or urgent()) and seconds >= SLOW_EXIT_SECONDS:
         log.warning("intent %s %s: %.1fs", intent.intent_id, what, seconds)
 
 

@@ -105,9 +105,11 @@ class Placement:
                         # An earlier attempt's fate is unknown to us, not to the broker: ask before sending again.
                         # One try: a transient failure counts as this attempt's failure, and the retries go on.
                         await self._let_arrive(order)
+                        asked = time.monotonic()
                         found = await self.reconciler.ask(gateway, order, tries=1)
                         if found is not None:
-                            log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
+                            log.info("intent %s: broker already has order %s (asked for %.2fs)", intent.intent_id,
+                                     found.order_id, time.monotonic() - asked)  # fmt: skip
                             return found, False
                     return await self._send(gateway, intent, strategy, order, turn), True
         except BrokerUnavailable:

@@ -90,6 +90,13 @@ def raise_current(priority: int) -> None:
         urgency.raise_to(priority)
 
 
+def urgent() -> bool:
+    """The running intent works at a STOPLOSS's priority: a stop's exit, a BUY being reconciled, or any intent a
+    STOPLOSS of its strategy waits behind."""
+    urgency = _CURRENT.get()
+    return urgency is not None and urgency.priority <= PRIORITY[Action.STOPLOSS]
+
+
 def effective(priority: int, *, spends_budget: bool = False) -> tuple[int, Urgency | None]:
     """The priority to wait at, and the urgency that may raise it while waiting (None: it cannot be raised).
     `spends_budget`: a wait for the trader's broker budget, where a BUY never inherits (it would spend the exits'
@@ -115,5 +122,6 @@ __all__ = [
     "effective",
     "inherited",
     "raise_current",
+    "urgent",
     "waiting_in",
 ]
