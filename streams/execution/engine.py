@@ -21,7 +21,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired
+from connectors.broker import BrokerError, BrokerRejected, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import Clock
 from core.logs import log_outcome
@@ -227,20 +227,33 @@ class Executor:
             return await self._skip(intent, strategy, order, skip_reason)
 
         await self.placement.step_aside(intent)
+        found = None
+        if intent.action is Action.BUY and order.state is not OrderState.INTENDED:
+            # Sent by an earlier delivery: asked about before a turn is taken, for only a send needs one. Holding
+            # turns through these lookups (and their retries), a trader's dozens of redelivered BUYs kept its
+            # crossed stops waiting 6 s for a turn after a restart (crash matrix).
+            gateway = await self.context.gateways(intent.user_id)
+            try:
+                found = await self.reconciler.ask(gateway, order, tries=2)
+            except BrokerUnavailable:
+                pass  # asked again with its turn, as any unclear order is before it is sent
+            except BrokerRejected as exc:
+                return await self.outcomes.fail(intent, strategy, order, exc)
         slow_exit(intent, "took to be decided (reads, earlier orders settled)", time.monotonic() - locked)
         # The decision is made: from here to the broker call, the order takes one of its user's turns.
         asked = time.monotonic()
-        turn = await self._turn(intent)
+        turn = _no_turn if found is not None else await self._turn(intent)
         slow_exit(intent, "waited for its user's turn", time.monotonic() - asked)
         try:
-            return await self._place(intent, strategy, order, history, turn)
+            return await self._place(intent, strategy, order, history, turn, found)
         finally:
             turn()
 
     async def _place(
         self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, history: RunHistory,
-        turn: Callable[[], None],
+        turn: Callable[[], None], found: BrokerOrder | None = None,
     ) -> OrderResult:  # fmt: skip
+        """Place the intent's order, or settle `found`, the broker's order for it that an earlier delivery sent."""
         if not self.placement.early(intent):  # a BUY handed over early says "buying" once it is due
             sending = {intent.action: OrderState.SENDING} | (
                 {Action.BUY: OrderState.FILLED} if intent.action.is_exit else {}
@@ -257,6 +270,9 @@ class Executor:
                 executed = await self._squared_off_by_broker(gateway, intent, strategy)
             if executed is not None:
                 broker_order, placed_here = executed, False
+            elif found is not None:
+                log.info("intent %s: broker already has order %s", intent.intent_id, found.order_id)
+                broker_order, placed_here = found, False
             elif order.state is OrderState.CANCELLING and intent.action in CHASED:
                 # Redelivered mid-chase: the order being cancelled was ours to replace.
                 broker_order, order = await self.resting.resume(gateway, intent, strategy, order)

@@ -782,6 +782,22 @@ async def test_a_buy_steps_aside_before_its_decision_and_its_broker_call_while_a
     assert gate.checkpoints == [PRIORITY[Action.BUY]] * 2  # once its reads are done, before the broker call
 
 
+async def test_a_buy_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_its_user(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    await engine.died_after_logging(intent)
+    existing = engine.gateway.add_order(intent.broker_tag)
+    pace = engine.executor.pace
+    held = [await pace.turn(intent.user_id, PRIORITY[Action.SELL]) for _ in range(pace.per_user)]  # all taken
+    try:
+        # A lookup sends nothing: it does not wait for the exits that hold the trader's turns.
+        result = await asyncio.wait_for(engine.executor.execute(intent), 10)
+    finally:
+        for give_back in held:
+            give_back()
+    assert result is not None and (result.status, result.broker_order_id) == (OrderStatus.FILLED, existing.order_id)
+    assert engine.gateway.placements == [] and engine.gateway.lookups == [intent.broker_tag]
+
+
 async def test_a_buy_an_earlier_delivery_sent_is_looked_up_with_the_stoploss_exits(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
     await engine.died_after_logging(intent)
