@@ -1095,8 +1095,9 @@ def _exactly_once(sells: list[AuditRecord], tags: dict[str, int], per_trader: in
 
 
 async def _attempts_dated(stack: Stack, clock: ScaledClock, tags: set[str], offset: float) -> dict[str, float]:
-    """tag -> when its first STOPLOSS attempt row is dated (time.monotonic()): the executor dates it just before
-    it asks the rate limiter, so it splits the worker's work before the limiter from the limiter and the call."""
+    """tag -> when its first STOPLOSS attempt row is dated (time.monotonic()): the row is dated as it is committed,
+    after the rate limiter's grant and just before the call, so it splits the worker's work and the limiter's wait
+    from the call."""
     from sqlalchemy import select
 
     from storage.db import create_engine

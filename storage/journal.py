@@ -43,6 +43,29 @@ class Rows:
 Write = Rows | Step  # a Step runs on its own: for a write that reads what it changed (an UPDATE ... RETURNING)
 
 
+class AtCommit:
+    """A `Rows` parameter given its value as its batch goes out, not when the row was made (`value` then holds it).
+
+    For a date that others read as "sent by then": an attempt row dated when it was handed over and committed a
+    second or two later, behind a busy batch, told another process (one that took over the strategy's lock after
+    Redis lost it) that the order had been on its way that much longer than it had; it waited out the broker
+    timeout from that date, found nothing yet, and sent the same BUY again (crash matrix)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self.value: Any = None
+
+    def resolve(self) -> Any:
+        self.value = self._make()
+        return self.value
+
+
+def _resolved(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not any(isinstance(value, AtCommit) for value in params.values()):
+        return params
+    return {name: value.resolve() if isinstance(value, AtCommit) else value for name, value in params.items()}
+
+
 class GroupCommit:
     """One writer per process: while it commits a batch, the next one gathers."""
 
@@ -84,7 +107,7 @@ class GroupCommit:
         steps: list[Step] = []
         for write in writes:
             if isinstance(write, Rows):
-                groups.setdefault(id(write.statement), (write.statement, []))[1].append(write.params)
+                groups.setdefault(id(write.statement), (write.statement, []))[1].append(_resolved(write.params))
             else:
                 steps.append(write)
         async with self.sessions() as session:

@@ -27,7 +27,7 @@ from schemas.events import (
     UserNotification,
 )
 from storage.db import aware
-from storage.journal import Rows
+from storage.journal import AtCommit, Rows
 from storage.models import Notification, OrderLog, OrderLogKind, Strategy
 from storage.positions import RunPosition, fold
 from streams.execution.context import NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
@@ -169,15 +169,20 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------- order states
 
-    async def sent(self, intent: OrderIntent, order: TrackedOrder, at: datetime, *, price: float | None = None) -> int:
-        """SEND: a new attempt row, durable before the broker call (`price`: a stop order's trigger). Returns the
-        attempt's number."""
+    async def sent(
+        self, intent: OrderIntent, order: TrackedOrder, at: datetime | None = None, *, price: float | None = None
+    ) -> int:
+        """SEND: a new attempt row, durable before the broker call (`price`: a stop order's trigger), dated `at`, or
+        by default as it is committed (`AtCommit`): another process gives the order the broker timeout from that
+        date to arrive before it asks the broker about it. Returns the attempt's number."""
         order.apply(OrderEvent.SEND)
         order.attempts += 1
-        order.sent_at = at
         row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _attempt_word(order), None, price, None,
                        at=at, tag=order.tag)  # fmt: skip
+        if at is None:
+            row["created_at"] = committed = AtCommit(lambda: self.context.clock.now().astimezone(UTC))
         await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
+        order.sent_at = at if at is not None else committed.value
         return order.attempts
 
     async def modifying(self, intent: OrderIntent, order: TrackedOrder, trigger: float, message: str) -> None:

@@ -172,12 +172,13 @@ class Placement:
                         # the daily loss limit). Exits go whatever happened: they close a position.
                         await self._still_running(intent, "strategy stopped before its BUY was sent")
                 if not logged:
-                    # Written after every wait, just before the call, and dated so: another delivery finding it
-                    # unanswered gives it the broker timeout from when it really left. Dated before a rate-limit
-                    # wait, a second worker (its lock lost with a Redis restart) asked the broker too soon, found
-                    # nothing and sent the same BUY again. The attempt number is unique per intent: two processes
-                    # sending at once cannot both claim it, and the one refused sends nothing.
-                    await self.ledger.sent(intent, order, self.context.clock.now())
+                    # Written after every wait, just before the call, and dated as it is committed: another
+                    # delivery finding it unanswered gives it the broker timeout from when it really left. Dated
+                    # before a rate-limit wait, or before a slow commit, a second worker (its lock lost with a Redis
+                    # restart) asked the broker too soon, found nothing and sent the same BUY again. The attempt
+                    # number is unique per intent: two processes sending at once cannot both claim it, and the one
+                    # refused sends nothing.
+                    await self.ledger.sent(intent, order)
                     logged = True
                 INTENT_LAG_SECONDS.labels(intent.action.value).observe(
                     max(-self.context.clock.seconds_until(intent.due_at), 0.0)

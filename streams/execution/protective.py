@@ -56,7 +56,7 @@ class ProtectiveStops:
         """Place the SL-M `order` at `trigger`, logged before the call. Refused, the position has no broker-side
         stop (the worker's own check still guards it, and the exit's release finds nothing to cancel); unanswered,
         the exit's release or the next step asks the broker by its tag."""
-        await self.ledger.sent(protect, order, self.context.clock.now(), price=trigger)  # its trigger
+        await self.ledger.sent(protect, order, price=trigger)  # its trigger
         try:
             async with self.rate_limiter.permit(protect.user_id, PRIORITY[Action.PROTECT]):
                 order.order_id = await gateway.place_stop_order(

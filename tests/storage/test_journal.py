@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from storage.db import session_factory
-from storage.journal import GroupCommit, Rows
+from storage.journal import AtCommit, GroupCommit, Rows
 from storage.models import Notification, User
 
 NOTIFICATIONS = cast(Table, Notification.__table__)
@@ -135,3 +135,28 @@ async def test_a_writer_cancelled_while_waiting_does_not_cancel_the_batch_it_sha
 
     assert impatient.cancelled()
     assert "patient" in await titles(sessions)
+
+
+async def test_a_value_given_at_commit_is_made_when_its_batch_goes_out_not_when_it_was_handed_over(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    user_id = await a_user(sessions)
+    journal = GroupCommit(sessions)
+    release = asyncio.Event()
+    stage = {"now": "handed over"}
+
+    async def slow(session: AsyncSession) -> None:
+        await release.wait()  # the batch ahead is still committing
+
+    first = asyncio.create_task(journal.write(notice(user_id, "first"), slow))
+    await asyncio.sleep(0)  # the writer has taken "first"; the next write gathers behind it
+    titled = AtCommit(lambda: stage["now"])
+    row = notice(user_id, "dated")
+    second = asyncio.create_task(journal.write(Rows(INSERT, {**row.params, "title": titled})))
+    await asyncio.sleep(0)
+    stage["now"] = "went out"
+    release.set()
+    await asyncio.gather(first, second)
+
+    assert titled.value == "went out"
+    assert (await titles(sessions))["dated"] == "went out"
