@@ -40,7 +40,7 @@ from streams.execution.context import EngineContext, GatewayFactory, Publisher
 from streams.execution.cycles import FLAT_AT_SELL, REENTRY_CUTOFF, for_current_cycle, reentry_misfit
 from streams.execution.ledger import Ledger, RunHistory
 from streams.execution.limits import PriorityGate, UserPace
-from streams.execution.order_lifecycle import OrderState, Refused, TrackedOrder, strategy_state
+from streams.execution.order_lifecycle import OrderEvent, OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn
 from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, raise_current, urgent
@@ -223,6 +223,12 @@ class Executor:
             adopted = await self._adopt_sent(intent, strategy, order, position)
             if adopted is not None:
                 return adopted
+            # Not at the broker. Its next attempt is claimed as withdrawn before the skip: a process still holding
+            # this intent (its lock gone with a Redis restart) can then never send it after the skip, for the
+            # attempt it would send under is taken (crash matrix: a BUY skipped here as missed, sent by the other
+            # worker a moment later, and its position left with no exit).
+            await self.ledger.sent(intent, order)
+            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=skip_reason)
         if skip_reason is not None:
             return await self._skip(intent, strategy, order, skip_reason)
 

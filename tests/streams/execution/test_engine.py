@@ -35,6 +35,7 @@ from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, Use
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled, Executor
 from streams.execution.limits import PriorityGate
+from streams.execution.order_lifecycle import OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, Urgency, effective, inherited
 from tests.streams.execution.engine_bench import (
     IST,
@@ -866,6 +867,21 @@ async def test_a_buy_missed_by_more_than_the_grace_is_skipped_and_the_trader_tol
     assert (result.message or "").startswith("BUY time missed")
     assert engine.gateway.placements == []
     assert [n.kind for n in engine.publisher.notifications()] == [NotificationKind.BUY_SKIPPED]
+
+
+async def test_a_missed_buy_an_earlier_delivery_sent_is_skipped_under_a_claimed_attempt_no_one_can_send(
+    engine: Engine,
+) -> None:
+    late = engine.intent(Action.BUY, due_at=engine.clock.now() - timedelta(seconds=61))
+    await engine.died_after_logging(late)  # attempt 1 sent by a worker that died; the broker never got it
+    result = await engine.executor.execute(late)
+    assert result is not None and result.status is OrderStatus.SKIPPED
+    assert engine.gateway.placements == []
+    assert await engine.attempts(late) == [(1, "sending"), (2, "withdrawn")]
+    # A process still holding this BUY (its lock gone with a Redis restart) cannot claim attempt 2 to send it.
+    straggler = TrackedOrder(late.intent_id, Action.BUY, late.broker_tag, attempts=1, state=OrderState.INTENDED)
+    with pytest.raises(IntegrityError):
+        await engine.executor.ledger.sent(late, straggler)
 
 
 @sqlite_only
