@@ -223,12 +223,6 @@ class Executor:
             adopted = await self._adopt_sent(intent, strategy, order, position)
             if adopted is not None:
                 return adopted
-            # Not at the broker. Its next attempt is claimed as withdrawn before the skip: a process still holding
-            # this intent (its lock gone with a Redis restart) can then never send it after the skip, for the
-            # attempt it would send under is taken (crash matrix: a BUY skipped here as missed, sent by the other
-            # worker a moment later, and its position left with no exit).
-            await self.ledger.sent(intent, order)
-            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=skip_reason)
         if skip_reason is not None:
             return await self._skip(intent, strategy, order, skip_reason)
 
@@ -376,6 +370,13 @@ class Executor:
 
     async def _skip(self, intent: OrderIntent, strategy: Strategy, order: TrackedOrder, reason: str) -> OrderResult:
         log.info("intent %s skipped: %s", intent.intent_id, reason)
+        if intent.action is Action.BUY and order.state is OrderState.INTENDED:
+            # The BUY's next attempt is claimed as withdrawn before the skip: a process still holding this intent
+            # (its lock gone with a Redis restart) can then never send it after the skip, for the attempt it would
+            # send under is taken; refused, this skip is retried and finds that attempt. (Crash matrix: a BUY
+            # skipped as missed here, sent by the other worker a moment later, its position left with no exit.)
+            await self.ledger.sent(intent, order)
+            await self.ledger.moved(intent, order, OrderEvent.SKIP, message=reason)
         result = await self.outcomes.skip(intent, order, reason)
         if reason.startswith((REENTRY_CUTOFF, FLAT_AT_SELL)):
             # Waiting to buy again, and no longer allowed to: the strategy's day ends here.
