@@ -82,8 +82,16 @@ SOURCE_REFUSED_ADVICE = (
 )
 
 
-class BrokerThrottled(BrokerUnavailable):
+class BrokerNotSent(BrokerUnavailable):
+    """Transient, and known to have placed nothing: sent again at once, with nothing to ask the broker about."""
+
+
+class BrokerThrottled(BrokerNotSent):
     """429: the broker refused the request unread, at its rate limit; an order so answered was not placed."""
+
+
+class BrokerCallLate(BrokerNotSent):
+    """An order call that could not start by its `leave_by` instant and so was never made (`KiteBroker.call`)."""
 
 
 def map_kite_exception(exc: BaseException) -> BrokerError:
@@ -271,6 +279,23 @@ QUOTE_FRESH_SECONDS = 5.0
 FRESH_PRICES: dict[tuple[str, str], tuple[float, float]] = {}  # (api root, instrument) -> (monotonic, price)
 
 
+def ensure_in_time(leave_by: float | None) -> None:
+    """Raise BrokerCallLate if an order call due to start by `leave_by` (time.monotonic()) is past it."""
+    if leave_by is not None and (late := time.monotonic() - leave_by) > 0:
+        raise BrokerCallLate(f"not sent: the call could not start in its window ({late:.2f}s late)")
+
+
+def _not_after(leave_by: float | None, method: Callable[..., T]) -> Callable[..., T]:
+    if leave_by is None:
+        return method
+
+    def in_time(*args: Any, **kwargs: Any) -> T:
+        ensure_in_time(leave_by)  # in the thread, right before the request: nothing can delay it after this
+        return method(*args, **kwargs)
+
+    return in_time
+
+
 class KiteBroker:
     """One trader's Kite Connect session. Cheap to build: one per request or per strategy is fine.
 
@@ -312,10 +337,10 @@ class KiteBroker:
         """The client for order calls (place, modify, cancel): through the egress when there is one."""
         return self._orders_kite
 
-    async def order_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def order_call(self, method: Callable[..., T], *args: Any, leave_by: float | None = None, **kwargs: Any) -> T:
         """`call` for a method of `order_client`: through an egress, a connection failure is the egress's."""
         try:
-            return await self.call(method, *args, **kwargs)
+            return await self.call(method, *args, leave_by=leave_by, **kwargs)
         except BrokerUnavailable as exc:
             if self.egress is None or isinstance(exc, BrokerEgressDown):
                 raise
@@ -324,12 +349,16 @@ class KiteBroker:
                 raise BrokerEgressDown(f"the egress {self.egress.display} is unreachable") from exc.__cause__
             raise
 
-    async def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a sync client method in a thread and map its failures to BrokerError subclasses."""
+    async def call(self, method: Callable[..., T], *args: Any, leave_by: float | None = None, **kwargs: Any) -> T:
+        """Run a sync client method in a thread and map its failures to BrokerError subclasses.
+
+        `leave_by` (time.monotonic()): the call is made only if its thread starts by then, else BrokerCallLate and
+        nothing is sent. An order's attempt row promises other processes that the order left within a window of
+        the row's date (`Ledger.sent`); a busy event loop or a full thread pool must not stretch that."""
         name = getattr(method, "__name__", "call")
         started = time.perf_counter()
         try:
-            answer = await asyncio.to_thread(method, *args, **kwargs)
+            answer = await asyncio.to_thread(_not_after(leave_by, method), *args, **kwargs)
             BROKER_CALL_SECONDS.labels(name, "ok").observe(time.perf_counter() - started)
             return answer
         except Exception as exc:

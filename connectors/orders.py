@@ -51,13 +51,16 @@ class BrokerOrder:
 
 
 class OrderGateway(Protocol):
+    # `leave_by` (time.monotonic()): made only if the call can start by then, else BrokerCallLate (nothing sent).
     async def place_market_order(
-        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
-    ) -> str: ...
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str,
+        leave_by: float | None = None,
+    ) -> str: ...  # fmt: skip
 
     async def place_stop_order(
-        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
-    ) -> str: ...
+        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str,
+        leave_by: float | None = None,
+    ) -> str: ...  # fmt: skip
 
     async def modify_order(self, order_id: str, *, price: float) -> None: ...
 
@@ -109,10 +112,12 @@ class KiteOrderGateway:
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def place_market_order(
-        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
-    ) -> str:
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str,
+        leave_by: float | None = None,
+    ) -> str:  # fmt: skip
         order_id = await self.broker.order_call(
             self.broker.order_client.place_order,
+            leave_by=leave_by,
             variety="regular",
             exchange=exchange,
             tradingsymbol=tradingsymbol,
@@ -126,11 +131,13 @@ class KiteOrderGateway:
         return str(order_id)
 
     async def place_stop_order(
-        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
-    ) -> str:
+        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str,
+        leave_by: float | None = None,
+    ) -> str:  # fmt: skip
         """A SELL SL-M resting at the broker: it becomes a market order when the price trades at the trigger."""
         order_id = await self.broker.order_call(
             self.broker.order_client.place_order,
+            leave_by=leave_by,
             variety="regular",
             exchange=exchange,
             tradingsymbol=tradingsymbol,

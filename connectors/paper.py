@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import orjson
 from redis.asyncio import Redis
 
-from connectors.broker import BrokerRejected, BrokerUnavailable
+from connectors.broker import BrokerRejected, BrokerUnavailable, ensure_in_time
 from connectors.orders import BrokerOrder
 from core.clock import Clock
 from storage.runtime import LTP_KEY
@@ -30,8 +30,10 @@ class PaperOrderGateway:
         return f"paper:{self.account}:tags"
 
     async def place_market_order(
-        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
-    ) -> str:
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str,
+        leave_by: float | None = None,
+    ) -> str:  # fmt: skip
+        ensure_in_time(leave_by)
         instrument = f"{exchange}:{tradingsymbol}"
         price = await self.redis.hget(LTP_KEY, instrument)
         if price is None:
@@ -49,9 +51,11 @@ class PaperOrderGateway:
         return order_id
 
     async def place_stop_order(
-        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str
-    ) -> str:
+        self, *, exchange: str, tradingsymbol: str, quantity: int, product: str, trigger_price: float, tag: str,
+        leave_by: float | None = None,
+    ) -> str:  # fmt: skip
         """Rests OPEN and never executes: on paper the pipeline's own stop-loss is the protection."""
+        ensure_in_time(leave_by)
         order_id = f"PAPER{await self.redis.incr('paper:order_seq')}"
         order = {
             "order_id": order_id, "status": "OPEN", "tag": tag, "average_price": None, "filled_quantity": 0,

@@ -8,6 +8,7 @@ twice). Read back, the rows give each order's state (`RunHistory.order`) and the
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -40,6 +41,13 @@ from streams.execution.order_lifecycle import (
 )
 
 log = logging.getLogger(__name__)
+
+# An attempt's call must start within this share of the broker timeout after its row's date. Another process that
+# finds the row unanswered waits out the whole timeout from that date before asking the broker (`Reconciler.
+# let_settle`); the rest of the timeout is the request's own transit. Started later (a busy event loop, a full
+# thread pool, a slow commit), a call reached the broker after that process had asked, found nothing, and sent
+# the same BUY again (crash matrix, three workers).
+SEND_WINDOW = 0.5
 
 ORDER_LOGS = cast(Table, OrderLog.__table__)
 NOTIFICATIONS = cast(Table, Notification.__table__)
@@ -85,6 +93,8 @@ _ATTEMPT_WORDS = {
 def _attempt_word(order: TrackedOrder) -> str:
     if order.state is OrderState.REJECTED and order.session_expired:
         return "expired"
+    if order.history and order.history[-1][1] is OrderEvent.UNSENT:
+        return "unsent"
     return _ATTEMPT_WORDS[order.state]
 
 
@@ -174,13 +184,23 @@ class Ledger:
     ) -> int:
         """SEND: a new attempt row, durable before the broker call (`price`: a stop order's trigger), dated `at`, or
         by default as it is committed (`AtCommit`): another process gives the order the broker timeout from that
-        date to arrive before it asks the broker about it. Returns the attempt's number."""
+        date to arrive before it asks the broker about it. So the call must leave well within that: by
+        `order.leave_by`, SEND_WINDOW of the timeout after the row's date, or not at all (`KiteBroker.call`).
+        Returns the attempt's number."""
         order.apply(OrderEvent.SEND)
         order.attempts += 1
         row = self.row(intent, OrderLogKind.ATTEMPT, order.attempts, _attempt_word(order), None, price, None,
                        at=at, tag=order.tag)  # fmt: skip
+        clock, window = self.context.clock, self.context.settings.broker_timeout_seconds * SEND_WINDOW
+
+        def dated_now() -> datetime:
+            order.leave_by = time.monotonic() + window
+            return clock.now().astimezone(UTC)
+
         if at is None:
-            row["created_at"] = committed = AtCommit(lambda: self.context.clock.now().astimezone(UTC))
+            row["created_at"] = committed = AtCommit(dated_now)
+        else:
+            order.leave_by = time.monotonic() + clock.seconds_until(at) + window
         await self.context.journal.write(Rows(INSERT_ORDER_LOG, row))
         order.sent_at = at if at is not None else committed.value
         return order.attempts

@@ -9,7 +9,7 @@ refused (`Refused`, logged by the caller), never applied.
 INTENDED --send--> SENDING --acknowledged--> OPEN / TRIGGER_PENDING --filled--> FILLED
                       |  \--rejected / cancelled / filled--> ...           \--rejected / cancelled--> ...
                       |--timed out--> UNKNOWN --(asked by tag) found: its broker status / not found--> INTENDED
-                      |--throttled (429: refused unread)--> INTENDED
+                      |--throttled (429: refused unread) / unsent (the call never started)--> INTENDED
                       '--given up--> GIVEN_UP --(asked again) found: its broker status
 OPEN --reprice--> OPEN (a resting exit re-priced)     OPEN --cancel--> CANCELLING --cancelled--> CANCELLED (replaced)
                                                                                   \--filled--> FILLED
@@ -20,7 +20,7 @@ TRIGGER_PENDING --cancel--> CANCELLING --cancelled--> CANCELLED (out of modifica
 Two rules follow from the table, and every path that sends orders relies on them:
 - an order is sent only from INTENDED: an order whose fate is unclear (SENDING after a crash, UNKNOWN after a
   timeout) is first asked about by its tag, and only a "not found" lets it be sent again (or a 429, which the
-  broker answers before reading the order);
+  broker answers before reading the order, or a call that never started);
 - FILLED, REJECTED, CANCELLED and SKIPPED are final: a redelivered or late event for them is refused.
 
 The strategy's runtime state (idle, buying, bought, ...) is derived from its orders' states (`strategy_state`).
@@ -62,6 +62,7 @@ class OrderEvent(StrEnum):
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"  # a call about the order went unanswered
     THROTTLED = "throttled"  # the broker refused the call unread (429): nothing was placed
+    UNSENT = "unsent"  # the call could not start within its attempt's window (`TrackedOrder.leave_by`): never made
     NOT_FOUND = "not_found"  # asked by tag, the broker has no such order
     GIVE_UP = "give_up"  # out of retries
     SKIP = "skip"  # does not fit / withdrawn before the call
@@ -93,6 +94,7 @@ TRANSITIONS: Mapping[tuple[OrderState, OrderEvent], OrderState] = {
     (OrderState.SENDING, OrderEvent.TIMED_OUT): OrderState.UNKNOWN,
     (OrderState.SENDING, OrderEvent.NOT_FOUND): OrderState.INTENDED,
     (OrderState.SENDING, OrderEvent.THROTTLED): OrderState.INTENDED,
+    (OrderState.SENDING, OrderEvent.UNSENT): OrderState.INTENDED,
     (OrderState.SENDING, OrderEvent.GIVE_UP): OrderState.GIVEN_UP,
     (OrderState.SENDING, OrderEvent.SKIP): OrderState.SKIPPED,  # withdrawn while held, before the call
     **{(OrderState.UNKNOWN, event): state for event, state in _BROKER_ANSWERS.items()},
@@ -158,6 +160,9 @@ class TrackedOrder:
     attempts: int = 0  # attempts logged for the intent, across its orders
     recorded: bool = False  # the intent's result row exists
     sent_at: datetime | None = None  # when its last attempt was sent, while that attempt is unanswered
+    # The last instant (time.monotonic()) this process may start the call of its last attempt: the attempt row
+    # tells other processes the order left by `sent_at` plus a window (`Ledger.sent`), and the call keeps to it.
+    leave_by: float | None = None
     # This process's monotonic instant of a send that failed in transit with no answer from the broker (a proxy
     # or connection dropped mid-request): the request may still be on its way.
     in_transit_since: float | None = None
@@ -194,6 +199,7 @@ class TrackedOrder:
 # The words predate the machine; today's rows read the same way.
 ATTEMPT_STATES = {
     "requested": OrderState.INTENDED,  # attempt 0: a square-off recorded before it went out on Kafka
+    "unsent": OrderState.INTENDED,  # the call was never made (its message says why)
     "throttled": OrderState.INTENDED,  # refused unread at the broker's rate limit: nothing placed
     "sending": OrderState.SENDING,
     "unclear": OrderState.UNKNOWN,

@@ -18,7 +18,14 @@ from datetime import UTC
 
 from redis.exceptions import RedisError
 
-from connectors.broker import BrokerEgressDown, BrokerError, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
+from connectors.broker import (
+    BrokerEgressDown,
+    BrokerError,
+    BrokerNotSent,
+    BrokerThrottled,
+    BrokerTokenExpired,
+    BrokerUnavailable,
+)
 from connectors.orders import BrokerOrder, OrderGateway
 from connectors.retrying import broker_retries
 from core.coalesce import Coalesced
@@ -190,7 +197,7 @@ class Placement:
                 turn()
                 order_id = await gateway.place_market_order(
                     exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, side=intent.action.side,
-                    quantity=strategy.quantity, product=strategy.product, tag=order.tag,
+                    quantity=strategy.quantity, product=strategy.product, tag=order.tag, leave_by=order.leave_by,
                 )  # fmt: skip
         except Withdrawn as withdrawn:
             await self._skipped(intent, order, logged, withdrawn.reason)
@@ -199,8 +206,11 @@ class Placement:
             reason = f"BUY skipped: {exhausted}"
             await self._skipped(intent, order, logged, reason)
             raise OverBudget(reason) from exhausted
-        except BrokerThrottled as exc:  # refused unread: nothing to ask about, sent again once the budget allows
-            await self.ledger.moved(intent, order, OrderEvent.THROTTLED, message=exc.message)
+        except BrokerNotSent as exc:  # nothing placed: nothing to ask about, sent again (once the budget allows)
+            event = OrderEvent.THROTTLED if isinstance(exc, BrokerThrottled) else OrderEvent.UNSENT
+            await self.ledger.moved(intent, order, event, message=exc.message)
+            if event is OrderEvent.UNSENT:
+                log.warning("intent %s: %s; sent again", intent.intent_id, exc.message)
             raise
         except BrokerUnavailable as exc:
             # No HTTP answer at all: the request may still be in transit (a timed-out call has waited already).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from connectors.broker import BrokerError, BrokerUnavailable
+from connectors.broker import BrokerError, BrokerNotSent, BrokerThrottled, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from connectors.retrying import broker_retries
 from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
@@ -61,8 +61,13 @@ class ProtectiveStops:
             async with self.rate_limiter.permit(protect.user_id, PRIORITY[Action.PROTECT]):
                 order.order_id = await gateway.place_stop_order(
                     exchange=strategy.exchange, tradingsymbol=strategy.tradingsymbol, quantity=strategy.quantity,
-                    product=strategy.product, trigger_price=trigger, tag=order.tag,
+                    product=strategy.product, trigger_price=trigger, tag=order.tag, leave_by=order.leave_by,
                 )  # fmt: skip
+        except BrokerNotSent as exc:  # nothing placed: the worker's own check guards the position, as if refused
+            event = OrderEvent.THROTTLED if isinstance(exc, BrokerThrottled) else OrderEvent.UNSENT
+            await self.ledger.moved(protect, order, event, message=exc.message)
+            log.warning("protective stop of strategy %s not placed: %s", strategy.id, exc.message)
+            return
         except BrokerUnavailable as exc:
             await self.ledger.moved(protect, order, OrderEvent.TIMED_OUT, message=exc.message)
             return

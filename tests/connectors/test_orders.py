@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from connectors.broker import BrokerUnavailable, KiteBroker
+from connectors.broker import BrokerCallLate, BrokerUnavailable, KiteBroker
 from connectors.kite_sim import RunningSimulator
 from connectors.orders import KiteOrderGateway
 from streams.execution.limits import BrokerRateLimiter
@@ -49,6 +50,20 @@ async def test_one_traders_orders_followed_together_share_order_book_reads(
     assert all(s.status == "COMPLETE" and s.filled_quantity == 1 and s.average_price for s in statuses)
     assert calls["order_history"] == 0
     assert 1 <= calls["orders"] <= 2  # the first read, and the one for those who asked while it was out
+
+
+async def test_an_order_call_that_cannot_start_by_its_leave_by_instant_never_reaches_the_broker(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    account = kite_account()
+    gateway = KiteOrderGateway(KiteBroker(build_settings(kite_api_root=simulator.rest_root), account.api_key,
+                                          account.access_token))  # fmt: skip
+    order = {"exchange": "NSE", "tradingsymbol": "INFY", "side": "BUY", "quantity": 1, "product": "MIS"}
+    with pytest.raises(BrokerCallLate, match="not sent"):
+        await gateway.place_market_order(**order, tag="late", leave_by=time.monotonic() - 0.001)
+    await gateway.place_market_order(**order, tag="intime", leave_by=time.monotonic() + 5.0)
+
+    assert [r.params["tag"] for r in simulator.state.audit_records(api_key=account.api_key)] == ["intime"]
 
 
 async def test_an_order_the_book_does_not_show_is_unclear_not_missing(

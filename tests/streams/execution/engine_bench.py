@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from connectors import retrying
-from connectors.broker import BrokerEgressDown, BrokerError, BrokerUnavailable
+from connectors.broker import BrokerEgressDown, BrokerError, BrokerUnavailable, ensure_in_time
 from connectors.orders import BrokerOrder, OrderGateway
 from core.clock import ManualClock
 from core.market import MarketCalendar
@@ -80,6 +80,7 @@ class FakeGateway:
     orders: dict[str, BrokerOrder] = field(default_factory=dict)
     placements: list[dict[str, Any]] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
+    leave_by: list[float | None] = field(default_factory=list)  # each placement's `leave_by`
     # Runs once as a placement arrives, before the order is taken: what lands while the call is in flight.
     on_place: Callable[[], Awaitable[object]] | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(250_115_000_001))
@@ -102,8 +103,13 @@ class FakeGateway:
         return self.fill_price
 
     async def place_market_order(
-        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
-    ) -> str:
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str,
+        leave_by: float | None = None,
+    ) -> str:  # fmt: skip
+        ensure_in_time(leave_by)
+        if self.script and self.script[0] == "starts-late":  # the call's thread started past `leave_by`: not made
+            self.script.pop(0)
+            ensure_in_time(float("-inf"))
         if self.on_place is not None:
             arriving, self.on_place = self.on_place, None
             await arriving()
@@ -111,6 +117,7 @@ class FakeGateway:
             {"exchange": exchange, "tradingsymbol": tradingsymbol, "side": side, "quantity": quantity,
              "product": product, "tag": tag}
         )  # fmt: skip
+        self.leave_by.append(leave_by)
         step = self.script.pop(0) if self.script else "fill"
         if isinstance(step, BrokerError):
             raise step

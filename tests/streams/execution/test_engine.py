@@ -8,6 +8,7 @@ that finally fails stops the strategy and tells the trader.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from storage.db import aware
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, User
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled, Executor
+from streams.execution.ledger import SEND_WINDOW
 from streams.execution.limits import PriorityGate
 from streams.execution.order_lifecycle import OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, Urgency, effective, inherited
@@ -577,6 +579,27 @@ async def test_three_transient_failures_then_success_make_four_attempts_and_one_
     assert await engine.attempts(intent) == [(1, "unclear"), (2, "unclear"), (3, "unclear"), (4, "placed")]
     assert await engine.results() == [("BUY", "filled")]
     assert (await engine.strategy()).status == "running"
+
+
+async def test_a_call_that_cannot_start_in_its_attempts_window_is_not_made_and_is_sent_again(engine: Engine) -> None:
+    """An attempt row tells a process that takes the strategy over (its lock lost with Redis) that the order left
+    within SEND_WINDOW of the broker timeout after the row's date; that process waits out the whole timeout, asks
+    the broker and, hearing of nothing, sends. A call that could not start in time (a busy event loop, a full
+    thread pool) is therefore never made: its attempt says so and a new attempt, with a new window, sends it."""
+    intent = engine.intent(Action.BUY)
+    engine.gateway.script = ["starts-late"]
+    before = time.monotonic()
+
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.attempts) == (OrderStatus.FILLED, 2)
+    assert len(engine.gateway.orders) == 1
+    assert engine.gateway.lookups == []  # nothing was sent: nothing to ask about
+    assert await engine.attempts(intent) == [(1, "unsent"), (2, "placed")]
+    window = engine.executor.settings.broker_timeout_seconds * SEND_WINDOW
+    (leave_by,) = engine.gateway.leave_by
+    assert leave_by is not None and before < leave_by <= time.monotonic() + window
 
 
 async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engine: Engine) -> None:

@@ -46,12 +46,13 @@ def test_an_order_is_sent_only_from_intended() -> None:
     assert {state for (state, event) in TRANSITIONS if event is OrderEvent.SEND} == {OrderState.INTENDED}
 
 
-def test_a_sent_order_is_intended_again_only_on_the_brokers_word_that_it_has_none() -> None:
+def test_a_sent_order_is_intended_again_only_when_nothing_reached_the_broker() -> None:
     into_intended = {(state, event) for (state, event), after in TRANSITIONS.items() if after is OrderState.INTENDED}
     assert into_intended == {
         (OrderState.SENDING, OrderEvent.NOT_FOUND),
         (OrderState.UNKNOWN, OrderEvent.NOT_FOUND),
         (OrderState.SENDING, OrderEvent.THROTTLED),  # a 429 is answered before the order is read
+        (OrderState.SENDING, OrderEvent.UNSENT),  # the call was never made
     }
 
 

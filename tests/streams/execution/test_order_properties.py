@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connectors.broker import BrokerRejected, BrokerUnavailable
+from connectors.broker import BrokerCallLate, BrokerRejected, BrokerUnavailable
 from connectors.orders import BrokerOrder
 from schemas.events import Action, OrderIntent, broker_tag_for
 from storage.runtime import lock_key
@@ -36,6 +36,7 @@ PLACE_STEPS = (
     "fill",
     "rest",
     "lost-before",
+    "late",
     "lost-after",
     "refuse",
     "die-before",
@@ -70,13 +71,16 @@ class ChaosBroker:
         return order
 
     async def place_market_order(
-        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str
-    ) -> str:
+        self, *, exchange: str, tradingsymbol: str, side: str, quantity: int, product: str, tag: str,
+        leave_by: float | None = None,
+    ) -> str:  # fmt: skip
         step = self._next(PLACE_STEPS)
         if step == "die-before":
             raise WorkerDied
         if step == "lost-before":
             raise BrokerUnavailable("connection reset before the broker read the request")
+        if step == "late":  # the call could not start in its attempt's window: never made
+            raise BrokerCallLate("not sent: the call could not start in its window")
         if step == "refuse":
             raise BrokerRejected("RMS: insufficient margin")
         order = self._add(tag, "OPEN" if step.startswith("rest") else "COMPLETE")
