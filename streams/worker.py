@@ -59,6 +59,7 @@ from streams.exit_index import ExitHit, ExitIndex, Trail
 from streams.faust_app import ServiceWorker, build_faust_app, raw_topic
 from streams.intent_feed import IntentFeed
 from streams.price_highs import ARMED_AT_KEY, PriceHighs
+from streams.rebalance_watch import RebalanceWatch
 from streams.reentry_watch import reentry_watch, stale_cycle
 from streams.stop_steps import StopSteps
 from streams.tick_feed import LATE_AFTER_MS, TickFeed
@@ -224,6 +225,12 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         log.info("stop-loss index rebuilt: %d armed stops (%d protective stops followed)", len(services.index),
                  len(services.steps))  # fmt: skip
 
+    rebalances = RebalanceWatch(app)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _assigned(sender: Any = None, *args: Any, **kwargs: Any) -> None:
+        rebalances.assigned()
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _stop_reading_ticks(sender: Any = None, *args: Any, **kwargs: Any) -> None:
         # Until the rebalance says which instruments are ours; awaited, so that what this worker checked is
@@ -234,6 +241,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
     async def _follow_assignment(sender: Any = None, **kwargs: Any) -> None:
         # Tables are recovered by now: rebuild the index before the first tick, then read the ticks of
         # exactly the instruments whose lifecycle partitions (and so armed stops) Faust gave this worker.
+        rebalances.completed()
         services.index_stale = True
         lifecycle_name = settings.topic("strategy-lifecycle")
         feed.follow({tp.partition for tp in app.consumer.assignment() if tp.topic == lifecycle_name})
@@ -251,6 +259,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
             await feed.start()  # reads nothing until the rebalance says which instruments are ours
             await intents.start()
             self.add_future(recover_at_start())  # at once, not at the first timer tick
+            self.add_future(rebalances.run())
 
         async def on_stop(self) -> None:
             await intents.stop()
