@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -225,7 +226,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         log.info("stop-loss index rebuilt: %d armed stops (%d protective stops followed)", len(services.index),
                  len(services.steps))  # fmt: skip
 
-    rebalances = RebalanceWatch(app)
+    rebalances = RebalanceWatch(app, give_up=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any = None, *args: Any, **kwargs: Any) -> None:

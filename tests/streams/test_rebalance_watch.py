@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from types import SimpleNamespace
@@ -12,8 +13,13 @@ from streams import rebalance_watch
 from streams.rebalance_watch import STALLED_SECONDS, RebalanceWatch, recovery_state
 
 
+def _watch(gave_up: list[float] | None = None) -> RebalanceWatch:
+    calls = gave_up if gave_up is not None else []
+    return RebalanceWatch(SimpleNamespace(), give_up=lambda: calls.append(time.monotonic()))  # type: ignore[arg-type]
+
+
 def test_the_stall_counts_from_the_first_assignment_until_the_rebalance_completes() -> None:
-    watch = RebalanceWatch(SimpleNamespace())  # type: ignore[arg-type]
+    watch = _watch()
     assert watch.stalled_for(time.monotonic()) == 0.0
     watch.assigned()
     first = watch.assigned_at
@@ -24,14 +30,29 @@ def test_the_stall_counts_from_the_first_assignment_until_the_rebalance_complete
     assert watch.stalled_for(time.monotonic() + 60.0) == 0.0
 
 
-def test_a_completion_after_a_long_stall_is_said(caplog: pytest.LogCaptureFixture) -> None:
-    watch = RebalanceWatch(SimpleNamespace())  # type: ignore[arg-type]
+async def test_a_worker_whose_rebalance_does_not_complete_gives_up_once_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gave_up: list[float] = []
+    watch = _watch(gave_up)
     watch.assigned()
     assert watch.assigned_at is not None
-    watch.assigned_at -= STALLED_SECONDS + 1
-    with caplog.at_level(logging.WARNING, rebalance_watch.__name__):
-        watch.completed()
-    assert "rebalance completed after" in caplog.text
+    watch.assigned_at -= STALLED_SECONDS  # assigned that long ago, never completed
+    with caplog.at_level(logging.ERROR, rebalance_watch.__name__):
+        await asyncio.wait_for(watch.run(), 5.0)
+    assert len(gave_up) == 1
+    assert "are not being checked" in caplog.text and "recovery state unavailable" in caplog.text
+
+
+async def test_a_rebalance_that_completes_in_time_is_left_alone() -> None:
+    gave_up: list[float] = []
+    watch = _watch(gave_up)
+    watch.assigned()
+    task = asyncio.create_task(watch.run())
+    await asyncio.sleep(rebalance_watch.CHECK_SECONDS * 2)  # two checks of a rebalance still in its first second
+    watch.completed()
+    task.cancel()
+    assert gave_up == []
 
 
 def test_the_recovery_state_is_best_effort() -> None:
