@@ -43,6 +43,7 @@ from streams.execution.reconcile import EXITS, Reconciler
 log = logging.getLogger(__name__)
 
 STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for exits of higher priority
+CALL_START_SECONDS = 0.25  # kept of a held BUY's window for its call to start once it has stepped aside
 
 # A BUY falling due: its strategy's run is still the one loaded (not stopped, not restarted) -> mark it buying.
 _BUYING_IF_LOADED = """
@@ -83,11 +84,11 @@ class Placement:
         self._loaded_checks: Coalesced[tuple[int, int, int], bool] = Coalesced(self._mark_buying_if_loaded)
         self.gate: PriorityGate | None = None  # set by the lanes that run the engine
 
-    async def step_aside(self, intent: OrderIntent) -> None:
+    async def step_aside(self, intent: OrderIntent, at_most: float = STEP_ASIDE_SECONDS) -> None:
         """Let higher-priority intents in this worker go first. Called outside any database session: waiting
         while holding a connection could starve them of one."""
-        if self.gate is not None:
-            await self.gate.yield_to_higher(PRIORITY[intent.action], STEP_ASIDE_SECONDS)
+        if self.gate is not None and at_most > 0:
+            await self.gate.yield_to_higher(PRIORITY[intent.action], at_most)
 
     def early(self, intent: OrderIntent) -> bool:
         return intent.action is Action.BUY and self.context.clock.seconds_until(intent.due_at) > 0
@@ -164,7 +165,7 @@ class Placement:
         sent = time.monotonic()  # re-read just before the call
         try:
             async with (
-                self._held_until_due(intent) as reserved,
+                self._held_until_due(intent, order) as reserved,
                 (
                     self.rate_limiter.dated(intent.user_id, reserved)
                     if reserved
@@ -250,7 +251,7 @@ class Placement:
             order.apply(OrderEvent.SKIP)
 
     @asynccontextmanager
-    async def _held_until_due(self, intent: OrderIntent) -> AsyncIterator[str | None]:
+    async def _held_until_due(self, intent: OrderIntent, order: TrackedOrder) -> AsyncIterator[str | None]:
         """A BUY handed over before its time (`buy_lead_seconds`) is held here, its checks and attempt row done,
         until it is due; then only the broker call is left. It waits and is placed outside the worker's execution
         slots: the BUYs of one instant are all sent at that instant, and a STOPLOSS never waits for a slot
@@ -267,7 +268,9 @@ class Placement:
             reserved = await self.rate_limiter.reserve(intent.user_id, time.time() + clock.seconds_until(intent.due_at))
             await clock.sleep_until(intent.due_at)
             await self._still_running(intent, "strategy stopped before its buy time")
-            await self.step_aside(intent)
+            # Its row says it leaves at its due instant: it steps aside only as long as its window allows.
+            window = (order.leave_by or 0.0) - time.monotonic() - CALL_START_SECONDS
+            await self.step_aside(intent, min(window, STEP_ASIDE_SECONDS))
             yield reserved
 
     async def _still_running(self, intent: OrderIntent, reason: str) -> None:

@@ -806,6 +806,24 @@ async def test_a_buy_steps_aside_before_its_decision_and_its_broker_call_while_a
     assert gate.checkpoints == [PRIORITY[Action.BUY]] * 2  # once its reads are done, before the broker call
 
 
+async def test_a_buy_held_until_due_steps_aside_only_as_long_as_its_attempt_row_allows(engine: Engine) -> None:
+    """Its row is dated at its due instant and promises the call within half the broker timeout of it: stepping
+    aside for a running STOPLOSS for the usual 2 s would break that promise (and the call would not be made)."""
+    engine.executor.settings = engine.executor.settings.model_copy(update={"broker_timeout_seconds": 0.6})
+    held = await held_buy(engine, seconds_ahead=0.01)
+    gate = engine.executor.gate = WatchedGate()
+    stoploss_slot = gate.slot(PRIORITY[Action.STOPLOSS])
+    await stoploss_slot.__aenter__()  # another strategy's STOPLOSS is being executed, and stays so
+    try:
+        engine.clock.set(held.due)
+        result = await asyncio.wait_for(held.execution, 1.0)
+    finally:
+        await stoploss_slot.__aexit__(None, None, None)
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert gate.checkpoints == [PRIORITY[Action.BUY]]  # it did step aside, briefly
+    assert await engine.attempts(held.intent) == [(1, "placed")]  # its first call, in its window
+
+
 async def test_a_buy_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_its_user(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
     await engine.died_after_logging(intent)
