@@ -89,7 +89,8 @@ async def test_owner_logs_in_while_an_attacker_hammers_the_email(client_at: Clie
     assert owner_codes == [200] * 5
     for codes in attacks:
         assert set(codes) <= {401, 429} and codes.count(401) <= 5, codes  # each address slowed after 5 failures
-    assert sum(codes.count(401) for codes in attacks) > 30
+    # The account-wide limit was reached (exactly 30 when no two checks overlap; a few more when they do).
+    assert sum(codes.count(401) for codes in attacks) >= 30
 
     # The attacker's addresses stay slowed, even with the right password: that is where the guessing came from.
     slowed = await client_at("203.0.113.1").post("/auth/login", json={"email": email, "password": DEFAULT_PASSWORD})
