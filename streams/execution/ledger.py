@@ -17,6 +17,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
+from connectors.broker import BrokerNotSent, BrokerThrottled
 from core.coalesce import Coalesced
 from schemas.events import (
     Action,
@@ -230,6 +231,12 @@ class Ledger:
         """Apply `event` to the order and persist the state it leads to on its last attempt row."""
         order.apply(event)
         await self.context.journal.write(self.attempt_update(intent, order, message))
+
+    async def not_sent(self, intent: OrderIntent, order: TrackedOrder, refused: BrokerNotSent) -> None:
+        """The attempt's call placed nothing (a 429, or a call that could not start in its window): back to
+        INTENDED, to be sent again with nothing to ask the broker about."""
+        event = OrderEvent.THROTTLED if isinstance(refused, BrokerThrottled) else OrderEvent.UNSENT
+        await self.moved(intent, order, event, message=refused.message)
 
     def attempt_update(self, intent: OrderIntent, order: TrackedOrder, message: str | None = None) -> Rows:
         """The last attempt row's state. Its message is set too (None once placed): one statement for every kind

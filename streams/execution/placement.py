@@ -208,9 +208,8 @@ class Placement:
             await self._skipped(intent, order, logged, reason)
             raise OverBudget(reason) from exhausted
         except BrokerNotSent as exc:  # nothing placed: nothing to ask about, sent again (once the budget allows)
-            event = OrderEvent.THROTTLED if isinstance(exc, BrokerThrottled) else OrderEvent.UNSENT
-            await self.ledger.moved(intent, order, event, message=exc.message)
-            if event is OrderEvent.UNSENT:
+            await self.ledger.not_sent(intent, order, exc)
+            if not isinstance(exc, BrokerThrottled):
                 log.warning("intent %s: %s; sent again", intent.intent_id, exc.message)
             raise
         except BrokerUnavailable as exc:

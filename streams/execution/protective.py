@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from connectors.broker import BrokerError, BrokerNotSent, BrokerThrottled, BrokerUnavailable
+from connectors.broker import BrokerError, BrokerNotSent, BrokerUnavailable
 from connectors.orders import BrokerOrder, OrderGateway
 from connectors.retrying import broker_retries
 from schemas.events import Action, OrderIntent, OrderStatus, intent_id_for
@@ -64,8 +64,7 @@ class ProtectiveStops:
                     product=strategy.product, trigger_price=trigger, tag=order.tag, leave_by=order.leave_by,
                 )  # fmt: skip
         except BrokerNotSent as exc:  # nothing placed: the worker's own check guards the position, as if refused
-            event = OrderEvent.THROTTLED if isinstance(exc, BrokerThrottled) else OrderEvent.UNSENT
-            await self.ledger.moved(protect, order, event, message=exc.message)
+            await self.ledger.not_sent(protect, order, exc)
             log.warning("protective stop of strategy %s not placed: %s", strategy.id, exc.message)
             return
         except BrokerUnavailable as exc:
