@@ -1227,6 +1227,15 @@ async def bench_exits(stack: Stack, clock: ScaledClock, sim: RunningSimulator, s
         f"{cpu_seconds / wall:.0%}; {(cpu_after[0] - cpu_before[0]) / wall:.0%} of a core, "
         f"{cpu_seconds * 1000 / total:.1f} ms",
     )  # fmt: skip
+    windows = sorted({int(e.floor - t0) for e in exits})
+    report.row(
+        "  beyond the floor by the trader's second of exits (1st, 2nd, ...), p50 / max",
+        ", ".join(
+            f"{percentile(w := [e.beyond_ms for e in exits if int(e.floor - t0) == n], 0.5):.0f} / {max(w):.0f}"
+            for n in windows
+        )
+        + " ms",
+    )
     report.row("  exits accepted by the broker, each once (429 refusals)", f"{len(sells)}/{total} ({refused})")
     _exits_hops(stack, report, orders, exits, t0, offset, await _attempts_dated(stack, clock, set(tags), offset))
     report.note(
