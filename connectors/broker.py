@@ -22,6 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
@@ -279,19 +280,31 @@ QUOTE_FRESH_SECONDS = 5.0
 FRESH_PRICES: dict[tuple[str, str], tuple[float, float]] = {}  # (api root, instrument) -> (monotonic, price)
 
 
+# The instants (time.time()) at which calls made in this context were answered, taken in each call's thread as
+# the answer came back, for a caller that dates something by them (the rate limiter dates a grant by its call's
+# answer: the broker counted the order before it answered). The event loop resumes the caller only later, tens of
+# milliseconds later in a burst. Set by the caller to a list of its own; calls without an answer add nothing.
+ANSWERED_AT: ContextVar[list[float] | None] = ContextVar("answered_at", default=None)
+
+
 def ensure_in_time(leave_by: float | None) -> None:
     """Raise BrokerCallLate if an order call due to start by `leave_by` (time.monotonic()) is past it."""
     if leave_by is not None and (late := time.monotonic() - leave_by) > 0:
         raise BrokerCallLate(f"not sent: the call could not start in its window ({late:.2f}s late)")
 
 
-def _not_after(leave_by: float | None, method: Callable[..., T]) -> Callable[..., T]:
-    if leave_by is None:
+def _in_thread(leave_by: float | None, method: Callable[..., T]) -> Callable[..., T]:
+    """`method` as run in a broker thread: not started past `leave_by`, and its answer's instant noted."""
+    answered = ANSWERED_AT.get()  # the caller's list: the thread runs in a copy of the caller's context
+    if leave_by is None and answered is None:
         return method
 
     def in_time(*args: Any, **kwargs: Any) -> T:
         ensure_in_time(leave_by)  # in the thread, right before the request: nothing can delay it after this
-        return method(*args, **kwargs)
+        answer = method(*args, **kwargs)
+        if answered is not None:
+            answered.append(time.time())
+        return answer
 
     return in_time
 
@@ -358,7 +371,7 @@ class KiteBroker:
         name = getattr(method, "__name__", "call")
         started = time.perf_counter()
         try:
-            answer = await asyncio.to_thread(_not_after(leave_by, method), *args, **kwargs)
+            answer = await asyncio.to_thread(_in_thread(leave_by, method), *args, **kwargs)
             BROKER_CALL_SECONDS.labels(name, "ok").observe(time.perf_counter() - started)
             return answer
         except Exception as exc:

@@ -34,7 +34,7 @@ from schemas.events import Action, NotificationKind, OrderIntent
 from storage.models import Strategy
 from storage.runtime import RuntimeState, buys_held_key, runtime_key, strategy_key
 from streams.execution.context import EngineContext
-from streams.execution.ledger import Ledger
+from streams.execution.ledger import SEND_WINDOW, Ledger
 from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for exits of higher priority
 CALL_START_SECONDS = 0.25  # kept of a held BUY's window for its call to start once it has stepped aside
+# An exit's attempt row is written while its rate-limit grant is waited for once the grant is expected within this
+# share of its send window (`SEND_WINDOW`): the rest is margin for the grant coming later than expected. Past its
+# window the call is not made (BrokerCallLate) and the exit is sent again under a new row.
+ROW_LEAD = 0.5
 
 # A BUY falling due: its strategy's run is still the one loaded (not stopped, not restarted) -> mark it buying.
 _BUYING_IF_LOADED = """
@@ -163,13 +167,29 @@ class Placement:
             await self.ledger.sent(intent, order, max(self.context.clock.now(), intent.due_at.astimezone(UTC)))
             logged = True
         sent = time.monotonic()  # re-read just before the call
+
+        async def log_attempt() -> None:
+            # Written after every other wait, just before the call (or while its grant is waited for, once the
+            # grant is near: `ROW_LEAD`), and dated as it is committed: another delivery finding it unanswered
+            # gives it the broker timeout from when it really left. Dated before a long rate-limit wait, or
+            # before a slow commit, a second worker (its lock lost with a Redis restart) asked the broker too
+            # soon, found nothing and sent the same BUY again. The attempt number is unique per intent: two
+            # processes sending at once cannot both claim it, and the one refused sends nothing.
+            nonlocal logged
+            if not logged:
+                await self.ledger.sent(intent, order)
+                logged = True
+
+        lead = self.context.settings.broker_timeout_seconds * SEND_WINDOW * ROW_LEAD
         try:
             async with (
                 self._held_until_due(intent, order) as reserved,
                 (
                     self.rate_limiter.dated(intent.user_id, reserved)
                     if reserved
-                    else self.rate_limiter.permit(intent.user_id, priority)
+                    else self.rate_limiter.permit(
+                        intent.user_id, priority, ready=log_attempt if intent.action.is_exit else None, lead=lead
+                    )
                 ),
             ):
                 if not held:  # a BUY held until its time waited for the clock, not for the rate limit
@@ -179,15 +199,7 @@ class Placement:
                         # or a loss limit may have stopped the strategy since (crash matrix: BUYs seconds after
                         # the daily loss limit). Exits go whatever happened: they close a position.
                         await self._still_running(intent, "strategy stopped before its BUY was sent")
-                if not logged:
-                    # Written after every wait, just before the call, and dated as it is committed: another
-                    # delivery finding it unanswered gives it the broker timeout from when it really left. Dated
-                    # before a rate-limit wait, or before a slow commit, a second worker (its lock lost with a Redis
-                    # restart) asked the broker too soon, found nothing and sent the same BUY again. The attempt
-                    # number is unique per intent: two processes sending at once cannot both claim it, and the one
-                    # refused sends nothing.
-                    await self.ledger.sent(intent, order)
-                    logged = True
+                await log_attempt()
                 INTENT_LAG_SECONDS.labels(intent.action.value).observe(
                     max(-self.context.clock.seconds_until(intent.due_at), 0.0)
                 )
@@ -207,6 +219,11 @@ class Placement:
             reason = f"BUY skipped: {exhausted}"
             await self._skipped(intent, order, logged, reason)
             raise OverBudget(reason) from exhausted
+        except RedisError as exc:
+            if logged and order.state is OrderState.SENDING:
+                # Its row was written, but the rate limiter failed it before the call: nothing left.
+                await self.ledger.moved(intent, order, OrderEvent.UNSENT, message=f"rate limit not reachable: {exc}")
+            raise
         except BrokerNotSent as exc:  # nothing placed: nothing to ask about, sent again (once the budget allows)
             await self.ledger.not_sent(intent, order, exc)
             if not isinstance(exc, BrokerThrottled):

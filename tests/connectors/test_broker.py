@@ -11,6 +11,7 @@ import requests
 from kiteconnect import exceptions as kite_exceptions
 
 from connectors.broker import (
+    ANSWERED_AT,
     INSTRUMENT_CACHE,
     BrokerRejected,
     BrokerThrottled,
@@ -137,3 +138,31 @@ async def test_unreachable_broker_is_unavailable() -> None:
     settings = build_settings(kite_api_root=f"http://127.0.0.1:{free_port()}", broker_timeout_seconds=1.0)
     with pytest.raises(BrokerUnavailable, match="unreachable"):
         await KiteBroker(settings, "key", "token").profile()
+
+
+async def test_a_call_notes_when_its_answer_came_back_for_a_caller_that_asks() -> None:
+    """Taken in the call's thread, before the event loop resumes the caller: what the rate limiter dates a grant by."""
+    broker = KiteBroker(build_settings(), "key", "token")
+    released = time.time()
+
+    def answer_then_hold() -> str:
+        time.sleep(0.05)  # the answer came back here; whatever the caller does after it is not the broker's
+        return "ok"
+
+    answered: list[float] = []
+    token = ANSWERED_AT.set(answered)
+    try:
+        assert await broker.call(answer_then_hold) == "ok"
+        resumed = time.time()
+        with pytest.raises(BrokerRejected):
+            await broker.call(_refuse)  # no answer of the broker's own: nothing noted
+    finally:
+        ANSWERED_AT.reset(token)
+    assert len(answered) == 1
+    assert released + 0.05 <= answered[0] <= resumed
+    assert await broker.call(answer_then_hold) == "ok"  # a caller that does not ask: nothing noted anywhere
+    assert len(answered) == 1
+
+
+def _refuse() -> None:
+    raise kite_exceptions.InputException("bad input")

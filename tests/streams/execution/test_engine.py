@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -230,12 +231,12 @@ def grant_held_until_let(engine: Engine) -> tuple[asyncio.Event, asyncio.Event]:
     grant = limiter._granted
     waiting, go = asyncio.Event(), asyncio.Event()
 
-    async def grant_when_let(user_id: int, priority: int) -> str:
+    async def grant_when_let(user_id: int, priority: int, *args: Any) -> str:
         waiting.set()
         await go.wait()
-        return await grant(user_id, priority)
+        return await grant(user_id, priority, *args)
 
-    limiter._granted = grant_when_let  # type: ignore[method-assign]
+    limiter._granted = grant_when_let  # type: ignore[method-assign,assignment]
     return waiting, go
 
 

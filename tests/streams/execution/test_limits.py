@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from connectors.broker import ANSWERED_AT
 from schemas.events import Action
 from streams.execution import limits
 from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
@@ -499,6 +500,73 @@ async def test_a_grant_is_dated_by_its_calls_return_so_a_slow_call_delays_the_ne
     await take(limiter, 7)
     await take(limiter, 7)  # the third grant waits for the first's return, not its grant, to leave the window
     assert virtual.now == pytest.approx(start + 1.3)
+
+
+async def test_an_exits_work_before_its_call_runs_while_its_grant_is_near_and_not_long_before(redis: Redis) -> None:
+    """On the wall clock: `ready` (the attempt row) overlaps the wait for a grant expected within `lead`, and for
+    one further off it waits until a round brings the grant that near."""
+    limiter = BrokerRateLimiter(redis, per_second=2)
+    for _ in range(2):
+        await take(limiter, 8, Action.STOPLOSS)  # this second's budget is spent
+    start = time.time()
+    ready_at: dict[str, float] = {}
+    called_at: dict[str, float] = {}
+
+    async def exit_(name: str, lead: float) -> None:
+        async def ready() -> None:
+            ready_at[name] = time.time() - start
+
+        async with limiter.permit(8, PRIORITY[Action.STOPLOSS], ready=ready, lead=lead):
+            called_at[name] = time.time() - start
+
+    asked = asyncio.Event()
+    grant = limiter._grant
+
+    async def noted(*args: Any, **kwargs: Any) -> Any:
+        answer = await grant(*args, **kwargs)
+        asked.set()
+        return answer
+
+    limiter._grant = noted  # type: ignore[method-assign]
+    first = asyncio.create_task(exit_("first", 0.0))
+    await asyncio.wait_for(asked.wait(), 5)
+    assert 8 in limiter._next_round  # its round found no room and sleeps until the second is over
+    near = asyncio.create_task(exit_("near", 1.5))  # the next round (1 s away) has room for it: ready at once
+    far = asyncio.create_task(exit_("far", 1.5))  # two waiters ahead: its grant is two rounds away
+    short = asyncio.create_task(exit_("short", 0.3))
+    await asyncio.wait_for(asyncio.gather(first, near, far, short), 10)
+    assert ready_at["near"] < 0.3 and called_at["near"] >= 0.9
+    assert 0.9 <= ready_at["far"] < 1.5 and called_at["far"] >= 1.9  # made ready by the round a second before
+    assert ready_at["short"] >= 1.9  # a second was never within 0.3 s: ready once granted
+    assert ready_at["first"] >= 0.9  # lead 0: only once granted
+    assert all(ready_at[name] <= called_at[name] for name in called_at)
+
+
+async def test_an_exit_whose_work_before_its_call_fails_gives_its_place_up(redis: Redis) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=2)
+
+    async def fails() -> None:
+        raise RuntimeError("the row was not written")
+
+    with pytest.raises(RuntimeError):
+        async with limiter.permit(9, PRIORITY[Action.STOPLOSS], ready=fails, lead=1.0):
+            raise AssertionError("no call without its row")
+    for _ in range(2):  # its grant, if made, goes unused; the user's budget is otherwise untouched
+        await asyncio.wait_for(take(limiter, 9, Action.STOPLOSS), 5)
+
+
+async def test_a_grant_is_dated_by_its_calls_answer_not_by_when_the_caller_resumed(
+    redis: Redis, virtual: VirtualTime
+) -> None:
+    limiter = BrokerRateLimiter(redis, per_second=1)
+    start = virtual.now
+    async with limiter.permit(10, 0):
+        answered = ANSWERED_AT.get()
+        assert answered is not None  # the broker call in the block notes its answer here
+        answered.append(start + 0.1)
+        virtual.now += 0.3  # the event loop resumed the caller 0.2 s after the answer
+    await take(limiter, 10)
+    assert virtual.now == pytest.approx(start + 1.1)
 
 
 # ----------------------------------------------------------------- the minute and the day (Kite, April 2026)
