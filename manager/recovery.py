@@ -51,7 +51,7 @@ from schemas.events import (
 )
 from storage.db import aware
 from storage.locks import ProcessLease, kept_alive_lock
-from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus
+from storage.models import BrokerAccount, OrderLog, OrderLogKind, Strategy, StrategyStatus, User
 from storage.positions import RunPosition, positions_by_status, positions_of, running_positions
 from storage.runtime import connect_redis
 from streams.execution.order_lifecycle import OrderState, strategy_state
@@ -156,7 +156,11 @@ class Recovery:
         """Rebuild Redis from the database; with `republish`, the topics' lifecycle events and unfinished
         intents too (the broker lost them)."""
         started = time.perf_counter()
+        now = self.manager.clock.now()
+        today = self.manager.calendar.local(now).date()
         async with self.sessions() as session:
+            # Traders whose kill switch (or daily loss limit) is engaged today: their BUYs stay held.
+            held = list(await session.scalars(select(User.id).where(User.kill_switch_day >= today)))
             strategies = list(
                 (await session.execute(select(Strategy).where(Strategy.status == StrategyStatus.RUNNING.value)))
                 .scalars()
@@ -166,7 +170,6 @@ class Recovery:
             unresolved = await self._unresolved_intents(session)
             orphans = await self._orphaned_positions(session)
 
-        now = self.manager.clock.now()
         loads: list[tuple[StrategySpec, int, date, dict[str, str]]] = []
         events: list[StrategyLifecycle] = []
         open_positions = [s for s in strategies if positions.get(s.id, RunPosition()).open]
@@ -194,6 +197,11 @@ class Recovery:
                         realised=position.realised(strategy.quantity),
                     )
                 )
+        # Held before the strategies are loaded: a BUY finding its strategy in Redis goes without asking the
+        # database, and the hold went with the Redis that restarted (crash matrix: two BUYs of a trader 3.2 s
+        # after the daily loss limit, their strategies not yet stopped, Redis restarted and recovered meanwhile).
+        for user_id in held:
+            await self.manager.runtime.hold_buys(user_id)
         # One pipelined round trip per thousand strategies, on one connection: the lanes keep the rest.
         await self.manager.runtime.load_many(loads)
         await self._publish_all([(LIFECYCLE_TOPIC, e.spec.instrument, e) for e in events])

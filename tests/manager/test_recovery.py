@@ -20,7 +20,7 @@ from manager.strategy_manager import StrategyManager
 from schemas.events import Action, Event, OrderIntent, Trigger, broker_tag_for, intent_id_for
 from storage.db import session_factory
 from storage.models import OrderLog, Strategy, User
-from storage.runtime import RuntimeStore
+from storage.runtime import RuntimeStore, buys_held_key, strategy_key
 from tests.fixtures.api import IST
 from tests.fixtures.services import build_settings
 
@@ -68,6 +68,35 @@ async def running_strategy(
             )  # fmt: skip
         await session.commit()
         return strategy.id
+
+
+async def test_a_redis_rebuilt_holds_the_buys_of_a_trader_whose_kill_switch_is_engaged_today(
+    db_engine: AsyncEngine, redis: Redis
+) -> None:
+    """The hold went with the Redis that restarted, and a BUY that finds its strategy loaded does not ask the
+    database (crash matrix: two BUYs 3.2 s after the daily loss limit, their strategies not yet stopped)."""
+    settings = build_settings()
+    clock = ManualClock(datetime(2025, 1, 15, 10, 30, tzinfo=IST))
+    publisher = RecordingPublisher()
+    sessions = session_factory(db_engine)
+    manager = StrategyManager(sessions, RuntimeStore(redis), publisher, clock, MarketCalendar(settings))
+    recovery = Recovery(settings, sessions, redis, publisher, manager)  # type: ignore[arg-type]
+    engaged = await running_strategy(db_engine, sell_time=time(15, 0), bought=False)
+    released = await running_strategy(db_engine, sell_time=time(15, 0), bought=False)
+    yesterday = await running_strategy(db_engine, sell_time=time(15, 0), bought=False)
+    async with sessions() as session:
+        owners = {s.id: s.user_id for s in await session.scalars(select(Strategy))}
+        for strategy_id, day in ((engaged, DAY), (released, None), (yesterday, date(2025, 1, 14))):
+            user = await session.get(User, owners[strategy_id])
+            assert user is not None
+            user.kill_switch_day = day
+        await session.commit()
+
+    await recovery.run(republish=False)
+    assert await redis.exists(buys_held_key(owners[engaged])) == 1
+    assert await redis.exists(buys_held_key(owners[released])) == 0
+    assert await redis.exists(buys_held_key(owners[yesterday])) == 0
+    assert await redis.exists(strategy_key(engaged)) == 1  # loaded, and its BUY withdrawn by the hold
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
