@@ -329,9 +329,12 @@ class BrokerRateLimiter:
         drainer = self._drainers.get(user_id)
         if drainer is None or drainer.done():
             self._drainers[user_id] = asyncio.create_task(self._drain(user_id))
-        due = self._next_round.get(user_id, 0.0)
-        if lead > 0 and due - time.time() <= lead and sum(not w.answer.done() for _, _, w in waiters) <= self.limit:
-            waiter.near.set_result(None)  # in the round under way or the next, soon enough
+        # Near at once if the next round is, and this one's grant in it: a round sleeping less than `lead`, or none
+        # sleeping when even a full window's wait is within `lead` (the round under way may find the second spent).
+        due = self._next_round.get(user_id)
+        soon = lead > WINDOW_SECONDS if due is None else due - time.time() <= lead
+        if soon and sum(not w.answer.done() for _, _, w in waiters) <= self.limit:
+            waiter.near.set_result(None)
 
         def requeue(raised: int) -> None:  # a second entry, further up; whichever is handed a grant first
             if not waiter.answer.done() and (queued := self._waiters.get(user_id)) is not None:

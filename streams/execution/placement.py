@@ -27,7 +27,7 @@ from connectors.broker import (
     BrokerUnavailable,
 )
 from connectors.orders import BrokerOrder, OrderGateway
-from connectors.retrying import broker_retries
+from connectors.retrying import NOT_SENT_TRIES, broker_retries
 from core.coalesce import Coalesced
 from core.metrics import INTENT_LAG_SECONDS, ORDER_RETRIES, RATE_LIMIT_WAIT_SECONDS
 from schemas.events import Action, NotificationKind, OrderIntent
@@ -44,10 +44,13 @@ log = logging.getLogger(__name__)
 
 STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for exits of higher priority
 CALL_START_SECONDS = 0.25  # kept of a held BUY's window for its call to start once it has stepped aside
-# An exit's attempt row is written while its rate-limit grant is waited for once the grant is expected within this
-# share of its send window (`SEND_WINDOW`): the rest is margin for the grant coming later than expected. Past its
-# window the call is not made (BrokerCallLate) and the exit is sent again under a new row.
+# A crossed stop's (or target's) attempt row is written while its rate-limit grant is waited for once the grant is
+# expected within this share of its send window (`SEND_WINDOW`): the rest is margin for the grant coming later than
+# expected. Past its window the call is not made (BrokerCallLate) and the exit is sent again under a new row. Only
+# the first priority: a lower one's grant can be taken by a stop arriving meanwhile (crash matrix: square-off EXITs
+# sent again, past their window, behind the trader's stops).
 ROW_LEAD = 0.5
+ROW_AHEAD_PRIORITY = PRIORITY[Action.STOPLOSS]
 
 # A BUY falling due: its strategy's run is still the one loaded (not stopped, not restarted) -> mark it buying.
 _BUYING_IF_LOADED = """
@@ -107,7 +110,9 @@ class Placement:
     ) -> tuple[BrokerOrder, bool]:
         """The broker's order, and whether this delivery's own attempt placed it (rather than finding it). `turn`
         gives the user's turn back (`UserPace`) as its first broker call is made."""
-        retrying = broker_retries(self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1)
+        retrying = broker_retries(
+            self.context.settings.order_max_attempts, initial=0.2, most=2.0, jitter=0.1, not_sent_tries=NOT_SENT_TRIES
+        )
         try:
             async for try_ in retrying:
                 if try_.retry_state.attempt_number > 1:
@@ -188,7 +193,10 @@ class Placement:
                     self.rate_limiter.dated(intent.user_id, reserved)
                     if reserved
                     else self.rate_limiter.permit(
-                        intent.user_id, priority, ready=log_attempt if intent.action.is_exit else None, lead=lead
+                        intent.user_id,
+                        priority,
+                        ready=log_attempt if priority == ROW_AHEAD_PRIORITY else None,
+                        lead=lead,
                     )
                 ),
             ):

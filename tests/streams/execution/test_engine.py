@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.broker import BrokerRejected, BrokerThrottled, BrokerTokenExpired, BrokerUnavailable
+from connectors.retrying import NOT_SENT_TRIES
 from schemas.events import (
     Action,
     ExitKind,
@@ -603,17 +604,36 @@ async def test_a_call_that_cannot_start_in_its_attempts_window_is_not_made_and_i
     assert leave_by is not None and before < leave_by <= time.monotonic() + window
 
 
-async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engine: Engine) -> None:
-    intent = engine.intent(Action.BUY)
-    engine.gateway.script = [BrokerThrottled("429 Too many requests", http_status=429) for _ in range(4)]
+async def test_calls_that_placed_nothing_do_not_use_up_an_orders_tries(engine: Engine) -> None:
+    """A 429, or a call that could not start in its window, is not a failed order: three retries are still left for
+    the broker's failures (crash matrix: an EXIT given up after two unsent calls and two timeouts)."""
+    intent = engine.intent(Action.STOPLOSS)
+    await buy_filled(engine)
+    timeout = BrokerUnavailable("broker did not answer in time")
+    engine.gateway.script = ["starts-late", BrokerThrottled("429 Too many requests", http_status=429),
+                             "starts-late", timeout, timeout, timeout]  # fmt: skip
     result = await engine.executor.execute(intent)
 
     assert result is not None
-    assert (result.status, result.attempts) == (OrderStatus.FAILED, 4)
-    assert len(engine.gateway.placements) == 4  # the first try and three retries, no fifth
+    assert (result.status, result.attempts) == (OrderStatus.FILLED, 7)
+    assert len(engine.gateway.orders_tagged(intent.broker_tag)) == 1
+    words = [word for _, word in await engine.attempts(intent)]
+    assert words == ["unsent", "throttled", "unsent", "unclear", "unclear", "unclear", "placed"]
+
+
+async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    # 429s placed nothing: the first NOT_SENT_TRIES of them are not among the order's tries, the next four are.
+    tries = NOT_SENT_TRIES + 4
+    engine.gateway.script = [BrokerThrottled("429 Too many requests", http_status=429) for _ in range(tries)]
+    result = await engine.executor.execute(intent)
+
+    assert result is not None
+    assert (result.status, result.attempts) == (OrderStatus.FAILED, tries)
+    assert len(engine.gateway.placements) == tries  # no more
     assert engine.gateway.orders == {}
     # A 429 is answered before the order is read: nothing to look up before sending again.
-    assert await engine.attempts(intent) == [(n, "throttled") for n in (1, 2, 3, 4)]
+    assert await engine.attempts(intent) == [(n, "throttled") for n in range(1, tries + 1)]
     assert engine.gateway.lookups == []
     assert await engine.results() == [("BUY", "failed")]
 
@@ -631,7 +651,7 @@ async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engi
     assert not await engine.redis.sismember(symbol_key("NSE:INFY"), str(engine.strategy_id))
     # Redelivery of the failed intent changes nothing.
     assert await engine.executor.execute(intent) is None
-    assert len(engine.gateway.placements) == 4
+    assert len(engine.gateway.placements) == tries
 
 
 def exits_requested(engine: Engine) -> list[OrderIntent]:
