@@ -228,10 +228,12 @@ class Executor:
 
         await self.placement.step_aside(intent)
         found = None
-        if intent.action is Action.BUY and order.state is not OrderState.INTENDED:
+        unclear = order.state in (OrderState.SENDING, OrderState.UNKNOWN)
+        if (intent.action is Action.BUY and order.state is not OrderState.INTENDED) or unclear:
             # Sent by an earlier delivery: asked about before a turn is taken, for only a send needs one. Holding
             # turns through these lookups (and their retries), a trader's dozens of redelivered BUYs kept its
-            # crossed stops waiting 6 s for a turn after a restart (crash matrix).
+            # crossed stops waiting 6 s for a turn after a restart, and so did nine redelivered stops of one
+            # trader whose order-book reads were failing, 7.6 s (crash matrix).
             gateway = await self.context.gateways(intent.user_id)
             try:
                 found = await self.reconciler.ask(gateway, order, tries=2)

@@ -861,6 +861,24 @@ async def test_a_buy_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_its
     assert engine.gateway.placements == [] and engine.gateway.lookups == [intent.broker_tag]
 
 
+async def test_a_stop_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_its_user(engine: Engine) -> None:
+    """After a restart a trader's redelivered stops asked the broker about their unanswered attempts holding the
+    trader's turns, 5 s each with its order-book reads failing, and its newly crossed stops waited 7.6 s."""
+    await buy_filled(engine)
+    intent = engine.intent(Action.STOPLOSS)
+    await engine.died_after_logging(intent)
+    existing = engine.gateway.add_order(intent.broker_tag)
+    pace = engine.executor.pace
+    held = [await pace.turn(intent.user_id, PRIORITY[Action.STOPLOSS]) for _ in range(pace.per_user)]  # all taken
+    try:
+        result = await asyncio.wait_for(engine.executor.execute(intent), 10)
+    finally:
+        for give_back in held:
+            give_back()
+    assert result is not None and (result.status, result.broker_order_id) == (OrderStatus.FILLED, existing.order_id)
+    assert [p["tag"] for p in engine.gateway.placements] == [engine.intent(Action.BUY).broker_tag]  # no SELL sent
+
+
 async def test_a_buy_an_earlier_delivery_sent_is_looked_up_with_the_stoploss_exits(engine: Engine) -> None:
     intent = engine.intent(Action.BUY)
     await engine.died_after_logging(intent)
