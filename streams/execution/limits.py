@@ -354,7 +354,7 @@ class BrokerRateLimiter:
         waiters = self._waiters[user_id]
         while waiters:
             # Distinct waiters: one moved up by an inherited priority has a second entry.
-            waiting = {id(w): (p, w) for p, _, w in sorted(waiters, key=lambda entry: entry[:2]) if not w.answer.done()}
+            waiting = {id(w): (p, w) for p, _, w in sorted(waiters) if not w.answer.done()}  # in the heap's order
             exits = sum(1 for p, _ in waiting.values() if p < RESERVED_FROM)
             wanted = exits or len(waiting)
             if wanted == 0:

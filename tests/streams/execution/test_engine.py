@@ -845,19 +845,26 @@ async def test_a_buy_held_until_due_steps_aside_only_as_long_as_its_attempt_row_
     assert await engine.attempts(held.intent) == [(1, "placed")]  # its first call, in its window
 
 
-async def test_a_buy_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_its_user(engine: Engine) -> None:
-    intent = engine.intent(Action.BUY)
+async def sent_before_and_found_with_every_turn_taken(engine: Engine, intent: OrderIntent) -> OrderResult | None:
+    """`intent`'s attempt was logged by a worker that died, the broker holds its order, and every turn of its
+    trader is held by others meanwhile: execute it. Returns its result and checks it settled the broker's order."""
     await engine.died_after_logging(intent)
     existing = engine.gateway.add_order(intent.broker_tag)
     pace = engine.executor.pace
-    held = [await pace.turn(intent.user_id, PRIORITY[Action.SELL]) for _ in range(pace.per_user)]  # all taken
+    held = [await pace.turn(intent.user_id, PRIORITY[intent.action]) for _ in range(pace.per_user)]  # all taken
     try:
-        # A lookup sends nothing: it does not wait for the exits that hold the trader's turns.
+        # A lookup sends nothing: it does not wait for the orders that hold the trader's turns.
         result = await asyncio.wait_for(engine.executor.execute(intent), 10)
     finally:
         for give_back in held:
             give_back()
     assert result is not None and (result.status, result.broker_order_id) == (OrderStatus.FILLED, existing.order_id)
+    return result
+
+
+async def test_a_buy_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_its_user(engine: Engine) -> None:
+    intent = engine.intent(Action.BUY)
+    await sent_before_and_found_with_every_turn_taken(engine, intent)
     assert engine.gateway.placements == [] and engine.gateway.lookups == [intent.broker_tag]
 
 
@@ -865,17 +872,7 @@ async def test_a_stop_an_earlier_delivery_sent_is_looked_up_without_a_turn_of_it
     """After a restart a trader's redelivered stops asked the broker about their unanswered attempts holding the
     trader's turns, 5 s each with its order-book reads failing, and its newly crossed stops waited 7.6 s."""
     await buy_filled(engine)
-    intent = engine.intent(Action.STOPLOSS)
-    await engine.died_after_logging(intent)
-    existing = engine.gateway.add_order(intent.broker_tag)
-    pace = engine.executor.pace
-    held = [await pace.turn(intent.user_id, PRIORITY[Action.STOPLOSS]) for _ in range(pace.per_user)]  # all taken
-    try:
-        result = await asyncio.wait_for(engine.executor.execute(intent), 10)
-    finally:
-        for give_back in held:
-            give_back()
-    assert result is not None and (result.status, result.broker_order_id) == (OrderStatus.FILLED, existing.order_id)
+    await sent_before_and_found_with_every_turn_taken(engine, engine.intent(Action.STOPLOSS))
     assert [p["tag"] for p in engine.gateway.placements] == [engine.intent(Action.BUY).broker_tag]  # no SELL sent
 
 
