@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import cast
 
-from sqlalchemy import Table, bindparam, insert, select, tuple_, update
+from sqlalchemy import DateTime, Integer, String, Table, Text, bindparam, exists, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from connectors.broker import BrokerNotSent, BrokerThrottled
@@ -30,7 +30,7 @@ from schemas.events import (
 )
 from storage.db import aware
 from storage.journal import AtCommit, Rows
-from storage.models import Notification, OrderLog, OrderLogKind, Strategy
+from storage.models import Notification, OrderLog, OrderLogKind, Strategy, StrategyStatus, StrategyStatusChange
 from storage.positions import RunPosition, fold
 from streams.execution.context import NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
 from streams.execution.order_lifecycle import (
@@ -57,6 +57,28 @@ NOTIFICATIONS = cast(Table, Notification.__table__)
 # the group commit runs each once (executemany) for every order in its batch.
 INSERT_ORDER_LOG = insert(ORDER_LOGS)
 INSERT_NOTIFICATION = insert(NOTIFICATIONS)
+# A run's end: the status change is recorded, then made, only while the strategy is still running that run. Two
+# plain statements rather than an UPDATE ... RETURNING per strategy, so that a burst's exits share them: one
+# statement each ran inside the batch's transaction, and 86 stops ending their strategies held the database's
+# writer for 190 ms while the next exits' attempt rows waited behind it.
+STRATEGIES = cast(Table, Strategy.__table__)
+_RUNNING_THE_RUN = (
+    STRATEGIES.c.id == bindparam("end_id", type_=Integer),
+    STRATEGIES.c.run == bindparam("end_run", type_=Integer),
+    STRATEGIES.c.status == StrategyStatus.RUNNING.value,
+)
+RECORD_END = insert(cast(Table, StrategyStatusChange.__table__)).from_select(
+    ["strategy_id", "status", "reason", "at"],
+    select(
+        bindparam("end_id", type_=Integer), bindparam("end_status", type_=String),
+        bindparam("end_reason", type_=Text), bindparam("end_at", type_=DateTime(timezone=True)),
+    ).where(exists().where(*_RUNNING_THE_RUN)),
+)  # fmt: skip
+END_RUN = (
+    update(STRATEGIES)
+    .where(*_RUNNING_THE_RUN)
+    .values(status=bindparam("end_status"), status_reason=bindparam("end_reason"), updated_at=bindparam("end_at"))
+)
 # One attempt row of an intent (the update is generative: each statement below adds its own values).
 _ATTEMPT_ROW = update(ORDER_LOGS).where(
     ORDER_LOGS.c.intent_id == bindparam("match_intent_id"),
@@ -321,6 +343,12 @@ class Ledger:
             strategy_id=intent.strategy_id, kind=kind, title=title, message=message,
             occurred_at=self.context.clock.now(),
         )  # fmt: skip
+
+    def end_rows(self, strategy: Strategy, status: StrategyStatus, reason: str) -> tuple[Rows, Rows]:
+        """The strategy's run ends with `status`, if it is still running that run: its history row, then the change."""
+        params = {"end_id": strategy.id, "end_run": strategy.run, "end_status": status.value, "end_reason": reason,
+                  "end_at": self.context.clock.now()}  # fmt: skip
+        return Rows(RECORD_END, params), Rows(END_RUN, params)
 
     @staticmethod
     def notice_row(notice: UserNotification) -> Rows:

@@ -11,9 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from connectors.broker import BrokerError, BrokerTokenExpired, BrokerUnavailable
 from connectors.orders import BrokerOrder
@@ -36,8 +34,8 @@ from schemas.events import (
     Trigger,
     UserNotification,
 )
-from storage.journal import Rows, Step
-from storage.models import Strategy, StrategyStatus, StrategyStatusChange
+from storage.journal import Rows
+from storage.models import Strategy, StrategyStatus
 from storage.positions import RunPosition
 from storage.runtime import RuntimeState, symbol_key
 from streams.execution.context import LIFECYCLE_TOPIC, NOTIFICATIONS_TOPIC, ORDER_RESULTS_TOPIC, EngineContext
@@ -175,9 +173,7 @@ class Outcomes:
     async def end_day(self, intent: OrderIntent, strategy: Strategy, reason: str) -> None:
         """A strategy waiting to buy again that may no longer (past the cut-off, or flat at sell_time) is done for
         the day, as after a final exit: completed, its jobs and watch dropped, off the symbol set."""
-        await self.context.journal.write(
-            lambda session: self._finish_in(session, strategy, StrategyStatus.COMPLETED, reason)
-        )
+        await self.context.journal.write(*self.ledger.end_rows(strategy, StrategyStatus.COMPLETED, reason))
         spec = spec_for(strategy)
         exited = StrategyLifecycle(
             kind=LifecycleKind.EXITED, spec=spec, run=intent.run, cycle=intent.cycle, trading_day=intent.trading_day,
@@ -306,37 +302,25 @@ class Outcomes:
 
         Should any of it be there already (a redelivery racing its twin, a notice given before a crash), each part
         is retried on its own and what was already there is left as it is."""
-        steps: dict[str, Rows | Step] = {}
+        steps: dict[str, tuple[Rows, ...]] = {}
         if placed is not None:
-            steps["placed"] = placed
-        steps["result"] = self.ledger.result_row(intent, result)
-        steps["notice"] = self.ledger.notice_row(notice)
+            steps["placed"] = (placed,)
+        steps["result"] = (self.ledger.result_row(intent, result),)
+        steps["notice"] = (self.ledger.notice_row(notice),)
         if finish is not None:
-            steps["finish"] = lambda session: self._finish_in(session, *finish)
+            steps["finish"] = self.ledger.end_rows(*finish)
         try:
-            await self.context.journal.write(*steps.values())
+            await self.context.journal.write(*(row for rows in steps.values() for row in rows))
             return Told(result, notice)
         except IntegrityError:
             pass
         done: dict[str, bool] = {}
         for name, step in steps.items():
             try:
-                await self.context.journal.write(step)
+                await self.context.journal.write(*step)
                 done[name] = True
             except IntegrityError:
                 done[name] = False
         if not done["result"]:
             log.info("intent %s result already recorded", intent.intent_id)
         return Told(result if done["result"] else None, notice if done["notice"] else None)
-
-    async def _finish_in(self, session: AsyncSession, strategy: Strategy, status: StrategyStatus, reason: str) -> None:
-        now = self.context.clock.now()
-        changed = await session.execute(
-            update(Strategy)
-            .where(Strategy.id == strategy.id, Strategy.run == strategy.run,
-                   Strategy.status == StrategyStatus.RUNNING.value)
-            .values(status=status.value, status_reason=reason, updated_at=now)
-            .returning(Strategy.id)
-        )  # fmt: skip
-        if changed.scalar_one_or_none() is not None:
-            session.add(StrategyStatusChange(strategy_id=strategy.id, status=status.value, reason=reason, at=now))

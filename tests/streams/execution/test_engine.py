@@ -34,7 +34,7 @@ from schemas.events import (
     broker_tag_for,
 )
 from storage.db import aware
-from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, User
+from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, StrategyStatusChange, User
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled, Executor
 from streams.execution.ledger import SEND_WINDOW
@@ -640,6 +640,7 @@ async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engi
     strategy = await engine.strategy()
     assert strategy.status == "failed"
     assert "order failed" in (strategy.status_reason or "")
+    assert await status_history(engine) == [("failed", strategy.status_reason)]
     assert [e.kind for e in engine.publisher.lifecycle()] == [LifecycleKind.FAILED]  # cancels the timers
     assert [(n.kind, n.title) for n in engine.publisher.notifications()] == [
         (NotificationKind.ORDER_FAILED, FAILED_TITLE)
@@ -652,6 +653,21 @@ async def test_four_transient_failures_fail_the_order_and_stop_the_strategy(engi
     # Redelivery of the failed intent changes nothing.
     assert await engine.executor.execute(intent) is None
     assert len(engine.gateway.placements) == tries
+    # Ending a run the strategy is no longer running changes nothing either, in the strategy or its history.
+    ledger = engine.executor.ledger
+    await engine.executor.context.journal.write(*ledger.end_rows(strategy, StrategyStatus.COMPLETED, "late"))
+    assert (await engine.strategy()).status == "failed"
+    assert await status_history(engine) == [("failed", strategy.status_reason)]
+
+
+async def status_history(engine: Engine) -> list[tuple[str, str | None]]:
+    async with engine.sessions() as session:
+        rows = await session.execute(
+            select(StrategyStatusChange.status, StrategyStatusChange.reason)
+            .where(StrategyStatusChange.strategy_id == engine.strategy_id)
+            .order_by(StrategyStatusChange.id)
+        )
+        return [(status, reason) for status, reason in rows.all()]
 
 
 def exits_requested(engine: Engine) -> list[OrderIntent]:
