@@ -14,6 +14,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from storage.locks import ProcessLease, kept_alive_lock
+from storage.runtime import connect_redis
 
 
 async def test_the_holder_leaves_even_when_the_renewal_absorbs_its_cancellation(
@@ -147,4 +148,46 @@ def test_the_lease_outlives_an_unexpected_error_while_renewing(redis_url: str, m
         assert lease._thread.is_alive()
         assert lease._client.exists(lease.key) == 1
     finally:
+        lease.stop()
+
+
+async def test_locks_asked_for_at_once_are_taken_in_a_few_round_trips_on_a_few_connections(redis_url: str) -> None:
+    """An exits burst asks for hundreds of strategies' locks in one instant: taken one script call each, the
+    pool opened a connection for nearly every one, and that was most of the worker's first 300 ms."""
+    lease = ProcessLease(redis_url)
+    lease.start()
+    client = connect_redis(redis_url)
+    held, all_inside = asyncio.Event(), asyncio.Event()
+    inside = 0
+    connected_before = (await client.info("clients"))["connected_clients"]
+
+    async def hold(n: int) -> None:
+        nonlocal inside
+        async with kept_alive_lock(client, f"lock:test-burst-{n}", ttl=5.0, wait=5.0, lease=lease):
+            inside += 1
+            if inside == 300:
+                all_inside.set()
+            await held.wait()
+
+    try:
+        holders = [asyncio.create_task(hold(n)) for n in range(300)]
+        async with asyncio.timeout(10):
+            await all_inside.wait()
+        assert (await client.info("clients"))["connected_clients"] - connected_before <= 10
+        assert lease.takers(client).batches <= 5  # not 300
+        # Each is really held: a second process asking for any of them is refused while its holder lives.
+        other = ProcessLease(redis_url)
+        other.start()
+        try:
+            with pytest.raises(LockError):
+                async with kept_alive_lock(client, "lock:test-burst-7", ttl=5.0, wait=0.3, lease=other):
+                    pass
+        finally:
+            other.stop()
+        held.set()
+        await asyncio.gather(*holders)
+        assert await client.exists(*(f"lock:test-burst-{n}" for n in range(300))) == 0
+    finally:
+        held.set()
+        await client.aclose()
         lease.stop()
