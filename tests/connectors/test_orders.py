@@ -6,9 +6,11 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
+from kiteconnect import KiteConnect
 from redis.asyncio import Redis
 
 from connectors.broker import BrokerCallLate, BrokerUnavailable, KiteBroker
@@ -134,3 +136,24 @@ async def test_a_failed_book_read_is_retried_once_for_everyone_waiting_on_it(
     found = await asyncio.gather(*(gateway.find_by_tag("retried1") for _ in range(5)))
     assert {f.order_id if f else None for f in found} == {order_id}
     assert calls["orders"] == 2  # the failed read and its retry, shared by all five
+
+
+async def test_the_order_book_reads_as_the_official_client_reads_it(
+    simulator: RunningSimulator, kite_account: Callable[..., SimAccount]
+) -> None:
+    """Timestamps are parsed by the standard library rather than the client's dateutil call: the rows must come
+    out exactly as the client's own `orders()` gives them, datetimes included."""
+    account = kite_account()
+    broker = KiteBroker(build_settings(kite_api_root=simulator.rest_root), account.api_key, account.access_token)
+    gateway = KiteOrderGateway(broker)
+    for n in range(3):
+        await gateway.place_market_order(
+            exchange="NSE", tradingsymbol="INFY", side="BUY", quantity=1, product="MIS", tag=f"book{n}"
+        )  # fmt: skip
+    official = KiteConnect(account.api_key, access_token=account.access_token, root=simulator.rest_root)
+
+    ours, theirs = await asyncio.to_thread(broker.client.orders), await asyncio.to_thread(official.orders)
+
+    assert len(ours) == 3
+    assert ours == theirs
+    assert all(isinstance(row["order_timestamp"], datetime) for row in ours)
