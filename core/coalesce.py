@@ -28,13 +28,17 @@ class Coalesced(Generic[T, R]):
         self.batches = 0  # batches sent (what the tests count)
 
     async def __call__(self, item: T) -> R:
+        # Shielded: a caller that gives up (deadline, shutdown) must not cancel the batch it shares with others.
+        return await asyncio.shield(self.submit(item))
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue `item` now, in order with every other; its answer, for a caller that need not wait for it."""
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         answer.add_done_callback(_retrieved)  # a cancelled caller leaves nobody to see a failure
         self._pending.append((item, answer))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._drain())
-        # Shielded: a caller that gives up (deadline, shutdown) must not cancel the batch it shares with others.
-        return await asyncio.shield(answer)
+        return answer
 
     async def _drain(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []

@@ -256,11 +256,13 @@ class Executor:
         turn: Callable[[], None], found: BrokerOrder | None = None,
     ) -> OrderResult:  # fmt: skip
         """Place the intent's order, or settle `found`, the broker's order for it that an earlier delivery sent."""
+        told: asyncio.Future[object] | None = None
         if not self.placement.early(intent):  # a BUY handed over early says "buying" once it is due
             sending = {intent.action: OrderState.SENDING} | (
                 {Action.BUY: OrderState.FILLED} if intent.action.is_exit else {}
             )
-            await self.context.set_runtime(intent.strategy_id, state=strategy_state(sending).value)
+            # The status API's cache: written beside the call, not before it (the outcome's update is queued after).
+            told = self.context.runtime_soon(intent.strategy_id, state=strategy_state(sending).value)
         try:
             gateway = await self.context.gateways(intent.user_id)
             # An exit first takes the protective SL-M off the book; if the broker already executed it, that
@@ -301,6 +303,8 @@ class Executor:
         except Withdrawn as withdrawn:
             log.info("intent %s withdrawn before it was due: %s", intent.intent_id, withdrawn.reason)
             return await self.outcomes.skip(intent, order, withdrawn.reason)
+        if told is not None:
+            await told  # raises what the outcome's own Redis writes would (the lane retries, and finds the order)
         return await self.outcomes.complete(
             intent, strategy, order, broker_order, history.position, placed_here=placed_here
         )
