@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as sync_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -29,18 +31,31 @@ def create_engine(database_url: str, *, pre_ping: bool = True, connections: int 
         # to read a strategy. Opened on demand and kept; each is a thread of aiosqlite's and a file handle.
         pool = {"pool_size": SQLITE_CONNECTIONS, "max_overflow": 0} | sized
         engine = create_async_engine(url, connect_args={"timeout": 30}, **pool)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):
-            # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite.
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(url, **({"pool_size": 10, "max_overflow": 20} | sized), pool_pre_ping=pre_ping)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the API read while a worker writes; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def sqlite_writer_engine(engine: AsyncEngine) -> Engine | None:
+    """For an SQLite `engine`, a synchronous engine on the same file with one connection, for a writer that runs
+    whole transactions on a thread of its own (`storage.journal`); None for any other database."""
+    if engine.dialect.name != "sqlite":
+        return None
+    url = engine.url.set(drivername="sqlite+pysqlite")
+    writer = sync_create_engine(
+        url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=1, max_overflow=0
+    )
+    event.listen(writer, "connect", _sqlite_pragmas)
+    return writer
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

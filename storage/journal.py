@@ -10,25 +10,33 @@ once for the whole batch (`executemany`), so a batch costs about what one order'
 Each entry is all-or-nothing and is durable when `write` returns: the caller may then call the broker.
 Should a batch fail (a duplicate row from a redelivery racing its twin, say), it is rolled back and every
 entry is written again on its own, so one entry's error reaches only its own caller.
+
+On SQLite a batch is one hand-off to a thread of the writer's own, statements and commit together. Through the
+async driver each statement, the commit and the connection's reset were a hand-off each between the event loop
+and a driver thread, and each waited for the interpreter: a stop's one-row attempt commit took 3.5 ms at the
+median and 40 to 50 ms at the worst of a hundred under a 10,000 ticks/s feed, and the first hundred rows of an
+exits burst reached their callers 80 to 150 ms after they were handed in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql import Executable
 
 from core.coalesce import Coalesced
+from storage.db import sqlite_writer_engine
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500  # entries per transaction: bounds one commit's time when far behind
-
-Step = Callable[[AsyncSession], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class Rows:
     params: Mapping[str, Any]
 
 
-Write = Rows | Step  # a Step runs on its own: for a write that reads what it changed (an UPDATE ... RETURNING)
+Statements = list[tuple[Executable, list[Mapping[str, Any]]]]
 
 
 class AtCommit:
@@ -71,10 +79,13 @@ class GroupCommit:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
-        self._batches: Coalesced[Sequence[Write], None] = Coalesced(self._commit_batch, MAX_BATCH)
+        self._batches: Coalesced[Sequence[Rows], None] = Coalesced(self._commit_batch, MAX_BATCH)
         self.commits = 0  # transactions committed, batches and lone retries alike (what the tests count)
+        bind = sessions.kw.get("bind")
+        writer = sqlite_writer_engine(bind) if isinstance(bind, AsyncEngine) else None
+        self._sqlite = _ThreadWriter(writer) if writer is not None else None
 
-    async def write(self, *writes: Write) -> None:
+    async def write(self, *writes: Rows) -> None:
         """Commit `writes` in one transaction, shared with whatever else is waiting; raises what writing them
         alone raised (IntegrityError for a duplicate) and then none of them is kept.
 
@@ -83,7 +94,7 @@ class GroupCommit:
         survives that (an attempt row with no call behind it is looked up before re-sending)."""
         await self._batches(writes)
 
-    async def _commit_batch(self, batch: list[Sequence[Write]]) -> list[BaseException | None]:
+    async def _commit_batch(self, batch: list[Sequence[Rows]]) -> list[BaseException | None]:
         try:
             await self._commit([write for entry in batch for write in entry])
         except Exception as exc:
@@ -101,19 +112,47 @@ class GroupCommit:
             return outcomes
         return [None] * len(batch)
 
-    async def _commit(self, writes: Sequence[Write]) -> None:
+    async def _commit(self, writes: Sequence[Rows]) -> None:
         # Rows of the same statement go out as one executemany, in the order each statement first appears.
         groups: dict[int, tuple[Executable, list[Mapping[str, Any]]]] = {}
-        steps: list[Step] = []
         for write in writes:
-            if isinstance(write, Rows):
-                groups.setdefault(id(write.statement), (write.statement, []))[1].append(_resolved(write.params))
-            else:
-                steps.append(write)
-        async with self.sessions() as session:
-            for statement, params in groups.values():
-                await session.execute(statement, list(params) if len(params) > 1 else params[0])
-            for step in steps:
-                await step(session)
-            await session.commit()
+            groups.setdefault(id(write.statement), (write.statement, []))[1].append(write.params)
+        statements = list(groups.values())
+        if self._sqlite is not None:
+            await self._sqlite.commit(statements)
+        else:
+            async with self.sessions() as session:
+                for statement, params in _resolved_all(statements):
+                    await session.execute(statement, params if len(params) > 1 else params[0])
+                await session.commit()
         self.commits += 1
+
+    async def close(self) -> None:
+        if self._sqlite is not None:
+            await self._sqlite.close()
+
+
+def _resolved_all(statements: Statements) -> Statements:
+    """The parameters with every `AtCommit` given its value, as the batch goes out."""
+    return [(statement, [_resolved(params) for params in rows]) for statement, rows in statements]
+
+
+class _ThreadWriter:
+    """SQLite's one writer on a thread of its own: a whole transaction per hand-off."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+
+    async def commit(self, statements: Statements) -> None:
+        # Not cancelled with its caller: a batch handed over is committed, like one a crash interrupts after.
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._commit, statements)
+
+    def _commit(self, statements: Statements) -> None:
+        with self.engine.begin() as connection:
+            for statement, params in _resolved_all(statements):
+                connection.execute(statement, params if len(params) > 1 else params[0])
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.engine.dispose)
+        self._thread.shutdown(wait=False)

@@ -111,6 +111,7 @@ class WorkerServices:
         # The group commit's own connection: in a burst hundreds of lanes queue for the shared pool's, and the
         # one writer that commits for all of them must not wait behind their reads.
         self.journal_engine = create_engine(self.settings.database_url, pre_ping=False, connections=1)
+        self.journal = GroupCommit(session_factory(self.journal_engine))
         self.redis = connect_redis(self.settings.redis_url)
         # Names this process in its locks, so a successor takes them over as soon as it is dead.
         self.lease = ProcessLease(self.settings.redis_url)
@@ -138,7 +139,7 @@ class WorkerServices:
             self.directory.gateway,
             self.manager,
             self.lease,
-            GroupCommit(session_factory(self.journal_engine)),
+            self.journal,
         )
         self.lanes = StrategyLanes(self.executor, self.settings.execution_concurrency)
         self.recovery = Recovery(self.settings, self.sessions, self.redis, self.producer, self.manager, self.lease)
@@ -177,6 +178,7 @@ class WorkerServices:
         await self.producer.stop()
         await self.redis.aclose()
         await self.engine.dispose()
+        await self.journal.close()
         await self.journal_engine.dispose()
 
 
