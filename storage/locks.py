@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, LockNotOwnedError
 
-from core.coalesce import Coalesced
+from storage.batched_script import BatchedScript
 
 log = logging.getLogger(__name__)
 
@@ -111,38 +111,19 @@ class ProcessLease:
             log.exception("process lease not renewed; retrying")
 
 
-MAX_TAKERS_PER_BATCH = 500
-
-
 class LockTakers:
-    """Locks asked for at once, taken in one pipelined round trip.
-
-    An exits burst asks for hundreds of strategies' locks in the same instant. One script call each needed a
-    connection each: the pool opened a hundred new ones (connect, handshake, health check), and that was most
-    of the worker's event loop for the burst's first 300 ms, with the first exits waiting behind it."""
+    """This process's lock takes on one Redis client: those asked for at once go out in one pipeline (an exits
+    burst asks for hundreds of strategies' locks in the same instant)."""
 
     def __init__(self, redis: Redis, lease: ProcessLease) -> None:
         self.redis = redis
         self.lease = lease
-        self._script = redis.register_script(_ACQUIRE_OR_TAKE_OVER)
-        self._batches: Coalesced[tuple[str, str, int], object] = Coalesced(self._take, MAX_TAKERS_PER_BATCH)
-
-    @property
-    def batches(self) -> int:
-        """Round trips made so far (what the tests count)."""
-        return self._batches.batches
+        self.script = BatchedScript(redis, _ACQUIRE_OR_TAKE_OVER)
 
     async def take(self, name: str, token: str, ttl_ms: int) -> int:
         """1: taken, 2: taken over from a dead process, 0: held by a living one."""
-        return int(cast(int, await self._batches((name, token, ttl_ms))))
-
-    async def _take(self, asks: list[tuple[str, str, int]]) -> list[object]:
-        lease_ms = int(self.lease.seconds * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name, token, ttl_ms in asks:
-                await self._script(keys=[name, self.lease.key], args=[token, ttl_ms, lease_ms, LEASE_PREFIX],
-                                   client=pipe)  # fmt: skip
-            return list(await pipe.execute(raise_on_error=False))
+        args: list[str | int | float] = [token, ttl_ms, int(self.lease.seconds * 1000), LEASE_PREFIX]
+        return int(cast(int, await self.script([name, self.lease.key], args)))
 
 
 class _LeasedLock(Lock):

@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connectors.orders import OrderGateway
 from core.clock import Clock
-from core.coalesce import Coalesced
 from core.settings import Settings
 from manager.strategy_manager import StrategyManager
 from schemas.events import Event, OrderIntent
+from storage.batched_script import BatchedScript
 from storage.journal import GroupCommit
 from storage.models import Strategy, StrategyStatus, User
 from storage.runtime import runtime_key
@@ -57,10 +57,8 @@ class EngineContext:
     manager: StrategyManager
 
     def __post_init__(self) -> None:
-        self._hset_if_exists = self.redis.register_script(_HSET_IF_EXISTS)
-        # In a burst hundreds of orders update their strategies' runtime at once: one pipeline, not a connection
-        # and a round trip each. Sent in the order asked, so a strategy's later update lands after its earlier.
-        self._runtime_writes: Coalesced[tuple[str, list[str]], object] = Coalesced(self._write_runtimes, 500)
+        # Sent in the order asked: a strategy's later update lands after its earlier.
+        self._hset_if_exists = BatchedScript(self.redis, _HSET_IF_EXISTS)
 
     async def set_runtime(self, strategy_id: int, **fields: str) -> None:
         """The status API's copy of the strategy's runtime (a cache of what the order log says)."""
@@ -71,13 +69,7 @@ class EngineContext:
         flat: list[str] = []
         for key, value in {**fields, "updated_at": self.clock.now().isoformat()}.items():
             flat.extend((key, value))
-        return self._runtime_writes.submit((runtime_key(strategy_id), flat))
-
-    async def _write_runtimes(self, writes: list[tuple[str, list[str]]]) -> list[object]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, flat in writes:
-                await self._hset_if_exists(keys=[key], args=flat, client=pipe)
-            return list(await pipe.execute(raise_on_error=False))
+        return self._hset_if_exists.submit([runtime_key(strategy_id)], flat)
 
     async def still_running(self, intent: OrderIntent) -> bool:
         """The strategy's status now, read afresh: a STOP may have landed since this intent was picked up, or the

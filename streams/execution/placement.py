@@ -28,9 +28,9 @@ from connectors.broker import (
 )
 from connectors.orders import BrokerOrder, OrderGateway
 from connectors.retrying import NOT_SENT_TRIES, broker_retries
-from core.coalesce import Coalesced
 from core.metrics import INTENT_LAG_SECONDS, ORDER_RETRIES, RATE_LIMIT_WAIT_SECONDS
 from schemas.events import Action, NotificationKind, OrderIntent
+from storage.batched_script import BatchedScript
 from storage.models import Strategy
 from storage.runtime import RuntimeState, buys_held_key, runtime_key, strategy_key
 from streams.execution.context import EngineContext
@@ -87,8 +87,7 @@ class Placement:
             context.redis, settings.broker_orders_per_second, per_minute=settings.broker_orders_per_minute,
             per_day=settings.broker_orders_per_day, exit_reserve=settings.broker_exit_reserve,
         )  # fmt: skip
-        self._buying_if_loaded = context.redis.register_script(_BUYING_IF_LOADED)
-        self._loaded_checks: Coalesced[tuple[int, int, int], bool] = Coalesced(self._mark_buying_if_loaded)
+        self._buying_if_loaded = BatchedScript(context.redis, _BUYING_IF_LOADED)  # every BUY of the instant at once
         self.gate: PriorityGate | None = None  # set by the lanes that run the engine
 
     async def step_aside(self, intent: OrderIntent, at_most: float = STEP_ASIDE_SECONDS) -> None:
@@ -302,22 +301,14 @@ class Placement:
         in one round trip for every BUY of the instant; only if Redis does not know the strategy (stopped,
         restarted empty, unreachable) does the database decide."""
         try:
-            loaded = await self._loaded_checks((intent.strategy_id, intent.run, intent.user_id))
+            # Redis knows the strategy on this run and the user's BUYs are not held (then it is marked buying).
+            loaded = bool(await self._buying_if_loaded(
+                [strategy_key(intent.strategy_id), runtime_key(intent.strategy_id), buys_held_key(intent.user_id)],
+                [str(intent.run), RuntimeState.BUYING.value],
+            ))  # fmt: skip
         except RedisError:
             loaded = False
         if not loaded:
             if not await self.context.still_running(intent):
                 raise Withdrawn(reason)
             await self.context.set_runtime(intent.strategy_id, state=RuntimeState.BUYING.value)
-
-    async def _mark_buying_if_loaded(self, strategies: list[tuple[int, int, int]]) -> list[bool]:
-        """Per (strategy, run, user): Redis knows the strategy on this run and the user's BUYs are not held (then
-        it is marked buying); False sends the BUY to the database's check."""
-        async with self.context.redis.pipeline(transaction=False) as pipe:
-            for strategy_id, run, user_id in strategies:
-                await self._buying_if_loaded(
-                    keys=[strategy_key(strategy_id), runtime_key(strategy_id), buys_held_key(user_id)],
-                    args=[str(run), RuntimeState.BUYING.value],
-                    client=pipe,
-                )
-            return [bool(loaded) for loaded in await pipe.execute()]
