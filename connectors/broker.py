@@ -286,6 +286,14 @@ FRESH_PRICES: dict[tuple[str, str], tuple[float, float]] = {}  # (api root, inst
 # milliseconds later in a burst. Set by the caller to a list of its own; calls without an answer add nothing.
 ANSWERED_AT: ContextVar[list[float] | None] = ContextVar("answered_at", default=None)
 
+# The instant (time.time()) before which calls made in this context must not leave: the rate limiter's grant for a
+# slot about to free. The call's thread waits for it, to the millisecond, while the event loop, tens of
+# milliseconds behind in a burst, has handed the call over a little early (`BrokerRateLimiter`'s `hand_over_early`).
+SEND_AT: ContextVar[float | None] = ContextVar("send_at", default=None)
+# How early a call due at SEND_AT may be handed to its thread: more than the event loop's lag in a burst (10 to 35
+# ms), little enough that the threads waiting do not fill the pool.
+SEND_AT_LEAD_SECONDS = 0.05
+
 
 def ensure_in_time(leave_by: float | None) -> None:
     """Raise BrokerCallLate if an order call due to start by `leave_by` (time.monotonic()) is past it."""
@@ -293,17 +301,30 @@ def ensure_in_time(leave_by: float | None) -> None:
         raise BrokerCallLate(f"not sent: the call could not start in its window ({late:.2f}s late)")
 
 
+def note_answer(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """A requests response hook: the instant the broker's answer (its status and headers) came back, for
+    `ANSWERED_AT`. Taken as soon as requests has it, before the body is read and the client has looked at it: each
+    of those steps may wait for the interpreter in a busy worker, and a grant dated later keeps the next one later."""
+    if (answered := ANSWERED_AT.get()) is not None:
+        answered.append(time.time())
+
+
 def _in_thread(leave_by: float | None, method: Callable[..., T]) -> Callable[..., T]:
-    """`method` as run in a broker thread: not started past `leave_by`, and its answer's instant noted."""
+    """`method` as run in a broker thread: not started before `SEND_AT` nor past `leave_by`, and its answer's instant
+    noted."""
     answered = ANSWERED_AT.get()  # the caller's list: the thread runs in a copy of the caller's context
-    if leave_by is None and answered is None:
+    send_at = SEND_AT.get()
+    if leave_by is None and answered is None and send_at is None:
         return method
 
     def in_time(*args: Any, **kwargs: Any) -> T:
+        if send_at is not None and (early := send_at - time.time()) > 0:
+            time.sleep(early)
         ensure_in_time(leave_by)  # in the thread, right before the request: nothing can delay it after this
+        noted = len(answered) if answered is not None else 0
         answer = method(*args, **kwargs)
-        if answered is not None:
-            answered.append(time.time())
+        if answered is not None and len(answered) == noted:
+            answered.append(time.time())  # a client without the hook (`note_answer`)
         return answer
 
     return in_time
@@ -369,6 +390,9 @@ class KiteBroker:
                 proxies=egress.proxies,
             )
             self._orders_kite.reqsession = EGRESS_SESSIONS.session(egress)
+        for session in {id(c.reqsession): c.reqsession for c in (self._kite, self._orders_kite)}.values():
+            if note_answer not in (hooks := session.hooks.setdefault("response", [])):
+                hooks.append(note_answer)
 
     @property
     def client(self) -> KiteConnect:

@@ -19,6 +19,7 @@ from datetime import UTC
 from redis.exceptions import RedisError
 
 from connectors.broker import (
+    SEND_AT_LEAD_SECONDS,
     BrokerEgressDown,
     BrokerError,
     BrokerNotSent,
@@ -86,6 +87,7 @@ class Placement:
         self.rate_limiter = BrokerRateLimiter(
             context.redis, settings.broker_orders_per_second, per_minute=settings.broker_orders_per_minute,
             per_day=settings.broker_orders_per_day, exit_reserve=settings.broker_exit_reserve,
+            hand_over_early=SEND_AT_LEAD_SECONDS,  # its blocks' calls are KiteBroker's, which wait for SEND_AT
         )  # fmt: skip
         self._buying_if_loaded = BatchedScript(context.redis, _BUYING_IF_LOADED)  # every BUY of the instant at once
         self.gate: PriorityGate | None = None  # set by the lanes that run the engine

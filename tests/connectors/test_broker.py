@@ -13,6 +13,7 @@ from kiteconnect import exceptions as kite_exceptions
 from connectors.broker import (
     ANSWERED_AT,
     INSTRUMENT_CACHE,
+    SEND_AT,
     BrokerRejected,
     BrokerThrottled,
     BrokerTokenExpired,
@@ -162,6 +163,44 @@ async def test_a_call_notes_when_its_answer_came_back_for_a_caller_that_asks() -
     assert released + 0.05 <= answered[0] <= resumed
     assert await broker.call(answer_then_hold) == "ok"  # a caller that does not ask: nothing noted anywhere
     assert len(answered) == 1
+
+
+async def test_a_call_answered_by_the_broker_is_noted_as_its_answer_came_back_not_once_the_client_read_it(
+    simulator: SimulatorLike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official client against the simulator: the answer's instant is taken as requests has its status and
+    headers (a response hook), not after the client has parsed the body, which may wait for the interpreter."""
+    settings = build_settings(kite_api_root=simulator.rest_root)
+    creds = simulator.state.create_account(api_key=api_key())
+    broker = KiteBroker(settings, creds.api_key, creds.access_token)
+    parse = requests.Response.json
+
+    def slow_parse(response: requests.Response, **kwargs: object) -> object:
+        time.sleep(0.05)  # the client reading the body in a busy worker
+        return parse(response, **kwargs)
+
+    monkeypatch.setattr(requests.Response, "json", slow_parse)
+    answered: list[float] = []
+    token = ANSWERED_AT.set(answered)
+    try:
+        await broker.profile()
+        returned = time.time()
+    finally:
+        ANSWERED_AT.reset(token)
+    assert len(answered) == 1  # once: by the hook, not again when the call returned
+    assert answered[0] <= returned - 0.05
+
+
+async def test_a_call_due_at_an_instant_leaves_its_thread_no_sooner() -> None:
+    broker = KiteBroker(build_settings(), "key", "token")
+    started: list[float] = []
+    due = time.time() + 0.15
+    token = SEND_AT.set(due)
+    try:
+        await broker.call(lambda: started.append(time.time()))
+    finally:
+        SEND_AT.reset(token)
+    assert due <= started[0] < due + 0.05
 
 
 def _refuse() -> None:

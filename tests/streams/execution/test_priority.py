@@ -9,6 +9,7 @@ from typing import cast
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from connectors.broker import SEND_AT
 from schemas.events import Action, OrderIntent
 from streams.execution import Executor
 from streams.execution.lanes import StrategyLanes
@@ -67,13 +68,14 @@ async def test_the_rate_limiter_hands_a_raised_exit_the_next_grant_and_counts_it
     limiter = BrokerRateLimiter(redis, per_second=10)
     for _ in range(10):
         await take(limiter, user_id=5)  # the second is spent: every further permit waits for the window
-    order: list[str] = []
+        virtual.now += 0.01  # each slot frees at an instant of its own
+    leaves: list[tuple[float, str]] = []  # when each call may leave: the virtual clock does not order the blocks
     urgency = Urgency(PRIORITY[Action.SELL])
 
     async def ask(name: str, priority: int, raised: Urgency | None = None) -> None:
         with inherited(raised):
             async with limiter.permit(5, priority):
-                order.append(name)
+                leaves.append((SEND_AT.get() or virtual.now, name))
                 await asyncio.sleep(0)
 
     tasks = [
@@ -84,7 +86,7 @@ async def test_the_rate_limiter_hands_a_raised_exit_the_next_grant_and_counts_it
     await asyncio.sleep(0)  # all queued before the window reopens
     urgency.raise_to(PRIORITY[Action.STOPLOSS])
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
-    assert order == ["sell", "chase", "exit"]
+    assert [name for _, name in sorted(leaves)] == ["sell", "chase", "exit"]
     # Three permits took three grants: the raised SELL's second entry was not asked for again.
     assert await redis.zcard(f"{limiter.key_prefix}5") == 13
 
