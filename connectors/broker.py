@@ -390,7 +390,7 @@ class KiteBroker:
                 proxies=egress.proxies,
             )
             self._orders_kite.reqsession = EGRESS_SESSIONS.session(egress)
-        for session in {id(c.reqsession): c.reqsession for c in (self._kite, self._orders_kite)}.values():
+        for session in (self._kite.reqsession, self._orders_kite.reqsession):  # an egress's is shared: hooked once
             if note_answer not in (hooks := session.hooks.setdefault("response", [])):
                 hooks.append(note_answer)
 

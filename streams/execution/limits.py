@@ -299,6 +299,13 @@ class DayBudgetExhausted(Exception):
     """A BUY that would leave the trader's day of orders without room for the exits: not sent."""
 
 
+def _fail(waiters: list[tuple[int, int, _Waiter]], error: Exception) -> None:
+    """Every waiter not answered yet gets `error` instead of a grant."""
+    for _, _, waiter in waiters:
+        if not waiter.answer.done():
+            waiter.answer.set_exception(error)
+
+
 def _exchange_day(unix: float) -> str:
     # The broker's trading day, on the broker's (real) clock like every other window here.
     return datetime.fromtimestamp(unix, EXCHANGE_TZ).strftime("%Y%m%d")
@@ -452,17 +459,12 @@ class BrokerRateLimiter:
                 try:
                     granted, wait, prefix, ahead = await self._grant(user_id, wanted, time.time(), buy=not exits)
                 except Exception as exc:
-                    for _, _, waiter in waiters:
-                        if not waiter.answer.done():
-                            waiter.answer.set_exception(exc)
+                    _fail(waiters, exc)
                     break
                 if wait < 0:  # the day has no room for these BUYs (only BUYs are asked for without exits)
-                    refused = DayBudgetExhausted(
+                    _fail(waiters, DayBudgetExhausted(
                         f"the day's order budget ({self.per_day}) keeps its last orders for exits"
-                    )
-                    for _, _, waiter in waiters:
-                        if not waiter.answer.done():
-                            waiter.answer.set_exception(refused)
+                    ))  # fmt: skip
                     break
                 grants = [Grant(f"{prefix}:{n}") for n in range(1, granted + 1)]
                 grants += [Grant(f"{prefix}:{granted + n}", instant) for n, instant in enumerate(ahead, 1)]
