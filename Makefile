@@ -35,13 +35,15 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-# The `slow` tests (crash matrix seeds, a replayed day, the whole stack up): CI runs them after `make test`.
+# The `slow` tests (crash matrix seeds, a replayed day, the whole stack up), and the slow ones of the `tansu` subset
+# on Tansu: CI runs them after `make test`.
 pytest-slow: $(STAMP)
 	$(BIN)/pytest -m slow
+	TEST_KAFKA=tansu $(BIN)/pytest -m 'slow and tansu'
 
 # The `tansu` marked subset again on the Tansu broker, the fallback of machines without a JDK.
 pytest-tansu: $(STAMP)
-	TEST_KAFKA=tansu $(BIN)/pytest -m tansu
+	TEST_KAFKA=tansu $(BIN)/pytest -m 'tansu and not slow'
 
 # The documentation site (mkdocs + material) into site/; --strict: a broken link or a warning fails it.
 docs: $(STAMP)
