@@ -140,6 +140,12 @@ class Recovery:
             return "redis has no recovery marker (new, restarted or flushed)", False
         return None
 
+    async def epoch(self) -> str | None:
+        """When Redis was last rebuilt (the recovery marker's value); None if it has not been since it lost its data.
+        A changed epoch means Redis lost whatever only the processes held, such as the last prices."""
+        epoch = await self.redis.get(MARKER_KEY)
+        return None if epoch is None else str(epoch)
+
     async def ensure(self) -> RecoveryReport | None:
         """Run recovery if needed, once across every process that asks at the same time."""
         if await self.needed() is None:

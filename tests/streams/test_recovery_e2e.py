@@ -8,10 +8,13 @@ import time
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from core.clock import ScaledClock
+from storage.runtime import LTP_KEY
 from tests.fixtures.pipeline import Pipeline, start_service, stop_service, wait_ready
 from tests.streams.test_pipeline_e2e import clock_time, eventually, placements, start
 
@@ -64,3 +67,26 @@ async def test_stop_crossed_while_down_exits_within_seconds_of_recovery(
         return status.get("last_action") == "STOPLOSS"
 
     await eventually(exited, 10, "status shows the STOPLOSS exit", pipeline)
+
+
+async def test_a_running_worker_puts_back_the_last_prices_redis_lost_once_it_is_rebuilt(
+    pipeline: Pipeline, pinned_clock: ScaledClock, redis: Redis
+) -> None:
+    """An instrument that does not tick again after Redis lost its data still has its last price (for a chased exit,
+    the P&L, a loss limit): the worker writes back what it knows once Redis has been rebuilt."""
+    producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        tick = {"instrument": "NSE:HDFCBANK", "token": 0, "last_price": 1612.5, "volume": 1,
+                "received_at": pinned_clock.now().isoformat()}  # fmt: skip
+        await producer.send_and_wait(pipeline.settings.topic("ticks"), orjson.dumps(tick), key=b"NSE:HDFCBANK")
+    finally:
+        await producer.stop()
+
+    async def price() -> float | None:
+        value = await redis.hget(LTP_KEY, "NSE:HDFCBANK")
+        return None if value is None else float(value)
+
+    assert await eventually(price, 10, "the tick's price written to Redis", pipeline) == 1612.5
+    await redis.flushall()  # the worker stays up; no tick follows
+    assert await eventually(price, 15, "the price put back once Redis was rebuilt", pipeline) == 1612.5
