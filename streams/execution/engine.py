@@ -38,8 +38,8 @@ from storage.positions import RunPosition
 from storage.runtime import lock_key
 from streams.execution.context import EngineContext, GatewayFactory, Publisher
 from streams.execution.cycles import FLAT_AT_SELL, REENTRY_CUTOFF, for_current_cycle, reentry_misfit
+from streams.execution.gates import PriorityGate, UserPace
 from streams.execution.ledger import Ledger, RunHistory
-from streams.execution.limits import PriorityGate, UserPace
 from streams.execution.order_lifecycle import OrderEvent, OrderState, Refused, TrackedOrder, strategy_state
 from streams.execution.outcomes import Outcomes
 from streams.execution.placement import OverBudget, Placement, Withdrawn

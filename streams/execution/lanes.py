@@ -26,7 +26,7 @@ from core.metrics import LANES_BUSY, LANES_OPEN, PendingExits
 from schemas.events import Action, OrderIntent
 from streams.execution import Executor
 from streams.execution.engine import slow_exit
-from streams.execution.limits import PriorityGate
+from streams.execution.gates import PriorityGate
 from streams.execution.priority import PRIORITY, Urgency, inherited
 
 log = logging.getLogger(__name__)

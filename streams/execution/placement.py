@@ -35,8 +35,9 @@ from storage.batched_script import BatchedScript
 from storage.models import Strategy
 from storage.runtime import RuntimeState, buys_held_key, runtime_key, strategy_key
 from streams.execution.context import EngineContext
+from streams.execution.gates import PriorityGate
 from streams.execution.ledger import SEND_WINDOW, Ledger
-from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted, PriorityGate
+from streams.execution.limits import BrokerRateLimiter, DayBudgetExhausted
 from streams.execution.order_lifecycle import OrderEvent, OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY
 from streams.execution.reconcile import EXITS, Reconciler

@@ -37,8 +37,8 @@ from storage.db import aware
 from storage.models import OrderLog, OrderLogKind, Strategy, StrategyStatus, StrategyStatusChange, User
 from storage.runtime import runtime_key, symbol_key
 from streams.execution import ExecutionStalled, Executor
+from streams.execution.gates import PriorityGate
 from streams.execution.ledger import SEND_WINDOW
-from streams.execution.limits import PriorityGate
 from streams.execution.order_lifecycle import OrderState, TrackedOrder
 from streams.execution.priority import PRIORITY, RECONCILE_PRIORITY, Urgency, effective, inherited
 from tests.streams.execution.engine_bench import (

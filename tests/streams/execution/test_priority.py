@@ -12,8 +12,9 @@ from redis.asyncio import Redis
 from connectors.broker import SEND_AT
 from schemas.events import Action, OrderIntent
 from streams.execution import Executor
+from streams.execution.gates import PriorityGate
 from streams.execution.lanes import StrategyLanes
-from streams.execution.limits import BrokerRateLimiter, PriorityGate
+from streams.execution.limits import BrokerRateLimiter
 from streams.execution.priority import PRIORITY, Urgency, chase_priority, effective, inherited
 from tests.streams.execution.test_lanes import Acks, FakeExecutor, intent, settle, started
 from tests.streams.execution.test_limits import VirtualTime, take, virtual  # noqa: F401 (a fixture)
