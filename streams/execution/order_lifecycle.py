@@ -166,6 +166,9 @@ class TrackedOrder:
     # This process's monotonic instant of a send that failed in transit with no answer from the broker (a proxy
     # or connection dropped mid-request): the request may still be on its way.
     in_transit_since: float | None = None
+    # A call of this order in this process could not start in its window (its grant came after it): from then on
+    # its attempt rows are written only once the grant is in hand (`Placement`).
+    late_call: bool = False
     order_id: str | None = None
     seq: int = 1  # which of the intent's broker orders this is (a cancelled one may be replaced)
     # Refused because the broker session had expired: a redelivery settling it tells the trader to reconnect.

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from connectors.broker import (
     SEND_AT_LEAD_SECONDS,
+    BrokerCallLate,
     BrokerEgressDown,
     BrokerError,
     BrokerNotSent,
@@ -48,9 +49,11 @@ STEP_ASIDE_SECONDS = 2.0  # per checkpoint: how long a BUY (or SELL) waits for e
 CALL_START_SECONDS = 0.25  # kept of a held BUY's window for its call to start once it has stepped aside
 # A crossed stop's (or target's) attempt row is written while its rate-limit grant is waited for once the grant is
 # expected within this share of its send window (`SEND_WINDOW`): the rest is margin for the grant coming later than
-# expected. Past its window the call is not made (BrokerCallLate) and the exit is sent again under a new row. Only
-# the first priority: a lower one's grant can be taken by a stop arriving meanwhile (crash matrix: square-off EXITs
-# sent again, past their window, behind the trader's stops).
+# expected. Past its window the call is not made (BrokerCallLate) and the exit is sent again under a new row, that
+# one written only once its grant is in hand, or a grant that keeps coming later than expected keeps the exit from
+# ever leaving (crash matrix: after a worker restart, a trader's stops sent again every 2 s for 30 s, each call a
+# second late). Only the first priority: a lower one's grant can be taken by a stop arriving meanwhile (crash
+# matrix: square-off EXITs sent again, past their window, behind the trader's stops).
 ROW_LEAD = 0.5
 ROW_AHEAD_PRIORITY = PRIORITY[Action.STOPLOSS]
 
@@ -197,7 +200,7 @@ class Placement:
                     else self.rate_limiter.permit(
                         intent.user_id,
                         priority,
-                        ready=log_attempt if priority == ROW_AHEAD_PRIORITY else None,
+                        ready=log_attempt if priority == ROW_AHEAD_PRIORITY and not order.late_call else None,
                         lead=lead,
                     )
                 ),
@@ -235,6 +238,7 @@ class Placement:
                 await self.ledger.moved(intent, order, OrderEvent.UNSENT, message=f"rate limit not reachable: {exc}")
             raise
         except BrokerNotSent as exc:  # nothing placed: nothing to ask about, sent again (once the budget allows)
+            order.late_call = order.late_call or isinstance(exc, BrokerCallLate)
             await self.ledger.not_sent(intent, order, exc)
             if not isinstance(exc, BrokerThrottled):
                 log.warning("intent %s: %s; sent again", intent.intent_id, exc.message)

@@ -604,6 +604,32 @@ async def test_a_call_that_cannot_start_in_its_attempts_window_is_not_made_and_i
     assert leave_by is not None and before < leave_by <= time.monotonic() + window
 
 
+async def test_a_stop_whose_call_was_late_writes_its_next_row_only_with_its_grant_in_hand(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop's row is written while its grant is still expected, so that the call leaves as the grant comes; a grant
+    that came after the row's window made the call late, and a grant late again each time kept the stop from ever
+    leaving. Once late, the stop's next row waits for the grant itself."""
+    intent = engine.intent(Action.STOPLOSS)
+    await buy_filled(engine)
+    limiter = engine.executor.placement.rate_limiter
+    asked: list[bool] = []
+    permit = limiter.permit
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("ready") is not None)
+        return permit(*args, **kwargs)
+
+    monkeypatch.setattr(limiter, "permit", recording)
+    engine.gateway.script = ["starts-late"]
+
+    result = await engine.executor.execute(intent)
+
+    assert result is not None and result.status is OrderStatus.FILLED
+    assert await engine.attempts(intent) == [(1, "unsent"), (2, "placed")]
+    assert asked == [True, False]  # the row ahead of the grant, then with it
+
+
 async def test_calls_that_placed_nothing_do_not_use_up_an_orders_tries(engine: Engine) -> None:
     """A 429, or a call that could not start in its window, is not a failed order: three retries are still left for
     the broker's failures (crash matrix: an EXIT given up after two unsent calls and two timeouts)."""
