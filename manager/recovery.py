@@ -140,11 +140,10 @@ class Recovery:
             return "redis has no recovery marker (new, restarted or flushed)", False
         return None
 
-    async def epoch(self) -> str | None:
-        """When Redis was last rebuilt (the recovery marker's value); None if it has not been since it lost its data.
+    async def epoch(self) -> str:
+        """When Redis was last rebuilt (the recovery marker's value); "" if it has not been since it lost its data.
         A changed epoch means Redis lost whatever only the processes held, such as the last prices."""
-        epoch = await self.redis.get(MARKER_KEY)
-        return None if epoch is None else str(epoch)
+        return str(await self.redis.get(MARKER_KEY) or "")
 
     async def ensure(self) -> RecoveryReport | None:
         """Run recovery if needed, once across every process that asks at the same time."""

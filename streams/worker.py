@@ -101,8 +101,7 @@ class WorkerServices:
         self.unflushed: dict[str, float] = {}  # ... not yet written to Redis
         self.marked_behind: set[str] = set()  # instruments whose status says their prices are read late
         self.checked_stops_at_start = False
-        self.prices_restored = False  # since the recovery epoch below (Redis rebuilt): the prices put back
-        self.prices_restored_epoch: str | None = None
+        self.prices_restored_epoch: str | None = None  # the recovery epoch the last prices were put back in
         self.recovery_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -527,9 +526,9 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 # (a new epoch), not at every check: a write per instrument seen is a long pipeline, a stall of the
                 # event loop for every tick and order in flight.
                 epoch = await services.recovery.epoch()
-                if not services.prices_restored or epoch != services.prices_restored_epoch:
+                if epoch != services.prices_restored_epoch:
                     await services.runtime.restore_last_prices(dict(services.latest))
-                    services.prices_restored, services.prices_restored_epoch = True, epoch
+                    services.prices_restored_epoch = epoch
                 if report is None and not services.checked_stops_at_start:
                     # Redis survived, but this worker was down: a stop may have been crossed meanwhile.
                     await services.recovery.exit_crossed_stops()

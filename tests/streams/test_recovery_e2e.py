@@ -8,14 +8,13 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from core.clock import ScaledClock
 from storage.runtime import LTP_KEY
 from tests.fixtures.pipeline import Pipeline, start_service, stop_service, wait_ready
+from tests.streams.test_exits_e2e import tick
 from tests.streams.test_pipeline_e2e import clock_time, eventually, placements, start
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -70,18 +69,11 @@ async def test_stop_crossed_while_down_exits_within_seconds_of_recovery(
 
 
 async def test_a_running_worker_puts_back_the_last_prices_redis_lost_once_it_is_rebuilt(
-    pipeline: Pipeline, pinned_clock: ScaledClock, redis: Redis
+    pipeline: Pipeline, pinned_clock: ScaledClock, redis: Redis, simulator: Any
 ) -> None:
     """An instrument that does not tick again after Redis lost its data still has its last price (for a chased exit,
     the P&L, a loss limit): the worker writes back what it knows once Redis has been rebuilt."""
-    producer = AIOKafkaProducer(bootstrap_servers=pipeline.settings.kafka_bootstrap)
-    await producer.start()
-    try:
-        tick = {"instrument": "NSE:HDFCBANK", "token": 0, "last_price": 1612.5, "volume": 1,
-                "received_at": pinned_clock.now().isoformat()}  # fmt: skip
-        await producer.send_and_wait(pipeline.settings.topic("ticks"), orjson.dumps(tick), key=b"NSE:HDFCBANK")
-    finally:
-        await producer.stop()
+    await tick(pipeline, pinned_clock, simulator, "NSE:HDFCBANK", [1612.5])
 
     async def price() -> float | None:
         value = await redis.hget(LTP_KEY, "NSE:HDFCBANK")
