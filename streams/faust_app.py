@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -20,11 +22,15 @@ def build_faust_app(settings: Settings, name: str) -> faust.App:
     scheme = register_transport(settings.kafka_lifecycle_fetch_max_wait_ms)
     brokers = ";".join(f"{scheme}://{host}" for host in settings.kafka_bootstrap.split(","))
     session_timeout = settings.kafka_session_timeout_seconds
+    app_id = settings.topic(name)
     return faust.App(
-        settings.topic(name),
+        app_id,
         broker=brokers,
         broker_client_id=process_client_id(name),
         store="memory://",
+        # Faust makes a data directory even for the memory store, which keeps nothing in it: in the system's temp
+        # directory, not in whatever directory the process was started from.
+        datadir=Path(tempfile.gettempdir()) / "faust" / f"{app_id}-data",
         web_enabled=False,
         topic_partitions=settings.ticks_partitions,
         topic_replication_factor=1,

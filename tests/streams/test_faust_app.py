@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import gc
+import tempfile
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from core.kafka import ensure_topics
-from streams.faust_app import ServiceWorker, freeze_startup_heap
+from streams.faust_app import ServiceWorker, build_faust_app, freeze_startup_heap
 from streams.scheduler import scheduler_process
 from streams.worker import worker_process
 from tests.fixtures.services import build_settings
@@ -68,3 +70,15 @@ async def test_the_worker_freezes_its_heap_once_the_app_is_up(
 
 def test_the_scheduler_runs_in_the_same_freezing_worker() -> None:
     assert isinstance(scheduler_process(build_settings()), ServiceWorker)
+
+
+@pytest.mark.parametrize("name", ["algo-worker", "algo-scheduler"])
+def test_a_service_keeps_its_faust_data_directory_out_of_the_working_directory(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    app = build_faust_app(build_settings(topic_prefix="datadir-"), name)
+
+    app.conf.tabledir.mkdir(parents=True, exist_ok=True)  # what the app does as it starts
+    assert list(tmp_path.iterdir()) == [], "the app made its data directory where it was started"
+    assert app.conf.datadir.is_absolute() and Path(tempfile.gettempdir()) in app.conf.datadir.parents
