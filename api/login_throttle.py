@@ -11,6 +11,11 @@ Counted in Redis (shared by every API worker) with the `limits` library's moving
   guessing one account cannot lock its owner out, and a stranger cannot reach the password any faster.
 - registrations per address.
 
+A guess is counted as a failure before its password is checked, in the same atomic step that checks the limit
+(`limits`' `hit`): counted only after the check, guesses sent at once all passed the limit before the first was
+counted, as many as the password pool could take. A right password then takes its address's count back (the
+account-wide one stays: it counts strangers' attempts, and a new device's login is one).
+
 Addresses are counted by IPv6 /64 (one subscriber's allocation) and stored only as digests, like emails.
 """
 
@@ -84,12 +89,12 @@ class LoginThrottle:
                 waits.append(max(1, math.ceil(stats.reset_time - time.time())))
         return max(waits) if waits else None
 
-    async def _hit(self, items: list[RateLimitItem], *identifiers: str) -> int | None:
-        """Counts one event in every tier; the wait if any tier was already full (then nothing is counted)."""
-        if (wait := await self._retry_after(items, *identifiers)) is not None:
-            return wait
+    async def _take(self, items: list[RateLimitItem], *identifiers: str) -> int | None:
+        """Counts one event in every tier, each tier checked and counted in one atomic step; the wait if a tier was
+        full (the tiers before it have counted the event: refused attempts count too)."""
         for item in items:
-            await self._limiter.hit(item, *identifiers)
+            if not await self._limiter.hit(item, *identifiers):
+                return await self._retry_after(items, *identifiers) or 1
         return None
 
     def _known_key(self, email_key: str) -> str:
@@ -99,13 +104,13 @@ class LoginThrottle:
         """Before the password is checked; raises Throttled when this attempt may not be made now. True when
         the account has logged in from this address before (its check then goes ahead of strangers')."""
         address = _digest(address_bucket(host))
-        if (wait := await self._hit(self._login_per_address, "login", address)) is not None:
+        if (wait := await self._take(self._login_per_address, "login", address)) is not None:
             raise Throttled(f"too many logins from your network address; try again in {wait} s", wait)
-        if (wait := await self._retry_after(self._failures_per_pair, "failed", address, email_key)) is not None:
+        if (wait := await self._take(self._failures_per_pair, "failed", address, email_key)) is not None:
             raise Throttled(f"too many failed logins for this email from here; try again in {wait} s", wait)
         if await self._redis.sismember(self._known_key(email_key), address):
             return True  # the owner's own device: the account-wide limit is what strangers meet
-        if (wait := await self._retry_after(self._failures_per_account, "failed", email_key)) is not None:
+        if (wait := await self._take(self._failures_per_account, "failed", email_key)) is not None:
             raise Throttled(
                 "too many failed logins for this email; log in from a device you have used before, "
                 f"or try again in {wait} s",
@@ -113,16 +118,16 @@ class LoginThrottle:
             )
         return False
 
-    async def failed(self, host: str | None, email_key: str) -> None:
-        address = _digest(address_bucket(host))
-        for item in self._failures_per_pair:
-            await self._limiter.hit(item, "failed", address, email_key)
-        for item in self._failures_per_account:
-            await self._limiter.hit(item, "failed", email_key)
+    async def failed(self, email_key: str, known: bool) -> None:
+        """A wrong password: counted already when admitted, except a known address's in the account-wide count,
+        which it does not have to pass but does add to (an attacker may have the owner's device)."""
+        if known:
+            for item in self._failures_per_account:
+                await self._limiter.hit(item, "failed", email_key)
 
     async def succeeded(self, host: str | None, email_key: str) -> None:
-        """The address becomes known to the account; its own typos are forgiven. The account-wide count is
-        not: an attacker elsewhere is still guessing."""
+        """The address becomes known to the account; its own typos (and this attempt) are forgiven. The
+        account-wide count is not: an attacker elsewhere is still guessing."""
         address = _digest(address_bucket(host))
         for item in self._failures_per_pair:
             await self._limiter.clear(item, "failed", address, email_key)
@@ -134,5 +139,5 @@ class LoginThrottle:
 
     async def admit_registration(self, host: str | None) -> None:
         address = _digest(address_bucket(host))
-        if (wait := await self._hit(self._register_per_address, "register", address)) is not None:
+        if (wait := await self._take(self._register_per_address, "register", address)) is not None:
             raise Throttled(f"too many registrations from your network address; try again in {wait} s", wait)

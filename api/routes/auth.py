@@ -212,7 +212,7 @@ async def password_checked(
     host, email_key = client_host(request), email_fingerprint(email)
     known = await throttle.admit_login(host, email_key)
     if not await passwords.verify(hashed, password, urgent=known):
-        await throttle.failed(host, email_key)
+        await throttle.failed(email_key, known)
         return False
     await throttle.succeeded(host, email_key)
     return True
