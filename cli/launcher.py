@@ -53,7 +53,6 @@ from core.embedded import (
 from core.health import ComponentHealth, check_dependencies, kafka_unreachable_reason, mask_url
 from core.settings import Settings
 
-GRACE_SECONDS = 10.0
 QUIET_LINES_KEPT = 30
 READY_TIMEOUT_SECONDS = 45.0
 HEALTH_POLL_SECONDS = 2.0
@@ -444,6 +443,12 @@ class Launcher:
             if pending:
                 await asyncio.sleep(0.05)
 
+    @property
+    def _grace_seconds(self) -> float:
+        # The services' own deadline (`ServiceWorker`), and a little more: the kill is for one that missed it.
+        # Without settings nothing was started.
+        return (self.settings.stop_grace_seconds if self.settings is not None else 0.0) + 1.0
+
     async def _stop_children(self) -> None:
         # Services first (they flush to Kafka, Redis and the database), infrastructure last.
         for infrastructure in (False, True):
@@ -454,10 +459,10 @@ class Launcher:
             waits = [asyncio.ensure_future(c.process.wait()) for c in group if c.process is not None]
             still_running: set[asyncio.Future[int]] = set()
             if waits:
-                _, still_running = await asyncio.wait(waits, timeout=GRACE_SECONDS)
+                _, still_running = await asyncio.wait(waits, timeout=self._grace_seconds)
             for child in group:
                 if child.running:
-                    self._say(f"{child.spec.name} ignored SIGTERM for {GRACE_SECONDS:.0f}s: SIGKILL")
+                    self._say(f"{child.spec.name} ignored SIGTERM for {self._grace_seconds:.0f}s: SIGKILL")
                     self._signal_group(child, signal.SIGKILL)
             if still_running:
                 await asyncio.wait(still_running, timeout=5)

@@ -243,6 +243,11 @@ class Settings(BaseSettings):
     )
 
     # Services
+    stop_grace_seconds: float = Field(
+        10.0, gt=0, le=300,
+        description="A worker or scheduler still stopping this long after its stop signal exits at once (as if "
+        "killed: the crash-safety rules cover it); `up` kills a child that takes longer.",
+    )  # fmt: skip
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     sim_host: str = "127.0.0.1"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,28 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+STOPPED_LATE_EXIT_CODE = 70  # EX_SOFTWARE: it did not stop cleanly
+
+
+def exit_unless_stopped_within(seconds: float) -> threading.Timer:
+    """From now on, the process has `seconds` to end; then it exits at once. A thread, not a task: the stop
+    being waited for may be the event loop's own work. A stop waits on Kafka (offsets, the group), and when
+    Kafka goes down with it, as with a launcher killed outright, that wait never ended: the worker stayed
+    behind, an orphan."""
+
+    def exit_now() -> None:
+        log.error("still stopping %.0fs after the stop signal: exiting now", seconds)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(STOPPED_LATE_EXIT_CODE)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.name = "stop-deadline"
+    timer.start()
+    return timer
+
+
 class ServiceWorker(faust.Worker):
     """The Faust worker of our services: once the app is up (group joined, tables recovered, agents and
     timers running), the start-up heap is frozen, before the worker says it is ready. It logs as every other
@@ -76,6 +101,7 @@ class ServiceWorker(faust.Worker):
         super().__init__(*services, loglevel=settings.log_level.lower(), redirect_stdouts=False, **kwargs)
         self.settings = settings
         self.service = service
+        self._stop_deadline: threading.Timer | None = None
 
     def _setup_logging(self) -> None:
         configure_logging(self.settings, self.service)
@@ -85,3 +111,8 @@ class ServiceWorker(faust.Worker):
         frozen = freeze_startup_heap()
         log.debug("%d start-up objects frozen: full garbage collections no longer walk them", frozen)
         await super().on_startup_finished()
+
+    async def stop(self) -> None:
+        if self._stop_deadline is None:
+            self._stop_deadline = exit_unless_stopped_within(self.settings.stop_grace_seconds)
+        await super().stop()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.kafka import ensure_topics
-from streams.faust_app import ServiceWorker, build_faust_app, freeze_startup_heap
+from streams.faust_app import STOPPED_LATE_EXIT_CODE, ServiceWorker, build_faust_app, freeze_startup_heap
 from streams.scheduler import scheduler_process
 from streams.worker import worker_process
 from tests.fixtures.services import build_settings
@@ -82,3 +85,31 @@ def test_a_service_keeps_its_faust_data_directory_out_of_the_working_directory(
     app.conf.tabledir.mkdir(parents=True, exist_ok=True)  # what the app does as it starts
     assert list(tmp_path.iterdir()) == [], "the app made its data directory where it was started"
     assert app.conf.datadir.is_absolute() and Path(tempfile.gettempdir()) in app.conf.datadir.parents
+
+
+def test_a_stop_that_never_ends_exits_the_process_at_its_deadline() -> None:
+    """A stop waiting on a Kafka that went down with it never ended: the worker stayed behind, an orphan."""
+    hung_stop = (
+        "import asyncio, logging, sys\n"
+        "logging.basicConfig(stream=sys.stderr)\n"
+        "from streams.faust_app import exit_unless_stopped_within\n"
+        "exit_unless_stopped_within(0.5)\n"
+        "asyncio.run(asyncio.Event().wait())  # a stop waiting for what never comes\n"
+    )
+    started = time.monotonic()
+    ended = subprocess.run([sys.executable, "-c", hung_stop], capture_output=True, text=True, timeout=30, check=False)
+    assert ended.returncode == STOPPED_LATE_EXIT_CODE, ended.stderr
+    assert 0.5 <= time.monotonic() - started < 20
+    assert "exiting now" in ended.stderr
+
+
+async def test_a_service_worker_starts_its_stop_deadline_when_it_is_asked_to_stop() -> None:
+    worker = scheduler_process(build_settings(stop_grace_seconds=60.0))
+    assert isinstance(worker, ServiceWorker)
+    try:
+        await worker.stop()
+        deadline = worker._stop_deadline
+        assert deadline is not None and deadline.is_alive() and deadline.interval == 60.0
+    finally:
+        if worker._stop_deadline is not None:
+            worker._stop_deadline.cancel()  # this test's process is not to exit
