@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -116,3 +117,12 @@ class ServiceWorker(faust.Worker):
         if self._stop_deadline is None:
             self._stop_deadline = exit_unless_stopped_within(self.settings.stop_grace_seconds)
         await super().stop()
+        remove_empty_folders(Path(self.app.conf.datadir))
+
+
+def remove_empty_folders(root: Path) -> None:
+    """`root` and the folders under it, those that hold no file: the data directory Faust made for the memory
+    store, left empty, one per app id (each test's own), would otherwise pile up in the temp directory."""
+    for folder, _, _ in os.walk(root, topdown=False):  # the deepest first
+        with contextlib.suppress(OSError):  # not empty (a file in it, or a folder kept for one): kept
+            os.rmdir(folder)

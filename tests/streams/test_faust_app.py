@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import subprocess
 import sys
@@ -14,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from core.kafka import ensure_topics
-from streams.faust_app import STOPPED_LATE_EXIT_CODE, ServiceWorker, build_faust_app, freeze_startup_heap
+from streams.faust_app import (
+    STOPPED_LATE_EXIT_CODE,
+    ServiceWorker,
+    build_faust_app,
+    freeze_startup_heap,
+    remove_empty_folders,
+)
 from streams.scheduler import scheduler_process
 from streams.worker import worker_process
 from tests.fixtures.services import build_settings
@@ -103,13 +110,31 @@ def test_a_stop_that_never_ends_exits_the_process_at_its_deadline() -> None:
     assert "exiting now" in ended.stderr
 
 
-async def test_a_service_worker_starts_its_stop_deadline_when_it_is_asked_to_stop() -> None:
-    worker = scheduler_process(build_settings(stop_grace_seconds=60.0))
+async def test_a_service_worker_starts_its_stop_deadline_when_it_is_asked_to_stop_and_leaves_no_empty_folder(
+    topic_prefix: str,
+) -> None:
+    worker = scheduler_process(build_settings(stop_grace_seconds=60.0, topic_prefix=topic_prefix))
     assert isinstance(worker, ServiceWorker)
+    datadir = Path(worker.app.conf.datadir)
+    worker.app.conf.tabledir.mkdir(parents=True)  # what the app does as it starts
     try:
         await worker.stop()
         deadline = worker._stop_deadline
         assert deadline is not None and deadline.is_alive() and deadline.interval == 60.0
+        assert not await asyncio.to_thread(datadir.exists), "the app's empty data directory was left behind"
     finally:
         if worker._stop_deadline is not None:
             worker._stop_deadline.cancel()  # this test's process is not to exit
+
+
+def test_only_folders_without_a_file_are_removed(tmp_path: Path) -> None:
+    (tmp_path / "data" / "v1" / "tables").mkdir(parents=True)
+    (tmp_path / "kept" / "v1").mkdir(parents=True)
+    (tmp_path / "kept" / "v1" / "table.db").write_bytes(b"rows")
+
+    remove_empty_folders(tmp_path / "data")
+    remove_empty_folders(tmp_path / "kept")
+    remove_empty_folders(tmp_path / "never-made")
+
+    assert not (tmp_path / "data").exists()
+    assert (tmp_path / "kept" / "v1" / "table.db").read_bytes() == b"rows"
