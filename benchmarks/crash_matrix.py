@@ -15,7 +15,8 @@ simulator checking each call's source address, and one user's proxy killed and r
 Each seed runs `tests.crash.harness.run_matrix` on a stack of its own (Apache Kafka, or Tansu with
 `--kafka tansu` or without a JDK; redis-server, SQLite, the
 simulator, `algo api|worker|scheduler|ticker`), killing and restarting every part at moments drawn from the
-seed. One line per seed, then a summary; every violation of a failing seed is printed under its line.
+seed. One line per seed, then a summary; every violation of a failing seed is printed under its line, with
+where its services' logs are kept (a passing seed's are removed, unless `--workdir` asks to keep every seed's).
 Exit code 1 if any seed failed.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import signal
 import sys
 import time
@@ -41,7 +43,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed", type=float, default=30.0)
     parser.add_argument("--day-seconds", type=float, default=45.0)
     parser.add_argument("--fault-rate", type=float, default=0.02)
-    parser.add_argument("--workdir", type=Path, default=None, help="keep each seed's logs under this directory")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep each seed's logs under this directory (by default only a failed or late seed's are kept)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-incident progress lines")
     parser.add_argument(
         "--kafka",
@@ -103,6 +110,11 @@ async def run_seeds(args: argparse.Namespace) -> list[MatrixResult]:
             result = MatrixResult(seed, violations=[f"harness error: {type(exc).__name__}: {exc}"])
         results.append(result)
         print(result.line(), flush=True)
+        if args.workdir is None and result.workdir:
+            if result.passed and not result.late_exits:
+                shutil.rmtree(result.workdir, ignore_errors=True)  # a few MB a seed, of a seed with nothing to see
+            else:
+                print(f"    logs kept in {result.workdir}", flush=True)
         for violation in result.violations:
             print(f"    {violation}", flush=True)
         for late in result.late_exits[: args.show_late]:
