@@ -33,8 +33,9 @@ def build_faust_app(settings: Settings, name: str) -> faust.App:
         broker_client_id=process_client_id(name),
         store="memory://",
         # Faust makes a data directory even for the memory store, which keeps nothing in it: in the system's temp
-        # directory, not in whatever directory the process was started from.
-        datadir=Path(tempfile.gettempdir()) / "faust" / f"{app_id}-data",
+        # directory, not in whatever directory the process was started from. Directly in it: Faust makes only the
+        # last folder of the path, and a parent of ours missing on a fresh machine kept every service from starting.
+        datadir=Path(tempfile.gettempdir()) / f"faust-{app_id}-data",
         web_enabled=False,
         topic_partitions=settings.ticks_partitions,
         topic_replication_factor=1,

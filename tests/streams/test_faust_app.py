@@ -86,12 +86,16 @@ def test_the_scheduler_runs_in_the_same_freezing_worker() -> None:
 def test_a_service_keeps_its_faust_data_directory_out_of_the_working_directory(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    started_in, temp = tmp_path / "cwd", tmp_path / "tmp"
+    started_in.mkdir()
+    temp.mkdir()  # a fresh machine's temp directory: nothing of ours in it yet
+    monkeypatch.chdir(started_in)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     app = build_faust_app(build_settings(topic_prefix="datadir-"), name)
 
-    app.conf.tabledir.mkdir(parents=True, exist_ok=True)  # what the app does as it starts
-    assert list(tmp_path.iterdir()) == [], "the app made its data directory where it was started"
-    assert app.conf.datadir.is_absolute() and Path(tempfile.gettempdir()) in app.conf.datadir.parents
+    app._create_directories()  # Faust's own, as the app starts: it makes only the last folder of each path
+    assert list(started_in.iterdir()) == [], "the app made its data directory where it was started"
+    assert app.conf.tabledir.is_dir() and temp in app.conf.datadir.parents
 
 
 def test_a_stop_that_never_ends_exits_the_process_at_its_deadline() -> None:
