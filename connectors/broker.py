@@ -1,7 +1,8 @@
 """The broker connector: Kite Connect through the official `kiteconnect` client.
 
-The client is synchronous (requests); every call runs in a worker thread so the event loop never blocks on
-the broker. Its exceptions are mapped to three project exceptions, which is all callers need to decide:
+The client is synchronous; every call runs in a worker thread so the event loop never blocks on the broker, over
+the transport in `connectors/http_session.py` (requests' exception types, a fraction of its cost per call). Its
+exceptions are mapped to three project exceptions, which is all callers need to decide:
 
 - `BrokerRejected`     permanent: the broker understood and refused (bad input, bad credentials, rejected order)
 - `BrokerTokenExpired` permanent until the trader logs in again (403 TokenException)
@@ -33,6 +34,7 @@ from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kite_exceptions
 
 from connectors.egress import EGRESS_SESSIONS, Egress
+from connectors.http_session import PooledSession, Response
 from core.metrics import BROKER_CALL_SECONDS
 from core.settings import Settings
 
@@ -96,7 +98,7 @@ class BrokerCallLate(BrokerNotSent):
 
 
 def map_kite_exception(exc: BaseException) -> BrokerError:
-    """Translate whatever the kiteconnect client (or requests under it) raised into a project exception."""
+    """Translate whatever the kiteconnect client (or the transport under it) raised into a project exception."""
     if isinstance(exc, BrokerError):
         return exc
     if isinstance(exc, kite_exceptions.KiteException):
@@ -301,10 +303,10 @@ def ensure_in_time(leave_by: float | None) -> None:
         raise BrokerCallLate(f"not sent: the call could not start in its window ({late:.2f}s late)")
 
 
-def note_answer(response: requests.Response, *args: Any, **kwargs: Any) -> None:
-    """A requests response hook: the instant the broker's answer (its status and headers) came back, for
-    `ANSWERED_AT`. Taken as soon as requests has it, before the body is read and the client has looked at it: each
-    of those steps may wait for the interpreter in a busy worker, and a grant dated later keeps the next one later."""
+def note_answer(response: Response, *args: Any, **kwargs: Any) -> None:
+    """A response hook: the instant the broker's answer (its status and headers) came back, for `ANSWERED_AT`.
+    Taken as soon as the session has it, before the body is read and the client has looked at it: each of those
+    steps may wait for the interpreter in a busy worker, and a grant dated later keeps the next one later."""
     if (answered := ANSWERED_AT.get()) is not None:
         answered.append(time.time())
 
@@ -360,6 +362,11 @@ class KiteClient(KiteConnect):
         return data
 
 
+# The transport of every call that needs no egress, shared by every client in the process: its connections are
+# reused whoever's token a request carries. As many idle ones per target as there are broker threads.
+DIRECT_SESSION = PooledSession(pool_size=64)
+
+
 class KiteBroker:
     """One trader's Kite Connect session. Cheap to build: one per request or per strategy is fine.
 
@@ -377,9 +384,7 @@ class KiteBroker:
             root=settings.kite_api_root,
             timeout=settings.broker_timeout_seconds,
         )
-        # requests otherwise reads proxy variables and ~/.netrc from the environment on every call: a file
-        # lookup per order in a burst. A deployment behind a proxy gives it to KiteConnect explicitly.
-        self._kite.reqsession.trust_env = False
+        self._kite.reqsession = DIRECT_SESSION
         self._orders_kite = self._kite
         if egress is not None:
             self._orders_kite = KiteClient(

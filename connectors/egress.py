@@ -6,7 +6,7 @@ traders must send each one's orders through that trader's own address. An egress
 CONNECT (`http://`) or SOCKS5 (`socks5://`, `socks5h://`) proxy that leaves from it, optionally with
 credentials in the URL. Reads and market data need no egress (Kite answers them from anywhere).
 
-Connections are pooled per egress: one `requests` session per egress URL per process, shared by every client
+Connections are pooled per egress: one session (`PooledSession`) per egress URL per process, shared by every client
 built for that trader (a new access token makes a new client, not new connections), so an order burst reuses
 the proxy's open connections instead of opening one per order.
 """
@@ -17,8 +17,7 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+from connectors.http_session import PooledSession
 
 SCHEMES = ("http", "socks5", "socks5h")
 # A trader sends at most 10 orders a second (Kite's limit): this many connections through one egress is
@@ -88,23 +87,17 @@ class Egress:
 
 
 class _EgressSessions:
-    """One pooled `requests` session per egress URL in this process."""
+    """One pooled session per egress URL in this process."""
 
     def __init__(self) -> None:
-        self._sessions: dict[str, requests.Session] = {}
+        self._sessions: dict[str, PooledSession] = {}
         self._lock = threading.Lock()
 
-    def session(self, egress: Egress) -> requests.Session:
+    def session(self, egress: Egress) -> PooledSession:
         with self._lock:
             found = self._sessions.get(egress.url)
             if found is None:
-                found = requests.Session()
-                found.trust_env = False  # the egress is explicit: no proxy variables or ~/.netrc lookups per call
-                found.proxies.update(egress.proxies)
-                adapter = HTTPAdapter(pool_connections=2, pool_maxsize=CONNECTIONS_PER_EGRESS)
-                found.mount("http://", adapter)
-                found.mount("https://", adapter)
-                self._sessions[egress.url] = found
+                found = self._sessions[egress.url] = PooledSession(egress.url, pool_size=CONNECTIONS_PER_EGRESS)
             return found
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from connectors.broker import (
     map_kite_exception,
     token_expiry,
 )
+from connectors.http_session import Response
 from core.embedded import free_port
 from tests.fixtures.api import IST, SimulatorLike
 from tests.fixtures.factories import api_key
@@ -168,18 +169,18 @@ async def test_a_call_notes_when_its_answer_came_back_for_a_caller_that_asks() -
 async def test_a_call_answered_by_the_broker_is_noted_as_its_answer_came_back_not_once_the_client_read_it(
     simulator: SimulatorLike, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The official client against the simulator: the answer's instant is taken as requests has its status and
+    """The official client against the simulator: the answer's instant is taken as the session has its status and
     headers (a response hook), not after the client has parsed the body, which may wait for the interpreter."""
     settings = build_settings(kite_api_root=simulator.rest_root)
     creds = simulator.state.create_account(api_key=api_key())
     broker = KiteBroker(settings, creds.api_key, creds.access_token)
-    parse = requests.Response.json
+    parse = Response.json
 
-    def slow_parse(response: requests.Response, **kwargs: object) -> object:
+    def slow_parse(response: Response) -> object:
         time.sleep(0.05)  # the client reading the body in a busy worker
-        return parse(response, **kwargs)
+        return parse(response)
 
-    monkeypatch.setattr(requests.Response, "json", slow_parse)
+    monkeypatch.setattr(Response, "json", slow_parse)
     answered: list[float] = []
     token = ANSWERED_AT.set(answered)
     try:
