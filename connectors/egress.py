@@ -79,6 +79,14 @@ class Egress:
         return f"{self.scheme}://{host}:{self.port}"
 
     @property
+    def credentials(self) -> tuple[str, str] | None:
+        """(user, password) as the proxy reads them, or None."""
+        if not self.has_credentials:
+            return None
+        parts = urlsplit(self.url)
+        return unquote(parts.username or ""), unquote(parts.password or "")
+
+    @property
     def proxies(self) -> dict[str, str]:
         return {"http": self.url, "https": self.url}
 
@@ -97,7 +105,7 @@ class _EgressSessions:
         with self._lock:
             found = self._sessions.get(egress.url)
             if found is None:
-                found = self._sessions[egress.url] = PooledSession(egress.url, pool_size=CONNECTIONS_PER_EGRESS)
+                found = self._sessions[egress.url] = PooledSession(egress, pool_size=CONNECTIONS_PER_EGRESS)
             return found
 
     def close(self) -> None:

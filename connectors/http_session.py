@@ -29,13 +29,15 @@ import threading
 from base64 import b64encode
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
 
 import requests
 import socks
 from requests.structures import CaseInsensitiveDict
+
+if TYPE_CHECKING:
+    from connectors.egress import Egress  # which imports this module
 
 _VERIFIED = ssl.create_default_context(cafile=requests.certs.where())  # certifi's bundle, as requests uses
 _UNVERIFIED = ssl._create_unverified_context()  # noqa: S323 - only when the caller passes verify=False
@@ -66,35 +68,18 @@ class Response:
         return jsonlib.loads(self.content)
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class _Proxy:
-    scheme: str
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    url: str
-
-    @classmethod
-    def parse(cls, url: str) -> _Proxy:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", *_SOCKS_SCHEMES) or not parts.hostname or parts.port is None:
-            raise ValueError("a proxy URL is http://, socks5:// or socks5h://, with a host and a port")
-        user = unquote(parts.username) if parts.username is not None else None
-        password = unquote(parts.password or "") if parts.username is not None else None
-        return cls(parts.scheme, parts.hostname, parts.port, user, password, url)
-
-    def basic_auth(self) -> dict[str, str]:
-        if self.username is None:
-            return {}
-        token = b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
-        return {"Proxy-Authorization": f"Basic {token}"}
+def _proxy_auth(egress: Egress) -> dict[str, str]:
+    """The Proxy-Authorization header for an HTTP proxy with credentials in its URL."""
+    if egress.credentials is None:
+        return {}
+    token = b64encode(":".join(egress.credentials).encode()).decode("ascii")
+    return {"Proxy-Authorization": f"Basic {token}"}
 
 
 class _SocksConnection(http.client.HTTPConnection):
     """HTTP, or HTTPS with `tls`, to `host:port` through a SOCKS5 proxy."""
 
-    def __init__(self, host: str, port: int, proxy: _Proxy, tls: ssl.SSLContext | None, timeout: float | None) -> None:
+    def __init__(self, host: str, port: int, proxy: Egress, tls: ssl.SSLContext | None, timeout: float | None) -> None:
         super().__init__(host, port, timeout=timeout)
         self.proxy = proxy
         self.tls = tls
@@ -102,10 +87,11 @@ class _SocksConnection(http.client.HTTPConnection):
             self.default_port = 443  # a Host header without the port, as for any HTTPS request
 
     def connect(self) -> None:
+        user, password = self.proxy.credentials or (None, None)
         sock = socks.create_connection(
             (self.host, self.port), timeout=self.timeout, proxy_type=socks.SOCKS5, proxy_addr=self.proxy.host,
-            proxy_port=self.proxy.port, proxy_rdns=self.proxy.scheme == "socks5h",
-            proxy_username=self.proxy.username, proxy_password=self.proxy.password,
+            proxy_port=self.proxy.port, proxy_rdns=self.proxy.scheme == "socks5h", proxy_username=user,
+            proxy_password=password,
         )  # fmt: skip
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = self.tls.wrap_socket(sock, server_hostname=self.host) if self.tls is not None else sock
@@ -139,12 +125,13 @@ class PooledSession:
     """A `requests`-compatible session for the official client (`KiteConnect.reqsession`), pooled per target.
 
     Thread-safe: the broker threads share one. `pool_size` idle connections are kept per target; a burst may open
-    more, closed after use. `proxy`: every request goes through it (the `proxies` a caller passes must agree)."""
+    more, closed after use. `proxy`: the trader's egress every request goes through (the `proxies` a caller passes
+    must agree)."""
 
     trust_env = False  # proxies and credentials come from the caller, never from the environment
 
-    def __init__(self, proxy: str | None = None, pool_size: int = 16) -> None:
-        self.proxy = _Proxy.parse(proxy) if proxy else None
+    def __init__(self, proxy: Egress | None = None, pool_size: int = 16) -> None:
+        self.proxy = proxy
         self.pool_size = pool_size
         self.hooks: dict[str, list[Callable[..., Any]]] = {"response": []}
         self.connections_opened = 0
@@ -180,7 +167,7 @@ class PooledSession:
         if self.proxy is not None and self.proxy.scheme == "http" and not secure:
             # To an HTTP proxy, a plain-HTTP request names its whole URL (absolute-form); a tunnel carries the path.
             target = url
-            sent.update(self.proxy.basic_auth())
+            sent.update(_proxy_auth(self.proxy))
         try:
             connection.request(method, target, body=body, headers=sent)
             answer = connection.getresponse()
@@ -248,7 +235,7 @@ class PooledSession:
             return _SocksConnection(host, port, proxy, context if scheme == "https" else None, timeout)
         if proxy is not None and scheme == "https":
             connection = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=context)
-            connection.set_tunnel(host, port, headers=proxy.basic_auth())
+            connection.set_tunnel(host, port, headers=_proxy_auth(proxy))
             return connection
         if proxy is not None:
             return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)

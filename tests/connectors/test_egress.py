@@ -30,6 +30,7 @@ def test_parse_keeps_credentials_out_of_display_and_repr() -> None:
                                                                                  True)  # fmt: skip
     assert egress.url == "socks5h://me:p%40ss@proxy.example.net:1080"
     assert egress.display == "socks5h://proxy.example.net:1080"
+    assert egress.credentials == ("me", "p@ss") and Egress.parse("http://127.0.0.2:3128").credentials is None
     assert "p%40ss" not in repr(egress) and "me:" not in repr(egress)
     assert Egress.parse("http://[2001:db8::1]:3128").display == "http://[2001:db8::1]:3128"
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from connectors.broker import KiteClient
+from connectors.egress import Egress
 from connectors.http_session import PooledSession
 from connectors.kite_sim import RunningSimulator
 from tests.connectors.kite_sim.test_rest import place
@@ -224,7 +225,7 @@ def test_https_through_an_http_proxy_is_tunnelled(
 ) -> None:
     (proxy,) = egress_proxies(1)
     server = raw_server(["answer", "answer"], wrap=tls_context)
-    session = PooledSession(proxy.url)
+    session = PooledSession(Egress.parse(proxy.url))
     for _ in range(2):
         assert session.request("GET", f"{server.url}/t", timeout=2, verify=False).status_code == 200
     assert [r.split(b"\r\n")[0] for r in server.requests] == [b"GET /t HTTP/1.1"] * 2  # the path, in the tunnel
