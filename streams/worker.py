@@ -99,6 +99,7 @@ class WorkerServices:
         # ... and when it was seen (the tick's received_at, ISO, project clock): parsed only for a crossing
         self.latest_seen: dict[str, str] = {}
         self.unflushed: dict[str, float] = {}  # ... not yet written to Redis
+        self.price_asked_at: dict[str, float] = {}  # instrument -> when its price was asked of the broker
         self.marked_behind: set[str] = set()  # instruments whose status says their prices are read late
         self.checked_stops_at_start = False
         self.prices_restored_epoch: str | None = None  # the recovery epoch the last prices were put back in
@@ -160,8 +161,18 @@ class WorkerServices:
             self.latest[instrument] = price
             self.latest_seen[instrument] = ""
 
+    def ask_broker_price(self, instrument: str) -> None:
+        """Ask the broker for the instrument's last price (answered in `broker_price`)."""
+        self.price_asked_at[instrument] = self.clock.now().timestamp()
+        self.broker_prices.ask(instrument)
+
     def broker_price(self, instrument: str, price: float) -> None:
-        """The broker's last price, just asked for: the current price, seen now."""
+        """The broker's last price, just asked for: the current price, seen now; unless a tick seen after the
+        question came first. The answer may be older than that tick: taken for the newest price, it could be
+        judged against a stop the tick's price has since raised."""
+        asked_at = self.price_asked_at.pop(instrument, -math.inf)
+        if self.seen_at(instrument) >= asked_at:
+            return
         self.latest[instrument] = price
         self.latest_seen[instrument] = self.clock.now().isoformat()
 
@@ -347,7 +358,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                     # reading behind, Redis after a restart) or merely unchanged since (a quiet instrument ticks
                     # only when its price moves, and may be through the stop already). The broker's last price,
                     # off the agent's path, says which; the sweep below compares it within a moment.
-                    services.broker_prices.ask(instrument)
+                    services.ask_broker_price(instrument)
             elif event.kind is not LifecycleKind.STARTED or (key in armed and armed[key]["run"] != event.run):
                 # Exit, stop, failure, or a new run of a strategy whose old stop was still armed. (A STARTED of
                 # the same run is recovery re-announcing it: the stop stays armed.)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
+from core.clock import ManualClock
 from streams.broker_prices import BrokerPrices
+from streams.worker import WorkerServices
+from tests.fixtures.services import build_settings
 
 
 class SlowQuotes:
@@ -61,3 +65,21 @@ async def test_a_failed_lookup_is_logged_and_the_instrument_can_be_asked_for_aga
     await settled(prices)
     assert found == {"NSE:INFY": 100.0}
     assert quotes.calls == [["NSE:INFY"], ["NSE:INFY"]]
+
+
+async def test_an_answer_asked_before_a_tick_came_does_not_replace_its_price() -> None:
+    """The broker's answer may be older than a tick read while it was under way: a stale 2,000 taken for the
+    latest price after a tick at 2,030 raised a trailing stop to 2,020 would exit at once."""
+    clock = ManualClock(datetime(2025, 1, 15, 4, 30, tzinfo=UTC))
+    services = WorkerServices(build_settings(), clock)
+    quotes = SlowQuotes()
+    services.broker_prices = BrokerPrices(quotes, services.broker_price)
+    services.ask_broker_price("NSE:INFY")  # answered 100.0
+    services.ask_broker_price("NSE:TCS")  # answered 101.0
+    await asyncio.sleep(0.01)
+    clock.advance(0.1)
+    services.latest["NSE:INFY"], services.latest_seen["NSE:INFY"] = 2030.0, clock.now().isoformat()  # a tick
+    quotes.answer.set()
+    await settled(services.broker_prices)
+    assert services.latest == {"NSE:INFY": 2030.0, "NSE:TCS": 101.0}
+    assert services.seen_at("NSE:TCS") == clock.now().timestamp()
