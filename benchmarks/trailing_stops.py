@@ -1,8 +1,8 @@
 """Trailing stops' per-tick cost: `python -m benchmarks.trailing_stops [--ticks N] [--stops N]`.
 
 One instrument, one process, the stop-loss join's own work per tick as the worker does it (`streams/worker.py`
-`check_ticks`: decode the tick's JSON, take it into the price highs, `ExitIndex.crossed`, `trigger` when crossed,
-and the protective stops' steps), for:
+`judge_ticks`: decode the tick's JSON, skip it if its last reader finished it, take it into the price highs,
+`ExitIndex.crossed`, `trigger` when crossed, and the protective stops' steps), for:
 
 * fixed stops: 1, and `--stops` (100,000) on the instrument;
 * trailing stops: 1, and `--stops`, all active, half trailing by points (60-100 rupees) and half by percent (6-10%);
@@ -84,16 +84,19 @@ def trailing_index(stops: int) -> Watch:
 def run(watch: Watch, ticks: list[bytes]) -> tuple[float, int, int]:
     """Ticks/s, exits and protective stop raises: the worker's per-tick work (decode, highs, crossed, trigger,
     steps). A raise is a broker call that the rate limits pace; here only the deciding of it is measured."""
-    index, take, risen = watch.index, watch.highs.take, watch.steps.risen
+    index, take, judged, risen = watch.index, watch.highs.take, watch.highs.judged, watch.steps.risen
     crossed, trigger, loads = index.crossed, index.trigger, orjson.loads
     exits = raises = 0
     gc.collect()
     started = time.perf_counter()
     read_at = time.time()
-    for value in ticks:
+    for offset, value in enumerate(ticks):
         tick = loads(value)
         instrument, price = tick["instrument"], float(tick["last_price"])
-        take(instrument, price, read_at)
+        mark = (offset, 0)
+        if judged(instrument, mark):
+            continue
+        take(instrument, price, read_at, mark)
         if crossed(instrument, price):
             exits += len(trigger(instrument, price))
         raises += len(risen(instrument, price, index))

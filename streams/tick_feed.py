@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from core.kafka import process_client_id, stop_consumer
@@ -129,7 +129,9 @@ class Lateness:
 
 
 class TickFeed:
-    def __init__(self, settings: Settings, handle: Callable[[list[bytes]], Awaitable[None]]) -> None:
+    def __init__(
+        self, settings: Settings, handle: Callable[[list[ConsumerRecord[bytes, bytes]]], Awaitable[None]]
+    ) -> None:
         self.settings = settings
         self.topic = settings.topic("ticks")
         self.handle = handle
@@ -214,13 +216,13 @@ class TickFeed:
             if oldest is not None:  # a record without CreateTime (-1) says nothing about lateness
                 ticks = sum(len(records) for records in batches.values())
                 self.lateness.observe(oldest, time.time() * 1000, time.monotonic(), ticks)
-            values: list[bytes] = []
+            read: list[ConsumerRecord[bytes, bytes]] = []
             offsets: dict[TopicPartition, int] = {}
             for tp, records in batches.items():
-                values.extend(record.value for record in records if record.value is not None)
+                read.extend(record for record in records if record.value is not None)
                 offsets[tp] = records[-1].offset + 1
             try:
-                await self.handle(values)
+                await self.handle(read)
             except Exception:
                 # Kafka or Redis briefly gone mid-batch: read the batch again rather than lose a crossing.
                 log.exception("tick feed: a batch failed; re-reading it")

@@ -25,6 +25,7 @@ from typing import Any
 import faust
 import mode
 import orjson
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from connectors.directory import BrokerDirectory
@@ -367,24 +368,39 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 disarm(event.spec.strategy_id)
             yield None
 
-    async def check_ticks(values: list[bytes]) -> None:
-        """The stop-loss join for one batch of this worker's ticks (see streams/tick_feed.py)."""
+    async def check_ticks(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """The stop-loss join for one batch of this worker's ticks (see streams/tick_feed.py). What the batch
+        taught the price highs is kept once its exits are in Kafka; a failed batch is read again from scratch."""
         await services.ready.wait()
         if services.index_stale:
             await rebuild_index()
+        try:
+            await judge_ticks(records)
+        except BaseException:
+            if services.highs.revert():
+                services.index_stale = True  # the index's rising stops took the batch in too
+            raise
+        services.highs.settle()
+
+    async def judge_ticks(records: list[ConsumerRecord[bytes, bytes]]) -> None:
         hits: list[tuple[ExitHit, dict[str, Any]]] = []
         raised: dict[int, tuple[float, dict[str, Any]]] = {}  # strategy id -> its stop's latest step, the tick
         read_at = time.time()  # the batch's instant for the price highs: one clock read, not one a tick
-        for value in values:
+        highs = services.highs
+        for record in records:
+            value = record.value
             try:
                 tick = orjson.loads(value)
                 instrument, price = tick["instrument"], float(tick["last_price"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                log.warning("skipping a malformed tick: %r", value[:200])
+                log.warning("skipping a malformed tick: %r", (value or b"")[:200])
+                continue
+            mark = (record.offset, record.timestamp)
+            if highs.judged(instrument, mark):  # its previous reader finished it (streams/price_highs.py)
                 continue
             services.latest[instrument] = services.unflushed[instrument] = price
             services.latest_seen[instrument] = tick.get("received_at") or ""
-            services.highs.take(instrument, price, read_at)
+            highs.take(instrument, price, read_at, mark)
             if services.index.crossed(instrument, price):
                 seen_at = _seconds(tick.get("received_at"))
                 hits.extend((hit, tick) for hit in services.index.trigger(instrument, price, seen_at))

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from core.exit_prices import ExitRule
 from schemas.events import ExitKind
 from streams.exit_index import ExitIndex, Trail, position_stop
-from streams.price_highs import PriceHighs, highest_since
+from streams.price_highs import HIGHS_KEY, PriceHighs, highest_since, read_highs
 
 INFY = "NSE:INFY"
 
@@ -33,6 +33,7 @@ async def test_highs_written_by_one_worker_are_read_by_the_next(redis: Redis) ->
     first.follow(INFY)
     for at, price in ((10.0, 1000.0), (11.0, 1030.0), (12.0, 1020.0)):
         first.take(INFY, price, at)
+    first.settle()
     await first.flush(redis, 13.0)
     second = PriceHighs()
     await second.reload(redis, {INFY, "NSE:TCS"})
@@ -40,6 +41,41 @@ async def test_highs_written_by_one_worker_are_read_by_the_next(redis: Redis) ->
     second.take(INFY, 1040.0, 14.0)  # it goes on from there
     assert second.since(INFY, 10.0) == 1040.0
     assert highest_since([(1.0, 5.0), (2.0, 4.0)], 1.5) == 4.0
+
+
+async def test_only_finished_batches_are_written_and_their_ticks_are_not_judged_again(redis: Redis) -> None:
+    first = PriceHighs()
+    first.follow(INFY)
+    for offset, price in ((1, 2000.0), (2, 2030.0), (3, 2026.0)):  # three batches of one tick, finished
+        first.take(INFY, price, float(offset), (offset, offset * 100))
+        first.settle()
+    first.take(INFY, 2050.0, 4.0, (4, 400))  # a batch under way: not written
+    await first.flush(redis, 5.0)
+    second = PriceHighs()
+    await second.reload(redis, {INFY})
+    assert (second.since(INFY, 0.0), second.since(INFY, 2.5)) == (2030.0, 2026.0)
+    # Read again, the entry tick (under the stop of the later 2,030) and the others up to the mark are skipped;
+    # the first tick past it ends the skipping.
+    assert [second.judged(INFY, (offset, offset * 100)) for offset in (1, 2, 3, 4)] == [True, True, True, False]
+    assert not second.judged(INFY, (1, 100))
+    # A recreated topic starts its offsets again, with later CreateTimes: nothing of it is skipped.
+    third = PriceHighs()
+    await third.reload(redis, {INFY})
+    assert not third.judged(INFY, (1, 900))
+    # What a batch taught is forgotten if it fails, and so is its mark.
+    first.revert()
+    first.take(INFY, 2010.0, 6.0, (5, 500))
+    first.settle()
+    assert first.since(INFY, 0.0) == 2030.0
+    await first.flush(redis, 7.0)
+    assert (await read_highs(redis, [INFY]))[INFY] == [(2.0, 2030.0), (3.0, 2026.0), (6.0, 2010.0)]
+
+
+async def test_highs_written_before_the_marks_are_read_without_one(redis: Redis) -> None:
+    await redis.hset(HIGHS_KEY, INFY, "[[10.0, 1030.0], [11.0, 1020.0]]")
+    highs = PriceHighs()
+    await highs.reload(redis, {INFY})
+    assert highs.since(INFY, 10.5) == 1020.0 and not highs.judged(INFY, (0, 0))
 
 
 def test_a_re_armed_position_goes_on_from_its_high_and_a_move_to_cost_it_reached() -> None:

@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
 from core.clock import ScaledClock
+from core.settings import Settings
 from streams.price_highs import HIGHS_KEY
 from tests.fixtures.pipeline import Pipeline, start_service, stop_service, wait_ready
 from tests.streams.test_exits_e2e import bought, exit_intents, status_of, tick
@@ -54,6 +56,19 @@ async def trigger_at(pipeline: Pipeline, simulator: Any, api_key: str, symbol: s
         return resting and resting[0].trigger_price == round(rupees * 100) and resting[0]
 
     return await eventually(following, 20, f"the SL-M's trigger at {rupees}", pipeline)
+
+
+async def rewind_tick_feed(settings: Settings) -> None:
+    """Commit the workers' tick feed back to each partition's first tick, as if it had never committed."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                group_id=settings.topic("algo-worker-ticks"))  # fmt: skip
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(settings.topic("ticks"), n) for n in range(settings.ticks_partitions)]
+        consumer.assign(partitions)
+        await consumer.commit(await consumer.beginning_offsets(partitions))
+    finally:
+        await consumer.stop()
 
 
 async def test_the_protective_stop_follows_a_trailing_stop_up_and_exits_once(
@@ -134,10 +149,8 @@ async def test_a_worker_restart_mid_trail_keeps_the_high(
                        stop_loss=..., stop_loss_points=50, trail_points=10)  # fmt: skip
     redis = Redis.from_url(pipeline.settings.redis_url)
     try:
-        # The high 2,030 (stop 2,020), then a price under it written later: by then the tick feed has committed
-        # past the high (it commits every 0.2 s, the highs are written every 0.25 s), so the restarted worker
-        # does not simply read the high again.
-        for price in (2030.0, 2026.0):
+        # 2,015 (stop 2,005), the high 2,030 (stop 2,020), then a price under it: each in the highs before the next.
+        for price in (2015.0, 2030.0, 2026.0):
             await tick(pipeline, pinned_clock, simulator, "NSE:ASIANPAINT", [price])
 
             async def kept(price: float = price) -> bool:
@@ -148,6 +161,9 @@ async def test_a_worker_restart_mid_trail_keeps_the_high(
     finally:
         await redis.aclose()
     stop_service(pipeline.services["worker"], signal.SIGKILL)
+    # However far the tick feed had committed, the new worker reads every tick again: 2,015, under the stop of
+    # the high kept (2,020), was judged before the high came, and must not exit now.
+    await rewind_tick_feed(pipeline.settings)
     pipeline.services["worker"] = start_service("worker", pipeline.env)
     await wait_ready(pipeline.services["worker"])
     # From the entry the stop would be 1,990: 2,019.95 exits only if the high of 2,030 was kept.

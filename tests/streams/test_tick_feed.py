@@ -7,7 +7,7 @@ import logging
 import time
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from core.kafka import ensure_topics
 from streams import tick_feed
@@ -73,9 +73,9 @@ async def test_the_feed_warns_of_a_tick_read_long_after_it_was_published(
     await ensure_topics(settings)
     read: asyncio.Queue[bytes] = asyncio.Queue()
 
-    async def handle(values: list[bytes]) -> None:
-        for value in values:
-            read.put_nowait(value)
+    async def handle(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        for record in records:
+            read.put_nowait(record.value)  # type: ignore[arg-type]
 
     feed = TickFeed(settings, handle)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -117,13 +117,13 @@ async def test_a_released_partition_is_taken_over_where_its_checks_ended(
     first: asyncio.Queue[bytes] = asyncio.Queue()
     second: asyncio.Queue[bytes] = asyncio.Queue()
 
-    async def check_first(values: list[bytes]) -> None:
-        for value in values:
-            first.put_nowait(value)
+    async def check_first(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        for record in records:
+            first.put_nowait(record.value)  # type: ignore[arg-type]
 
-    async def check_second(values: list[bytes]) -> None:
-        for value in values:
-            second.put_nowait(value)
+    async def check_second(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        for record in records:
+            second.put_nowait(record.value)  # type: ignore[arg-type]
 
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     old_owner, new_owner = TickFeed(settings, check_first), TickFeed(settings, check_second)
