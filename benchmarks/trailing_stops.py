@@ -85,6 +85,7 @@ def run(watch: Watch, ticks: list[bytes]) -> tuple[float, int, int]:
     """Ticks/s, exits and protective stop raises: the worker's per-tick work (decode, highs, crossed, trigger,
     steps). A raise is a broker call that the rate limits pace; here only the deciding of it is measured."""
     index, take, judged, risen = watch.index, watch.highs.take, watch.highs.judged, watch.steps.risen
+    rereading = watch.highs.rereading
     crossed, trigger, loads = index.crossed, index.trigger, orjson.loads
     exits = raises = 0
     gc.collect()
@@ -94,7 +95,7 @@ def run(watch: Watch, ticks: list[bytes]) -> tuple[float, int, int]:
         tick = loads(value)
         instrument, price = tick["instrument"], float(tick["last_price"])
         mark = (offset, 0)
-        if judged(instrument, mark):
+        if rereading and judged(instrument, mark):
             continue
         take(instrument, price, read_at, mark)
         if crossed(instrument, price):

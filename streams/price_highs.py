@@ -67,6 +67,11 @@ class PriceHighs:
         pairs.append((at, price))
         self._touched[instrument] = mark
 
+    @property
+    def rereading(self) -> bool:
+        """Whether some instrument's ticks may still be ones its previous reader finished (see `judged`)."""
+        return bool(self._judged)
+
     def judged(self, instrument: str, mark: Mark) -> bool:
         """Whether the tick at `mark` was finished before this worker read the highs back (its exits are in
         Kafka, its price in the highs): then it is not judged again. Ticks come in order: the first one past

@@ -387,6 +387,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
         raised: dict[int, tuple[float, dict[str, Any]]] = {}  # strategy id -> its stop's latest step, the tick
         read_at = time.time()  # the batch's instant for the price highs: one clock read, not one a tick
         highs = services.highs
+        rereading = highs.rereading  # after a takeover only: one lookup a tick, none otherwise
         for record in records:
             value = record.value
             try:
@@ -396,7 +397,7 @@ def build_worker(settings: Settings, clock: Clock | None = None) -> tuple[faust.
                 log.warning("skipping a malformed tick: %r", (value or b"")[:200])
                 continue
             mark = (record.offset, record.timestamp)
-            if highs.judged(instrument, mark):  # its previous reader finished it (streams/price_highs.py)
+            if rereading and highs.judged(instrument, mark):  # its last reader finished it (streams/price_highs.py)
                 continue
             services.latest[instrument] = services.unflushed[instrument] = price
             services.latest_seen[instrument] = tick.get("received_at") or ""
