@@ -17,7 +17,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from core.embedded import EmbeddedUnavailable
+
+class ApacheKafkaUnavailable(RuntimeError):
+    """Apache Kafka cannot be started here (no JDK, no jars and no Maven, a failed fetch or format)."""
+
 
 # Pinned with docker-compose.yml's `apache/kafka` image (tests/test_compose.py checks they agree).
 KAFKA_VERSION = "4.1.1"
@@ -100,7 +103,7 @@ def fetch_jars(folder: Path | None = None, quiet: bool = True) -> Path:
         return folder
     mvn = shutil.which("mvn")
     if mvn is None:
-        raise EmbeddedUnavailable("Apache Kafka's jars are missing and there is no Maven (mvn) to fetch them")
+        raise ApacheKafkaUnavailable("Apache Kafka's jars are missing and there is no Maven (mvn) to fetch them")
     dependencies = "".join(
         f"<dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version></dependency>"
         for g, a, v in ARTIFACTS
@@ -120,7 +123,7 @@ def fetch_jars(folder: Path | None = None, quiet: bool = True) -> Path:
         result = subprocess.run(command, capture_output=quiet, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
             tail = (result.stdout or "")[-800:] if quiet else ""
-            raise EmbeddedUnavailable(f"fetching Apache Kafka {KAFKA_VERSION} with Maven failed: {tail.strip()}")
+            raise ApacheKafkaUnavailable(f"fetching Apache Kafka {KAFKA_VERSION} with Maven failed: {tail.strip()}")
         shutil.rmtree(folder / "lib", ignore_errors=True)
         lib.rename(folder / "lib")
     return folder
@@ -148,7 +151,7 @@ def prepare(
     command line. Called again on the same workdir, it starts the broker over, empty."""
     java = java_binary()
     if java is None:
-        raise EmbeddedUnavailable("Apache Kafka needs a JDK: no java on this machine")
+        raise ApacheKafkaUnavailable("Apache Kafka needs a JDK: no java on this machine")
     folder = fetch_jars()
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
@@ -169,7 +172,7 @@ def prepare(
 def _run(command: list[str]) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=FORMAT_TIMEOUT_SECONDS, check=False)  # noqa: S603
     if result.returncode != 0:
-        raise EmbeddedUnavailable(f"{' '.join(command[-3:])} failed: {(result.stderr or result.stdout)[-500:]}")
+        raise ApacheKafkaUnavailable(f"{' '.join(command[-3:])} failed: {(result.stderr or result.stdout)[-500:]}")
     return result.stdout
 
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+from core import apache_kafka
+
 KafkaEngine = Literal["apache", "tansu"]
 
 # What Tansu costs, measured on this project's machines (2 cores, 10,000 ticks/s, 8 partitions, fetch wait
@@ -88,8 +90,6 @@ def tansu_command(port: int) -> list[str]:
 
 def kafka_engine(preferred: str = "auto") -> tuple[KafkaEngine, str | None]:
     """Which broker to start: Apache Kafka wherever it can run, else Tansu; with the reason for a fallback."""
-    from core import apache_kafka
-
     if preferred == "tansu":
         return "tansu", None
     reason = apache_kafka.unavailable_reason()
@@ -108,9 +108,10 @@ def kafka_command(engine: KafkaEngine, port: int, workdir: Path, config: Mapping
     and formatted anew at each call) and listens for its controller on a second free port."""
     if engine == "tansu":
         return tansu_command(port)
-    from core import apache_kafka
-
-    return apache_kafka.prepare(workdir, port, free_port(), config)
+    try:
+        return apache_kafka.prepare(workdir, port, free_port(), config)
+    except apache_kafka.ApacheKafkaUnavailable as exc:
+        raise EmbeddedUnavailable(str(exc)) from exc
 
 
 def redis_command(port: int) -> list[str]:
@@ -222,9 +223,7 @@ class EmbeddedKafka:
     @property
     def description(self) -> str:
         if self.engine == "apache":
-            from core.apache_kafka import KAFKA_VERSION
-
-            return f"Apache Kafka {KAFKA_VERSION} (KRaft, one node)"
+            return f"Apache Kafka {apache_kafka.KAFKA_VERSION} (KRaft, one node)"
         return "Tansu (memory storage)"
 
     def start(self, timeout: float = 90.0) -> None:
