@@ -117,8 +117,8 @@ class PriceHighs:
             if settled is None:
                 continue
             pairs, mark = settled
-            stale = bisect.bisect_left(pairs, now - KEEP_SECONDS, key=lambda pair: pair[0])
-            del pairs[: min(stale, len(pairs) - 1)]
+            _forget_before(pairs, now - KEEP_SECONDS)
+            _forget_before(self._pairs.get(instrument, []), now - KEEP_SECONDS)
             values[instrument] = orjson.dumps({"pairs": pairs, "through": mark})
         try:
             if values:
@@ -158,6 +158,12 @@ def _decoded(raw: bytes | str) -> tuple[Pairs, Mark | None]:
     value = orjson.loads(raw)
     pairs, mark = (value, None) if isinstance(value, list) else (value["pairs"], value.get("through"))
     return [(float(at), float(price)) for at, price in pairs], (int(mark[0]), int(mark[1])) if mark else None
+
+
+def _forget_before(pairs: Pairs, instant: float) -> None:
+    """Drop the pairs read before `instant`, but the newest (the highest price since then is still its)."""
+    stale = bisect.bisect_left(pairs, instant, key=lambda pair: pair[0])
+    del pairs[: min(stale, len(pairs) - 1)]
 
 
 def highest_since(pairs: list[tuple[float, float]], at: float) -> float | None:

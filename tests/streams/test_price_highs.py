@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from core.exit_prices import ExitRule
 from schemas.events import ExitKind
 from streams.exit_index import ExitIndex, Trail, position_stop
-from streams.price_highs import HIGHS_KEY, PriceHighs, highest_since, read_highs
+from streams.price_highs import HIGHS_KEY, KEEP_SECONDS, PriceHighs, highest_since, read_highs
 
 INFY = "NSE:INFY"
 
@@ -70,6 +70,16 @@ async def test_only_finished_batches_are_written_and_their_ticks_are_not_judged_
     assert first.since(INFY, 0.0) == 2030.0
     await first.flush(redis, 7.0)
     assert (await read_highs(redis, [INFY]))[INFY] == [(2.0, 2030.0), (3.0, 2026.0), (6.0, 2010.0)]
+
+
+async def test_highs_older_than_a_day_are_forgotten_in_memory_and_in_redis(redis: Redis) -> None:
+    highs = PriceHighs()
+    highs.follow(INFY)
+    for at, price in ((1.0, 1030.0), (2.0, 1020.0), (3.0, 1010.0)):
+        highs.take(INFY, price, at)
+    highs.settle()
+    await highs.flush(redis, 2.5 + KEEP_SECONDS)
+    assert highs._pairs[INFY] == (await read_highs(redis, [INFY]))[INFY] == [(3.0, 1010.0)]
 
 
 async def test_highs_written_before_the_marks_are_read_without_one(redis: Redis) -> None:
