@@ -200,6 +200,7 @@ class Outcome:
     missing_exits: list[str]
     replay_rate: float
     seconds: float
+    exit_triggers: dict[str, list[str]] = field(default_factory=dict)  # intent id -> each publication's trigger
 
     @property
     def armed_twice(self) -> list[int]:
@@ -215,7 +216,10 @@ class Outcome:
         if self.recoveries > 1:
             found.append(f"recovery ran {self.recoveries} times")
         found += [f"strategy {sid} armed more than once" for sid in self.armed_twice]
-        found += [f"exit intent {intent} published more than once" for _, intent in self.doubled_intents]
+        found += [
+            f"exit intent {intent} published more than once (triggers {', '.join(self.exit_triggers.get(intent, []))})"
+            for _, intent in self.doubled_intents
+        ]
         return found
 
 
@@ -254,8 +258,10 @@ async def run_one(engine: str, run: DayRun, settings_overrides: dict[str, str] |
         async with RunningSimulator(clock=clock, config=SimConfig(tick_interval=1.0), walk=False) as sim:
             for instrument, price in INSTRUMENTS.items():
                 sim.state.set_price(instrument, price)
+            # The safety nets' delays are exchange seconds, which pass `speed` times faster here: a SELL not done
+            # 10 exchange seconds (0.17 s at 60x) after its time would be sent again by the overdue-SELL net.
             settings = stack.settings(prefix, api_host="127.0.0.1", api_port=api_port, kite_api_root=sim.rest_root,
-                                      missed_buy_grace_seconds=120.0)  # fmt: skip
+                                      missed_buy_grace_seconds=120.0, sell_overdue_seconds=10.0 * speed)  # fmt: skip
             env = settings_env(settings, clock)
             from core.kafka import ensure_topics
 
@@ -298,7 +304,7 @@ async def run_one(engine: str, run: DayRun, settings_overrides: dict[str, str] |
             outcome.lateness_lines = [line for line in worker.lines if "tick feed:" in line and "behind" in line]
             outcome.recoveries = worker.count("recovery needed")
             outcome.replay_rate = replay_rate
-            stack.keep_logs = bool(outcome.mismatches or outcome.missing_exits)
+            stack.keep_logs = bool(outcome.problems())
             for service in (api, worker, scheduler):
                 service.stop()
     outcome.seconds = time.monotonic() - began
@@ -324,12 +330,14 @@ def judge(
 ) -> Outcome:  # fmt: skip
     armed: Counter[int] = Counter()
     exit_intents: Counter[tuple[int, str]] = Counter()
+    triggers: dict[str, list[str]] = {}
     for record in records:
         value = orjson.loads(record.value)
         if record.topic == settings.topic("strategy-lifecycle") and value.get("kind") == LifecycleKind.ARMED.value:
             armed[value["spec"]["strategy_id"]] += 1
         elif record.topic == settings.topic("orders") and value.get("action") in ("SELL", "STOPLOSS", "EXIT"):
             exit_intents[(value["strategy_id"], value["intent_id"])] += 1
+            triggers.setdefault(value["intent_id"], []).append(str(value.get("trigger")))
     mismatches: list[str] = []
     missing: list[str] = []
     delays: list[float] = []
@@ -368,7 +376,7 @@ def judge(
                 intent_id_for(plan.strategy_id, day, 1, Action.STOPLOSS))]  # fmt: skip
             if audit:
                 delays.append((audit[0].received_monotonic - published[key(plan.crossing)]) * 1000)
-    return Outcome(engine, [], delays, 0, armed, exit_intents, mismatches, missing, 0.0, 0.0)
+    return Outcome(engine, [], delays, 0, armed, exit_intents, mismatches, missing, 0.0, 0.0, triggers)
 
 
 def report(outcome: Outcome, plans: int) -> bool:
