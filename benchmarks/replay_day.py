@@ -195,12 +195,11 @@ class Outcome:
     exit_delays_ms: list[float]
     recoveries: int
     armed: Counter[int]
-    exit_intents: Counter[tuple[int, str]]
+    exit_intents: dict[tuple[int, str], list[str]]  # (strategy id, intent id) -> each publication's trigger
     mismatches: list[str]
     missing_exits: list[str]
     replay_rate: float
     seconds: float
-    exit_triggers: dict[str, list[str]] = field(default_factory=dict)  # intent id -> each publication's trigger
 
     @property
     def armed_twice(self) -> list[int]:
@@ -208,7 +207,7 @@ class Outcome:
 
     @property
     def doubled_intents(self) -> list[tuple[int, str]]:
-        return [key for key, n in self.exit_intents.items() if n > 1]
+        return [key for key, triggers in self.exit_intents.items() if len(triggers) > 1]
 
     def problems(self) -> list[str]:
         """What broke issue 26's rules in this run: empty when everything held."""
@@ -217,8 +216,8 @@ class Outcome:
             found.append(f"recovery ran {self.recoveries} times")
         found += [f"strategy {sid} armed more than once" for sid in self.armed_twice]
         found += [
-            f"exit intent {intent} published more than once (triggers {', '.join(self.exit_triggers.get(intent, []))})"
-            for _, intent in self.doubled_intents
+            f"exit intent {intent} published more than once (triggers {', '.join(self.exit_intents[(sid, intent)])})"
+            for sid, intent in self.doubled_intents
         ]
         return found
 
@@ -329,15 +328,13 @@ def judge(
     records: list[Any], published: dict[tuple[datetime, str], float], settings: Settings, day: date,
 ) -> Outcome:  # fmt: skip
     armed: Counter[int] = Counter()
-    exit_intents: Counter[tuple[int, str]] = Counter()
-    triggers: dict[str, list[str]] = {}
+    exit_intents: dict[tuple[int, str], list[str]] = {}
     for record in records:
         value = orjson.loads(record.value)
         if record.topic == settings.topic("strategy-lifecycle") and value.get("kind") == LifecycleKind.ARMED.value:
             armed[value["spec"]["strategy_id"]] += 1
         elif record.topic == settings.topic("orders") and value.get("action") in ("SELL", "STOPLOSS", "EXIT"):
-            exit_intents[(value["strategy_id"], value["intent_id"])] += 1
-            triggers.setdefault(value["intent_id"], []).append(str(value.get("trigger")))
+            exit_intents.setdefault((value["strategy_id"], value["intent_id"]), []).append(str(value.get("trigger")))
     mismatches: list[str] = []
     missing: list[str] = []
     delays: list[float] = []
@@ -376,7 +373,7 @@ def judge(
                 intent_id_for(plan.strategy_id, day, 1, Action.STOPLOSS))]  # fmt: skip
             if audit:
                 delays.append((audit[0].received_monotonic - published[key(plan.crossing)]) * 1000)
-    return Outcome(engine, [], delays, 0, armed, exit_intents, mismatches, missing, 0.0, 0.0, triggers)
+    return Outcome(engine, [], delays, 0, armed, exit_intents, mismatches, missing, 0.0, 0.0)
 
 
 def report(outcome: Outcome, plans: int) -> bool:
@@ -397,7 +394,7 @@ def report(outcome: Outcome, plans: int) -> bool:
     armed_twice, doubled = outcome.armed_twice, outcome.doubled_intents
     print(f"recovery runs: {outcome.recoveries}; ARMED events {sum(outcome.armed.values())} for "
           f"{len(outcome.armed)} strategies ({len(armed_twice)} armed more than once); exit intents "
-          f"{sum(outcome.exit_intents.values())}, {len(doubled)} published more than once")  # fmt: skip
+          f"{sum(map(len, outcome.exit_intents.values()))}, {len(doubled)} published more than once")  # fmt: skip
     print(
         f"status vs the simulator's book: {plans - len(outcome.mismatches) - len(outcome.missing_exits)}/{plans} "
         f"agree; {len(outcome.missing_exits)} exits not as the path says; {len(outcome.mismatches)} mismatches"

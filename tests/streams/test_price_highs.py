@@ -28,12 +28,18 @@ def test_the_highest_price_since_an_instant_is_one_bisect_and_the_pairs_stay_few
     assert len(highs._pairs[INFY]) == 3 + 20  # the three above, and one per price of the sawtooth
 
 
+def settled(*pairs: tuple[float, float]) -> PriceHighs:
+    """INFY's highs after one finished batch of these (instant, price) ticks."""
+    highs = PriceHighs()
+    highs.follow(INFY)
+    for at, price in pairs:
+        highs.take(INFY, price, at)
+    highs.settle()
+    return highs
+
+
 async def test_highs_written_by_one_worker_are_read_by_the_next(redis: Redis) -> None:
-    first = PriceHighs()
-    first.follow(INFY)
-    for at, price in ((10.0, 1000.0), (11.0, 1030.0), (12.0, 1020.0)):
-        first.take(INFY, price, at)
-    first.settle()
+    first = settled((10.0, 1000.0), (11.0, 1030.0), (12.0, 1020.0))
     await first.flush(redis, 13.0)
     second = PriceHighs()
     await second.reload(redis, {INFY, "NSE:TCS"})
@@ -73,11 +79,7 @@ async def test_only_finished_batches_are_written_and_their_ticks_are_not_judged_
 
 
 async def test_highs_older_than_a_day_are_forgotten_in_memory_and_in_redis(redis: Redis) -> None:
-    highs = PriceHighs()
-    highs.follow(INFY)
-    for at, price in ((1.0, 1030.0), (2.0, 1020.0), (3.0, 1010.0)):
-        highs.take(INFY, price, at)
-    highs.settle()
+    highs = settled((1.0, 1030.0), (2.0, 1020.0), (3.0, 1010.0))
     await highs.flush(redis, 2.5 + KEEP_SECONDS)
     assert highs._pairs[INFY] == (await read_highs(redis, [INFY]))[INFY] == [(3.0, 1010.0)]
 
